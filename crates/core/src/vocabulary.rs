@@ -1,0 +1,198 @@
+use std::fmt;
+
+/// A Cedar action of the shipped schema (`policies/schema.cedarschema`). The names are a
+/// contract with every policy already written: they are never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    Get,
+    Head,
+    Options,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    InvokeModel,
+    CallTool,
+    ListTools,
+    ReadResource,
+    GetPrompt,
+}
+
+/// The action groups generic HTTP methods belong to, so a policy can say `action in
+/// Action::"read"` rather than list methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionGroup {
+    Read,
+    Write,
+}
+
+impl Action {
+    pub const ALL: [Action; 12] = [
+        Action::Get,
+        Action::Head,
+        Action::Options,
+        Action::Post,
+        Action::Put,
+        Action::Patch,
+        Action::Delete,
+        Action::InvokeModel,
+        Action::CallTool,
+        Action::ListTools,
+        Action::ReadResource,
+        Action::GetPrompt,
+    ];
+
+    /// The generic action for an HTTP method; `None` for methods no policy can name (TRACE,
+    /// CONNECT, extension methods), which are refused before any policy runs.
+    pub fn for_method(method: &str) -> Option<Self> {
+        Some(match method {
+            "GET" => Action::Get,
+            "HEAD" => Action::Head,
+            "OPTIONS" => Action::Options,
+            "POST" => Action::Post,
+            "PUT" => Action::Put,
+            "PATCH" => Action::Patch,
+            "DELETE" => Action::Delete,
+            _ => return None,
+        })
+    }
+
+    /// The Cedar entity id: `Action::"<name>"`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Action::Get => "GET",
+            Action::Head => "HEAD",
+            Action::Options => "OPTIONS",
+            Action::Post => "POST",
+            Action::Put => "PUT",
+            Action::Patch => "PATCH",
+            Action::Delete => "DELETE",
+            Action::InvokeModel => "invoke_model",
+            Action::CallTool => "call_tool",
+            Action::ListTools => "list_tools",
+            Action::ReadResource => "read_resource",
+            Action::GetPrompt => "get_prompt",
+        }
+    }
+
+    pub fn group(self) -> Option<ActionGroup> {
+        match self {
+            Action::Get | Action::Head | Action::Options => Some(ActionGroup::Read),
+            Action::Post | Action::Put | Action::Patch | Action::Delete => Some(ActionGroup::Write),
+            Action::InvokeModel
+            | Action::CallTool
+            | Action::ListTools
+            | Action::ReadResource
+            | Action::GetPrompt => None,
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl ActionGroup {
+    pub fn name(self) -> &'static str {
+        match self {
+            ActionGroup::Read => "read",
+            ActionGroup::Write => "write",
+        }
+    }
+}
+
+/// What a request acts on, as a Cedar resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Resource {
+    /// A generic HTTP route: `Route::"<path>"`. The path excludes the query string.
+    Route {
+        path: String,
+        host: String,
+        method: String,
+    },
+    /// `Model::"<name>"`, from an OpenAI-style body's `model`.
+    Model(String),
+    /// `Tool::"<name>"`, from an MCP `tools/call`'s `params.name`.
+    Tool(String),
+}
+
+impl Resource {
+    pub fn entity_type(&self) -> &'static str {
+        match self {
+            Resource::Route { .. } => "Route",
+            Resource::Model(_) => "Model",
+            Resource::Tool(_) => "Tool",
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        match self {
+            Resource::Route { path, .. } => path,
+            Resource::Model(name) | Resource::Tool(name) => name,
+        }
+    }
+}
+
+impl fmt::Display for Resource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}::{:?}", self.entity_type(), self.id())
+    }
+}
+
+/// The outcome of authorizing one request. The names are the `decision` label values of
+/// `portcullis_decisions_total` and the `decision` field of audit records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Decision {
+    Allow,
+    Deny,
+    /// Shadow mode: the policies deny, the request is forwarded anyway and recorded.
+    ShadowDeny,
+    /// A permit marked `@approval("required")` applied, and no approval was presented.
+    ApprovalRequired,
+}
+
+impl Decision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::ShadowDeny => "shadow_deny",
+            Decision::ApprovalRequired => "approval_required",
+        }
+    }
+
+    /// Whether the request may reach the upstream.
+    pub fn forwards(self) -> bool {
+        match self {
+            Decision::Allow | Decision::ShadowDeny => true,
+            Decision::Deny | Decision::ApprovalRequired => false,
+        }
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The verified claims of the user an agent acts for. Only a token verifier constructs
+/// these; everything downstream may trust them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserClaims {
+    /// `sub`: the Cedar id of `User::"<sub>"`.
+    pub subject: String,
+    /// `iss`.
+    pub issuer: String,
+    /// `scope` (space-separated) or `scp` (array), as a set.
+    pub scopes: Vec<String>,
+    pub email: Option<String>,
+    /// From the configured groups claim; each becomes a parent `Group::"<g>"`.
+    pub groups: Vec<String>,
+    /// RFC 8693 actor chain, outermost (the caller) first.
+    pub actor_chain: Vec<String>,
+    /// `exp`, unix seconds.
+    pub expires_at: u64,
+}
