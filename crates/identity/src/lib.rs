@@ -1,1 +1,19 @@
-//! placeholder
+//! Who is calling: the caller's SPIFFE ID from its X509-SVID, checked during the TLS
+//! handshake, and the rustls server configuration that enforces it.
+//!
+//! - [`svid`]: pure X.509 inspection of a leaf certificate (no rustls types, no I/O).
+//! - [`bundle`]: per-trust-domain root bundles read from PEM files.
+//! - [`verifier`]: the rustls `ClientCertVerifier` that applies the X509-SVID rules.
+//! - [`server`]: the mTLS `ServerConfig` (TLS 1.3 and 1.2, ALPN h2 and http/1.1, no resumption).
+//!
+//! This crate decides *who* a caller is, never *what* it may do: that is `portcullis-policy`.
+
+pub mod bundle;
+pub mod server;
+pub mod svid;
+pub mod verifier;
+
+pub use bundle::{BundleError, TrustBundles};
+pub use server::{ServerIdentity, ServerIdentityError, crypto_provider, server_config};
+pub use svid::{SvidRejection, caller_spiffe_id};
+pub use verifier::{SpiffeClientVerifier, handshake_failure_reason};

@@ -1,1 +1,128 @@
-//! placeholder
+//! Cedar policy evaluation for Portcullis: load and validate a policy directory, keep the
+//! last good set in force across reloads, and answer the agent and user questions for a
+//! request.
+//!
+//! Evaluation yields a [`Permit`] only when the request may be forwarded; the forwarder takes
+//! one by value, so skipping authorization does not compile. No networking, no HTTP types:
+//! the proxy classifies requests into [`portcullis_core`] vocabulary before asking.
+
+mod engine;
+mod load;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+pub use engine::{AuthzInput, Evaluation, QueryOutcome, RequestInfo};
+pub use load::{ENTITIES_FILE, LoadError, PolicySnapshot, SCHEMA_FILE};
+
+/// `policy.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Denials are enforced.
+    Enforce,
+    /// Policies are evaluated and recorded, but never block: the rollout mode for new policy.
+    Shadow,
+}
+
+impl Mode {
+    pub fn name(self) -> &'static str {
+        match self {
+            Mode::Enforce => "enforce",
+            Mode::Shadow => "shadow",
+        }
+    }
+}
+
+/// Proof that a request was authorized and may be forwarded. Only evaluation creates one.
+#[derive(Debug)]
+#[must_use = "a permit exists to be handed to the forwarder"]
+pub struct Permit {
+    _sealed: (),
+}
+
+/// The result of a reload attempt.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// Files are byte-identical to the set in force.
+    Unchanged,
+    /// A new set was validated and swapped in; its hash.
+    Reloaded(String),
+    /// The new files do not load; the previous set stays in force.
+    Failed(Vec<LoadError>),
+}
+
+#[derive(Debug)]
+struct Current {
+    snapshot: PolicySnapshot,
+    hash: Arc<str>,
+}
+
+/// The policy set in force, swappable while requests are being evaluated.
+#[derive(Debug)]
+pub struct PolicyEngine {
+    dir: PathBuf,
+    mode: Mode,
+    current: ArcSwap<Current>,
+}
+
+impl PolicyEngine {
+    /// Loads `dir`; fails with every error if it does not validate.
+    pub fn load(dir: &Path, mode: Mode) -> Result<Self, Vec<LoadError>> {
+        let snapshot = PolicySnapshot::load(dir)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            mode,
+            current: ArcSwap::from_pointee(Current::new(snapshot)),
+        })
+    }
+
+    pub fn mode(&self) -> Mode {
+        self.mode
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Hash of the set in force.
+    pub fn hash(&self) -> Arc<str> {
+        self.current.load().hash.clone()
+    }
+
+    pub fn policy_count(&self) -> usize {
+        self.current.load().snapshot.policy_count
+    }
+
+    /// Re-reads the directory; swaps in the new set only if it loads and validates whole.
+    pub fn reload(&self) -> ReloadOutcome {
+        match PolicySnapshot::load(&self.dir) {
+            Err(errors) => ReloadOutcome::Failed(errors),
+            Ok(snapshot) if snapshot.hash == *self.current.load().hash => ReloadOutcome::Unchanged,
+            Ok(snapshot) => {
+                let hash = snapshot.hash.clone();
+                self.current.store(Arc::new(Current::new(snapshot)));
+                ReloadOutcome::Reloaded(hash)
+            }
+        }
+    }
+
+    /// Decides one request against the set in force at this instant.
+    pub fn evaluate(&self, input: &AuthzInput<'_>) -> Evaluation {
+        let current = self.current.load();
+        current
+            .snapshot
+            .evaluate(input, self.mode, current.hash.clone())
+    }
+}
+
+impl Current {
+    fn new(snapshot: PolicySnapshot) -> Self {
+        let hash = Arc::from(snapshot.hash.as_str());
+        Self { snapshot, hash }
+    }
+}
+
+#[cfg(test)]
+mod tests;

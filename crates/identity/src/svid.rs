@@ -1,0 +1,107 @@
+//! X509-SVID leaf checks (SPIFFE X509-SVID spec §4 and §5), on DER bytes alone.
+
+use portcullis_core::{SpiffeId, SpiffeIdError};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+/// Why a leaf certificate does not identify a caller. [`SvidRejection::reason`] is the
+/// `reason` label of `portcullis_tls_handshake_failures_total`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SvidRejection {
+    #[error("certificate is not valid DER X.509")]
+    Malformed,
+    #[error("leaf has no URI SAN")]
+    NoUriSan,
+    #[error("leaf has more than one URI SAN")]
+    MultipleUriSans,
+    #[error("leaf URI SAN is not a valid SPIFFE ID: {0}")]
+    InvalidSpiffeId(SpiffeIdError),
+    #[error("leaf SPIFFE ID has no path, so it names a trust domain, not a workload")]
+    RootOnlyId,
+    #[error("trust domain is not accepted")]
+    UnknownTrustDomain,
+    #[error("leaf is a CA certificate")]
+    CaLeaf,
+    #[error("leaf key usage includes keyCertSign or cRLSign")]
+    SigningKeyUsage,
+    #[error("leaf lacks the clientAuth extended key usage")]
+    MissingClientAuth,
+}
+
+impl SvidRejection {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            SvidRejection::Malformed => "malformed_certificate",
+            SvidRejection::NoUriSan => "no_uri_san",
+            SvidRejection::MultipleUriSans => "multiple_uri_sans",
+            SvidRejection::InvalidSpiffeId(_) => "invalid_spiffe_id",
+            SvidRejection::RootOnlyId => "root_only_id",
+            SvidRejection::UnknownTrustDomain => "unknown_trust_domain",
+            SvidRejection::CaLeaf => "ca_leaf",
+            SvidRejection::SigningKeyUsage => "signing_key_usage",
+            SvidRejection::MissingClientAuth => "missing_client_auth",
+        }
+    }
+}
+
+/// The caller's SPIFFE ID: the single URI SAN of `leaf_der`, which must be a workload ID.
+///
+/// X509-SVID §2: "An X.509 SVID MUST contain exactly one URI SAN". Any number other than one
+/// is rejected rather than picking one, since the choice would be an attacker's to make.
+pub fn caller_spiffe_id(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
+    let cert = parse(leaf_der)?;
+    spiffe_id_of(&cert)
+}
+
+/// Every X509-SVID leaf rule: the identity, plus §4.1 (not a CA), §4.3 (no keyCertSign or
+/// cRLSign) and §4.4 (clientAuth, which this proxy requires to be present, not merely
+/// permitted by an absent EKU extension).
+pub fn check_leaf(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
+    let cert = parse(leaf_der)?;
+    let id = spiffe_id_of(&cert)?;
+    let basic = cert
+        .basic_constraints()
+        .map_err(|_| SvidRejection::Malformed)?;
+    if basic.is_some_and(|ext| ext.value.ca) {
+        return Err(SvidRejection::CaLeaf);
+    }
+    let key_usage = cert.key_usage().map_err(|_| SvidRejection::Malformed)?;
+    if key_usage.is_some_and(|ext| ext.value.key_cert_sign() || ext.value.crl_sign()) {
+        return Err(SvidRejection::SigningKeyUsage);
+    }
+    let eku = cert
+        .extended_key_usage()
+        .map_err(|_| SvidRejection::Malformed)?;
+    if !eku.is_some_and(|ext| ext.value.client_auth || ext.value.any) {
+        return Err(SvidRejection::MissingClientAuth);
+    }
+    Ok(id)
+}
+
+fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidRejection> {
+    match X509Certificate::from_der(der) {
+        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        _ => Err(SvidRejection::Malformed),
+    }
+}
+
+fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidRejection> {
+    // A duplicated SAN extension is an error here, not a second place to hide a URI.
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| SvidRejection::Malformed)?
+        .ok_or(SvidRejection::NoUriSan)?;
+    let mut uris = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) => Some(*uri),
+        _ => None,
+    });
+    let uri = uris.next().ok_or(SvidRejection::NoUriSan)?;
+    if uris.next().is_some() {
+        return Err(SvidRejection::MultipleUriSans);
+    }
+    let id = SpiffeId::parse(uri).map_err(SvidRejection::InvalidSpiffeId)?;
+    if !id.is_workload() {
+        return Err(SvidRejection::RootOnlyId);
+    }
+    Ok(id)
+}

@@ -1,0 +1,281 @@
+//! Asking Cedar the agent question and, for delegated calls, the user question.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use cedar_policy::{
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, Request,
+    RestrictedExpression,
+};
+use portcullis_core::{Action, Decision, Resource, SpiffeId, UserClaims};
+
+use crate::load::{PolicySnapshot, entity_uid};
+use crate::{Mode, Permit};
+
+/// Everything a decision is made from. Built by the proxy from the connection's identity,
+/// the verified token and the classified request.
+#[derive(Debug)]
+pub struct AuthzInput<'a> {
+    pub agent: &'a SpiffeId,
+    pub user: Option<&'a UserClaims>,
+    pub action: Action,
+    pub resource: &'a Resource,
+    pub request: RequestInfo<'a>,
+    /// Protocol fields for AI actions (e.g. `"model"`), merged into the Cedar context.
+    pub protocol_context: Option<(&'static str, serde_json::Value)>,
+    /// Unix seconds.
+    pub now: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInfo<'a> {
+    pub method: &'a str,
+    pub path: &'a str,
+    pub host: &'a str,
+    pub client_address: &'a str,
+}
+
+/// The answer to one Cedar question.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct QueryOutcome {
+    pub allowed: bool,
+    /// `@id`s of the policies that determined the answer.
+    pub determining: Vec<String>,
+    /// Evaluation errors. Any error denies: Cedar skips an erroring policy, which would let an
+    /// erroring `forbid` open the door.
+    pub errors: Vec<String>,
+}
+
+/// The decision on one request, with what audit needs to explain it.
+#[derive(Debug)]
+pub struct Evaluation {
+    pub decision: Decision,
+    pub agent: QueryOutcome,
+    /// `None` for an autonomous call (no user token).
+    pub user: Option<QueryOutcome>,
+    pub policy_hash: Arc<str>,
+    pub mode: Mode,
+    permit: Option<Permit>,
+}
+
+impl Evaluation {
+    /// The permit to forward, present exactly when the decision lets the request through.
+    pub fn take_permit(&mut self) -> Option<Permit> {
+        self.permit.take()
+    }
+}
+
+impl PolicySnapshot {
+    pub(crate) fn evaluate(&self, input: &AuthzInput<'_>, mode: Mode, hash: Arc<str>) -> Evaluation {
+        let agent = self.ask_agent(input);
+        let user = input.user.map(|user| self.ask_user(input, user));
+        let allowed = agent.allowed && user.as_ref().is_none_or(|u| u.allowed);
+        let needs_approval = allowed
+            && agent
+                .determining
+                .iter()
+                .chain(user.iter().flat_map(|u| u.determining.iter()))
+                .any(|id| self.approval_required.contains(id));
+        let verdict = match (allowed, needs_approval) {
+            (true, false) => Decision::Allow,
+            // No approval channel exists yet, so a consequential action is refused (428)
+            // rather than silently treated as an ordinary allow.
+            (true, true) => Decision::ApprovalRequired,
+            (false, _) => Decision::Deny,
+        };
+        let decision = match (mode, verdict) {
+            (_, Decision::Allow) => Decision::Allow,
+            (Mode::Shadow, _) => Decision::ShadowDeny,
+            (Mode::Enforce, other) => other,
+        };
+        Evaluation {
+            decision,
+            agent,
+            user,
+            policy_hash: hash,
+            mode,
+            permit: decision.forwards().then_some(Permit { _sealed: () }),
+        }
+    }
+
+    fn ask_agent(&self, input: &AuthzInput<'_>) -> QueryOutcome {
+        let principal = match self.agent_entity(input.agent) {
+            Ok(entity) => entity,
+            Err(e) => return failed(format!("agent entity: {e}")),
+        };
+        self.ask(principal, input)
+    }
+
+    fn ask_user(&self, input: &AuthzInput<'_>, user: &UserClaims) -> QueryOutcome {
+        let principal = match self.user_entity(user) {
+            Ok(entity) => entity,
+            Err(e) => return failed(format!("user entity: {e}")),
+        };
+        self.ask(principal, input)
+    }
+
+    fn ask(&self, principal: (Entity, HashSet<EntityUid>), input: &AuthzInput<'_>) -> QueryOutcome {
+        match self.try_ask(principal, input) {
+            Ok(outcome) => outcome,
+            Err(e) => failed(e),
+        }
+    }
+
+    fn try_ask(
+        &self,
+        (principal, principal_ancestors): (Entity, HashSet<EntityUid>),
+        input: &AuthzInput<'_>,
+    ) -> Result<QueryOutcome, String> {
+        let action = entity_uid("Action", input.action.name())?;
+        let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
+        let context = Context::from_json_value(context_json(input), Some((&self.schema, &action)))
+            .map_err(|e| format!("context: {e}"))?;
+        let request = Request::new(
+            principal.uid(),
+            action,
+            resource.uid(),
+            context,
+            Some(&self.schema),
+        )
+        .map_err(|e| format!("request: {e}"))?;
+        let ancestors = principal_ancestors.union(&resource_ancestors);
+        let entities = self.request_entities(principal, resource, ancestors)?;
+        let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);
+        let diagnostics = response.diagnostics();
+        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        Ok(QueryOutcome {
+            allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
+            determining: diagnostics.reason().map(ToString::to_string).collect(),
+            errors,
+        })
+    }
+
+    fn agent_entity(&self, id: &SpiffeId) -> Result<(Entity, HashSet<EntityUid>), String> {
+        let uid = entity_uid("Agent", id.as_str())?;
+        let mut attrs = HashMap::from([
+            ("trust_domain".to_owned(), string(id.trust_domain_name())),
+            ("path".to_owned(), string(id.path())),
+        ]);
+        if let Some((namespace, service_account)) = id.kubernetes_service_account() {
+            attrs.insert("namespace".to_owned(), string(namespace));
+            attrs.insert("service_account".to_owned(), string(service_account));
+        }
+        let parents = self.declared_ancestors(&uid);
+        with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
+    }
+
+    fn user_entity(&self, user: &UserClaims) -> Result<(Entity, HashSet<EntityUid>), String> {
+        let uid = entity_uid("User", &user.subject)?;
+        let mut attrs = HashMap::from([
+            ("issuer".to_owned(), string(&user.issuer)),
+            (
+                "scopes".to_owned(),
+                RestrictedExpression::new_set(user.scopes.iter().map(|s| string(s))),
+            ),
+        ]);
+        if let Some(email) = &user.email {
+            attrs.insert("email".to_owned(), string(email));
+        }
+        let mut parents = self.declared_ancestors(&uid);
+        for group in &user.groups {
+            let group = entity_uid("Group", group)?;
+            // A group from the token may itself be nested in entities.json.
+            parents.extend(self.declared_ancestors(&group));
+            parents.insert(group);
+        }
+        with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
+    }
+
+    fn resource_entity(
+        &self,
+        resource: &Resource,
+    ) -> Result<(Entity, HashSet<EntityUid>), String> {
+        let uid = entity_uid(resource.entity_type(), resource.id())?;
+        let parents = self.declared_ancestors(&uid);
+        match resource {
+            Resource::Route { path, host, method } => {
+                let attrs = HashMap::from([
+                    ("path".to_owned(), string(path)),
+                    ("host".to_owned(), string(host)),
+                    ("method".to_owned(), string(method)),
+                ]);
+                with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
+            }
+            Resource::Model(_) | Resource::Tool(_) => {
+                Ok((Entity::new_no_attrs(uid, parents.clone()), parents))
+            }
+        }
+    }
+
+    /// Ancestors declared in entities.json (already transitively closed at load).
+    fn declared_ancestors(&self, uid: &EntityUid) -> HashSet<EntityUid> {
+        self.entities
+            .ancestors(uid)
+            .map(|ancestors| ancestors.cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The entities one request needs: its principal and resource, the declared groups above
+    /// them, and the action hierarchy. Built small per request rather than cloning the whole
+    /// entities.json store, so the cost does not grow with the number of declared entities.
+    fn request_entities<'u>(
+        &self,
+        principal: Entity,
+        resource: Entity,
+        ancestors: impl Iterator<Item = &'u EntityUid>,
+    ) -> Result<Entities, String> {
+        let mut list = Vec::with_capacity(self.action_entities.len() + 4);
+        list.extend(ancestors.filter_map(|uid| self.entities.get(uid)).cloned());
+        list.push(principal);
+        list.push(resource);
+        list.extend(self.action_entities.iter().cloned());
+        Entities::from_entities(list, None).map_err(|e| e.to_string())
+    }
+}
+
+fn with_ancestors(
+    entity: Result<Entity, cedar_policy::EntityAttrEvaluationError>,
+    ancestors: HashSet<EntityUid>,
+) -> Result<(Entity, HashSet<EntityUid>), String> {
+    entity.map(|e| (e, ancestors)).map_err(|e| e.to_string())
+}
+
+fn context_json(input: &AuthzInput<'_>) -> serde_json::Value {
+    let mut context = serde_json::json!({
+        "request": {
+            "method": input.request.method,
+            "path": input.request.path,
+            "host": input.request.host,
+            "client_address": input.request.client_address,
+        },
+        "agent": {
+            "id": input.agent.as_str(),
+            "trust_domain": input.agent.trust_domain_name(),
+        },
+        "delegated": input.user.is_some(),
+        "now": input.now,
+    });
+    if let Some(user) = input.user {
+        context["user"] = serde_json::json!({
+            "sub": user.subject,
+            "issuer": user.issuer,
+            "scopes": user.scopes,
+        });
+    }
+    if let Some((key, value)) = &input.protocol_context {
+        context[*key] = value.clone();
+    }
+    context
+}
+
+fn string(s: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(s.to_owned())
+}
+
+fn failed(error: String) -> QueryOutcome {
+    QueryOutcome {
+        allowed: false,
+        determining: Vec::new(),
+        errors: vec![error],
+    }
+}

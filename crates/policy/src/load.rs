@@ -1,0 +1,315 @@
+//! Reading a policy directory into a validated [`PolicySnapshot`], or every reason it cannot be.
+//!
+//! The directory holds `schema.cedarschema` (required), any number of `*.cedar` files and an
+//! optional `entities.json`. Every policy must carry a unique `@id("...")`; that id, not
+//! Cedar's positional `policy0`, is what audit records and metrics name. Policies are
+//! validated against the schema in strict mode; a set that does not validate is never used.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Entities, Entity, EntityUid, PolicyId, PolicySet, Schema, ValidationMode, Validator,
+};
+use portcullis_core::SpiffeId;
+use sha2::{Digest, Sha256};
+
+pub const SCHEMA_FILE: &str = "schema.cedarschema";
+pub const ENTITIES_FILE: &str = "entities.json";
+
+/// One reason a policy directory cannot be loaded, tied to the file it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadError {
+    /// The file, relative to the policy directory (or the directory itself).
+    pub file: String,
+    pub message: String,
+}
+
+impl fmt::Display for LoadError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.file, self.message)
+    }
+}
+
+impl std::error::Error for LoadError {}
+
+/// A loaded, validated policy set with everything evaluation needs. Immutable: a reload
+/// builds a new snapshot and swaps it in whole.
+#[derive(Debug)]
+pub struct PolicySnapshot {
+    pub(crate) schema: Schema,
+    pub(crate) policies: PolicySet,
+    /// Memberships from entities.json, with transitive closure computed.
+    pub(crate) entities: Entities,
+    /// The schema's action entities (with their `read`/`write` groups), added to every request.
+    pub(crate) action_entities: Vec<Entity>,
+    /// Policy ids annotated `@approval("required")`.
+    pub(crate) approval_required: HashSet<String>,
+    /// SHA-256 over every file name and content, hex: the `policy_hash` of audit records.
+    pub hash: String,
+    pub policy_count: usize,
+}
+
+impl PolicySnapshot {
+    /// Reads and validates `dir`. Errors are all collected, not just the first.
+    pub fn load(dir: &Path) -> Result<Self, Vec<LoadError>> {
+        let files = read_dir(dir)?;
+        let mut errors = Vec::new();
+
+        let schema = match files.get(SCHEMA_FILE) {
+            None => {
+                errors.push(error(SCHEMA_FILE, "file not found"));
+                None
+            }
+            Some(src) => match Schema::from_cedarschema_str(src) {
+                Ok((schema, _warnings)) => Some(schema),
+                Err(e) => {
+                    errors.push(error(SCHEMA_FILE, render(&e)));
+                    None
+                }
+            },
+        };
+
+        let mut policies = PolicySet::new();
+        let mut origin: HashMap<String, String> = HashMap::new();
+        let mut approval_required = HashSet::new();
+        for (name, src) in files.iter().filter(|(name, _)| name.ends_with(".cedar")) {
+            let parsed = match PolicySet::from_str(src) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    errors.push(error(name, render(&e)));
+                    continue;
+                }
+            };
+            if parsed.templates().next().is_some() {
+                errors.push(error(
+                    name,
+                    "templates are not supported; write static policies",
+                ));
+            }
+            for policy in parsed.policies() {
+                let Some(id) = policy.annotation("id").map(str::to_owned) else {
+                    errors.push(error(
+                        name,
+                        format!(
+                            "a policy has no @id(\"...\") annotation: {}",
+                            first_line(&policy.to_string())
+                        ),
+                    ));
+                    continue;
+                };
+                if let Some(other) = origin.get(&id) {
+                    errors.push(error(
+                        name,
+                        format!("duplicate policy id {id:?} (also in {other})"),
+                    ));
+                    continue;
+                }
+                match policy.annotation("approval") {
+                    None => {}
+                    Some("required") => {
+                        approval_required.insert(id.clone());
+                    }
+                    Some(other) => errors.push(error(
+                        name,
+                        format!("policy {id:?}: @approval must be \"required\", not {other:?}"),
+                    )),
+                }
+                origin.insert(id.clone(), name.clone());
+                if let Err(e) = policies.add(policy.new_id(PolicyId::new(&id))) {
+                    errors.push(error(name, format!("policy {id:?}: {e}")));
+                }
+            }
+        }
+
+        let Some(schema) = schema else {
+            return Err(errors);
+        };
+
+        let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        for e in validation.validation_errors() {
+            let id = e.policy_id().to_string();
+            let file = origin.get(&id).map_or("policies", String::as_str);
+            errors.push(error(file, format!("policy {id:?}: {}", render(e))));
+        }
+
+        let entities = match files.get(ENTITIES_FILE) {
+            None => Some(Entities::empty()),
+            Some(src) => match entities_from_json(src, &schema) {
+                Ok(entities) => Some(entities),
+                Err(messages) => {
+                    errors.extend(messages.into_iter().map(|m| error(ENTITIES_FILE, m)));
+                    None
+                }
+            },
+        };
+        let action_entities = match schema.action_entities() {
+            Ok(actions) => actions.into_iter().collect(),
+            Err(e) => {
+                errors.push(error(SCHEMA_FILE, render(&e)));
+                Vec::new()
+            }
+        };
+
+        if !errors.is_empty() {
+            return Err(errors);
+        }
+        let Some(entities) = entities else {
+            return Err(errors);
+        };
+        let mut hasher = Sha256::new();
+        for (name, src) in &files {
+            hasher.update((name.len() as u64).to_be_bytes());
+            hasher.update(name.as_bytes());
+            hasher.update((src.len() as u64).to_be_bytes());
+            hasher.update(src.as_bytes());
+        }
+        Ok(Self {
+            schema,
+            policy_count: policies.policies().count(),
+            policies,
+            entities,
+            action_entities,
+            approval_required,
+            hash: hex::encode(hasher.finalize()),
+        })
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.schema
+    }
+}
+
+/// The directory's relevant files, by name, sorted (so the hash is stable).
+fn read_dir(dir: &Path) -> Result<BTreeMap<String, String>, Vec<LoadError>> {
+    let dir_error = |message: String| vec![error(&dir.display().to_string(), message)];
+    let entries = std::fs::read_dir(dir).map_err(|e| dir_error(e.to_string()))?;
+    let mut files = BTreeMap::new();
+    let mut errors = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| dir_error(e.to_string()))?;
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        // Kubernetes ConfigMap volumes hold `..data` and `..<timestamp>` entries beside the
+        // visible symlinks; only the visible names are policy files.
+        let relevant =
+            name == SCHEMA_FILE || name == ENTITIES_FILE || name.ends_with(".cedar");
+        if !relevant || name.starts_with('.') {
+            continue;
+        }
+        match std::fs::read_to_string(entry.path()) {
+            Ok(src) => {
+                files.insert(name, src);
+            }
+            Err(e) => errors.push(error(&name, e.to_string())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(errors)
+    }
+}
+
+/// Parses entities.json. Attributes of `Agent` and `User` entries are computed by the proxy
+/// for every request (from the certificate and the token), so the file only declares their
+/// memberships: the attributes the schema requires are filled in here before validation, and
+/// an `Agent` id must be a valid SPIFFE ID.
+fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String>> {
+    let mut value: serde_json::Value =
+        serde_json::from_str(src).map_err(|e| vec![format!("not valid JSON: {e}")])?;
+    let Some(list) = value.as_array_mut() else {
+        return Err(vec!["must be a JSON array of entities".to_owned()]);
+    };
+    let mut errors = Vec::new();
+    for (index, entity) in list.iter_mut().enumerate() {
+        let kind = entity["uid"]["type"].as_str().unwrap_or_default().to_owned();
+        let id = entity["uid"]["id"].as_str().unwrap_or_default().to_owned();
+        let computed = match kind.as_str() {
+            "Agent" => match SpiffeId::parse(&id) {
+                Ok(spiffe) => agent_attrs_json(&spiffe),
+                Err(e) => {
+                    errors.push(format!("entity {index}: Agent id {id:?}: {e}"));
+                    continue;
+                }
+            },
+            "User" => serde_json::json!({ "issuer": "", "scopes": [] }),
+            _ => {
+                // Groups usually have no attributes; let the file omit the empty map.
+                if let Some(object) = entity.as_object_mut() {
+                    object.entry("attrs").or_insert_with(|| serde_json::json!({}));
+                }
+                continue;
+            }
+        };
+        let Some(object) = entity.as_object_mut() else {
+            continue;
+        };
+        if object.get("attrs").is_some_and(|a| a.as_object().is_some_and(|a| !a.is_empty())) {
+            errors.push(format!(
+                "entity {index} ({kind} {id:?}): attributes of {kind} come from the request, declare only parents"
+            ));
+            continue;
+        }
+        object.insert("attrs".to_owned(), computed);
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    Entities::from_json_value(value, Some(schema)).map_err(|e| vec![render(&e)])
+}
+
+pub(crate) fn agent_attrs_json(id: &SpiffeId) -> serde_json::Value {
+    let mut attrs = serde_json::json!({
+        "trust_domain": id.trust_domain_name(),
+        "path": id.path(),
+    });
+    if let Some((namespace, service_account)) = id.kubernetes_service_account() {
+        attrs["namespace"] = namespace.into();
+        attrs["service_account"] = service_account.into();
+    }
+    attrs
+}
+
+pub(crate) fn entity_uid(kind: &str, id: &str) -> Result<EntityUid, String> {
+    let kind = cedar_policy::EntityTypeName::from_str(kind).map_err(|e| e.to_string())?;
+    Ok(EntityUid::from_type_name_and_id(
+        kind,
+        cedar_policy::EntityId::new(id),
+    ))
+}
+
+fn error(file: &str, message: impl Into<String>) -> LoadError {
+    LoadError {
+        file: file.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// Cedar's error with its causes and help, on one line (errors are listed one per line).
+fn render<E: miette::Diagnostic + ?Sized>(e: &E) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    if let Some(help) = e.help() {
+        out.push_str(" (help: ");
+        out.push_str(&help.to_string());
+        out.push(')');
+    }
+    out.replace('\n', " ")
+}
+
+fn first_line(s: &str) -> String {
+    let line = s.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('@'));
+    line.unwrap_or(s).trim().chars().take(80).collect()
+}

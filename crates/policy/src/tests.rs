@@ -1,0 +1,210 @@
+//! Table-driven decisions over the shipped policies, and the failure rules: errors deny,
+//! invalid sets never load, a failed reload keeps the last good set.
+
+use std::path::PathBuf;
+
+use portcullis_core::{Action, Decision, Resource, SpiffeId, UserClaims};
+
+use super::*;
+
+const TRIAGE: &str = "spiffe://prod.example.org/ns/support/sa/triage-agent";
+const BILLING: &str = "spiffe://prod.example.org/ns/billing/sa/report-agent";
+
+fn shipped() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../policies")
+}
+
+fn route(path: &str, method: &str) -> Resource {
+    Resource::Route {
+        path: path.to_owned(),
+        host: "orders.internal".to_owned(),
+        method: method.to_owned(),
+    }
+}
+
+fn decide(engine: &PolicyEngine, agent: &str, method: &str, path: &str) -> Evaluation {
+    decide_as(engine, agent, None, method, path)
+}
+
+fn decide_as(
+    engine: &PolicyEngine,
+    agent: &str,
+    user: Option<&UserClaims>,
+    method: &str,
+    path: &str,
+) -> Evaluation {
+    let agent = SpiffeId::parse(agent).unwrap();
+    let resource = route(path, method);
+    engine.evaluate(&AuthzInput {
+        agent: &agent,
+        user,
+        action: Action::for_method(method).unwrap(),
+        resource: &resource,
+        request: RequestInfo {
+            method,
+            path,
+            host: "orders.internal",
+            client_address: "127.0.0.1",
+        },
+        protocol_context: None,
+        now: 1_700_000_000,
+    })
+}
+
+#[test]
+fn shipped_policies_decide_as_documented() {
+    let engine = PolicyEngine::load(&shipped(), Mode::Enforce).unwrap();
+    let cases = [
+        (TRIAGE, "GET", "/api/orders/17", Decision::Allow, "support-agents-read"),
+        (TRIAGE, "POST", "/api/tickets/9/comments", Decision::Allow, "support-agents-write-tickets"),
+        (TRIAGE, "DELETE", "/api/orders/17", Decision::Deny, ""),
+        (TRIAGE, "GET", "/admin/users", Decision::Deny, "no-agent-admin"),
+        (BILLING, "GET", "/api/orders/17", Decision::Deny, ""),
+        (BILLING, "GET", "/health", Decision::Allow, "health-any-prod-workload"),
+        ("spiffe://staging.example.org/ns/support/sa/triage-agent", "GET", "/health", Decision::Deny, ""),
+    ];
+    for (agent, method, path, want, policy) in cases {
+        let evaluation = decide(&engine, agent, method, path);
+        assert_eq!(evaluation.decision, want, "{agent} {method} {path}: {evaluation:?}");
+        assert!(evaluation.agent.errors.is_empty(), "{evaluation:?}");
+        if !policy.is_empty() {
+            assert_eq!(evaluation.agent.determining, vec![policy.to_owned()]);
+        }
+    }
+}
+
+#[test]
+fn permit_exists_only_when_the_request_may_pass() {
+    let engine = PolicyEngine::load(&shipped(), Mode::Enforce).unwrap();
+    assert!(decide(&engine, TRIAGE, "GET", "/api/orders/1").take_permit().is_some());
+    assert!(decide(&engine, BILLING, "GET", "/api/orders/1").take_permit().is_none());
+}
+
+#[test]
+fn shadow_mode_records_the_denial_but_forwards() {
+    let engine = PolicyEngine::load(&shipped(), Mode::Shadow).unwrap();
+    let mut evaluation = decide(&engine, BILLING, "GET", "/api/orders/1");
+    assert_eq!(evaluation.decision, Decision::ShadowDeny);
+    assert!(!evaluation.agent.allowed);
+    assert!(evaluation.take_permit().is_some());
+}
+
+fn policy_dir(policies: &str, entities: Option<&str>) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        shipped().join(SCHEMA_FILE),
+        dir.path().join(SCHEMA_FILE),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("test.cedar"), policies).unwrap();
+    if let Some(entities) = entities {
+        std::fs::write(dir.path().join(ENTITIES_FILE), entities).unwrap();
+    }
+    dir
+}
+
+#[test]
+fn an_erroring_forbid_denies() {
+    // Validation cannot see the overflow; Cedar would skip the erroring forbid and allow.
+    let dir = policy_dir(
+        r#"
+        @id("allow-all") permit (principal, action, resource);
+        @id("overflowing-forbid") forbid (principal, action, resource)
+        when { context.now * 100000000000000 > 0 };
+        "#,
+        None,
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let evaluation = decide(&engine, TRIAGE, "GET", "/x");
+    assert_eq!(evaluation.decision, Decision::Deny);
+    assert_eq!(evaluation.agent.errors.len(), 1, "{evaluation:?}");
+}
+
+#[test]
+fn invalid_sets_report_every_error_and_never_load() {
+    let dir = policy_dir(
+        r#"
+        permit (principal, action, resource);
+        @id("a") permit (principal, action, resource) when { principal.no_such_attr == 1 };
+        @id("a") permit (principal, action, resource);
+        "#,
+        Some(r#"[{"uid": {"type": "Agent", "id": "spiffe://UPPER/x"}, "parents": []}]"#),
+    );
+    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
+    let text: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    let all = text.join("\n");
+    assert!(all.contains("no @id"), "{all}");
+    assert!(all.contains("duplicate policy id \"a\""), "{all}");
+    assert!(all.contains("no_such_attr"), "{all}");
+    assert!(all.contains("entities.json: entity 0"), "{all}");
+    // The unknown attribute is reported once per principal type the policy applies to.
+    assert_eq!(errors.len(), 5, "{all}");
+}
+
+#[test]
+fn a_failed_reload_keeps_the_last_good_set() {
+    let dir = policy_dir(r#"@id("allow-all") permit (principal, action, resource);"#, None);
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let good = engine.hash();
+    assert!(matches!(engine.reload(), ReloadOutcome::Unchanged));
+
+    std::fs::write(dir.path().join("test.cedar"), "permit (principal,").unwrap();
+    assert!(matches!(engine.reload(), ReloadOutcome::Failed(_)));
+    assert_eq!(engine.hash(), good);
+    assert_eq!(decide(&engine, TRIAGE, "GET", "/x").decision, Decision::Allow);
+
+    std::fs::write(
+        dir.path().join("test.cedar"),
+        r#"@id("deny-all") forbid (principal, action, resource);"#,
+    )
+    .unwrap();
+    assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
+    assert_ne!(engine.hash(), good);
+    assert_eq!(decide(&engine, TRIAGE, "GET", "/x").decision, Decision::Deny);
+}
+
+#[test]
+fn approval_annotation_refuses_without_an_approval_channel() {
+    let dir = policy_dir(
+        r#"@id("refunds") @approval("required") permit (principal, action == Action::"POST", resource);"#,
+        None,
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let mut evaluation = decide(&engine, TRIAGE, "POST", "/refunds");
+    assert_eq!(evaluation.decision, Decision::ApprovalRequired);
+    assert!(evaluation.take_permit().is_none());
+}
+
+#[test]
+fn user_question_caps_the_agent() {
+    let dir = policy_dir(
+        r#"
+        @id("agents") permit (principal is Agent, action, resource);
+        @id("leads-write") permit (principal in Group::"leads", action in Action::"write", resource);
+        @id("users-read") permit (principal is User, action in Action::"read", resource);
+        @id("delegated-only") forbid (principal is Agent, action == Action::"DELETE", resource)
+        unless { context.delegated };
+        "#,
+        Some(r#"[{"uid": {"type": "Group", "id": "leads"}, "parents": [{"type": "Group", "id": "staff"}]}]"#),
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let user = |groups: &[&str]| UserClaims {
+        subject: "alice".to_owned(),
+        issuer: "https://idp.example.org".to_owned(),
+        scopes: vec!["orders.read".to_owned()],
+        email: None,
+        groups: groups.iter().map(|g| (*g).to_owned()).collect(),
+        actor_chain: vec![TRIAGE.to_owned()],
+        expires_at: 0,
+    };
+    let reader = user(&[]);
+    let lead = user(&["leads"]);
+    assert_eq!(decide_as(&engine, TRIAGE, Some(&reader), "GET", "/o").decision, Decision::Allow);
+    assert_eq!(decide_as(&engine, TRIAGE, Some(&reader), "POST", "/o").decision, Decision::Deny);
+    let evaluation = decide_as(&engine, TRIAGE, Some(&lead), "POST", "/o");
+    assert_eq!(evaluation.decision, Decision::Allow);
+    assert_eq!(evaluation.user.unwrap().determining, vec!["leads-write".to_owned()]);
+    // Autonomous DELETE is forbidden; delegated by a lead it passes both questions.
+    assert_eq!(decide(&engine, TRIAGE, "DELETE", "/o").decision, Decision::Deny);
+    assert_eq!(decide_as(&engine, TRIAGE, Some(&lead), "DELETE", "/o").decision, Decision::Allow);
+}

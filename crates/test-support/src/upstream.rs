@@ -1,0 +1,257 @@
+//! A recording upstream: the application behind the proxy, on 127.0.0.1 port 0.
+//!
+//! - `POST /v1/chat/completions`: an OpenAI-style echo; with `"stream": true` it answers with
+//!   Server-Sent Events, one `chat.completion.chunk` per word of the last user message.
+//!   SSE pacing is either a fixed delay (the demo) or a gate a test opens event by event, so a
+//!   test can prove each event crossed the proxy before the next one existed.
+//! - `GET /slow`: answers after a minute (upstream timeout tests).
+//! - anything else: 200 with a JSON echo of what arrived (method, path, identity headers).
+//!
+//! Every request is recorded with its headers and body, and whether the body ended cleanly.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+
+/// One request as the upstream saw it.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub method: Method,
+    pub uri: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+    /// False when the body stream failed before its end (the proxy aborted it).
+    pub body_complete: bool,
+}
+
+/// How SSE events are paced.
+#[derive(Debug, Clone)]
+pub enum SsePacing {
+    Delay(Duration),
+    /// Each event after the first waits for one permit.
+    Gate(Arc<Semaphore>),
+}
+
+#[derive(Debug)]
+struct State {
+    requests: Mutex<Vec<Recorded>>,
+    pacing: SsePacing,
+}
+
+/// A running upstream; stops when dropped.
+#[derive(Debug)]
+pub struct Upstream {
+    pub addr: SocketAddr,
+    state: Arc<State>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Upstream {
+    pub async fn start(pacing: SsePacing) -> std::io::Result<Self> {
+        Self::start_on("127.0.0.1:0", pacing).await
+    }
+
+    pub async fn start_on(addr: &str, pacing: SsePacing) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(State {
+            requests: Mutex::new(Vec::new()),
+            pacing,
+        });
+        let task = tokio::spawn(accept_loop(listener, state.clone()));
+        Ok(Self { addr, state, task })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything received so far.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state
+            .requests
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or_default()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<State>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| handle(req, state.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Body>, Infallible> {
+    let (parts, body) = req.into_parts();
+    let (body, body_complete) = match body.collect().await {
+        Ok(collected) => (collected.to_bytes(), true),
+        Err(_) => (Bytes::new(), false),
+    };
+    let recorded = Recorded {
+        method: parts.method.clone(),
+        uri: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body: body.clone(),
+        body_complete,
+    };
+    if let Ok(mut requests) = state.requests.lock() {
+        requests.push(recorded);
+    }
+    if !body_complete {
+        return Ok(text(StatusCode::BAD_REQUEST, "body aborted"));
+    }
+    let path = parts.uri.path();
+    if parts.method == Method::POST && path == "/v1/chat/completions" {
+        return Ok(chat_completion(&body, &state.pacing));
+    }
+    if path == "/slow" {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    }
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let echo = serde_json::json!({
+        "method": parts.method.as_str(),
+        "path": path,
+        "agent": header("x-portcullis-agent"),
+        "user": header("x-portcullis-user"),
+        "request_id": header("x-request-id"),
+        "body_bytes": body.len(),
+    });
+    Ok(json(StatusCode::OK, &echo))
+}
+
+fn chat_completion(body: &[u8], pacing: &SsePacing) -> Response<Body> {
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return text(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    let model = request["model"].as_str().unwrap_or("unknown").to_owned();
+    let prompt = request["messages"]
+        .as_array()
+        .and_then(|messages| messages.last())
+        .and_then(|message| message["content"].as_str())
+        .unwrap_or("")
+        .to_owned();
+    let words: Vec<String> = if prompt.is_empty() {
+        vec!["(empty)".to_owned()]
+    } else {
+        prompt.split_whitespace().map(str::to_owned).collect()
+    };
+    if request["stream"].as_bool() != Some(true) {
+        let completion = serde_json::json!({
+            "id": "chatcmpl-echo",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": words.join(" ")},
+                "finish_reason": "stop",
+            }],
+        });
+        return json(StatusCode::OK, &completion);
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(4);
+    let pacing = pacing.clone();
+    tokio::spawn(async move {
+        for (index, word) in words.iter().enumerate() {
+            if index > 0 {
+                match &pacing {
+                    SsePacing::Delay(delay) => tokio::time::sleep(*delay).await,
+                    SsePacing::Gate(gate) => match gate.acquire().await {
+                        Ok(permit) => permit.forget(),
+                        Err(_) => return,
+                    },
+                }
+            }
+            let chunk = serde_json::json!({
+                "id": "chatcmpl-echo",
+                "object": "chat.completion.chunk",
+                "model": model,
+                "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": null}],
+            });
+            if tx
+                .send(Bytes::from(format!("data: {chunk}\n\n")))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+        let _ = tx.send(Bytes::from_static(b"data: [DONE]\n\n")).await;
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .header("cache-control", "no-cache")
+        .body(BoxBody::new(ChannelBody(rx)))
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+/// A response body fed by a channel: each message is one frame, sent as soon as it exists.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(full(Bytes::from(value.to_string())))
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+fn text(status: StatusCode, message: &'static str) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::from_static(message.as_bytes())));
+    *response.status_mut() = status;
+    response
+}
+
+fn full(bytes: Bytes) -> Body {
+    BoxBody::new(http_body_util::Full::new(bytes))
+}
