@@ -37,7 +37,10 @@ fn accessors_split_trust_domain_and_path() {
     let id = SpiffeId::parse("spiffe://prod.example.org/ns/orders/sa/triage-agent").unwrap();
     assert_eq!(id.trust_domain_name(), "prod.example.org");
     assert_eq!(id.path(), "/ns/orders/sa/triage-agent");
-    assert_eq!(id.kubernetes_service_account(), Some(("orders", "triage-agent")));
+    assert_eq!(
+        id.kubernetes_service_account(),
+        Some(("orders", "triage-agent"))
+    );
     assert!(id.is_workload());
 
     let id = SpiffeId::parse("spiffe://prod.example.org/ns/orders/sa/x/extra").unwrap();
@@ -49,11 +52,32 @@ fn accessors_split_trust_domain_and_path() {
 
 #[test]
 fn errors_name_the_rule() {
-    assert_eq!(SpiffeId::parse("spiffe://a/b/"), Err(SpiffeIdError::TrailingSlash));
-    assert_eq!(SpiffeId::parse("spiffe://a//b"), Err(SpiffeIdError::EmptySegment));
-    assert_eq!(SpiffeId::parse("spiffe://a/../b"), Err(SpiffeIdError::DotSegment));
-    assert_eq!(SpiffeId::parse("spiffe://A/b"), Err(SpiffeIdError::BadTrustDomainChar));
-    assert_eq!(SpiffeId::parse("SPIFFE://a/b"), Err(SpiffeIdError::WrongScheme));
-    assert_eq!(TrustDomain::parse("prod.example.org").unwrap().as_str(), "prod.example.org");
-    assert_eq!(TrustDomain::parse("a:80"), Err(SpiffeIdError::BadTrustDomainChar));
+    assert_eq!(
+        SpiffeId::parse("spiffe://a/b/"),
+        Err(SpiffeIdError::TrailingSlash)
+    );
+    assert_eq!(
+        SpiffeId::parse("spiffe://a//b"),
+        Err(SpiffeIdError::EmptySegment)
+    );
+    assert_eq!(
+        SpiffeId::parse("spiffe://a/../b"),
+        Err(SpiffeIdError::DotSegment)
+    );
+    assert_eq!(
+        SpiffeId::parse("spiffe://A/b"),
+        Err(SpiffeIdError::BadTrustDomainChar)
+    );
+    assert_eq!(
+        SpiffeId::parse("SPIFFE://a/b"),
+        Err(SpiffeIdError::WrongScheme)
+    );
+    assert_eq!(
+        TrustDomain::parse("prod.example.org").unwrap().as_str(),
+        "prod.example.org"
+    );
+    assert_eq!(
+        TrustDomain::parse("a:80"),
+        Err(SpiffeIdError::BadTrustDomainChar)
+    );
 }

@@ -91,10 +91,14 @@ fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidRejection> {
         .subject_alternative_name()
         .map_err(|_| SvidRejection::Malformed)?
         .ok_or(SvidRejection::NoUriSan)?;
-    let mut uris = san.value.general_names.iter().filter_map(|name| match name {
-        GeneralName::URI(uri) => Some(*uri),
-        _ => None,
-    });
+    let mut uris = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
     let uri = uris.next().ok_or(SvidRejection::NoUriSan)?;
     if uris.next().is_some() {
         return Err(SvidRejection::MultipleUriSans);

@@ -66,7 +66,12 @@ impl Evaluation {
 }
 
 impl PolicySnapshot {
-    pub(crate) fn evaluate(&self, input: &AuthzInput<'_>, mode: Mode, hash: Arc<str>) -> Evaluation {
+    pub(crate) fn evaluate(
+        &self,
+        input: &AuthzInput<'_>,
+        mode: Mode,
+        hash: Arc<str>,
+    ) -> Evaluation {
         let agent = self.ask_agent(input);
         let user = input.user.map(|user| self.ask_user(input, user));
         let allowed = agent.allowed && user.as_ref().is_none_or(|u| u.allowed);
@@ -186,10 +191,7 @@ impl PolicySnapshot {
         with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
     }
 
-    fn resource_entity(
-        &self,
-        resource: &Resource,
-    ) -> Result<(Entity, HashSet<EntityUid>), String> {
+    fn resource_entity(&self, resource: &Resource) -> Result<(Entity, HashSet<EntityUid>), String> {
         let uid = entity_uid(resource.entity_type(), resource.id())?;
         let parents = self.declared_ancestors(&uid);
         match resource {

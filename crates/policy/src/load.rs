@@ -195,8 +195,7 @@ fn read_dir(dir: &Path) -> Result<BTreeMap<String, String>, Vec<LoadError>> {
         };
         // Kubernetes ConfigMap volumes hold `..data` and `..<timestamp>` entries beside the
         // visible symlinks; only the visible names are policy files.
-        let relevant =
-            name == SCHEMA_FILE || name == ENTITIES_FILE || name.ends_with(".cedar");
+        let relevant = name == SCHEMA_FILE || name == ENTITIES_FILE || name.ends_with(".cedar");
         if !relevant || name.starts_with('.') {
             continue;
         }
@@ -226,7 +225,10 @@ fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String
     };
     let mut errors = Vec::new();
     for (index, entity) in list.iter_mut().enumerate() {
-        let kind = entity["uid"]["type"].as_str().unwrap_or_default().to_owned();
+        let kind = entity["uid"]["type"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let id = entity["uid"]["id"].as_str().unwrap_or_default().to_owned();
         let computed = match kind.as_str() {
             "Agent" => match SpiffeId::parse(&id) {
@@ -240,7 +242,9 @@ fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String
             _ => {
                 // Groups usually have no attributes; let the file omit the empty map.
                 if let Some(object) = entity.as_object_mut() {
-                    object.entry("attrs").or_insert_with(|| serde_json::json!({}));
+                    object
+                        .entry("attrs")
+                        .or_insert_with(|| serde_json::json!({}));
                 }
                 continue;
             }
@@ -248,7 +252,10 @@ fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String
         let Some(object) = entity.as_object_mut() else {
             continue;
         };
-        if object.get("attrs").is_some_and(|a| a.as_object().is_some_and(|a| !a.is_empty())) {
+        if object
+            .get("attrs")
+            .is_some_and(|a| a.as_object().is_some_and(|a| !a.is_empty()))
+        {
             errors.push(format!(
                 "entity {index} ({kind} {id:?}): attributes of {kind} come from the request, declare only parents"
             ));
@@ -310,6 +317,8 @@ fn render<E: miette::Diagnostic + ?Sized>(e: &E) -> String {
 }
 
 fn first_line(s: &str) -> String {
-    let line = s.lines().find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('@'));
+    let line = s
+        .lines()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('@'));
     line.unwrap_or(s).trim().chars().take(80).collect()
 }

@@ -55,17 +55,50 @@ fn decide_as(
 fn shipped_policies_decide_as_documented() {
     let engine = PolicyEngine::load(&shipped(), Mode::Enforce).unwrap();
     let cases = [
-        (TRIAGE, "GET", "/api/orders/17", Decision::Allow, "support-agents-read"),
-        (TRIAGE, "POST", "/api/tickets/9/comments", Decision::Allow, "support-agents-write-tickets"),
+        (
+            TRIAGE,
+            "GET",
+            "/api/orders/17",
+            Decision::Allow,
+            "support-agents-read",
+        ),
+        (
+            TRIAGE,
+            "POST",
+            "/api/tickets/9/comments",
+            Decision::Allow,
+            "support-agents-write-tickets",
+        ),
         (TRIAGE, "DELETE", "/api/orders/17", Decision::Deny, ""),
-        (TRIAGE, "GET", "/admin/users", Decision::Deny, "no-agent-admin"),
+        (
+            TRIAGE,
+            "GET",
+            "/admin/users",
+            Decision::Deny,
+            "no-agent-admin",
+        ),
         (BILLING, "GET", "/api/orders/17", Decision::Deny, ""),
-        (BILLING, "GET", "/health", Decision::Allow, "health-any-prod-workload"),
-        ("spiffe://staging.example.org/ns/support/sa/triage-agent", "GET", "/health", Decision::Deny, ""),
+        (
+            BILLING,
+            "GET",
+            "/health",
+            Decision::Allow,
+            "health-any-prod-workload",
+        ),
+        (
+            "spiffe://staging.example.org/ns/support/sa/triage-agent",
+            "GET",
+            "/health",
+            Decision::Deny,
+            "",
+        ),
     ];
     for (agent, method, path, want, policy) in cases {
         let evaluation = decide(&engine, agent, method, path);
-        assert_eq!(evaluation.decision, want, "{agent} {method} {path}: {evaluation:?}");
+        assert_eq!(
+            evaluation.decision, want,
+            "{agent} {method} {path}: {evaluation:?}"
+        );
         assert!(evaluation.agent.errors.is_empty(), "{evaluation:?}");
         if !policy.is_empty() {
             assert_eq!(evaluation.agent.determining, vec![policy.to_owned()]);
@@ -76,8 +109,16 @@ fn shipped_policies_decide_as_documented() {
 #[test]
 fn permit_exists_only_when_the_request_may_pass() {
     let engine = PolicyEngine::load(&shipped(), Mode::Enforce).unwrap();
-    assert!(decide(&engine, TRIAGE, "GET", "/api/orders/1").take_permit().is_some());
-    assert!(decide(&engine, BILLING, "GET", "/api/orders/1").take_permit().is_none());
+    assert!(
+        decide(&engine, TRIAGE, "GET", "/api/orders/1")
+            .take_permit()
+            .is_some()
+    );
+    assert!(
+        decide(&engine, BILLING, "GET", "/api/orders/1")
+            .take_permit()
+            .is_none()
+    );
 }
 
 #[test]
@@ -91,11 +132,7 @@ fn shadow_mode_records_the_denial_but_forwards() {
 
 fn policy_dir(policies: &str, entities: Option<&str>) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    std::fs::copy(
-        shipped().join(SCHEMA_FILE),
-        dir.path().join(SCHEMA_FILE),
-    )
-    .unwrap();
+    std::fs::copy(shipped().join(SCHEMA_FILE), dir.path().join(SCHEMA_FILE)).unwrap();
     std::fs::write(dir.path().join("test.cedar"), policies).unwrap();
     if let Some(entities) = entities {
         std::fs::write(dir.path().join(ENTITIES_FILE), entities).unwrap();
@@ -143,7 +180,10 @@ fn invalid_sets_report_every_error_and_never_load() {
 
 #[test]
 fn a_failed_reload_keeps_the_last_good_set() {
-    let dir = policy_dir(r#"@id("allow-all") permit (principal, action, resource);"#, None);
+    let dir = policy_dir(
+        r#"@id("allow-all") permit (principal, action, resource);"#,
+        None,
+    );
     let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
     let good = engine.hash();
     assert!(matches!(engine.reload(), ReloadOutcome::Unchanged));
@@ -151,7 +191,10 @@ fn a_failed_reload_keeps_the_last_good_set() {
     std::fs::write(dir.path().join("test.cedar"), "permit (principal,").unwrap();
     assert!(matches!(engine.reload(), ReloadOutcome::Failed(_)));
     assert_eq!(engine.hash(), good);
-    assert_eq!(decide(&engine, TRIAGE, "GET", "/x").decision, Decision::Allow);
+    assert_eq!(
+        decide(&engine, TRIAGE, "GET", "/x").decision,
+        Decision::Allow
+    );
 
     std::fs::write(
         dir.path().join("test.cedar"),
@@ -160,7 +203,10 @@ fn a_failed_reload_keeps_the_last_good_set() {
     .unwrap();
     assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
     assert_ne!(engine.hash(), good);
-    assert_eq!(decide(&engine, TRIAGE, "GET", "/x").decision, Decision::Deny);
+    assert_eq!(
+        decide(&engine, TRIAGE, "GET", "/x").decision,
+        Decision::Deny
+    );
 }
 
 #[test]
@@ -185,7 +231,9 @@ fn user_question_caps_the_agent() {
         @id("delegated-only") forbid (principal is Agent, action == Action::"DELETE", resource)
         unless { context.delegated };
         "#,
-        Some(r#"[{"uid": {"type": "Group", "id": "leads"}, "parents": [{"type": "Group", "id": "staff"}]}]"#),
+        Some(
+            r#"[{"uid": {"type": "Group", "id": "leads"}, "parents": [{"type": "Group", "id": "staff"}]}]"#,
+        ),
     );
     let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
     let user = |groups: &[&str]| UserClaims {
@@ -199,12 +247,27 @@ fn user_question_caps_the_agent() {
     };
     let reader = user(&[]);
     let lead = user(&["leads"]);
-    assert_eq!(decide_as(&engine, TRIAGE, Some(&reader), "GET", "/o").decision, Decision::Allow);
-    assert_eq!(decide_as(&engine, TRIAGE, Some(&reader), "POST", "/o").decision, Decision::Deny);
+    assert_eq!(
+        decide_as(&engine, TRIAGE, Some(&reader), "GET", "/o").decision,
+        Decision::Allow
+    );
+    assert_eq!(
+        decide_as(&engine, TRIAGE, Some(&reader), "POST", "/o").decision,
+        Decision::Deny
+    );
     let evaluation = decide_as(&engine, TRIAGE, Some(&lead), "POST", "/o");
     assert_eq!(evaluation.decision, Decision::Allow);
-    assert_eq!(evaluation.user.unwrap().determining, vec!["leads-write".to_owned()]);
+    assert_eq!(
+        evaluation.user.unwrap().determining,
+        vec!["leads-write".to_owned()]
+    );
     // Autonomous DELETE is forbidden; delegated by a lead it passes both questions.
-    assert_eq!(decide(&engine, TRIAGE, "DELETE", "/o").decision, Decision::Deny);
-    assert_eq!(decide_as(&engine, TRIAGE, Some(&lead), "DELETE", "/o").decision, Decision::Allow);
+    assert_eq!(
+        decide(&engine, TRIAGE, "DELETE", "/o").decision,
+        Decision::Deny
+    );
+    assert_eq!(
+        decide_as(&engine, TRIAGE, Some(&lead), "DELETE", "/o").decision,
+        Decision::Allow
+    );
 }

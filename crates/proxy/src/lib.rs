@@ -1,1 +1,296 @@
-//! placeholder
+//! The data plane: the mTLS listener agents call, the per-request authorization pipeline,
+//! forwarding to the application in the pod, metrics, audit, and the admin listener.
+//!
+//! Configuration parsing lives in the binary; this crate takes typed [`ProxyOptions`] and
+//! runs them. Identity (who) comes from `portcullis-identity`, decisions (may they) from
+//! `portcullis-policy`.
+
+mod admin;
+pub mod audit;
+mod body;
+pub mod classify;
+pub mod error;
+mod forward;
+pub mod headers;
+pub mod metrics;
+mod pipeline;
+mod server;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use http::uri::Authority;
+use portcullis_policy::{PolicyEngine, ReloadOutcome};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use audit::{AuditLog, AuditSink};
+pub use classify::{PathMatch, Protocol, RouteRule};
+pub use metrics::Metrics;
+
+use crate::forward::Forwarder;
+
+/// Explicit limits and timeouts (`limits:` in the config). Every one of them bounds what a
+/// misbehaving or malicious caller can hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Request head size (HTTP/1 buffer, HTTP/2 header list).
+    pub max_header_bytes: usize,
+    /// How much of a body may be read for inspection (protocol routes).
+    pub body_prefix_bytes: usize,
+    /// Time to receive a complete request head once a request started (slowloris).
+    pub header_read_timeout: Duration,
+    /// Time for the upstream to answer with a response head.
+    pub request_timeout: Duration,
+    /// Longest pause between request body frames before the request is aborted.
+    pub body_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    pub idle_timeout: Duration,
+    /// Time to complete the TLS handshake.
+    pub handshake_timeout: Duration,
+    /// Time to connect to the upstream.
+    pub connect_timeout: Duration,
+    /// Concurrent agent connections.
+    pub max_connections: usize,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_h2_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_header_bytes: 64 * 1024,
+            body_prefix_bytes: 1024 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_connections: 10_000,
+            max_h2_streams: 100,
+        }
+    }
+}
+
+/// A certificate whose expiry is exported as `portcullis_certificate_expiry_timestamp_seconds`.
+#[derive(Debug, Clone)]
+pub struct CertificateExpiry {
+    /// `serving` (this workload's chain) or `bundle:<trust domain>`.
+    pub kind: String,
+    pub subject: String,
+    /// notAfter, unix seconds.
+    pub not_after: i64,
+}
+
+/// Everything the proxy runs with, already validated.
+#[derive(Debug)]
+pub struct ProxyOptions {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub certificates: Vec<CertificateExpiry>,
+    pub policy: Arc<PolicyEngine>,
+    /// How often the policy directory is checked for changes.
+    pub policy_reload_interval: Duration,
+    pub upstream: Authority,
+    pub routes: Vec<RouteRule>,
+    pub limits: Limits,
+    pub audit: AuditSink,
+}
+
+/// What every request handler shares.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    policy: Arc<PolicyEngine>,
+    routes: Vec<RouteRule>,
+    forwarder: Forwarder,
+    metrics: Metrics,
+    audit: AuditLog,
+    limits: Limits,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot open the audit sink: {0}")]
+    Audit(std::io::Error),
+}
+
+/// A running proxy. Dropping it does not stop it; call [`Running::shutdown`].
+#[derive(Debug)]
+pub struct Running {
+    local_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    metrics: Metrics,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+    audit_writer: audit::AuditWriter,
+}
+
+/// Binds both listeners, opens the audit sink and starts serving.
+pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
+    let metrics = Metrics::new();
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let listener = bind(options.listen).await?;
+    let admin_listener = bind(options.admin_listen).await?;
+    let local_addr = listener.local_addr().map_err(|source| StartError::Bind {
+        addr: options.listen,
+        source,
+    })?;
+    let admin_addr = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: options.admin_listen,
+            source,
+        })?;
+    let (audit, audit_writer) =
+        AuditLog::start(&options.audit, metrics.clone()).map_err(StartError::Audit)?;
+
+    for cert in &options.certificates {
+        metrics
+            .certificate_expiry
+            .with_label_values(&[cert.kind.as_str(), cert.subject.as_str()])
+            .set(cert.not_after as f64);
+    }
+    metrics
+        .policy_count
+        .set(options.policy.policy_count() as f64);
+
+    let shared = Arc::new(Shared {
+        policy: options.policy.clone(),
+        routes: options.routes,
+        forwarder: Forwarder::new(
+            options.upstream,
+            options.limits.connect_timeout,
+            options.limits.request_timeout,
+        ),
+        metrics: metrics.clone(),
+        audit: audit.clone(),
+        limits: options.limits,
+    });
+    let admin_state = Arc::new(admin::AdminState {
+        metrics: metrics.clone(),
+        ready: false.into(),
+        audit,
+    });
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let acceptor = tokio_rustls::TlsAcceptor::from(options.tls);
+    let tasks = vec![
+        tokio::spawn(server::serve(
+            listener,
+            acceptor,
+            shared,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            admin_state.clone(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(reload_policies(
+            options.policy,
+            options.policy_reload_interval,
+            metrics.clone(),
+            shutdown_rx,
+        )),
+    ];
+    // Policies and certificates were loaded before we got here, and both listeners are bound.
+    admin_state.ready.store(true, Ordering::Release);
+    tracing::info!(%local_addr, %admin_addr, "portcullis serving");
+    Ok(Running {
+        local_addr,
+        admin_addr,
+        metrics,
+        shutdown,
+        tasks,
+        audit_writer,
+    })
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Stops accepting, lets in-flight requests finish for up to `drain`, then flushes the
+    /// audit trail.
+    pub async fn shutdown(self, drain: Duration) {
+        let _ = self.shutdown.send(true);
+        let _ = tokio::time::timeout(drain, async {
+            for task in self.tasks {
+                let _ = task.await;
+            }
+        })
+        .await;
+        // Connections still open past the deadline keep their queue handles; the writer then
+        // stops with the process, having flushed every record it received.
+        let writer = self.audit_writer;
+        let _ =
+            tokio::time::timeout(drain, tokio::task::spawn_blocking(move || writer.join())).await;
+    }
+}
+
+/// Polls the policy directory. A change that loads is swapped in; one that does not is
+/// logged and counted, and the last good set stays in force (`/readyz` stays ready).
+async fn reload_policies(
+    policy: Arc<PolicyEngine>,
+    interval: Duration,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut failing_hash: Option<String> = None;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        let engine = policy.clone();
+        let Ok(outcome) = tokio::task::spawn_blocking(move || engine.reload()).await else {
+            continue;
+        };
+        match outcome {
+            ReloadOutcome::Unchanged => failing_hash = None,
+            ReloadOutcome::Reloaded(hash) => {
+                failing_hash = None;
+                metrics.policy_reloads.with_label_values(&["success"]).inc();
+                metrics.policy_count.set(policy.policy_count() as f64);
+                tracing::info!(%hash, policies = policy.policy_count(), "policy set reloaded");
+            }
+            ReloadOutcome::Failed(errors) => {
+                // Count and log a broken set once per distinct content, not every interval.
+                let fingerprint = errors
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n");
+                if failing_hash.as_deref() != Some(fingerprint.as_str()) {
+                    metrics.policy_reloads.with_label_values(&["failure"]).inc();
+                    for error in &errors {
+                        tracing::error!(%error, "policy reload failed; keeping the last good set");
+                    }
+                    failing_hash = Some(fingerprint);
+                }
+            }
+        }
+    }
+}

@@ -5,5 +5,6 @@
 //! Nothing here is used by the proxy's data path. The binary links it only for `demo`, which
 //! needs exactly these parts on a machine with nothing else installed.
 
+pub mod client;
 pub mod pki;
 pub mod upstream;

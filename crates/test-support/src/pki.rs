@@ -95,7 +95,11 @@ impl Ca {
     /// A root valid from an hour ago for a day.
     pub fn new(trust_domain: &str) -> Result<Self, MintError> {
         let now = OffsetDateTime::now_utc();
-        Self::with_validity(trust_domain, now - Duration::hours(1), now + Duration::days(1))
+        Self::with_validity(
+            trust_domain,
+            now - Duration::hours(1),
+            now + Duration::days(1),
+        )
     }
 
     pub fn with_validity(
@@ -110,9 +114,8 @@ impl Ca {
         params.distinguished_name = name;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names = vec![SanType::URI(
-            format!("spiffe://{trust_domain}").try_into()?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
         params.not_before = not_before;
         params.not_after = not_after;
         let key = KeyPair::generate()?;

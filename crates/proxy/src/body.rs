@@ -1,0 +1,146 @@
+//! Body wrappers: a request body that fails when the caller stalls, and a response body that
+//! writes the audit record when the response ends (or is abandoned).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
+
+use crate::audit::AuditGuard;
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type of every response the proxy sends.
+pub(crate) type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// The body type of every request the proxy forwards.
+pub(crate) type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+
+#[derive(Debug, thiserror::Error)]
+#[error("request body stalled for longer than the body timeout")]
+pub(crate) struct BodyTimeout;
+
+pin_project! {
+    /// Fails the body when no frame arrives for `timeout`: a slow-body caller cannot hold an
+    /// upstream request open indefinitely. The error aborts the upstream request.
+    pub struct StallTimeout<B> {
+        #[pin]
+        inner: B,
+        #[pin]
+        sleep: Sleep,
+        timeout: Duration,
+    }
+}
+
+impl<B> StallTimeout<B> {
+    pub(crate) fn new(inner: B, timeout: Duration) -> Self {
+        Self {
+            inner,
+            sleep: tokio::time::sleep(timeout),
+            timeout,
+        }
+    }
+}
+
+impl<B> Body for StallTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                let deadline = Instant::now() + *this.timeout;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => match this.sleep.poll(cx) {
+                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A response body that owns its request's audit record: the record is completed and
+    /// written when the body ends, fails, or is dropped unfinished.
+    pub struct Audited<B> {
+        #[pin]
+        inner: B,
+        guard: Option<AuditGuard>,
+    }
+}
+
+impl<B> Audited<B> {
+    pub(crate) fn new(inner: B, mut guard: AuditGuard) -> Self
+    where
+        B: Body,
+    {
+        // An empty body (HEAD, 204, 304) may never be polled: it is complete already.
+        guard.record.completed = inner.is_end_stream();
+        Self {
+            inner,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B> Body for Audited<B>
+where
+    B: Body<Data = Bytes>,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(mut guard) = this.guard.take() {
+                    guard.record.completed = true;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(mut guard) = this.guard.take() {
+                    guard
+                        .record
+                        .errors
+                        .push("response body failed mid-stream".to_owned());
+                }
+            }
+            Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

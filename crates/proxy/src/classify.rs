@@ -1,0 +1,158 @@
+//! From an HTTP request to the Cedar vocabulary: which action, on which resource.
+
+use portcullis_core::{Action, Resource};
+
+use crate::error::Refusal;
+
+/// How a matched route's requests are understood.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// Generic HTTP: action = method (in `read`/`write`), resource = `Route::"<path>"`.
+    Http,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PathMatch {
+    Exact(String),
+    Prefix(String),
+}
+
+/// One entry of `routes`; the first match wins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteRule {
+    pub matcher: PathMatch,
+    pub protocol: Protocol,
+}
+
+impl RouteRule {
+    fn matches(&self, path: &str) -> bool {
+        match &self.matcher {
+            PathMatch::Exact(exact) => path == exact,
+            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+        }
+    }
+}
+
+/// The classified request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Classified {
+    pub action: Action,
+    pub resource: Resource,
+    pub protocol: Protocol,
+}
+
+/// Classifies a request whose path already passed [`check_path`]. Unmatched paths are generic
+/// HTTP routes.
+pub fn classify(
+    routes: &[RouteRule],
+    method: &str,
+    path: &str,
+    host: &str,
+) -> Result<Classified, Refusal> {
+    let protocol = routes
+        .iter()
+        .find(|route| route.matches(path))
+        .map_or(Protocol::Http, |route| route.protocol);
+    match protocol {
+        Protocol::Http => {
+            let action = Action::for_method(method).ok_or(Refusal::UnsupportedMethod)?;
+            Ok(Classified {
+                action,
+                resource: Resource::Route {
+                    path: path.to_owned(),
+                    host: host.to_owned(),
+                    method: method.to_owned(),
+                },
+                protocol,
+            })
+        }
+    }
+}
+
+/// Refuses paths that the application might read differently from the policy.
+///
+/// Policies match the path as sent. If the application then removed dot segments, merged
+/// slashes or decoded `%2F`, `/api/../admin` would pass a `forbid` on `/admin*` and reach
+/// `/admin`. Rather than guess the application's normalisation, such paths are refused: dot
+/// segments (RFC 3986 §5.2.4), empty segments, backslashes, and percent-encoded unreserved
+/// characters, `/` or `\` (RFC 3986 §6.2.2.2: encoded unreserved characters are equivalent
+/// to the characters themselves).
+pub fn check_path(path: &str) -> Result<(), Refusal> {
+    if !path.starts_with('/') || path.contains('\\') {
+        return Err(Refusal::AmbiguousPath);
+    }
+    for segment in path[1..].split('/') {
+        if segment == "." || segment == ".." {
+            return Err(Refusal::AmbiguousPath);
+        }
+    }
+    if path.len() > 1 && path[1..].split('/').rev().skip(1).any(str::is_empty) {
+        return Err(Refusal::AmbiguousPath);
+    }
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let decoded = bytes
+                .get(i + 1..i + 3)
+                .and_then(|hex| std::str::from_utf8(hex).ok())
+                .and_then(|hex| u8::from_str_radix(hex, 16).ok())
+                .ok_or(Refusal::AmbiguousPath)?;
+            if decoded.is_ascii_alphanumeric() || b"-._~/\\".contains(&decoded) {
+                return Err(Refusal::AmbiguousPath);
+            }
+            i += 3;
+        } else {
+            i += 1;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ambiguous_paths_are_refused() {
+        for path in [
+            "/api/../admin",
+            "/api/./x",
+            "/..",
+            "/a//b",
+            "//admin",
+            "/a\\b",
+            "/%61dmin",
+            "/a%2Fb",
+            "/a%2fb",
+            "/a%2e%2e/b",
+            "/a%5Cb",
+            "/a%zz",
+            "/a%4",
+            "relative",
+        ] {
+            assert_eq!(check_path(path), Err(Refusal::AmbiguousPath), "{path}");
+        }
+        for path in [
+            "/",
+            "/api/orders/17",
+            "/a/",
+            "/a%20b",
+            "/v1/chat/completions",
+            "/..x/.y",
+        ] {
+            assert_eq!(check_path(path), Ok(()), "{path}");
+        }
+    }
+
+    #[test]
+    fn unmatched_paths_are_generic_routes() {
+        let classified = classify(&[], "GET", "/api/orders", "orders.internal").unwrap();
+        assert_eq!(classified.action, Action::Get);
+        assert_eq!(classified.resource.id(), "/api/orders");
+        assert_eq!(
+            classify(&[], "TRACE", "/", "h"),
+            Err(Refusal::UnsupportedMethod)
+        );
+    }
+}

@@ -1,0 +1,83 @@
+//! Every way the data plane refuses or fails a request, mapped to an HTTP status and a
+//! bounded reason label by exhaustive matches: a new variant does not compile until someone
+//! decides both. Internal detail (policy text, upstream errors) never reaches the caller; it
+//! goes to the audit record and the operational log.
+
+use http::StatusCode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// HTTP/1 request target in absolute form (`GET http://host/ HTTP/1.1`).
+    AbsoluteFormTarget,
+    /// HTTP/1.1 request without `Host`, or an HTTP/2 request without `:authority`.
+    MissingHost,
+    /// More than one `Host` header.
+    DuplicateHost,
+    /// A path the application might normalise differently from the policy (dot segments,
+    /// encoded slashes); see `classify::check_path`.
+    AmbiguousPath,
+    /// A method no Cedar action names (TRACE, CONNECT, extension methods).
+    UnsupportedMethod,
+    /// The policies deny.
+    PolicyDenied,
+    /// A permit marked `@approval("required")` applied.
+    ApprovalRequired,
+    /// The audit sink cannot take the record: fail closed rather than serve unaudited.
+    AuditUnavailable,
+    /// The upstream refused or reset the connection.
+    UpstreamConnect,
+    /// The upstream did not answer within the request timeout.
+    UpstreamTimeout,
+    /// The upstream answered with something that cannot be relayed (e.g. `101`).
+    UpstreamProtocol,
+}
+
+impl Refusal {
+    pub fn status(self) -> StatusCode {
+        match self {
+            Refusal::AbsoluteFormTarget
+            | Refusal::MissingHost
+            | Refusal::DuplicateHost
+            | Refusal::AmbiguousPath => StatusCode::BAD_REQUEST,
+            Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::PolicyDenied => StatusCode::FORBIDDEN,
+            Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
+            Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::UpstreamConnect | Refusal::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    /// Machine-readable, stable, and safe to show the caller.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Refusal::AbsoluteFormTarget => "absolute_form_target",
+            Refusal::MissingHost => "missing_host",
+            Refusal::DuplicateHost => "duplicate_host",
+            Refusal::AmbiguousPath => "ambiguous_path",
+            Refusal::UnsupportedMethod => "unsupported_method",
+            Refusal::PolicyDenied => "policy_denied",
+            Refusal::ApprovalRequired => "approval_required",
+            Refusal::AuditUnavailable => "audit_unavailable",
+            Refusal::UpstreamConnect => "upstream_unavailable",
+            Refusal::UpstreamTimeout => "upstream_timeout",
+            Refusal::UpstreamProtocol => "upstream_protocol_error",
+        }
+    }
+
+    /// Whether the failure is the upstream's (counted in `portcullis_upstream_errors_total`)
+    /// rather than a refusal of the request (`portcullis_request_rejections_total`).
+    pub fn is_upstream(self) -> bool {
+        match self {
+            Refusal::UpstreamConnect | Refusal::UpstreamTimeout | Refusal::UpstreamProtocol => true,
+            Refusal::AbsoluteFormTarget
+            | Refusal::MissingHost
+            | Refusal::DuplicateHost
+            | Refusal::AmbiguousPath
+            | Refusal::UnsupportedMethod
+            | Refusal::PolicyDenied
+            | Refusal::ApprovalRequired
+            | Refusal::AuditUnavailable => false,
+        }
+    }
+}

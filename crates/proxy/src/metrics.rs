@@ -1,0 +1,158 @@
+//! Prometheus metrics. Names and labels are a contract with dashboards and alerts
+//! (`helm/portcullis/dashboards/`); label values are always from a bounded set.
+
+use prometheus::{
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric Portcullis exports, registered in one private registry.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub decisions: IntCounterVec,
+    pub decision_duration: Histogram,
+    pub request_duration: Histogram,
+    pub request_rejections: IntCounterVec,
+    pub upstream_errors: IntCounterVec,
+    pub tls_handshake_failures: IntCounterVec,
+    pub user_token_rejections: IntCounterVec,
+    pub policy_reloads: IntCounterVec,
+    pub certificate_expiry: GaugeVec,
+    pub audit_write_failures: IntCounter,
+    pub connections_active: IntGauge,
+    pub policy_count: Gauge,
+}
+
+impl Metrics {
+    #[allow(
+        clippy::expect_used,
+        reason = "metric definitions are static and valid"
+    )]
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+                .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let decisions = counter_vec(
+            "portcullis_decisions_total",
+            "Authorization decisions, by outcome and Cedar action.",
+            &["decision", "action"],
+        );
+        // Decisions take microseconds; requests take milliseconds to seconds.
+        let decision_duration = histogram(
+            "portcullis_decision_duration_seconds",
+            "Time to classify and evaluate one request against the policy set.",
+            vec![
+                5e-6, 10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3,
+            ],
+        );
+        let request_duration = histogram(
+            "portcullis_request_duration_seconds",
+            "Time from request head to the end of the response, as seen by the proxy.",
+            vec![
+                1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3, 500e-3, 1.0, 2.5, 5.0,
+                10.0, 30.0, 60.0,
+            ],
+        );
+        let request_rejections = counter_vec(
+            "portcullis_request_rejections_total",
+            "Requests refused before or instead of forwarding, by reason.",
+            &["reason"],
+        );
+        let upstream_errors = counter_vec(
+            "portcullis_upstream_errors_total",
+            "Failures reaching the upstream application, by reason.",
+            &["reason"],
+        );
+        let tls_handshake_failures = counter_vec(
+            "portcullis_tls_handshake_failures_total",
+            "mTLS handshakes that failed, by reason.",
+            &["reason"],
+        );
+        let user_token_rejections = counter_vec(
+            "portcullis_user_token_rejections_total",
+            "User tokens rejected, by reason.",
+            &["reason"],
+        );
+        let policy_reloads = counter_vec(
+            "portcullis_policy_reloads_total",
+            "Policy reload attempts that found changed files, by result.",
+            &["result"],
+        );
+        let certificate_expiry = GaugeVec::new(
+            Opts::new(
+                "portcullis_certificate_expiry_timestamp_seconds",
+                "notAfter of each loaded certificate (serving chain and trust bundle roots).",
+            ),
+            &["kind", "subject"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(certificate_expiry.clone()))
+            .expect("unique metric");
+        let audit_write_failures = IntCounter::new(
+            "portcullis_audit_write_failures_total",
+            "Audit records that could not be written; requests fail closed after one.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(audit_write_failures.clone()))
+            .expect("unique metric");
+        let connections_active =
+            IntGauge::new("portcullis_connections_active", "Open agent connections.")
+                .expect("valid metric");
+        registry
+            .register(Box::new(connections_active.clone()))
+            .expect("unique metric");
+        let policy_count = Gauge::new(
+            "portcullis_policies_loaded",
+            "Number of policies in the set in force.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(policy_count.clone()))
+            .expect("unique metric");
+        Self {
+            registry,
+            decisions,
+            decision_duration,
+            request_duration,
+            request_rejections,
+            upstream_errors,
+            tls_handshake_failures,
+            user_token_rejections,
+            policy_reloads,
+            certificate_expiry,
+            audit_write_failures,
+            connections_active,
+            policy_count,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metrics; an empty page would show it.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,341 @@
+//! The per-request pipeline, in the order it runs. Identity was established once for the
+//! connection (see `server`); everything here runs for every request.
+//!
+//! 1. reserve an audit slot      — before any work, so a full or failed sink pushes back or
+//!                                  fails closed, and every later outcome has a record
+//! 2. check framing              — Host and request-target rules (RFC 9112 §3.2), path
+//!                                  ambiguity; before classification, which reads them
+//! 3. classify                   — route → Cedar action + resource
+//! 4. authorize                  — Cedar; yields a `Permit` only when the request may pass
+//! 5. rewrite headers            — strip hop-by-hop and caller identity, then set ours
+//! 6. forward                    — needs the `Permit`; streams both ways
+//! 7. audit                      — written when the response body ends or is dropped
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use portcullis_core::{Decision, SpiffeId};
+use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
+
+use crate::Shared;
+use crate::audit::{AuditGuard, AuditRecord, AuditResource, rfc3339};
+use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
+use crate::classify::{check_path, classify};
+use crate::error::Refusal;
+use crate::headers::{
+    AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, remove_hop_by_hop, remove_identity,
+};
+
+/// What the connection established once: who is calling, from where.
+#[derive(Debug)]
+pub(crate) struct ConnectionIdentity {
+    pub agent: SpiffeId,
+    pub peer: SocketAddr,
+}
+
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ConnectionIdentity>,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let request_id = random_hex::<16>();
+    let Ok(slot) = shared.audit.reserve().await else {
+        shared
+            .metrics
+            .request_rejections
+            .with_label_values(&[Refusal::AuditUnavailable.reason()])
+            .inc();
+        tracing::error!(%request_id, "refusing request: audit sink unavailable");
+        return Ok(refusal_response(Refusal::AuditUnavailable, &request_id));
+    };
+    let trace = Traceparent::from_request(request.headers());
+    let record = AuditRecord {
+        time: rfc3339(SystemTime::now()),
+        request_id: request_id.clone(),
+        trace_id: Some(trace.trace_id().to_owned()),
+        client_address: conn.peer.ip().to_string(),
+        agent: Some(conn.agent.to_string()),
+        method: request.method().to_string(),
+        path: request.uri().path().to_owned(),
+        mode: shared.policy.mode().name(),
+        ..AuditRecord::default()
+    };
+    let mut audit = AuditGuard::new(slot, shared.metrics.clone(), record);
+
+    match authorize_and_forward(&shared, &conn, request, &request_id, &trace, &mut audit).await {
+        Ok(response) => {
+            audit.record.status = response.status().as_u16();
+            let (mut parts, body) = response.into_parts();
+            remove_hop_by_hop(&mut parts.headers);
+            set_request_id(&mut parts.headers, &request_id);
+            let body = Audited::new(body.map_err(Into::into), audit);
+            Ok(Response::from_parts(parts, body.boxed_unsync()))
+        }
+        Err(refusal) => {
+            let metric = if refusal.is_upstream() {
+                &shared.metrics.upstream_errors
+            } else {
+                &shared.metrics.request_rejections
+            };
+            metric.with_label_values(&[refusal.reason()]).inc();
+            audit.record.status = refusal.status().as_u16();
+            audit.record.reason = Some(refusal.reason());
+            audit.record.completed = true;
+            drop(audit);
+            Ok(refusal_response(refusal, &request_id))
+        }
+    }
+}
+
+async fn authorize_and_forward(
+    shared: &Shared,
+    conn: &ConnectionIdentity,
+    request: Request<Incoming>,
+    request_id: &str,
+    trace: &Traceparent,
+    audit: &mut AuditGuard,
+) -> Result<Response<Incoming>, Refusal> {
+    let host = check_framing(&request)?;
+    let path = request.uri().path().to_owned();
+    check_path(&path)?;
+    let method = request.method().as_str().to_owned();
+
+    let decision_started = Instant::now();
+    let classified = classify(&shared.routes, &method, &path, &host)?;
+    audit.record.action = Some(classified.action.name());
+    audit.record.resource = Some(AuditResource {
+        kind: classified.resource.entity_type(),
+        id: classified.resource.id().to_owned(),
+    });
+    let client_address = conn.peer.ip().to_string();
+    let mut evaluation = shared.policy.evaluate(&AuthzInput {
+        agent: &conn.agent,
+        user: None,
+        action: classified.action,
+        resource: &classified.resource,
+        request: RequestInfo {
+            method: &method,
+            path: &path,
+            host: &host,
+            client_address: &client_address,
+        },
+        protocol_context: None,
+        now: unix_now(),
+    });
+    let decision_time = decision_started.elapsed();
+    shared
+        .metrics
+        .decision_duration
+        .observe(decision_time.as_secs_f64());
+    shared
+        .metrics
+        .decisions
+        .with_label_values(&[evaluation.decision.name(), classified.action.name()])
+        .inc();
+    record_evaluation(audit, &evaluation, decision_time.as_micros());
+    tracing::debug!(
+        request_id,
+        agent = %conn.agent,
+        action = classified.action.name(),
+        resource = %classified.resource,
+        decision = evaluation.decision.name(),
+        "decided"
+    );
+    let permit = match (evaluation.decision, evaluation.take_permit()) {
+        (_, Some(permit)) => permit,
+        (Decision::ApprovalRequired, None) => return Err(Refusal::ApprovalRequired),
+        (_, None) => return Err(Refusal::PolicyDenied),
+    };
+
+    let (mut parts, body) = request.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    remove_identity(&mut parts.headers);
+    if parts.version == Version::HTTP_2 {
+        // HTTP/2 carries the host in :authority; the HTTP/1.1 upstream needs a Host header.
+        if let Ok(value) = HeaderValue::from_str(&host_with_port(&parts)) {
+            parts.headers.insert(header::HOST, value);
+        }
+    }
+    if let Ok(agent) = HeaderValue::from_str(conn.agent.as_str()) {
+        parts.headers.insert(AGENT_HEADER, agent);
+    }
+    set_request_id(&mut parts.headers, request_id);
+    if let Ok(value) = HeaderValue::from_str(&trace.header) {
+        parts.headers.insert(TRACEPARENT_HEADER, value);
+    }
+    let body: RequestBody = StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync();
+    match shared
+        .forwarder
+        .forward(Request::from_parts(parts, body), permit)
+        .await
+    {
+        Ok(response) => Ok(response),
+        Err(error) => {
+            tracing::warn!(request_id, error = %error.detail, "upstream request failed");
+            audit.record.errors.push(error.detail);
+            Err(error.refusal)
+        }
+    }
+}
+
+/// RFC 9112 §3.2: a request target in absolute form is for proxies that route by it; this
+/// one does not, so it is refused rather than having two hosts in play. §3.2 also requires
+/// exactly one Host in HTTP/1.1. Returns the host (without port, lower-case).
+fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
+    let hosts = request.headers().get_all(header::HOST).iter().count();
+    if hosts > 1 {
+        return Err(Refusal::DuplicateHost);
+    }
+    let host = match request.version() {
+        Version::HTTP_2 | Version::HTTP_3 => request.uri().host().map(str::to_owned),
+        _ => {
+            if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+                return Err(Refusal::AbsoluteFormTarget);
+            }
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse::<http::uri::Authority>().ok())
+                .map(|authority| authority.host().to_owned())
+        }
+    };
+    match host {
+        Some(host) if !host.is_empty() => Ok(host.to_ascii_lowercase()),
+        _ => Err(Refusal::MissingHost),
+    }
+}
+
+fn host_with_port(parts: &http::request::Parts) -> String {
+    parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_default()
+}
+
+fn record_evaluation(audit: &mut AuditGuard, evaluation: &Evaluation, micros: u128) {
+    let record = &mut audit.record;
+    record.decision = Some(evaluation.decision.name());
+    record.policies.agent = evaluation.agent.determining.clone();
+    record.policies.user = evaluation.user.as_ref().map(|u| u.determining.clone());
+    record
+        .errors
+        .extend(evaluation.agent.errors.iter().cloned());
+    if let Some(user) = &evaluation.user {
+        record.errors.extend(user.errors.iter().cloned());
+    }
+    record.policy_hash = Some(evaluation.policy_hash.to_string());
+    record.decision_us = Some(u64::try_from(micros).unwrap_or(u64::MAX));
+}
+
+fn set_request_id(headers: &mut http::HeaderMap, request_id: &str) {
+    if let Ok(value) = HeaderValue::from_str(request_id) {
+        headers.insert(REQUEST_ID_HEADER, value);
+    }
+}
+
+/// The caller-facing response for a refusal: a status and a stable reason, nothing internal.
+pub(crate) fn refusal_response(refusal: Refusal, request_id: &str) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "error": { "code": refusal.reason(), "request_id": request_id }
+    })
+    .to_string();
+    let mut response = Response::new(
+        http_body_util::Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *response.status_mut() = refusal.status();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    set_request_id(headers, request_id);
+    if refusal.status() == StatusCode::SERVICE_UNAVAILABLE {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    response
+}
+
+/// W3C Trace Context: the caller's `traceparent` when well-formed, otherwise a new one, so
+/// the upstream and the audit record always share a trace id.
+#[derive(Debug)]
+pub(crate) struct Traceparent {
+    header: String,
+}
+
+impl Traceparent {
+    fn from_request(headers: &http::HeaderMap) -> Self {
+        let valid = headers
+            .get(TRACEPARENT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| is_valid_traceparent(v));
+        match valid {
+            Some(value) => Self {
+                header: value.to_owned(),
+            },
+            None => Self {
+                header: format!("00-{}-{}-01", random_hex::<16>(), random_hex::<8>()),
+            },
+        }
+    }
+
+    fn trace_id(&self) -> &str {
+        &self.header[3..35]
+    }
+}
+
+/// `00-<32 hex trace id, not all zero>-<16 hex parent id, not all zero>-<2 hex flags>`.
+fn is_valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    let hex = |s: &str, len: usize| {
+        s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    matches!(parts.as_slice(), [version, trace, parent, flags]
+        if *version == "00"
+            && hex(trace, 32) && trace.bytes().any(|b| b != b'0')
+            && hex(parent, 16) && parent.bytes().any(|b| b != b'0')
+            && hex(flags, 2))
+}
+
+fn random_hex<const N: usize>() -> String {
+    let mut bytes = [0u8; N];
+    // aws-lc's RNG does not fail on supported platforms; a zero id would still be unique
+    // enough to correlate within one record, so this does not fail the request.
+    let _ = aws_lc_rs::rand::fill(&mut bytes);
+    hex::encode(bytes)
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_valid_traceparent;
+
+    #[test]
+    fn traceparent_validation() {
+        assert!(is_valid_traceparent(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent(
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent(
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"
+        ));
+        assert!(!is_valid_traceparent("garbage"));
+    }
+}

@@ -1,0 +1,171 @@
+//! An mTLS caller: connects with a chosen SVID (or none), speaks HTTP/1.1 or HTTP/2, and
+//! reports whether a failure happened in TLS or in HTTP.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use crate::pki::{Svid, client_config};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpVersion {
+    Http1,
+    Http2,
+}
+
+/// A failed call: the stage tells a refused handshake from an HTTP error.
+#[derive(Debug)]
+pub enum CallError {
+    Connect(std::io::Error),
+    /// The TLS handshake failed, or the server's alert arrived with the first read (TLS 1.3
+    /// sends the client-certificate verdict after the client considers itself connected).
+    Tls(String),
+    Http(hyper::Error),
+}
+
+impl std::fmt::Display for CallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CallError::Connect(e) => write!(f, "connect: {e}"),
+            CallError::Tls(e) => write!(f, "tls: {e}"),
+            CallError::Http(e) => write!(f, "http: {e}"),
+        }
+    }
+}
+
+impl CallError {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, CallError::Tls(_))
+    }
+}
+
+/// A calling workload.
+#[derive(Clone)]
+pub struct Caller {
+    config: Arc<rustls::ClientConfig>,
+    version: HttpVersion,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("version", &self.version)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An open connection to send requests on.
+#[derive(Debug)]
+pub enum Connection {
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+}
+
+impl Caller {
+    pub fn new(
+        roots: &[CertificateDer<'static>],
+        svid: Option<&Svid>,
+        version: HttpVersion,
+    ) -> Result<Self, rustls::Error> {
+        let alpn: &[&[u8]] = match version {
+            HttpVersion::Http1 => &[b"http/1.1"],
+            HttpVersion::Http2 => &[b"h2"],
+        };
+        Ok(Self {
+            config: client_config(roots, svid, alpn)?,
+            version,
+        })
+    }
+
+    pub async fn connect(&self, addr: SocketAddr) -> Result<Connection, CallError> {
+        let tcp = TcpStream::connect(addr).await.map_err(CallError::Connect)?;
+        let connector = TlsConnector::from(self.config.clone());
+        let name = ServerName::IpAddress(addr.ip().into());
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| CallError::Tls(e.to_string()))?;
+        let io = TokioIo::new(tls);
+        Ok(match self.version {
+            HttpVersion::Http1 => {
+                let (sender, conn) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(CallError::Http)?;
+                tokio::spawn(conn);
+                Connection::Http1(sender)
+            }
+            HttpVersion::Http2 => {
+                let (sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .map_err(CallError::Http)?;
+                tokio::spawn(conn);
+                Connection::Http2(sender)
+            }
+        })
+    }
+
+    /// Connects, sends one request, returns the response head (body still streaming).
+    pub async fn call(
+        &self,
+        addr: SocketAddr,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, CallError> {
+        let mut connection = self.connect(addr).await?;
+        connection.send(request).await
+    }
+}
+
+impl Connection {
+    pub async fn send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, CallError> {
+        let result = match self {
+            Connection::Http1(sender) => sender.send_request(request).await,
+            Connection::Http2(sender) => sender.send_request(request).await,
+        };
+        result.map_err(classify_hyper_error)
+    }
+}
+
+/// A TLS alert surfaces as an I/O error inside hyper's error; report it as TLS.
+fn classify_hyper_error(error: hyper::Error) -> CallError {
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
+            return CallError::Tls(tls.to_string());
+        }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                return CallError::Tls(tls.to_string());
+            }
+        }
+        source = cause.source();
+    }
+    CallError::Http(error)
+}
+
+/// A request with a Host header (HTTP/1.1 requires one) and an empty or given body.
+pub fn request(
+    method: &str,
+    host: &str,
+    path: &str,
+    body: impl Into<Bytes>,
+) -> Request<Full<Bytes>> {
+    let mut request = Request::new(Full::new(body.into()));
+    *request.method_mut() = method.parse().unwrap_or(http::Method::GET);
+    *request.uri_mut() = path.parse().unwrap_or_default();
+    if let Ok(host) = host.parse() {
+        request.headers_mut().insert(http::header::HOST, host);
+    }
+    request
+}
