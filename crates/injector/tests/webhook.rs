@@ -1,0 +1,629 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+//! Real-shaped AdmissionReview requests through the webhook over HTTPS (real TCP on
+//! 127.0.0.1:0, rustls with certificates minted here), the returned JSON patch applied, and
+//! the resulting pod checked: its structure, idempotence, and the Kubernetes OpenAPI schema
+//! (through `kubernetes-validate`, found via `PORTCULLIS_KUBE_VALIDATE`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use portcullis_injector::{
+    InjectionSettings, PATH_NAMESPACE, PATH_POD, Server, SvidSource, TlsFiles, WebhookConfig,
+};
+use rustls_pki_types::{CertificateDer, ServerName};
+use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+
+const SERVICE_DNS: &str = "portcullis-injector.portcullis.svc";
+
+/// A CA and a serving certificate for the webhook Service name, written as PEM files.
+struct Pki {
+    ca_der: CertificateDer<'static>,
+}
+
+fn mint(dir: &Path) -> Pki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "portcullis-injector-ca");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec![SERVICE_DNS.to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &issuer)
+        .unwrap();
+    std::fs::write(dir.join("tls.crt"), leaf.pem()).unwrap();
+    std::fs::write(dir.join("tls.key"), leaf_key.serialize_pem()).unwrap();
+    Pki {
+        ca_der: ca_cert.der().clone(),
+    }
+}
+
+struct Webhook {
+    addr: SocketAddr,
+    ca: CertificateDer<'static>,
+    dir: tempfile::TempDir,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<Result<(), portcullis_injector::ServeError>>>,
+}
+
+impl Webhook {
+    async fn start(injection: InjectionSettings) -> Webhook {
+        Self::start_with_reload(injection, Duration::from_secs(60)).await
+    }
+
+    async fn start_with_reload(injection: InjectionSettings, reload: Duration) -> Webhook {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = mint(dir.path());
+        let config = WebhookConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            tls: TlsFiles {
+                cert: dir.path().join("tls.crt"),
+                key: dir.path().join("tls.key"),
+                reload_interval: reload,
+            },
+            injection,
+        };
+        let server = Server::bind(config).await.unwrap();
+        let addr = server.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(server.run(async move {
+            let _ = stopped.await;
+        }));
+        Webhook {
+            addr,
+            ca: pki.ca_der,
+            dir,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    async fn call(&self, path: &str, body: Vec<u8>) -> (u16, Vec<u8>) {
+        call_with_ca(self.addr, &self.ca, http::Method::POST, path, body)
+            .await
+            .unwrap()
+    }
+
+    async fn review(&self, path: &str, review: &Value) -> Value {
+        let (status, body) = self.call(path, serde_json::to_vec(review).unwrap()).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    async fn stop(mut self) {
+        self.stop.take().unwrap().send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), self.task.take().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+    }
+}
+
+async fn call_with_ca(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone())?;
+    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
+    let tcp = TcpStream::connect(addr).await?;
+    let stream = connector
+        .connect(ServerName::try_from(SERVICE_DNS)?, tcp)
+        .await?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let request = http::Request::builder()
+        .method(method)
+        .uri(format!("https://{SERVICE_DNS}{path}"))
+        .header(http::header::HOST, SERVICE_DNS)
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status().as_u16();
+    let body = response.into_body().collect().await?.to_bytes().to_vec();
+    Ok((status, body))
+}
+
+fn fixture(name: &str) -> Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
+    serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap()
+}
+
+fn decode_base64(s: &str) -> Vec<u8> {
+    let value = |c: u8| -> u32 {
+        match c {
+            b'A'..=b'Z' => u32::from(c - b'A'),
+            b'a'..=b'z' => u32::from(c - b'a') + 26,
+            b'0'..=b'9' => u32::from(c - b'0') + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => panic!("not base64: {c}"),
+        }
+    };
+    let mut out = Vec::new();
+    for chunk in s.as_bytes().chunks(4) {
+        let data: Vec<u8> = chunk.iter().copied().filter(|c| *c != b'=').collect();
+        let mut n = 0u32;
+        for (i, c) in data.iter().enumerate() {
+            n |= value(*c) << (18 - 6 * i);
+        }
+        for i in 0..data.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+/// Check the response envelope, apply its patch (if any) to the request's pod.
+fn apply(review: &Value, response: &Value) -> Option<Value> {
+    assert_eq!(response["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(response["response"]["allowed"], true, "{response}");
+    let patch = response["response"].get("patch")?;
+    assert_eq!(response["response"]["patchType"], "JSONPatch");
+    let ops: json_patch::Patch =
+        serde_json::from_slice(&decode_base64(patch.as_str().unwrap())).unwrap();
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &ops).unwrap();
+    Some(pod)
+}
+
+fn review_of(template: &Value, pod: &Value, uid: &str) -> Value {
+    let mut r = template.clone();
+    r["request"]["uid"] = json!(uid);
+    r["request"]["object"] = pod.clone();
+    r
+}
+
+fn named<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list}"))
+}
+
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+fn rendered_config(pod: &Value) -> serde_yaml::Value {
+    serde_yaml::from_str(
+        pod["metadata"]["annotations"]["portcullis.dev/rendered-config"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Validate `object` against the Kubernetes OpenAPI schema (strict: unknown fields fail) of
+/// each version. In CI the validator must be there; locally it may be missing.
+fn kube_validate(object: &Value, versions: &[&str]) -> bool {
+    let Some(exe) = std::env::var_os("PORTCULLIS_KUBE_VALIDATE") else {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "PORTCULLIS_KUBE_VALIDATE is not set: CI must export it (bash .ci/k8s-checks --print-env)"
+        );
+        eprintln!(
+            "notice: PORTCULLIS_KUBE_VALIDATE is not set; skipping Kubernetes schema validation"
+        );
+        return true;
+    };
+    let mut object = object.clone();
+    // The API server turns generateName into a name after admission; the validator's report
+    // line needs one, so do the same here.
+    if object["metadata"].get("name").is_none() {
+        let prefix = object["metadata"]["generateName"]
+            .as_str()
+            .unwrap_or("pod-");
+        object["metadata"]["name"] = json!(format!("{prefix}x7k2p"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("object.json");
+    // Like kubectl, the validator reads YAML; JSON is YAML.
+    std::fs::write(&file, serde_json::to_vec_pretty(&object).unwrap()).unwrap();
+    let mut all_ok = true;
+    for version in versions {
+        let out = std::process::Command::new(&exe)
+            .args(["--strict", "--kubernetes-version", version])
+            .arg(&file)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {exe:?}: {e}"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        // A missing schema is only a warning to the tool; to us it means nothing was checked.
+        let ok = out.status.success() && !stdout.contains("WARN") && !stdout.contains("ERROR");
+        if !ok {
+            eprintln!(
+                "kubernetes-validate {version}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        all_ok &= ok;
+    }
+    all_ok
+}
+
+fn assert_hardened(c: &Value) {
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(c["resources"]["requests"]["cpu"].is_string());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+}
+
+#[tokio::test]
+async fn deployment_pod_in_an_enabled_namespace_gets_a_native_sidecar() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let review = fixture("deployment-pod.json");
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    let pod = apply(&review, &response).expect("a patch");
+
+    assert_eq!(names(&pod["spec"]["initContainers"]), ["portcullis"]);
+    assert_eq!(names(&pod["spec"]["containers"]), ["orders-api"]);
+    assert_eq!(
+        pod["spec"]["containers"][0], review["request"]["object"]["spec"]["containers"][0],
+        "the application container is untouched"
+    );
+    let sidecar = named(&pod["spec"]["initContainers"], "portcullis");
+    assert_eq!(sidecar["restartPolicy"], "Always");
+    assert_eq!(
+        sidecar["args"],
+        json!(["run", "--config", "/etc/portcullis/injected/config.yaml"])
+    );
+    let mtls = named(&sidecar["ports"], "portcullis-mtls");
+    assert_eq!(mtls["containerPort"], 8443);
+    let admin = named(&sidecar["ports"], "pc-admin");
+    assert_eq!(admin["containerPort"], 9901);
+    assert_eq!(sidecar["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(sidecar["readinessProbe"]["httpGet"]["port"], "pc-admin");
+    assert_eq!(sidecar["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_hardened(sidecar);
+
+    assert_eq!(
+        names(&pod["spec"]["volumes"]),
+        [
+            "kube-api-access-x7k2p",
+            "portcullis-config",
+            "portcullis-policies",
+            "portcullis-svid"
+        ]
+    );
+    let svid = named(&pod["spec"]["volumes"], "portcullis-svid");
+    assert_eq!(svid["csi"]["driver"], "spiffe.csi.cert-manager.io");
+    assert_eq!(
+        svid["csi"]["volumeAttributes"]["spiffe.csi.cert-manager.io/fs-group"],
+        "65532"
+    );
+    let policies = named(&pod["spec"]["volumes"], "portcullis-policies");
+    assert_eq!(policies["configMap"]["name"], "portcullis-policies");
+    let config = named(&pod["spec"]["volumes"], "portcullis-config");
+    assert_eq!(
+        config["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
+        "metadata.annotations['portcullis.dev/rendered-config']"
+    );
+
+    // Only the contract's keys, with the values the annotations asked for.
+    let rendered = rendered_config(&pod);
+    let keys: Vec<&str> = rendered
+        .as_mapping()
+        .unwrap()
+        .keys()
+        .map(|k| k.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "listen",
+            "admin_listen",
+            "upstream",
+            "tls",
+            "policy",
+            "audit"
+        ]
+    );
+    assert_eq!(rendered["listen"], "0.0.0.0:8443");
+    assert_eq!(rendered["admin_listen"], "0.0.0.0:9901");
+    assert_eq!(rendered["upstream"], "http://127.0.0.1:8080");
+    assert_eq!(rendered["tls"]["cert"], "/run/spiffe/tls.crt");
+    assert_eq!(rendered["tls"]["key"], "/run/spiffe/tls.key");
+    assert_eq!(
+        rendered["tls"]["trust_bundles"]["cluster.local"],
+        "/run/spiffe/ca.crt"
+    );
+    assert_eq!(rendered["policy"]["dir"], "/etc/portcullis/policies");
+    assert_eq!(rendered["policy"]["mode"], "enforce");
+    assert_eq!(rendered["audit"]["sink"], "stdout");
+    assert_eq!(pod["metadata"]["labels"]["portcullis.dev/injected"], "true");
+    assert_eq!(
+        pod["metadata"]["labels"]["app.kubernetes.io/name"],
+        "orders-api"
+    );
+
+    assert!(
+        kube_validate(&pod, &["1.29", "1.37"]),
+        "patched pod is not a valid Pod"
+    );
+
+    // Idempotent: the patched pod, reviewed again (as with reinvocationPolicy: IfNeeded),
+    // yields no patch.
+    let again = review_of(&review, &pod, "7e0c2a52-0000-4000-8000-000000000001");
+    let response = hook.review(PATH_NAMESPACE, &again).await;
+    assert!(apply(&again, &response).is_none(), "{response}");
+    let response = hook.review(PATH_POD, &again).await;
+    assert!(apply(&again, &response).is_none(), "{response}");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn pod_with_an_init_container_opting_in_by_annotation() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let review = fixture("init-container-pod.json");
+    let response = hook.review(PATH_POD, &review).await;
+    let pod = apply(&review, &response).expect("a patch");
+
+    // The pod's own init container keeps running first; the sidecar starts after it and
+    // before the application.
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        ["fetch-tool-catalog", "portcullis"]
+    );
+    assert!(
+        pod["spec"]["initContainers"][0]
+            .get("restartPolicy")
+            .is_none()
+    );
+    let rendered = rendered_config(&pod);
+    assert_eq!(
+        rendered["upstream"], "http://127.0.0.1:3000",
+        "named port resolved"
+    );
+    assert_eq!(
+        rendered["tls"]["trust_bundles"]["prod.example.org"],
+        "/run/spiffe/ca.crt"
+    );
+    assert_eq!(rendered["policy"]["mode"], "shadow");
+    assert_eq!(
+        named(&pod["spec"]["volumes"], "portcullis-policies")["configMap"]["name"],
+        "mcp-tools-policies"
+    );
+    assert_eq!(
+        pod["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"],
+        "{}\n"
+    );
+    assert!(
+        kube_validate(&pod, &["1.29", "1.37"]),
+        "patched pod is not a valid Pod"
+    );
+
+    let again = review_of(&review, &pod, "7e0c2a52-0000-4000-8000-000000000002");
+    let response = hook.review(PATH_POD, &again).await;
+    assert!(apply(&again, &response).is_none(), "{response}");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn opted_out_pod_is_admitted_unchanged() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let review = fixture("opted-out-pod.json");
+    for path in [PATH_NAMESPACE, PATH_POD] {
+        let response = hook.review(path, &review).await;
+        assert!(apply(&review, &response).is_none(), "{response}");
+    }
+    // Without any opt-in, the pod route leaves a pod alone too.
+    let mut plain = fixture("deployment-pod.json");
+    let response = hook.review(PATH_POD, &plain).await;
+    assert!(apply(&plain, &response).is_none(), "{response}");
+    // And a non-pod request is not looked at.
+    plain["request"]["kind"]["kind"] = json!("ConfigMap");
+    let response = hook.review(PATH_NAMESPACE, &plain).await;
+    assert!(apply(&plain, &response).is_none(), "{response}");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn pod_missing_its_upstream_port_is_refused_not_admitted_unprotected() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let review = fixture("missing-upstream-port-pod.json");
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(response["response"]["allowed"], false);
+    assert!(response["response"].get("patch").is_none());
+    assert_eq!(response["response"]["status"]["code"], 400);
+    let message = response["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("portcullis.dev/upstream-port"),
+        "{message}"
+    );
+
+    // A conflicting port is refused the same way.
+    let mut conflict = fixture("deployment-pod.json");
+    conflict["request"]["object"]["spec"]["containers"][0]["ports"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "metrics", "containerPort": 9901 }));
+    let response = hook.review(PATH_NAMESPACE, &conflict).await;
+    assert_eq!(response["response"]["allowed"], false);
+    let message = response["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("9901"), "{message}");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn legacy_clusters_get_a_regular_container() {
+    let hook = Webhook::start(InjectionSettings {
+        native_sidecar: false,
+        ..InjectionSettings::default()
+    })
+    .await;
+    let review = fixture("deployment-pod.json");
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    let pod = apply(&review, &response).expect("a patch");
+    assert!(pod["spec"].get("initContainers").is_none());
+    assert_eq!(
+        names(&pod["spec"]["containers"]),
+        ["orders-api", "portcullis"]
+    );
+    assert!(
+        named(&pod["spec"]["containers"], "portcullis")
+            .get("restartPolicy")
+            .is_none()
+    );
+    assert!(
+        kube_validate(&pod, &["1.27", "1.37"]),
+        "patched pod is not a valid Pod"
+    );
+    let again = review_of(&review, &pod, "7e0c2a52-0000-4000-8000-000000000003");
+    let response = hook.review(PATH_NAMESPACE, &again).await;
+    assert!(apply(&again, &response).is_none(), "{response}");
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn spire_pods_get_spiffe_helper_and_the_socket() {
+    let hook = Webhook::start(InjectionSettings {
+        svid: SvidSource::Spire {
+            helper_image: "ghcr.io/spiffe/spiffe-helper:0.10.0".into(),
+            socket_file: "spire-agent.sock".into(),
+        },
+        ..InjectionSettings::default()
+    })
+    .await;
+    let review = fixture("init-container-pod.json");
+    let response = hook.review(PATH_POD, &review).await;
+    let pod = apply(&review, &response).expect("a patch");
+    assert_eq!(
+        names(&pod["spec"]["initContainers"]),
+        [
+            "fetch-tool-catalog",
+            "portcullis-spiffe-helper",
+            "portcullis"
+        ]
+    );
+    assert_hardened(named(
+        &pod["spec"]["initContainers"],
+        "portcullis-spiffe-helper",
+    ));
+    assert_eq!(
+        named(&pod["spec"]["volumes"], "portcullis-spire-agent")["csi"]["driver"],
+        "csi.spiffe.io"
+    );
+    assert!(
+        kube_validate(&pod, &["1.29", "1.37"]),
+        "patched pod is not a valid Pod"
+    );
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn the_validator_catches_a_broken_pod() {
+    // Guards the guard: if the schema check accepted anything, the tests above would prove
+    // nothing.
+    if std::env::var_os("PORTCULLIS_KUBE_VALIDATE").is_none() {
+        assert!(kube_validate(&json!({}), &["1.37"]));
+        return;
+    }
+    let mut pod = fixture("deployment-pod.json")["request"]["object"].clone();
+    assert!(
+        kube_validate(&pod, &["1.37"]),
+        "the fixture itself is valid"
+    );
+    pod["spec"]["containers"][0]["securityContext"] = json!({ "readOnlyRootFilesystm": true });
+    assert!(
+        !kube_validate(&pod, &["1.37"]),
+        "a misspelt field must fail"
+    );
+}
+
+#[tokio::test]
+async fn malformed_reviews_health_and_metrics() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let (status, body) = hook.call(PATH_NAMESPACE, b"{not json".to_vec()).await;
+    assert_eq!(status, 200);
+    let response: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(response["kind"], "AdmissionReview");
+    assert_eq!(response["response"]["allowed"], false);
+
+    let review = fixture("deployment-pod.json");
+    hook.review(PATH_NAMESPACE, &review).await;
+
+    for path in ["/healthz", "/readyz"] {
+        let (status, _) = call_with_ca(hook.addr, &hook.ca, http::Method::GET, path, vec![])
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+    let (status, body) = call_with_ca(hook.addr, &hook.ca, http::Method::GET, "/metrics", vec![])
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    let text = String::from_utf8(body).unwrap();
+    assert!(
+        text.contains("portcullis_injector_admissions_total{result=\"injected\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("portcullis_injector_admissions_total{result=\"malformed\"} 1"),
+        "{text}"
+    );
+    let (status, _) = hook.call("/elsewhere", vec![]).await;
+    assert_eq!(status, 404);
+    hook.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_serving_certificate_is_picked_up() {
+    let hook =
+        Webhook::start_with_reload(InjectionSettings::default(), Duration::from_millis(50)).await;
+    let new_ca = mint(hook.dir.path()).ca_der;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let result = call_with_ca(hook.addr, &new_ca, http::Method::GET, "/healthz", vec![]).await;
+        if matches!(result, Ok((200, _))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new certificate never served: {result:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The old CA no longer vouches for what is served.
+    assert!(
+        call_with_ca(hook.addr, &hook.ca, http::Method::GET, "/healthz", vec![])
+            .await
+            .is_err()
+    );
+    hook.stop().await;
+}
