@@ -1,1 +1,140 @@
-fn main() {}
+//! `portcullis`: tracing, arguments, configuration, run, drain. See `portcullis --help`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use portcullis::config::Config;
+use portcullis::{EXIT_CONFIG, EXIT_RUNTIME};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "portcullis",
+    version,
+    about = "Zero Trust sidecar for AI workloads: mTLS identity, Cedar authorization, audit"
+)]
+struct Cli {
+    /// Operational log format (stderr). Audit records have their own sink.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "PORTCULLIS_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the sidecar.
+    Run {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Check a configuration and its policies, certificates and bundles; exit 0 or 64.
+    Validate {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run a self-contained demonstration on loopback: ephemeral CA and SVIDs, a streaming
+    /// upstream, the example policies, scripted calls, and a table of what was decided.
+    Demo(portcullis::demo::DemoArgs),
+    /// Run the Kubernetes sidecar injection webhook (AdmissionReview over HTTPS).
+    InjectWebhook {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run { config } => {
+                let config = match Config::load(&config) {
+                    Ok(config) => config,
+                    Err(errors) => return config_failure(&errors),
+                };
+                match portcullis::run(config).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start");
+                        ExitCode::from(EXIT_RUNTIME)
+                    }
+                }
+            }
+            Command::Validate { config } => match Config::load(&config) {
+                Ok(config) => {
+                    println!(
+                        "{}: ok ({} policies, hash {}; trust domains: {}; {} routes; mode {})",
+                        config.source.display(),
+                        config.policy.policy_count(),
+                        &config.policy.hash()[..12],
+                        config.trust_domains.join(", "),
+                        config.routes.len(),
+                        config.policy.mode().name(),
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(errors) => config_failure(&errors),
+            },
+            Command::Demo(args) => portcullis::demo::run(args).await,
+            Command::InjectWebhook { config } => {
+                let config = match portcullis_injector::WebhookConfig::load(&config) {
+                    Ok(config) => config,
+                    Err(errors) => {
+                        eprintln!("{}: invalid configuration:\n{errors}", config.display());
+                        return ExitCode::from(EXIT_CONFIG);
+                    }
+                };
+                match portcullis_injector::serve(config, portcullis::shutdown_signal()).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        tracing::error!(%error, "injection webhook failed");
+                        ExitCode::from(EXIT_RUNTIME)
+                    }
+                }
+            }
+        }
+    })
+}
+
+fn config_failure(errors: &portcullis::config::ConfigErrors) -> ExitCode {
+    eprintln!("invalid configuration ({} errors):", errors.0.len());
+    for error in &errors.0 {
+        eprintln!("  {error}");
+    }
+    ExitCode::from(EXIT_CONFIG)
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}

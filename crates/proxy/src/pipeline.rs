@@ -157,7 +157,7 @@ async fn authorize_and_forward(
     let (mut parts, body) = request.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     remove_identity(&mut parts.headers);
-    if parts.version == Version::HTTP_2 {
+    if parts.version == Version::HTTP_2 && parts.uri.authority().is_some() {
         // HTTP/2 carries the host in :authority; the HTTP/1.1 upstream needs a Host header.
         if let Ok(value) = HeaderValue::from_str(&host_with_port(&parts)) {
             parts.headers.insert(header::HOST, value);
@@ -193,18 +193,29 @@ fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
     if hosts > 1 {
         return Err(Refusal::DuplicateHost);
     }
+    let host_header = || {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<http::uri::Authority>().ok())
+            .map(|authority| authority.host().to_owned())
+    };
     let host = match request.version() {
-        Version::HTTP_2 | Version::HTTP_3 => request.uri().host().map(str::to_owned),
+        // RFC 9113 §8.3.1: :authority, or Host when a client sent no :authority.
+        Version::HTTP_2 | Version::HTTP_3 => {
+            let authority = request.uri().host().map(str::to_owned);
+            if authority.is_some() && hosts == 1 && host_header() != authority {
+                // Two different hosts in one request: refuse rather than pick one.
+                return Err(Refusal::DuplicateHost);
+            }
+            authority.or_else(host_header)
+        }
         _ => {
             if request.uri().scheme().is_some() || request.uri().authority().is_some() {
                 return Err(Refusal::AbsoluteFormTarget);
             }
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|value| value.to_str().ok())
-                .and_then(|value| value.parse::<http::uri::Authority>().ok())
-                .map(|authority| authority.host().to_owned())
+            host_header()
         }
     };
     match host {

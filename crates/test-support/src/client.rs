@@ -131,10 +131,30 @@ impl Connection {
     ) -> Result<Response<Incoming>, CallError> {
         let result = match self {
             Connection::Http1(sender) => sender.send_request(request).await,
-            Connection::Http2(sender) => sender.send_request(request).await,
+            Connection::Http2(sender) => sender.send_request(to_http2(request)).await,
         };
         result.map_err(classify_hyper_error)
     }
+}
+
+/// HTTP/2 names the host in `:authority` (RFC 9113 §8.3.1), taken from an absolute URI:
+/// move a relative request's Host header there.
+fn to_http2(mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
+    if request.uri().authority().is_none() {
+        if let Some(host) = request.headers_mut().remove(http::header::HOST) {
+            let path = request
+                .uri()
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            if let Ok(uri) =
+                format!("https://{}{path}", host.to_str().unwrap_or("localhost")).parse()
+            {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    request
 }
 
 /// A TLS alert surfaces as an I/O error inside hyper's error; report it as TLS.

@@ -1,0 +1,620 @@
+//! The configuration file: YAML → raw serde structs → [`Config::load`], which checks every
+//! value, loads every referenced file (certificates, bundles, policies) and reports *all*
+//! problems at once, each with its YAML path. `portcullis validate` and `portcullis run` go
+//! through the same code, so a file that validates is a file that starts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use portcullis_core::TrustDomain;
+use portcullis_identity::{ServerIdentity, TrustBundles};
+use portcullis_policy::{Mode, PolicyEngine};
+use portcullis_proxy::{AuditSink, CertificateExpiry, Limits, PathMatch, Protocol, RouteRule};
+use serde::Deserialize;
+
+/// One configuration problem: where, and what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Every problem found, one per line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+// ---- the file, as written --------------------------------------------------------------
+//
+// Leaves that need parsing (addresses, durations, URLs) are strings here, so that a bad value
+// becomes a collected error with its path instead of stopping deserialization.
+
+#[derive(Debug, Default, Deserialize)]
+struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    upstream: Option<String>,
+    tls: Option<RawTls>,
+    policy: Option<RawPolicy>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+    audit: Option<RawAudit>,
+    limits: Option<RawLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawTls {
+    cert: Option<String>,
+    key: Option<String>,
+    #[serde(default)]
+    trust_bundles: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawPolicy {
+    dir: Option<String>,
+    mode: Option<String>,
+    reload_interval: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawRoute {
+    path: Option<String>,
+    path_prefix: Option<String>,
+    protocol: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawAudit {
+    sink: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawLimits {
+    max_header_bytes: Option<usize>,
+    body_prefix_bytes: Option<usize>,
+    header_read_timeout: Option<String>,
+    request_timeout: Option<String>,
+    body_timeout: Option<String>,
+    idle_timeout: Option<String>,
+    handshake_timeout: Option<String>,
+    connect_timeout: Option<String>,
+    drain_timeout: Option<String>,
+    max_connections: Option<usize>,
+    max_h2_streams: Option<u32>,
+}
+
+// ---- the checked result -------------------------------------------------------------------
+
+/// A configuration that passed every check, with its files loaded.
+#[derive(Debug)]
+pub struct Config {
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub upstream: Authority,
+    pub tls: Arc<rustls::ServerConfig>,
+    pub certificates: Vec<CertificateExpiry>,
+    pub trust_domains: Vec<String>,
+    pub policy: Arc<PolicyEngine>,
+    pub policy_reload_interval: Duration,
+    pub routes: Vec<RouteRule>,
+    pub audit: AuditSink,
+    pub limits: Limits,
+    pub drain_timeout: Duration,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigErrors> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: path.display().to_string(),
+                message: format!("cannot read: {e}"),
+            }])
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::from_yaml(&text, base, path)
+    }
+
+    /// Parses and checks `text`; relative paths are resolved against `base`.
+    pub fn from_yaml(text: &str, base: &Path, source: &Path) -> Result<Self, ConfigErrors> {
+        let mut errors = Errors::default();
+        let raw = parse(text, &mut errors);
+        let config = check(raw.unwrap_or_default(), base, source, &mut errors);
+        match config {
+            Some(config) if errors.0.is_empty() => Ok(config),
+            _ => Err(ConfigErrors(errors.0)),
+        }
+    }
+
+    pub fn into_options(self) -> portcullis_proxy::ProxyOptions {
+        portcullis_proxy::ProxyOptions {
+            listen: self.listen,
+            admin_listen: self.admin_listen,
+            tls: self.tls,
+            certificates: self.certificates,
+            policy: self.policy,
+            policy_reload_interval: self.policy_reload_interval,
+            upstream: self.upstream,
+            routes: self.routes,
+            limits: self.limits,
+            audit: self.audit,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Errors(Vec<ConfigError>);
+
+impl Errors {
+    fn add(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.0.push(ConfigError {
+            path: path.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// YAML → raw structs. Unknown keys are all collected (not just the first), each with its
+/// path; a value of the wrong shape stops parsing with its path.
+fn parse(text: &str, errors: &mut Errors) -> Option<RawConfig> {
+    let value: serde_yaml::Value = match serde_yaml::from_str(text) {
+        Ok(value) => value,
+        Err(e) => {
+            let at = e
+                .location()
+                .map(|l| format!("line {} column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "(document)".to_owned());
+            errors.add(at, format!("not valid YAML: {e}"));
+            return None;
+        }
+    };
+    if value.is_null() {
+        errors.add("(document)", "the configuration is empty");
+        return None;
+    }
+    let mut unknown = Vec::new();
+    let mut record_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let deserializer = serde_ignored::Deserializer::new(value, &mut record_unknown);
+    let parsed: Result<RawConfig, _> = serde_path_to_error::deserialize(deserializer);
+    for path in unknown {
+        errors.add(path, "unknown field");
+    }
+    match parsed {
+        Ok(raw) => Some(raw),
+        Err(e) => {
+            let path = e.path().to_string();
+            errors.add(
+                if path == "." {
+                    "(document)".to_owned()
+                } else {
+                    path
+                },
+                e.into_inner().to_string(),
+            );
+            None
+        }
+    }
+}
+
+fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Option<Config> {
+    let listen = socket_addr("listen", raw.listen.as_deref(), errors);
+    let admin_listen = socket_addr("admin_listen", raw.admin_listen.as_deref(), errors);
+    if let (Some(a), Some(b)) = (listen, admin_listen) {
+        if a == b && a.port() != 0 {
+            errors.add("admin_listen", "must differ from listen");
+        }
+    }
+    let upstream = upstream(raw.upstream.as_deref(), errors);
+    let limits = limits(raw.limits.unwrap_or_default(), errors);
+    let (tls, certificates, trust_domains) = tls(raw.tls, base, errors);
+    let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
+    let routes = routes(raw.routes, errors);
+    let audit = audit(raw.audit, base, errors);
+    let (limits, drain_timeout) = limits?;
+    Some(Config {
+        source: source.to_owned(),
+        listen: listen?,
+        admin_listen: admin_listen?,
+        upstream: upstream?,
+        tls: tls?,
+        certificates,
+        trust_domains,
+        policy: Arc::new(policy?),
+        policy_reload_interval,
+        routes: routes?,
+        audit: audit?,
+        limits,
+        drain_timeout,
+    })
+}
+
+fn required<'a>(path: &str, value: Option<&'a str>, errors: &mut Errors) -> Option<&'a str> {
+    match value {
+        Some(value) if !value.trim().is_empty() => Some(value),
+        _ => {
+            errors.add(path, "required");
+            None
+        }
+    }
+}
+
+fn socket_addr(path: &str, value: Option<&str>, errors: &mut Errors) -> Option<SocketAddr> {
+    let value = required(path, value, errors)?;
+    match value.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            errors.add(
+                path,
+                format!("{value:?} is not an address like 0.0.0.0:8443"),
+            );
+            None
+        }
+    }
+}
+
+/// `http://host:port` of the application in the pod. Plain HTTP only: the hop is inside the
+/// pod's network namespace.
+fn upstream(value: Option<&str>, errors: &mut Errors) -> Option<Authority> {
+    let value = required("upstream", value, errors)?;
+    let uri: http::Uri = match value.parse() {
+        Ok(uri) => uri,
+        Err(_) => {
+            errors.add("upstream", format!("{value:?} is not a URL"));
+            return None;
+        }
+    };
+    if uri.scheme_str() != Some("http") {
+        errors.add(
+            "upstream",
+            "must be an http:// URL (the application in the pod)",
+        );
+        return None;
+    }
+    if uri.path_and_query().is_some_and(|p| p.as_str() != "/") {
+        errors.add("upstream", "must not have a path or query");
+        return None;
+    }
+    match uri.authority() {
+        Some(authority) if authority.port_u16().is_some() && !authority.as_str().contains('@') => {
+            Some(authority.clone())
+        }
+        _ => {
+            errors.add(
+                "upstream",
+                "must name a host and port, e.g. http://127.0.0.1:8080",
+            );
+            None
+        }
+    }
+}
+
+fn file(base: &Path, path: &str, value: Option<&str>, errors: &mut Errors) -> Option<PathBuf> {
+    let value = required(path, value, errors)?;
+    let resolved = base.join(value);
+    if resolved.is_file() {
+        Some(resolved)
+    } else {
+        errors.add(path, format!("file not found: {}", resolved.display()));
+        None
+    }
+}
+
+type TlsParts = (
+    Option<Arc<rustls::ServerConfig>>,
+    Vec<CertificateExpiry>,
+    Vec<String>,
+);
+
+fn tls(raw: Option<RawTls>, base: &Path, errors: &mut Errors) -> TlsParts {
+    let Some(raw) = raw else {
+        errors.add("tls", "required");
+        return (None, Vec::new(), Vec::new());
+    };
+    let cert = file(base, "tls.cert", raw.cert.as_deref(), errors);
+    let key = file(base, "tls.key", raw.key.as_deref(), errors);
+    let mut bundles = TrustBundles::new();
+    let mut certificates = Vec::new();
+    let mut trust_domains = Vec::new();
+    if raw.trust_bundles.is_empty() {
+        errors.add("tls.trust_bundles", "at least one trust domain is required");
+    }
+    for (domain, bundle_path) in &raw.trust_bundles {
+        let path = format!("tls.trust_bundles.{domain}");
+        let domain = match TrustDomain::parse(domain) {
+            Ok(domain) => domain,
+            Err(e) => {
+                errors.add(&path, format!("not a valid trust domain: {e}"));
+                continue;
+            }
+        };
+        let Some(file) = file(base, &path, Some(bundle_path), errors) else {
+            continue;
+        };
+        match portcullis_identity::bundle::read_bundle(&file, std::time::SystemTime::now()) {
+            Ok(bundle) => {
+                for (subject, not_after) in &bundle.expiries {
+                    certificates.push(CertificateExpiry {
+                        kind: format!("bundle:{domain}"),
+                        subject: subject.clone(),
+                        not_after: *not_after,
+                    });
+                }
+                trust_domains.push(domain.to_string());
+                bundles.insert(domain, bundle);
+            }
+            Err(e) => errors.add(&path, e.to_string()),
+        }
+    }
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return (None, certificates, trust_domains);
+    };
+    let identity = match ServerIdentity::load(&cert, &key) {
+        Ok(identity) => identity,
+        Err(e) => {
+            errors.add("tls", e.to_string());
+            return (None, certificates, trust_domains);
+        }
+    };
+    if let Some((subject, not_after)) = identity
+        .cert_chain
+        .first()
+        .and_then(|leaf| portcullis_identity::bundle::subject_and_expiry(leaf))
+    {
+        certificates.push(CertificateExpiry {
+            kind: "serving".to_owned(),
+            subject,
+            not_after,
+        });
+    }
+    if bundles.is_empty() {
+        return (None, certificates, trust_domains);
+    }
+    match portcullis_identity::server_config(identity, &bundles) {
+        Ok(config) => (Some(config), certificates, trust_domains),
+        Err(e) => {
+            errors.add("tls", e.to_string());
+            (None, certificates, trust_domains)
+        }
+    }
+}
+
+fn policy(
+    raw: Option<RawPolicy>,
+    base: &Path,
+    errors: &mut Errors,
+) -> (Option<PolicyEngine>, Duration) {
+    let Some(raw) = raw else {
+        errors.add("policy", "required");
+        return (None, Duration::ZERO);
+    };
+    let mode = match raw.mode.as_deref() {
+        None | Some("enforce") => Some(Mode::Enforce),
+        Some("shadow") => Some(Mode::Shadow),
+        Some(other) => {
+            errors.add(
+                "policy.mode",
+                format!("{other:?} is not one of: enforce, shadow"),
+            );
+            None
+        }
+    };
+    let interval = duration(
+        "policy.reload_interval",
+        raw.reload_interval.as_deref(),
+        errors,
+    )
+    .unwrap_or(Duration::from_secs(5));
+    let dir = required("policy.dir", raw.dir.as_deref(), errors).map(|dir| base.join(dir));
+    let Some(dir) = dir else {
+        return (None, interval);
+    };
+    if !dir.is_dir() {
+        errors.add(
+            "policy.dir",
+            format!("directory not found: {}", dir.display()),
+        );
+        return (None, interval);
+    }
+    match PolicyEngine::load(&dir, mode.unwrap_or(Mode::Enforce)) {
+        Ok(engine) => (mode.map(|_| engine), interval),
+        Err(load_errors) => {
+            for error in load_errors {
+                errors.add(format!("policy.dir: {}", error.file), error.message);
+            }
+            (None, interval)
+        }
+    }
+}
+
+fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
+    let mut routes = Vec::new();
+    let before = errors.0.len();
+    for (index, route) in raw.into_iter().enumerate() {
+        let path = format!("routes[{index}]");
+        let matcher = match (route.path, route.path_prefix) {
+            (Some(exact), None) if exact.starts_with('/') => PathMatch::Exact(exact),
+            (None, Some(prefix)) if prefix.starts_with('/') => PathMatch::Prefix(prefix),
+            (Some(_), Some(_)) => {
+                errors.add(&path, "set one of path and path_prefix, not both");
+                continue;
+            }
+            (None, None) => {
+                errors.add(&path, "one of path or path_prefix is required");
+                continue;
+            }
+            _ => {
+                errors.add(&path, "paths start with '/'");
+                continue;
+            }
+        };
+        let protocol = match route.protocol.as_deref() {
+            None | Some("http") => Protocol::Http,
+            Some(other @ ("openai" | "mcp")) => {
+                // Refused rather than treated as generic HTTP: a policy written for
+                // invoke_model or call_tool would silently never apply.
+                errors.add(
+                    format!("{path}.protocol"),
+                    format!(
+                        "{other:?} body inspection is not available in this build; use \"http\""
+                    ),
+                );
+                continue;
+            }
+            Some(other) => {
+                errors.add(
+                    format!("{path}.protocol"),
+                    format!("{other:?} is not one of: http, openai, mcp"),
+                );
+                continue;
+            }
+        };
+        routes.push(RouteRule { matcher, protocol });
+    }
+    (errors.0.len() == before).then_some(routes)
+}
+
+fn audit(raw: Option<RawAudit>, base: &Path, errors: &mut Errors) -> Option<AuditSink> {
+    let sink = raw
+        .and_then(|a| a.sink)
+        .unwrap_or_else(|| "stdout".to_owned());
+    if sink == "stdout" {
+        return Some(AuditSink::Stdout);
+    }
+    let path = base.join(&sink);
+    match path.parent() {
+        Some(parent) if parent.as_os_str().is_empty() || parent.is_dir() => {
+            Some(AuditSink::File(path))
+        }
+        _ => {
+            errors.add(
+                "audit.sink",
+                format!("directory of {} does not exist", path.display()),
+            );
+            None
+        }
+    }
+}
+
+fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
+    let defaults = Limits::default();
+    let before = errors.0.len();
+    let mut d = |name: &str, value: Option<&str>, default: Duration| {
+        duration(&format!("limits.{name}"), value, errors).unwrap_or(default)
+    };
+    let limits = Limits {
+        header_read_timeout: d(
+            "header_read_timeout",
+            raw.header_read_timeout.as_deref(),
+            defaults.header_read_timeout,
+        ),
+        request_timeout: d(
+            "request_timeout",
+            raw.request_timeout.as_deref(),
+            defaults.request_timeout,
+        ),
+        body_timeout: d(
+            "body_timeout",
+            raw.body_timeout.as_deref(),
+            defaults.body_timeout,
+        ),
+        idle_timeout: d(
+            "idle_timeout",
+            raw.idle_timeout.as_deref(),
+            defaults.idle_timeout,
+        ),
+        handshake_timeout: d(
+            "handshake_timeout",
+            raw.handshake_timeout.as_deref(),
+            defaults.handshake_timeout,
+        ),
+        connect_timeout: d(
+            "connect_timeout",
+            raw.connect_timeout.as_deref(),
+            defaults.connect_timeout,
+        ),
+        max_header_bytes: raw.max_header_bytes.unwrap_or(defaults.max_header_bytes),
+        body_prefix_bytes: raw.body_prefix_bytes.unwrap_or(defaults.body_prefix_bytes),
+        max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
+        max_h2_streams: raw.max_h2_streams.unwrap_or(defaults.max_h2_streams),
+    };
+    let drain = d(
+        "drain_timeout",
+        raw.drain_timeout.as_deref(),
+        Duration::from_secs(20),
+    );
+    let positive = [
+        ("limits.max_header_bytes", limits.max_header_bytes),
+        ("limits.body_prefix_bytes", limits.body_prefix_bytes),
+        ("limits.max_connections", limits.max_connections),
+        ("limits.max_h2_streams", limits.max_h2_streams as usize),
+    ];
+    for (path, value) in positive {
+        if value == 0 {
+            errors.add(path, "must be greater than 0");
+        }
+    }
+    (errors.0.len() == before).then_some((limits, drain))
+}
+
+/// `500ms`, `60s`, `5m`, `1h`. Zero is refused: a zero timeout would fire at once or never,
+/// depending on who reads it.
+pub fn parse_duration(value: &str) -> Result<Duration, String> {
+    let value = value.trim();
+    let split = value
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{value:?} needs a unit: ms, s, m or h"))?;
+    let (number, unit) = value.split_at(split);
+    let number: u64 = number
+        .parse()
+        .map_err(|_| format!("{value:?} is not a duration like 500ms, 60s, 5m or 1h"))?;
+    let duration = match unit {
+        "ms" => Duration::from_millis(number),
+        "s" => Duration::from_secs(number),
+        "m" => Duration::from_secs(number.saturating_mul(60)),
+        "h" => Duration::from_secs(number.saturating_mul(3600)),
+        _ => return Err(format!("{value:?} has an unknown unit; use ms, s, m or h")),
+    };
+    if duration.is_zero() {
+        return Err("must be greater than zero".to_owned());
+    }
+    Ok(duration)
+}
+
+fn duration(path: &str, value: Option<&str>, errors: &mut Errors) -> Option<Duration> {
+    match parse_duration(value?) {
+        Ok(duration) => Some(duration),
+        Err(message) => {
+            errors.add(path, message);
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+#[path = "config_tests.rs"]
+mod tests;

@@ -1,0 +1,72 @@
+use std::path::Path;
+
+use super::*;
+
+#[test]
+fn durations_need_a_unit_and_are_positive() {
+    assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+    assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
+    assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+    assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+    assert!(parse_duration("60").is_err());
+    assert!(parse_duration("0s").is_err());
+    assert!(parse_duration("1d").is_err());
+    assert!(parse_duration("-1s").is_err());
+}
+
+#[test]
+fn every_error_is_listed_with_its_path() {
+    let yaml = r#"
+listen: nowhere
+admin_listen: 127.0.0.1:9901
+upstream: https://127.0.0.1:8080
+colour: blue
+tls:
+  cert: missing.pem
+  trust_bundles:
+    Bad.Domain: bundle.pem
+policy:
+  dir: no-such-dir
+  mode: enforcing
+routes:
+  - path: /a
+    path_prefix: /b
+  - path_prefix: /v1
+    protocol: grpc
+limits:
+  idle_timeout: forever
+  shredder: 1
+"#;
+    let errors = Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
+        .unwrap_err()
+        .0;
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "colour",
+        "limits.shredder",
+        "listen",
+        "upstream",
+        "tls.cert",
+        "tls.key",
+        "tls.trust_bundles.Bad.Domain",
+        "policy.mode",
+        "policy.dir",
+        "routes[0]",
+        "routes[1].protocol",
+        "limits.idle_timeout",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {errors:#?}");
+    }
+}
+
+#[test]
+fn shape_errors_carry_their_path() {
+    let errors = Config::from_yaml("listen: [1, 2]\n", Path::new("."), Path::new("c.yaml"))
+        .unwrap_err()
+        .0;
+    assert_eq!(errors[0].path, "listen", "{errors:?}");
+    let errors = Config::from_yaml("listen: [\n", Path::new("."), Path::new("c.yaml"))
+        .unwrap_err()
+        .0;
+    assert!(errors[0].message.contains("not valid YAML"), "{errors:?}");
+}
