@@ -796,3 +796,36 @@ fn rejection_reasons_are_a_closed_snake_case_set() {
     }
     assert_eq!(TokenRejection::Malformed("x").reason(), "malformed");
 }
+
+#[tokio::test]
+async fn https_jwks_url_is_trusted_through_ca_file_only() {
+    let (server, ca_pem) = JwksServer::start_tls(jwks(&[es_key()])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+
+    let verifier = UserTokenVerifier::new(settings(JwksSource::Url {
+        url: server.url(),
+        ca_file: Some(ca_file),
+    }))
+    .await
+    .unwrap();
+    assert!(server.url().starts_with("https://"));
+    assert_eq!(server.hits(), 1);
+    assert!(
+        verifier
+            .verify_at(&es_key().token(&good_claims()), &caller(), NOW)
+            .await
+            .is_ok()
+    );
+
+    // The public roots do not know this CA: no JWKS, no verifier.
+    let error = UserTokenVerifier::new(settings(JwksSource::Url {
+        url: server.url(),
+        ca_file: None,
+    }))
+    .await
+    .unwrap_err();
+    assert!(error.to_string().contains("certificate"), "{error}");
+    assert_eq!(server.hits(), 1);
+}

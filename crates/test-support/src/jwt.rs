@@ -261,22 +261,64 @@ fn pem_block(label: &str, der: &[u8]) -> String {
     out
 }
 
-/// A JWKS endpoint on `127.0.0.1:0` over real TCP (HTTP/1.1), serving whatever document it
+/// A JWKS endpoint on `127.0.0.1:0` over real TCP (HTTP/1.1, optionally TLS), serving whatever document it
 /// currently holds and counting the requests it answered.
 #[derive(Debug)]
 pub struct JwksServer {
     addr: SocketAddr,
+    scheme: &'static str,
     body: Arc<Mutex<String>>,
     hits: Arc<AtomicUsize>,
     task: JoinHandle<()>,
 }
 
 impl JwksServer {
+    /// Plain HTTP (the verifier allows it for loopback hosts only).
     pub async fn start(jwks: String) -> Self {
+        Self::serve(jwks, None).await
+    }
+
+    /// HTTPS with a certificate for `127.0.0.1` and `localhost` issued by a fresh CA;
+    /// returns the server and that CA's PEM, for the verifier's `ca_file`.
+    pub async fn start_tls(jwks: String) -> (Self, String) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
+            KeyPair, KeyUsagePurpose, SanType,
+        };
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("ca key"))
+            .expect("ca cert");
+        let leaf_key = KeyPair::generate().expect("leaf key");
+        let mut leaf_params =
+            CertificateParams::new(vec!["localhost".to_owned()]).expect("leaf params");
+        leaf_params
+            .subject_alt_names
+            .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
+        leaf_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let leaf = leaf_params.signed_by(&leaf_key, &ca).expect("leaf cert");
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("tls versions")
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+        )
+        .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        (Self::serve(jwks, Some(acceptor)).await, ca.pem())
+    }
+
+    async fn serve(jwks: String, tls: Option<tokio_rustls::TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let body = Arc::new(Mutex::new(jwks));
         let hits = Arc::new(AtomicUsize::new(0));
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let (task_body, task_hits) = (Arc::clone(&body), Arc::clone(&hits));
         let task = tokio::spawn(async move {
             // Connections live in this set, so aborting the server also closes keep-alive
@@ -288,6 +330,7 @@ impl JwksServer {
                 };
                 while connections.try_join_next().is_some() {}
                 let (body, hits) = (Arc::clone(&task_body), Arc::clone(&task_hits));
+                let tls = tls.clone();
                 connections.spawn(async move {
                     let service = service_fn(move |_request: Request<Incoming>| {
                         hits.fetch_add(1, Ordering::SeqCst);
@@ -301,23 +344,32 @@ impl JwksServer {
                             )
                         }
                     });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let http = hyper::server::conn::http1::Builder::new();
+                    let _ = match tls {
+                        None => http.serve_connection(TokioIo::new(stream), service).await,
+                        Some(tls) => {
+                            // A client that refuses our certificate ends the handshake here.
+                            let Ok(stream) = tls.accept(stream).await else {
+                                return;
+                            };
+                            http.serve_connection(TokioIo::new(stream), service).await
+                        }
+                    };
                 });
             }
         });
         JwksServer {
             addr,
+            scheme,
             body,
             hits,
             task,
         }
     }
 
-    /// `http://127.0.0.1:<port>/jwks.json`.
+    /// `http(s)://127.0.0.1:<port>/jwks.json`.
     pub fn url(&self) -> String {
-        format!("http://{}/jwks.json", self.addr)
+        format!("{}://{}/jwks.json", self.scheme, self.addr)
     }
 
     /// Requests answered so far.
