@@ -829,3 +829,28 @@ async fn https_jwks_url_is_trusted_through_ca_file_only() {
     assert!(error.to_string().contains("certificate"), "{error}");
     assert_eq!(server.hits(), 1);
 }
+
+#[tokio::test]
+async fn jwks_url_fetch_is_bounded_in_size_and_time() {
+    // A body over the cap.
+    let big = jwks_of(vec![json!({ "kty": "EC", "pad": "x".repeat(4096) })]);
+    let server = JwksServer::start(big).await;
+    let mut too_small = settings(JwksSource::Url {
+        url: server.url(),
+        ca_file: None,
+    });
+    too_small.max_jwks_bytes = 1024;
+    let error = UserTokenVerifier::new(too_small).await.unwrap_err();
+    assert!(error.to_string().contains("larger than 1024"), "{error}");
+
+    // A server that accepts the connection and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut settings = settings(JwksSource::Url {
+        url: format!("http://{}/jwks.json", silent.local_addr().unwrap()),
+        ca_file: None,
+    });
+    settings.jwks_fetch_timeout = Duration::from_millis(200);
+    let error = UserTokenVerifier::new(settings).await.unwrap_err();
+    assert!(error.to_string().contains("timed out"), "{error}");
+    drop(silent);
+}

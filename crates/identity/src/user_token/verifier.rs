@@ -226,8 +226,8 @@ impl Inner {
         caller: &SpiffeId,
         now: u64,
     ) -> Result<UserClaims, TokenRejection> {
-        // RFC 8725 §3.x has no number, but a cap before any decoding bounds the work an
-        // unauthenticated caller can make us do.
+        // No RFC fixes a size; a cap checked before any decoding bounds the work (base64,
+        // JSON, hashing) an unauthenticated caller can make us do.
         if token.len() > self.max_token_bytes {
             return Err(TokenRejection::TooLarge);
         }
