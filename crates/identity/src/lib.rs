@@ -5,12 +5,15 @@
 //! - [`bundle`]: per-trust-domain root bundles read from PEM files.
 //! - [`verifier`]: the rustls `ClientCertVerifier` that applies the X509-SVID rules.
 //! - [`server`]: the mTLS `ServerConfig` (TLS 1.3 and 1.2, ALPN h2 and http/1.1, no resumption).
+//! - [`user_token`]: the user an agent acts for: JWT verification against a JWKS, lifetime
+//!   caps and RFC 8693 actor binding.
 //!
 //! This crate decides *who* a caller is, never *what* it may do: that is `portcullis-policy`.
 
 pub mod bundle;
 pub mod server;
 pub mod svid;
+pub mod user_token;
 pub mod verifier;
 
 pub use bundle::{BundleError, TrustBundles};

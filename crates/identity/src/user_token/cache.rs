@@ -1,0 +1,165 @@
+//! A bounded map from SHA-256(token) to the result of its signature and static claim checks,
+//! so an agent re-sending the same token does not cost a signature verification per request.
+//!
+//! It caches only successes, and only what does not depend on time or caller: the verifier
+//! re-runs the per-call checks on every hit. Entries die with the token's `exp` and with the
+//! key set generation they were verified under.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::claims::CheckedToken;
+
+pub(crate) type TokenHash = [u8; 32];
+
+pub(crate) struct TokenCache {
+    capacity: usize,
+    entries: Mutex<HashMap<TokenHash, Entry>>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    token: Arc<CheckedToken>,
+    generation: u64,
+    /// Unix seconds after which the token is expired even with the skew allowance.
+    expires: u64,
+}
+
+/// Sizes only: the entries hold users' claims, which have no business in a debug dump.
+impl std::fmt::Debug for TokenCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenCache")
+            .field("capacity", &self.capacity)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl TokenCache {
+    pub(crate) fn new(capacity: usize) -> Self {
+        TokenCache {
+            capacity,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The cached result for this token under this key set generation. An expired entry is
+    /// still returned: the caller's per-call checks reject it as expired without spending
+    /// a signature check on it; expired entries are swept when the cache fills.
+    pub(crate) fn get(&self, key: &TokenHash, generation: u64) -> Option<Arc<CheckedToken>> {
+        let entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .get(key)
+            .filter(|entry| entry.generation == generation)
+            .map(|entry| Arc::clone(&entry.token))
+    }
+
+    pub(crate) fn insert(
+        &self,
+        key: TokenHash,
+        token: Arc<CheckedToken>,
+        generation: u64,
+        expires: u64,
+        now: u64,
+    ) {
+        if self.capacity == 0 || expires <= now {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if entries.len() >= self.capacity && !entries.contains_key(&key) {
+            entries.retain(|_, e| e.generation == generation && now < e.expires);
+            // Still full of live entries: drop a tenth of them (arbitrary ones; the map's
+            // iteration order is randomised per process) so the O(n) sweep above runs once
+            // per many inserts, not on every insert.
+            if entries.len() >= self.capacity {
+                let drop = (self.capacity / 10).max(1);
+                let victims: Vec<TokenHash> = entries.keys().take(drop).copied().collect();
+                for victim in victims {
+                    entries.remove(&victim);
+                }
+            }
+        }
+        entries.insert(
+            key,
+            Entry {
+                token,
+                generation,
+                expires,
+            },
+        );
+    }
+
+    pub(crate) fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.entries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::user_token::claims::{ClaimRules, parse_claims};
+    use base64::Engine as _;
+
+    fn token(exp: u64) -> Arc<CheckedToken> {
+        let rules = ClaimRules {
+            issuers: vec!["i".to_owned()],
+            audiences: vec!["a".to_owned()],
+            max_lifetime_secs: u64::MAX,
+            skew_secs: 0,
+            groups_claim: "groups".to_owned(),
+            require_actor_binding: false,
+            max_actor_depth: 1,
+        };
+        let claims =
+            serde_json::json!({ "iss": "i", "aud": "a", "sub": "s", "iat": 0, "exp": exp });
+        let segment = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claims.to_string());
+        Arc::new(parse_claims(&segment, &rules).unwrap())
+    }
+
+    #[test]
+    fn bounded_by_capacity() {
+        let cache = TokenCache::new(100);
+        for i in 0..1000u32 {
+            let mut key = [0u8; 32];
+            key[..4].copy_from_slice(&i.to_be_bytes());
+            cache.insert(key, token(100), 1, 100, 10);
+            assert!(cache.len() <= 100);
+        }
+        // The last insert is always present.
+        let mut last = [0u8; 32];
+        last[..4].copy_from_slice(&999u32.to_be_bytes());
+        assert!(cache.get(&last, 1).is_some());
+    }
+
+    #[test]
+    fn expired_and_other_generation_entries_go_first() {
+        let cache = TokenCache::new(2);
+        cache.insert([1; 32], token(50), 1, 50, 10);
+        cache.insert([2; 32], token(100), 1, 100, 10);
+        cache.insert([3; 32], token(100), 1, 100, 60);
+        assert!(cache.get(&[1; 32], 1).is_none());
+        assert!(cache.get(&[2; 32], 1).is_some());
+        assert!(cache.get(&[3; 32], 1).is_some());
+        assert!(cache.get(&[3; 32], 2).is_none());
+    }
+
+    #[test]
+    fn nothing_is_stored_when_disabled_or_already_expired() {
+        let cache = TokenCache::new(0);
+        cache.insert([1; 32], token(100), 1, 100, 10);
+        assert_eq!(cache.len(), 0);
+        let cache = TokenCache::new(10);
+        cache.insert([1; 32], token(100), 1, 100, 100);
+        assert_eq!(cache.len(), 0);
+    }
+}

@@ -1,0 +1,352 @@
+//! The JOSE header and JWT claims checks: pure functions over decoded JSON, no keys, no I/O.
+//!
+//! Checks are split in two. [`parse_claims`] does everything that depends only on the
+//! signed token and the settings (required claims, types, `iss`, `aud`, lifetime, the
+//! shape of `act`/`may_act`); its result may be cached. [`check_per_call`] does what depends
+//! on the clock or the caller (`exp`, `nbf`, `iat`, actor binding) and runs on every call,
+//! cache hit or not.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use portcullis_core::{SpiffeId, UserClaims};
+use serde_json::{Map, Value};
+
+use super::error::TokenRejection;
+use super::settings::SigningAlgorithm;
+
+/// The settings the claim checks use, in the units they compare in.
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimRules {
+    pub(crate) issuers: Vec<String>,
+    pub(crate) audiences: Vec<String>,
+    pub(crate) max_lifetime_secs: u64,
+    pub(crate) skew_secs: u64,
+    pub(crate) groups_claim: String,
+    pub(crate) require_actor_binding: bool,
+    pub(crate) max_actor_depth: usize,
+}
+
+/// The protected header members this verifier acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Header {
+    pub(crate) alg: SigningAlgorithm,
+    pub(crate) kid: Option<String>,
+}
+
+/// Header members that carry or point at a key. RFC 8725 §3.10 warns against trusting
+/// them; a token naming its own key proves nothing, and fetching a URL a token chose is
+/// a server-side request forgery. Their mere presence rejects the token, and nothing is
+/// fetched (RFC 7515 §4.1.2, §4.1.3, §4.1.5, §4.1.6).
+const KEY_HEADERS: [&str; 4] = ["jwk", "jku", "x5u", "x5c"];
+
+/// Decodes and checks the JOSE header (RFC 7515 §4). The library is not trusted to do this:
+/// it accepts `crit`, and the checks here must run before any key is looked up.
+pub(crate) fn parse_header(
+    segment: &str,
+    allowed: &[SigningAlgorithm],
+) -> Result<Header, TokenRejection> {
+    let header = decode_object(segment).ok_or(TokenRejection::Malformed("header"))?;
+    let alg = match header.get("alg") {
+        Some(Value::String(name)) => name,
+        Some(_) => return Err(TokenRejection::Malformed("header alg")),
+        None => return Err(TokenRejection::Malformed("header without alg")),
+    };
+    // RFC 8725 §3.1: the algorithm comes from the allow-list, never from the token alone;
+    // `none` and HS* are not even representable.
+    let alg = SigningAlgorithm::from_name(alg)
+        .filter(|alg| allowed.contains(alg))
+        .ok_or(TokenRejection::AlgorithmNotAllowed)?;
+    if KEY_HEADERS.iter().any(|name| header.contains_key(*name)) {
+        return Err(TokenRejection::UntrustedKeyHeader);
+    }
+    // RFC 7515 §4.1.11: a recipient that does not understand a listed extension must
+    // reject the JWS. This verifier understands none, and `crit: []` is itself invalid.
+    if header.contains_key("crit") {
+        return Err(TokenRejection::UnknownCrit);
+    }
+    let kid = match header.get("kid") {
+        None => None,
+        Some(Value::String(kid)) => Some(kid.clone()),
+        Some(_) => return Err(TokenRejection::Malformed("header kid")),
+    };
+    Ok(Header { alg, kid })
+}
+
+/// The claims of a token whose signature verified and whose static checks passed. Cached
+/// by token hash; [`check_per_call`] turns it into [`UserClaims`] for one call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CheckedToken {
+    subject: String,
+    issuer: String,
+    scopes: Vec<String>,
+    email: Option<String>,
+    groups: Vec<String>,
+    pub(crate) expires_at: u64,
+    not_before: Option<u64>,
+    issued_at: u64,
+    /// Subjects of the nested `act` claims, outermost first; empty without `act`.
+    actor_chain: Vec<String>,
+    /// `may_act.sub`, when the token carries `may_act`.
+    may_act: Option<String>,
+}
+
+/// Decodes the payload and runs every check that depends only on the token and settings.
+pub(crate) fn parse_claims(
+    segment: &str,
+    rules: &ClaimRules,
+) -> Result<CheckedToken, TokenRejection> {
+    let claims = decode_object(segment).ok_or(TokenRejection::Malformed("claims"))?;
+
+    // RFC 7519 §4.1.4: `exp` is what bounds a stolen token; a token without it is refused.
+    let expires_at =
+        numeric_date(&claims, "exp", Rounding::Down)?.ok_or(TokenRejection::MissingClaim("exp"))?;
+    // Strict reading of "exp - iat <= max_lifetime": without `iat` the lifetime cannot be
+    // bounded by what the issuer asserted, so the token is refused rather than measured
+    // from now (which would let a token live forever by being re-presented).
+    let issued_at =
+        numeric_date(&claims, "iat", Rounding::Up)?.ok_or(TokenRejection::MissingClaim("iat"))?;
+    let not_before = numeric_date(&claims, "nbf", Rounding::Up)?;
+
+    let issuer = required_string(&claims, "iss")?;
+    let subject = required_string(&claims, "sub")?;
+
+    // RFC 7519 §4.1.1: `iss` compared as a case-sensitive string.
+    if !rules.issuers.contains(&issuer) {
+        return Err(TokenRejection::WrongIssuer);
+    }
+    // RFC 7519 §4.1.3: `aud` is a string or an array of strings; the token is for us when
+    // one of them is ours.
+    let audience_ok = match claims.get("aud") {
+        None => return Err(TokenRejection::MissingClaim("aud")),
+        Some(Value::String(aud)) => rules.audiences.contains(aud),
+        Some(Value::Array(values)) => {
+            let mut ok = false;
+            for value in values {
+                let aud = value.as_str().ok_or(TokenRejection::Malformed("aud"))?;
+                ok |= rules.audiences.iter().any(|accepted| accepted == aud);
+            }
+            ok
+        }
+        Some(_) => return Err(TokenRejection::Malformed("aud")),
+    };
+    if !audience_ok {
+        return Err(TokenRejection::WrongAudience);
+    }
+
+    let lifetime = expires_at
+        .checked_sub(issued_at)
+        .ok_or(TokenRejection::Malformed("exp before iat"))?;
+    if lifetime > rules.max_lifetime_secs {
+        return Err(TokenRejection::LifetimeTooLong);
+    }
+
+    let actor_chain = match claims.get("act") {
+        None => Vec::new(),
+        Some(act) => actor_chain(act, rules.max_actor_depth)?,
+    };
+    // RFC 8693 §4.4: `may_act` is a JSON object naming the party allowed to act.
+    let may_act = match claims.get("may_act") {
+        None => None,
+        Some(Value::Object(may_act)) => match may_act.get("sub") {
+            Some(Value::String(sub)) if !sub.is_empty() => Some(sub.clone()),
+            _ => return Err(TokenRejection::ActorMalformed),
+        },
+        Some(_) => return Err(TokenRejection::ActorMalformed),
+    };
+
+    Ok(CheckedToken {
+        subject,
+        issuer,
+        scopes: scopes(&claims)?,
+        email: optional_string(&claims, "email")?,
+        groups: match claims.get(&rules.groups_claim) {
+            None => Vec::new(),
+            Some(value) => string_set(value).ok_or(TokenRejection::Malformed("groups"))?,
+        },
+        expires_at,
+        not_before,
+        issued_at,
+        actor_chain,
+        may_act,
+    })
+}
+
+/// The checks that depend on the clock or the caller; run on every call.
+pub(crate) fn check_per_call(
+    token: &CheckedToken,
+    rules: &ClaimRules,
+    caller: &SpiffeId,
+    now: u64,
+) -> Result<UserClaims, TokenRejection> {
+    let skew = rules.skew_secs;
+    // RFC 7519 §4.1.4: the current time must be before `exp` (plus the allowed leeway).
+    if now >= token.expires_at.saturating_add(skew) {
+        return Err(TokenRejection::Expired);
+    }
+    // RFC 7519 §4.1.5: not accepted before `nbf`; checked, never skipped.
+    if token
+        .not_before
+        .is_some_and(|nbf| now.saturating_add(skew) < nbf)
+    {
+        return Err(TokenRejection::NotYetValid);
+    }
+    // RFC 7519 §4.1.6 leaves `iat` informational; a token minted in the future is an
+    // issuer clock fault or a forgery attempt at the lifetime cap, so it is refused.
+    if token.issued_at > now.saturating_add(skew) {
+        return Err(TokenRejection::IssuedInFuture);
+    }
+
+    // RFC 8693 §4.1: the outermost `act` is the current actor, which must be the workload
+    // presenting the token; a token lifted by another workload is then useless.
+    match token.actor_chain.first() {
+        Some(actor) if actor != caller.as_str() => return Err(TokenRejection::ActorMismatch),
+        Some(_) => {}
+        None if rules.require_actor_binding => return Err(TokenRejection::ActorMissing),
+        None => {}
+    }
+    if token
+        .may_act
+        .as_deref()
+        .is_some_and(|allowed| allowed != caller.as_str())
+    {
+        return Err(TokenRejection::MayActDenied);
+    }
+
+    Ok(UserClaims {
+        subject: token.subject.clone(),
+        issuer: token.issuer.clone(),
+        scopes: token.scopes.clone(),
+        email: token.email.clone(),
+        groups: token.groups.clone(),
+        actor_chain: token.actor_chain.clone(),
+        expires_at: token.expires_at,
+    })
+}
+
+/// RFC 8693 §4.1: `act` is an object whose `sub` names the actor, nesting the prior actors
+/// in its own `act`. Walked iteratively and cut off at `max_depth`.
+fn actor_chain(act: &Value, max_depth: usize) -> Result<Vec<String>, TokenRejection> {
+    let mut chain = Vec::new();
+    let mut current = act;
+    loop {
+        let Value::Object(actor) = current else {
+            return Err(TokenRejection::ActorMalformed);
+        };
+        match actor.get("sub") {
+            Some(Value::String(sub)) if !sub.is_empty() => chain.push(sub.clone()),
+            _ => return Err(TokenRejection::ActorMalformed),
+        }
+        if chain.len() > max_depth {
+            return Err(TokenRejection::ActorChainTooDeep);
+        }
+        match actor.get("act") {
+            Some(next) => current = next,
+            None => return Ok(chain),
+        }
+    }
+}
+
+/// `scope` (RFC 8693 §4.2: space-separated string) or, when absent, `scp` (an array of
+/// strings, or a space-separated string as some issuers emit). Duplicates dropped.
+fn scopes(claims: &Map<String, Value>) -> Result<Vec<String>, TokenRejection> {
+    match (claims.get("scope"), claims.get("scp")) {
+        (Some(Value::String(scope)), _) => Ok(split_scopes(scope)),
+        (Some(_), _) => Err(TokenRejection::Malformed("scope")),
+        (None, Some(Value::String(scp))) => Ok(split_scopes(scp)),
+        (None, Some(scp)) => string_set(scp).ok_or(TokenRejection::Malformed("scp")),
+        (None, None) => Ok(Vec::new()),
+    }
+}
+
+fn split_scopes(scope: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for s in scope.split(' ').filter(|s| !s.is_empty()) {
+        if !out.iter().any(|seen| seen == s) {
+            out.push(s.to_owned());
+        }
+    }
+    out
+}
+
+/// An array of strings as an ordered set; `None` when the value is not such an array.
+fn string_set(value: &Value) -> Option<Vec<String>> {
+    let mut out: Vec<String> = Vec::new();
+    for item in value.as_array()? {
+        let s = item.as_str()?;
+        if !out.iter().any(|seen| seen == s) {
+            out.push(s.to_owned());
+        }
+    }
+    Some(out)
+}
+
+fn required_string(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<String, TokenRejection> {
+    match claims.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+        Some(_) => Err(TokenRejection::Malformed(name)),
+        None => Err(TokenRejection::MissingClaim(name)),
+    }
+}
+
+fn optional_string(
+    claims: &Map<String, Value>,
+    name: &'static str,
+) -> Result<Option<String>, TokenRejection> {
+    match claims.get(name) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(TokenRejection::Malformed(name)),
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Rounding {
+    Down,
+    Up,
+}
+
+/// RFC 7519 §2 NumericDate: seconds since the epoch, possibly fractional. Fractions are
+/// rounded in the direction that shortens validity (`exp` down, `nbf`/`iat` up).
+fn numeric_date(
+    claims: &Map<String, Value>,
+    name: &'static str,
+    rounding: Rounding,
+) -> Result<Option<u64>, TokenRejection> {
+    let Some(value) = claims.get(name) else {
+        return Ok(None);
+    };
+    let Value::Number(number) = value else {
+        return Err(TokenRejection::Malformed(name));
+    };
+    if let Some(secs) = number.as_u64() {
+        return Ok(Some(secs));
+    }
+    match number.as_f64() {
+        // Negative or beyond u64 range (~5.8e11 years): not a date this verifier meets.
+        Some(secs) if (0.0..1.8e19).contains(&secs) => {
+            let rounded = match rounding {
+                Rounding::Down => secs.floor(),
+                Rounding::Up => secs.ceil(),
+            };
+            #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+            Ok(Some(rounded as u64))
+        }
+        _ => Err(TokenRejection::Malformed(name)),
+    }
+}
+
+/// base64url without padding (RFC 7515 §2), then a JSON object.
+fn decode_object(segment: &str) -> Option<Map<String, Value>> {
+    let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
+    match serde_json::from_slice(&bytes).ok()? {
+        Value::Object(map) => Some(map),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[path = "claims_tests.rs"]
+mod tests;

@@ -1,0 +1,178 @@
+use serde_json::json;
+
+use super::*;
+
+const CALLER: &str = "spiffe://prod.example.org/ns/agents/sa/planner";
+
+fn rules() -> ClaimRules {
+    ClaimRules {
+        issuers: vec!["https://idp.example.org".to_owned()],
+        audiences: vec!["orders-api".to_owned()],
+        max_lifetime_secs: 3600,
+        skew_secs: 30,
+        groups_claim: "roles".to_owned(),
+        require_actor_binding: true,
+        max_actor_depth: 2,
+    }
+}
+
+fn encode(value: &Value) -> String {
+    URL_SAFE_NO_PAD.encode(value.to_string())
+}
+
+fn base() -> Value {
+    json!({
+        "iss": "https://idp.example.org", "aud": "orders-api", "sub": "alice",
+        "iat": 1000, "exp": 1300, "act": { "sub": CALLER },
+    })
+}
+
+fn parse(patch: Value) -> Result<CheckedToken, TokenRejection> {
+    let mut claims = base();
+    for (k, v) in patch.as_object().unwrap() {
+        claims[k] = v.clone();
+    }
+    parse_claims(&encode(&claims), &rules())
+}
+
+fn caller() -> SpiffeId {
+    SpiffeId::parse(CALLER).unwrap()
+}
+
+#[test]
+fn header_checks_run_in_order() {
+    let all = SigningAlgorithm::ALL;
+    let ok = parse_header(&encode(&json!({ "alg": "ES256", "kid": "k" })), &all).unwrap();
+    assert_eq!(ok.alg, SigningAlgorithm::Es256);
+    assert_eq!(ok.kid.as_deref(), Some("k"));
+    let reason = |header: Value| parse_header(&encode(&header), &all).unwrap_err().reason();
+    assert_eq!(reason(json!({ "alg": "HS256" })), "algorithm_not_allowed");
+    assert_eq!(
+        reason(json!({ "alg": "none", "jku": "x" })),
+        "algorithm_not_allowed"
+    );
+    assert_eq!(
+        reason(json!({ "alg": "ES256", "x5c": [] })),
+        "untrusted_key_header"
+    );
+    assert_eq!(
+        reason(json!({ "alg": "ES256", "crit": ["x"] })),
+        "unknown_crit"
+    );
+    assert_eq!(reason(json!({ "kid": "k" })), "malformed");
+    assert_eq!(reason(json!("ES256")), "malformed");
+    assert_eq!(
+        parse_header("e30", &[SigningAlgorithm::Rs256])
+            .unwrap_err()
+            .reason(),
+        "malformed"
+    );
+    assert_eq!(
+        parse_header(
+            &encode(&json!({ "alg": "ES256" })),
+            &[SigningAlgorithm::Rs256]
+        )
+        .unwrap_err()
+        .reason(),
+        "algorithm_not_allowed"
+    );
+}
+
+#[test]
+fn numeric_dates_round_towards_shorter_validity() {
+    let token = parse(json!({ "iat": 1000.2, "exp": 1299.9, "nbf": 999.5 })).unwrap();
+    assert_eq!(token.issued_at, 1001);
+    assert_eq!(token.expires_at, 1299);
+    assert_eq!(token.not_before, Some(1000));
+    assert_eq!(
+        parse(json!({ "exp": 1e30 })).unwrap_err().reason(),
+        "malformed"
+    );
+    assert_eq!(
+        parse(json!({ "exp": -5 })).unwrap_err().reason(),
+        "malformed"
+    );
+    assert_eq!(
+        parse(json!({ "iat": "1000" })).unwrap_err().reason(),
+        "malformed"
+    );
+}
+
+#[test]
+fn per_call_checks_use_the_given_time_and_skew() {
+    let token = parse(json!({ "nbf": 1100 })).unwrap();
+    let rules = rules();
+    let at = |now| check_per_call(&token, &rules, &caller(), now).map(|c| c.subject);
+    assert_eq!(at(1069), Err(TokenRejection::NotYetValid));
+    assert_eq!(at(1070), Ok("alice".to_owned()));
+    assert_eq!(at(1329), Ok("alice".to_owned()));
+    assert_eq!(at(1330), Err(TokenRejection::Expired));
+    assert_eq!(at(u64::MAX), Err(TokenRejection::Expired));
+}
+
+#[test]
+fn lifetime_is_exp_minus_iat() {
+    assert!(parse(json!({ "iat": 1000, "exp": 4600 })).is_ok());
+    assert_eq!(
+        parse(json!({ "iat": 1000, "exp": 4601 })).unwrap_err(),
+        TokenRejection::LifetimeTooLong
+    );
+}
+
+#[test]
+fn scopes_come_from_scope_then_scp() {
+    let scopes = |patch| parse(patch).unwrap().scopes;
+    assert_eq!(scopes(json!({ "scope": " a  b a " })), vec!["a", "b"]);
+    assert_eq!(scopes(json!({ "scp": ["x", "y", "x"] })), vec!["x", "y"]);
+    assert_eq!(scopes(json!({ "scp": "x y" })), vec!["x", "y"]);
+    assert_eq!(scopes(json!({ "scope": "a", "scp": ["x"] })), vec!["a"]);
+    assert!(scopes(json!({})).is_empty());
+    assert_eq!(
+        parse(json!({ "scp": [1] })).unwrap_err().reason(),
+        "malformed"
+    );
+}
+
+#[test]
+fn groups_come_from_the_configured_claim() {
+    let token = parse(json!({ "roles": ["admin"], "groups": "ignored" })).unwrap();
+    assert_eq!(token.groups, vec!["admin"]);
+    assert_eq!(
+        parse(json!({ "roles": null })).unwrap_err().reason(),
+        "malformed"
+    );
+}
+
+#[test]
+fn actor_chain_is_bounded_and_shaped() {
+    let chain = parse(json!({ "act": { "sub": CALLER, "act": { "sub": "origin" } } }))
+        .unwrap()
+        .actor_chain;
+    assert_eq!(chain, vec![CALLER, "origin"]);
+    let too_deep =
+        json!({ "act": { "sub": CALLER, "act": { "sub": "b", "act": { "sub": "c" } } } });
+    assert_eq!(
+        parse(too_deep).unwrap_err(),
+        TokenRejection::ActorChainTooDeep
+    );
+    assert_eq!(
+        parse(json!({ "act": { "sub": "" } })).unwrap_err(),
+        TokenRejection::ActorMalformed
+    );
+    assert_eq!(
+        parse(json!({ "act": [{ "sub": CALLER }] })).unwrap_err(),
+        TokenRejection::ActorMalformed
+    );
+}
+
+#[test]
+fn claims_payload_must_be_a_json_object() {
+    assert_eq!(
+        parse_claims(&URL_SAFE_NO_PAD.encode("not json"), &rules()).unwrap_err(),
+        TokenRejection::Malformed("claims")
+    );
+    assert_eq!(
+        parse_claims(&URL_SAFE_NO_PAD.encode("[1]"), &rules()).unwrap_err(),
+        TokenRejection::Malformed("claims")
+    );
+}
