@@ -115,8 +115,11 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        let polled = this.inner.poll_frame(cx);
+        let mut this = self.project();
+        let polled = this.inner.as_mut().poll_frame(cx);
+        // hyper stops polling once `is_end_stream` is true, so the end may never be seen as
+        // `Ready(None)`: check after every frame.
+        let ended = matches!(polled, Poll::Ready(Some(Ok(_)))) && this.inner.is_end_stream();
         match &polled {
             Poll::Ready(None) => {
                 if let Some(mut guard) = this.guard.take() {
@@ -129,6 +132,11 @@ where
                         .record
                         .errors
                         .push("response body failed mid-stream".to_owned());
+                }
+            }
+            Poll::Ready(Some(Ok(_))) if ended => {
+                if let Some(mut guard) = this.guard.take() {
+                    guard.record.completed = true;
                 }
             }
             Poll::Ready(Some(Ok(_))) | Poll::Pending => {}

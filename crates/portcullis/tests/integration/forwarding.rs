@@ -1,0 +1,225 @@
+//! What crosses the proxy, and what does not.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use portcullis_test_support::client::{HttpVersion, request};
+use portcullis_test_support::upstream::SsePacing;
+use tokio::sync::Semaphore;
+
+use crate::harness::{HOST, Harness, REPORT, TRIAGE, sample};
+
+#[tokio::test]
+async fn an_allowed_agent_reaches_the_upstream_with_its_identity() {
+    let h = Harness::start().await;
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let (status, body) = h
+            .send(
+                TRIAGE,
+                version,
+                request("GET", HOST, "/api/orders/17?expand=lines", Bytes::new()),
+            )
+            .await;
+        assert_eq!(status, 200, "{version:?}: {body:?}");
+    }
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        assert_eq!(request.uri, "/api/orders/17?expand=lines");
+        assert_eq!(request.headers["x-portcullis-agent"], TRIAGE);
+        assert_eq!(request.headers["host"], HOST);
+        assert_eq!(request.headers["x-request-id"].len(), 32);
+        assert!(request.headers.contains_key("traceparent"));
+    }
+}
+
+#[tokio::test]
+async fn a_denied_agent_gets_403_and_the_upstream_sees_nothing() {
+    let h = Harness::start().await;
+    let (status, body) = h.get(REPORT, "/api/orders/17").await;
+    assert_eq!(status, 403);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "policy_denied");
+    // No policy text, no policy id: internals stay in the audit record.
+    assert!(!String::from_utf8_lossy(&body).contains("support-agents"));
+    assert!(h.upstream.requests().is_empty());
+    let metrics = h.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_decisions_total{action="GET",decision="deny"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn spoofed_identity_and_hop_by_hop_headers_never_reach_the_upstream() {
+    let h = Harness::start().await;
+    let mut req = request("GET", HOST, "/api/orders/17", Bytes::new());
+    let headers = req.headers_mut();
+    for (name, value) in [
+        (
+            "x-portcullis-agent",
+            "spiffe://prod.example.org/ns/admin/sa/root",
+        ),
+        ("x-portcullis-user", "admin"),
+        (
+            "x-forwarded-client-cert",
+            "By=spiffe://prod.example.org/ns/admin/sa/root",
+        ),
+        ("connection", "x-internal-secret"),
+        ("x-internal-secret", "1"),
+        ("upgrade", "h2c"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("x-request-id", "caller-chosen"),
+    ] {
+        headers.append(name, value.parse().unwrap());
+    }
+    let (status, _) = h.send(TRIAGE, HttpVersion::Http1, req).await;
+    assert_eq!(status, 200);
+    let seen = &h.upstream.requests()[0];
+    assert_eq!(
+        seen.headers
+            .get_all("x-portcullis-agent")
+            .iter()
+            .collect::<Vec<_>>(),
+        [TRIAGE]
+    );
+    for stripped in [
+        "x-portcullis-user",
+        "x-forwarded-client-cert",
+        "x-internal-secret",
+        "upgrade",
+    ] {
+        assert!(
+            !seen.headers.contains_key(stripped),
+            "{stripped} reached the upstream"
+        );
+    }
+    assert_ne!(seen.headers["x-request-id"], "caller-chosen");
+    assert_eq!(
+        seen.headers["traceparent"],
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    );
+    let audit = h.audit(1).await;
+    assert_eq!(audit[1]["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+}
+
+#[tokio::test]
+async fn malformed_framing_gets_400_and_no_upgrade_tunnel() {
+    let h = Harness::start().await;
+    let wait = Duration::from_secs(5);
+    let cases: [(&str, &[u8]); 4] = [
+        ("two Host headers", b"GET /api/orders/1 HTTP/1.1\r\nHost: a.example\r\nHost: b.example\r\nConnection: close\r\n\r\n"),
+        ("no Host", b"GET /api/orders/1 HTTP/1.1\r\nConnection: close\r\n\r\n"),
+        ("absolute-form target", b"GET http://orders.prod.example.org/api/orders/1 HTTP/1.1\r\nHost: orders.prod.example.org\r\nConnection: close\r\n\r\n"),
+        ("dot segments", b"GET /api/../admin HTTP/1.1\r\nHost: orders.prod.example.org\r\nConnection: close\r\n\r\n"),
+    ];
+    for (name, raw) in cases {
+        let response = h.raw(TRIAGE, raw, wait).await;
+        assert!(response.starts_with("HTTP/1.1 400"), "{name}: {response}");
+    }
+    let upgrade = h
+        .raw(TRIAGE, b"GET /api/orders/1 HTTP/1.1\r\nHost: orders.prod.example.org\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\r\n", wait)
+        .await;
+    assert!(upgrade.starts_with("HTTP/1.1 200"), "{upgrade}");
+    assert_eq!(h.upstream.requests().len(), 1);
+    assert!(!h.upstream.requests()[0].headers.contains_key("upgrade"));
+}
+
+#[tokio::test]
+async fn sse_events_cross_one_by_one() {
+    let gate = Arc::new(Semaphore::new(0));
+    let h = Harness::builder()
+        .pacing(SsePacing::Gate(gate.clone()))
+        .start()
+        .await;
+    let body =
+        r#"{"model":"m","stream":true,"messages":[{"role":"user","content":"one two three"}]}"#;
+    let caller = h.caller(&h.svid(TRIAGE), HttpVersion::Http2);
+    let response = caller
+        .call(h.addr, request("POST", HOST, "/v1/chat/completions", body))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut next_event = async || loop {
+        let frame = body.frame().await.unwrap().unwrap();
+        if let Some(data) = frame.data_ref() {
+            return String::from_utf8_lossy(data).into_owned();
+        }
+    };
+    // Each event is read through the proxy before the upstream is allowed to produce the
+    // next one: nothing is buffered on the way.
+    for word in ["one", "two", "three"] {
+        let event = next_event().await;
+        assert!(
+            event.contains(&format!("\"content\":\"{word}\"")),
+            "{event}"
+        );
+        gate.add_permits(1);
+    }
+    assert!(next_event().await.contains("[DONE]"));
+}
+
+#[tokio::test]
+async fn upstream_down_is_502_and_timeout_is_504() {
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap()
+    };
+    let h = Harness::builder().upstream(closed).start().await;
+    let (status, body) = h.get(TRIAGE, "/api/orders/1").await;
+    assert_eq!(status, 502, "{body:?}");
+    let audit = h.audit(1).await;
+    assert_eq!(audit[1]["status"], 502);
+    assert_eq!(audit[1]["reason"], "upstream_unavailable");
+    assert_eq!(
+        sample(
+            &h.metrics().await,
+            r#"portcullis_upstream_errors_total{reason="upstream_unavailable"}"#
+        ),
+        1.0
+    );
+
+    let h = Harness::builder()
+        .yaml("limits:\n  request_timeout: 300ms\n")
+        .start()
+        .await;
+    let (status, _) = h.get(TRIAGE, "/slow").await;
+    assert_eq!(status, 504);
+}
+
+#[tokio::test]
+async fn a_body_that_fails_mid_stream_aborts_the_upstream_request() {
+    let h = Harness::builder()
+        .policies(r#"@id("all") permit (principal, action, resource);"#)
+        .start()
+        .await;
+    let good = b"POST /upload HTTP/1.1\r\nHost: orders.prod.example.org\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n";
+    let response = h.raw(TRIAGE, good, Duration::from_secs(5)).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let complete = |h: &Harness| {
+        h.upstream
+            .requests()
+            .iter()
+            .filter(|r| r.body_complete)
+            .count()
+    };
+    assert_eq!(complete(&h), 1);
+    assert_eq!(h.upstream.requests()[0].body, "helloworld");
+
+    // A valid first chunk, then a chunk-size line that is not hex.
+    let bad = b"POST /upload HTTP/1.1\r\nHost: orders.prod.example.org\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\nZZ\r\nworld\r\n0\r\n\r\n";
+    let _ = h.raw(TRIAGE, bad, Duration::from_secs(3)).await;
+    // Whether or not the upstream saw the head, it never sees a complete body.
+    let audit = h.audit(2).await;
+    assert_eq!(audit.len(), 3, "one record per request: {audit:#?}");
+    assert_eq!(complete(&h), 1, "{:?}", h.upstream.requests());
+}

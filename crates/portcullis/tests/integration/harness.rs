@@ -1,0 +1,300 @@
+//! A proxy started the way `portcullis run` starts one (config file → `Config::load` →
+//! `portcullis_proxy::start`), against a recording upstream, with a CA and callers minted for
+//! the test.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use portcullis::config::Config;
+use portcullis_test_support::client::{CallError, Caller, HttpVersion, request};
+use portcullis_test_support::pki::{Ca, LeafSpec, Svid};
+use portcullis_test_support::upstream::{SsePacing, Upstream};
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const TRUST_DOMAIN: &str = "prod.example.org";
+pub const SERVER_ID: &str = "spiffe://prod.example.org/ns/orders/sa/orders-api";
+/// Member of `AgentGroup::"support-agents"` in the shipped entities.json.
+pub const TRIAGE: &str = "spiffe://prod.example.org/ns/support/sa/triage-agent";
+/// No permit except /health in the shipped policies.
+pub const REPORT: &str = "spiffe://prod.example.org/ns/billing/sa/report-agent";
+pub const HOST: &str = "orders.prod.example.org";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+#[derive(Default)]
+pub struct Builder {
+    /// Replaces the shipped *.cedar files (the shipped schema and entities stay).
+    policies: Option<String>,
+    mode: Option<&'static str>,
+    pacing: Option<SsePacing>,
+    /// Extra YAML appended to the config (e.g. a `limits:` block).
+    extra_yaml: String,
+    /// Upstream address override (e.g. a closed port).
+    upstream: Option<SocketAddr>,
+    /// Additional trusted trust domains: name → CA.
+    extra_bundles: Vec<(String, Arc<Ca>)>,
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub ca: Ca,
+    pub upstream: Upstream,
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    pub _running: Option<portcullis_proxy::Running>,
+}
+
+impl Builder {
+    pub fn policies(mut self, cedar: &str) -> Self {
+        self.policies = Some(cedar.to_owned());
+        self
+    }
+
+    pub fn shadow(mut self) -> Self {
+        self.mode = Some("shadow");
+        self
+    }
+
+    pub fn pacing(mut self, pacing: SsePacing) -> Self {
+        self.pacing = Some(pacing);
+        self
+    }
+
+    pub fn yaml(mut self, extra: &str) -> Self {
+        self.extra_yaml.push_str(extra);
+        self
+    }
+
+    pub fn upstream(mut self, addr: SocketAddr) -> Self {
+        self.upstream = Some(addr);
+        self
+    }
+
+    pub fn trust(mut self, domain: &str, ca: Arc<Ca>) -> Self {
+        self.extra_bundles.push((domain.to_owned(), ca));
+        self
+    }
+
+    pub async fn start(self) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::new(TRUST_DOMAIN).unwrap();
+        let server = ca.leaf(&LeafSpec::server(SERVER_ID)).unwrap();
+        write(dir.path(), "ca.pem", &ca.cert_pem());
+        write(dir.path(), "server.pem", &server.cert_pem);
+        write(dir.path(), "server-key.pem", &server.key_pem);
+        let policy_dir = dir.path().join("policies");
+        std::fs::create_dir(&policy_dir).unwrap();
+        let shipped = repo_root().join("policies");
+        for entry in std::fs::read_dir(&shipped).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().into_string().unwrap();
+            if self.policies.is_some() && name.ends_with(".cedar") {
+                continue;
+            }
+            std::fs::copy(entry.path(), policy_dir.join(&name)).unwrap();
+        }
+        if let Some(policies) = &self.policies {
+            write(&policy_dir, "test.cedar", policies);
+        }
+        let upstream = Upstream::start(
+            self.pacing
+                .unwrap_or(SsePacing::Delay(Duration::from_millis(1))),
+        )
+        .await
+        .unwrap();
+        let upstream_addr = self.upstream.unwrap_or(upstream.addr);
+        let mut bundles = format!("    {TRUST_DOMAIN}: ca.pem\n");
+        for (index, (domain, extra)) in self.extra_bundles.iter().enumerate() {
+            let name = format!("extra-{index}.pem");
+            write(dir.path(), &name, &extra.cert_pem());
+            bundles.push_str(&format!("    {domain}: {name}\n"));
+        }
+        let yaml = format!(
+            "listen: 127.0.0.1:0\n\
+             admin_listen: 127.0.0.1:0\n\
+             upstream: http://{upstream_addr}\n\
+             tls:\n  cert: server.pem\n  key: server-key.pem\n  trust_bundles:\n{bundles}\
+             policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n\
+             audit:\n  sink: audit.jsonl\n{}",
+            self.mode.unwrap_or("enforce"),
+            self.extra_yaml,
+        );
+        write(dir.path(), "config.yaml", &yaml);
+        let config =
+            Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let running = portcullis_proxy::start(config.into_options())
+            .await
+            .unwrap();
+        Harness {
+            addr: running.local_addr(),
+            admin: running.admin_addr(),
+            _running: Some(running),
+            dir,
+            ca,
+            upstream,
+        }
+    }
+}
+
+pub fn write(dir: &Path, name: &str, contents: &str) {
+    std::fs::write(dir.join(name), contents).unwrap();
+}
+
+impl Harness {
+    pub fn builder() -> Builder {
+        Builder::default()
+    }
+
+    pub async fn start() -> Harness {
+        Builder::default().start().await
+    }
+
+    pub fn svid(&self, id: &str) -> Svid {
+        self.ca.svid(id).unwrap()
+    }
+
+    pub fn caller(&self, svid: &Svid, version: HttpVersion) -> Caller {
+        Caller::new(&[self.ca.cert_der()], Some(svid), version).unwrap()
+    }
+
+    /// One request as `agent` over HTTP/1.1; returns status and body.
+    pub async fn get(&self, agent: &str, path: &str) -> (u16, Bytes) {
+        self.send(
+            agent,
+            HttpVersion::Http1,
+            request("GET", HOST, path, Bytes::new()),
+        )
+        .await
+    }
+
+    pub async fn send(
+        &self,
+        agent: &str,
+        version: HttpVersion,
+        req: http::Request<http_body_util::Full<Bytes>>,
+    ) -> (u16, Bytes) {
+        let caller = self.caller(&self.svid(agent), version);
+        let response = caller
+            .call(self.addr, req)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, body)
+    }
+
+    /// Connects with `svid` and sends one request; the error if the proxy refused.
+    pub async fn try_call(&self, svid: Option<&Svid>) -> Result<u16, CallError> {
+        let caller = Caller::new(&[self.ca.cert_der()], svid, HttpVersion::Http1).unwrap();
+        caller
+            .call(
+                self.addr,
+                request("GET", HOST, "/api/orders/1", Bytes::new()),
+            )
+            .await
+            .map(|r| r.status().as_u16())
+    }
+
+    /// Writes `raw` bytes over an mTLS connection as `agent` and returns what came back
+    /// before the server closed or `wait` elapsed.
+    pub async fn raw(&self, agent: &str, raw: &[u8], wait: Duration) -> String {
+        let svid = self.svid(agent);
+        let config = portcullis_test_support::pki::client_config(
+            &[self.ca.cert_der()],
+            Some(&svid),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+            .await
+            .unwrap();
+        tls.write_all(raw).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(wait, tls.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    pub async fn metrics(&self) -> String {
+        let (status, body) = admin_get(self.admin, "/metrics").await;
+        assert_eq!(status, 200);
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Audit lines written so far (waits for `at_least` records beyond the start line).
+    pub async fn audit(&self, at_least: usize) -> Vec<serde_json::Value> {
+        let path = self.dir.path().join("audit.jsonl");
+        for _ in 0..200 {
+            let records = read_audit(&path);
+            if records.len() > at_least {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        read_audit(&path)
+    }
+
+    pub fn audit_path(&self) -> PathBuf {
+        self.dir.path().join("audit.jsonl")
+    }
+}
+
+pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect()
+}
+
+/// Plain HTTP GET on the admin listener.
+pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Bytes) {
+    let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request("GET", "localhost", path, Bytes::new()))
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+/// The value of one sample in a Prometheus text exposition, 0 when absent.
+pub fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(name_and_labels)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0.0)
+}
+
+/// Polls `check` until it holds (bounded), for effects the proxy records just after replying.
+pub async fn eventually<F: AsyncFnMut() -> bool>(mut check: F) -> bool {
+    for _ in 0..300 {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}

@@ -1,0 +1,12 @@
+//! End-to-end tests: real TCP on loopback, real rustls handshakes with certificates minted in
+//! code, real Cedar evaluation, the real configuration loader. One test binary, one harness.
+#![allow(clippy::unwrap_used, clippy::expect_used, reason = "tests fail loudly")]
+#![allow(unreachable_pub, reason = "a test binary has no public API")]
+
+mod harness;
+
+mod audit;
+mod config;
+mod forwarding;
+mod handshake;
+mod policy;

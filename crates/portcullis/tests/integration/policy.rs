@@ -1,0 +1,100 @@
+//! Policy behaviour through the running proxy: erroring policies deny, shadow mode forwards,
+//! reloads swap in valid sets and keep the last good one otherwise.
+
+use crate::harness::{Harness, REPORT, TRIAGE, admin_get, eventually, sample};
+
+#[tokio::test]
+async fn an_erroring_forbid_denies() {
+    let h = Harness::builder()
+        .policies(
+            r#"
+            @id("allow-all") permit (principal, action, resource);
+            @id("overflowing-forbid") forbid (principal, action, resource)
+            when { context.now * 100000000000000 > 0 };
+            "#,
+        )
+        .start()
+        .await;
+    assert_eq!(h.get(TRIAGE, "/api/orders/1").await.0, 403);
+    assert!(h.upstream.requests().is_empty());
+    let records = h.audit(1).await;
+    assert_eq!(records[1]["decision"], "deny");
+    assert!(
+        records[1]["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("overflow"),
+        "{:?}",
+        records[1]
+    );
+}
+
+#[tokio::test]
+async fn shadow_mode_forwards_and_records_the_denial() {
+    let h = Harness::builder().shadow().start().await;
+    assert_eq!(h.get(REPORT, "/api/orders/1").await.0, 200);
+    assert_eq!(h.upstream.requests().len(), 1);
+    let records = h.audit(1).await;
+    assert_eq!(records[1]["decision"], "shadow_deny");
+    assert_eq!(records[1]["mode"], "shadow");
+    let metrics = h.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            r#"portcullis_decisions_total{action="GET",decision="shadow_deny"}"#
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
+    let h = Harness::builder()
+        .policies(r#"@id("allow-all") permit (principal, action, resource);"#)
+        .start()
+        .await;
+    let policy_file = h.dir.path().join("policies/test.cedar");
+    assert_eq!(h.get(REPORT, "/x").await.0, 200);
+
+    std::fs::write(&policy_file, "permit (principal,").unwrap();
+    assert!(
+        eventually(async || sample(
+            &h.metrics().await,
+            r#"portcullis_policy_reloads_total{result="failure"}"#
+        ) == 1.0)
+        .await
+    );
+    assert_eq!(
+        h.get(REPORT, "/x").await.0,
+        200,
+        "the last good set stays in force"
+    );
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+
+    std::fs::write(&policy_file, r#"@id("deny-report") forbid (principal == Agent::"spiffe://prod.example.org/ns/billing/sa/report-agent", action, resource); @id("allow-all") permit (principal, action, resource);"#).unwrap();
+    assert!(
+        eventually(async || sample(
+            &h.metrics().await,
+            r#"portcullis_policy_reloads_total{result="success"}"#
+        ) == 1.0)
+        .await
+    );
+    assert_eq!(h.get(REPORT, "/x").await.0, 403);
+    assert_eq!(h.get(TRIAGE, "/x").await.0, 200);
+}
+
+#[tokio::test]
+async fn admin_endpoints() {
+    let h = Harness::start().await;
+    assert_eq!(admin_get(h.admin, "/healthz").await.0, 200);
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+    assert_eq!(admin_get(h.admin, "/nope").await.0, 404);
+    let metrics = h.metrics().await;
+    for name in [
+        "portcullis_certificate_expiry_timestamp_seconds{kind=\"serving\"",
+        "portcullis_certificate_expiry_timestamp_seconds{kind=\"bundle:prod.example.org\"",
+        "portcullis_policies_loaded",
+    ] {
+        assert!(metrics.contains(name), "{name} missing:\n{metrics}");
+    }
+}
