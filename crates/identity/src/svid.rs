@@ -80,7 +80,7 @@ pub fn check_leaf(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidRejection> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
+        Ok(([], cert)) => Ok(cert),
         _ => Err(SvidRejection::Malformed),
     }
 }

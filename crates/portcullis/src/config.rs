@@ -12,6 +12,9 @@ use std::time::Duration;
 
 use http::uri::Authority;
 use portcullis_core::TrustDomain;
+use portcullis_identity::user_token::{
+    JwksSource, UserTokenSettings, UserTokenVerifier, parse_algorithm,
+};
 use portcullis_identity::{ServerIdentity, TrustBundles};
 use portcullis_policy::{Mode, PolicyEngine};
 use portcullis_proxy::{AuditSink, CertificateExpiry, Limits, PathMatch, Protocol, RouteRule};
@@ -59,6 +62,7 @@ struct RawConfig {
     admin_listen: Option<String>,
     upstream: Option<String>,
     tls: Option<RawTls>,
+    user_token: Option<RawUserToken>,
     policy: Option<RawPolicy>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -75,6 +79,26 @@ struct RawTls {
 }
 
 #[derive(Debug, Default, Deserialize)]
+struct RawUserToken {
+    header: Option<String>,
+    jwks_file: Option<String>,
+    jwks_url: Option<String>,
+    jwks_ca_file: Option<String>,
+    jwks_refresh_interval: Option<String>,
+    #[serde(default)]
+    issuers: Vec<String>,
+    #[serde(default)]
+    audiences: Vec<String>,
+    algorithms: Option<Vec<String>>,
+    max_lifetime: Option<String>,
+    clock_skew: Option<String>,
+    groups_claim: Option<String>,
+    require_actor_binding: Option<bool>,
+    max_token_bytes: Option<usize>,
+    max_actor_depth: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
 struct RawPolicy {
     dir: Option<String>,
     mode: Option<String>,
@@ -86,6 +110,8 @@ struct RawRoute {
     path: Option<String>,
     path_prefix: Option<String>,
     protocol: Option<String>,
+    #[serde(default)]
+    forward_user_token: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -120,6 +146,7 @@ pub struct Config {
     pub tls: Arc<rustls::ServerConfig>,
     pub certificates: Vec<CertificateExpiry>,
     pub trust_domains: Vec<String>,
+    pub user_token: Option<UserTokenConfig>,
     pub policy: Arc<PolicyEngine>,
     pub policy_reload_interval: Duration,
     pub routes: Vec<RouteRule>,
@@ -151,8 +178,29 @@ impl Config {
         }
     }
 
-    pub fn into_options(self) -> portcullis_proxy::ProxyOptions {
-        portcullis_proxy::ProxyOptions {
+    /// The options the proxy runs with. Async because a `jwks_url` is fetched here: a key
+    /// set that cannot be loaded is a configuration error, reported like the others.
+    pub async fn into_options(self) -> Result<portcullis_proxy::ProxyOptions, ConfigErrors> {
+        let user_token = match self.user_token {
+            None => None,
+            Some(config) => {
+                let source_path = match &config.settings.jwks {
+                    JwksSource::File(_) => "user_token.jwks_file",
+                    JwksSource::Url { .. } => "user_token.jwks_url",
+                };
+                let verifier = UserTokenVerifier::new(config.settings).await.map_err(|e| {
+                    ConfigErrors(vec![ConfigError {
+                        path: source_path.to_owned(),
+                        message: e.to_string(),
+                    }])
+                })?;
+                Some(portcullis_proxy::UserTokens {
+                    verifier,
+                    header: config.header,
+                })
+            }
+        };
+        Ok(portcullis_proxy::ProxyOptions {
             listen: self.listen,
             admin_listen: self.admin_listen,
             tls: self.tls,
@@ -163,8 +211,16 @@ impl Config {
             routes: self.routes,
             limits: self.limits,
             audit: self.audit,
-        }
+            user_token,
+        })
     }
+}
+
+/// `user_token`, checked; the verifier is built from it by [`Config::into_options`].
+#[derive(Debug, Clone)]
+pub struct UserTokenConfig {
+    pub header: http::HeaderName,
+    pub settings: UserTokenSettings,
 }
 
 #[derive(Debug, Default)]
@@ -224,14 +280,16 @@ fn parse(text: &str, errors: &mut Errors) -> Option<RawConfig> {
 fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Option<Config> {
     let listen = socket_addr("listen", raw.listen.as_deref(), errors);
     let admin_listen = socket_addr("admin_listen", raw.admin_listen.as_deref(), errors);
-    if let (Some(a), Some(b)) = (listen, admin_listen) {
-        if a == b && a.port() != 0 {
-            errors.add("admin_listen", "must differ from listen");
-        }
+    if let (Some(a), Some(b)) = (listen, admin_listen)
+        && a == b
+        && a.port() != 0
+    {
+        errors.add("admin_listen", "must differ from listen");
     }
     let upstream = upstream(raw.upstream.as_deref(), errors);
     let limits = limits(raw.limits.unwrap_or_default(), errors);
     let (tls, certificates, trust_domains) = tls(raw.tls, base, errors);
+    let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
     let routes = routes(raw.routes, errors);
     let audit = audit(raw.audit, base, errors);
@@ -244,6 +302,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         tls: tls?,
         certificates,
         trust_domains,
+        user_token,
         policy: Arc::new(policy?),
         policy_reload_interval,
         routes: routes?,
@@ -403,6 +462,102 @@ fn tls(raw: Option<RawTls>, base: &Path, errors: &mut Errors) -> TlsParts {
     }
 }
 
+fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<UserTokenConfig> {
+    let before = errors.0.len();
+    let header_name = raw.header.as_deref().unwrap_or("x-portcullis-user-token");
+    let header = match http::HeaderName::from_bytes(header_name.as_bytes()) {
+        Ok(header) => Some(header),
+        Err(_) => {
+            errors.add(
+                "user_token.header",
+                format!("{header_name:?} is not a header name"),
+            );
+            None
+        }
+    };
+    let jwks = match (raw.jwks_file.as_deref(), raw.jwks_url.as_deref()) {
+        (Some(_), Some(_)) => {
+            errors.add("user_token", "set one of jwks_file and jwks_url, not both");
+            None
+        }
+        (None, None) => {
+            errors.add("user_token", "one of jwks_file or jwks_url is required");
+            None
+        }
+        (Some(file_path), None) => {
+            file(base, "user_token.jwks_file", Some(file_path), errors).map(JwksSource::File)
+        }
+        (None, Some(url)) => {
+            let ca_file = raw
+                .jwks_ca_file
+                .as_deref()
+                .and_then(|ca| file(base, "user_token.jwks_ca_file", Some(ca), errors));
+            Some(JwksSource::Url {
+                url: url.to_owned(),
+                ca_file,
+            })
+        }
+    };
+    if raw.issuers.is_empty() {
+        errors.add("user_token.issuers", "at least one issuer is required");
+    }
+    if raw.audiences.is_empty() {
+        errors.add("user_token.audiences", "at least one audience is required");
+    }
+    let mut algorithms = Vec::new();
+    for (index, name) in raw.algorithms.unwrap_or_default().iter().enumerate() {
+        match parse_algorithm(name) {
+            Ok(alg) => algorithms.push(alg),
+            Err(e) => errors.add(format!("user_token.algorithms[{index}]"), e.to_string()),
+        }
+    }
+    let max_lifetime = match raw.max_lifetime.as_deref() {
+        None => {
+            errors.add(
+                "user_token.max_lifetime",
+                "required: tokens must be short-lived",
+            );
+            None
+        }
+        lifetime => duration("user_token.max_lifetime", lifetime, errors),
+    };
+    let clock_skew = duration("user_token.clock_skew", raw.clock_skew.as_deref(), errors);
+    let refresh = duration(
+        "user_token.jwks_refresh_interval",
+        raw.jwks_refresh_interval.as_deref(),
+        errors,
+    );
+    if errors.0.len() != before {
+        return None;
+    }
+    let mut settings = UserTokenSettings::new(jwks?, raw.issuers, raw.audiences, max_lifetime?);
+    if !algorithms.is_empty() {
+        settings.algorithms = algorithms;
+    }
+    if let Some(skew) = clock_skew {
+        settings.clock_skew = skew;
+    }
+    if let Some(refresh) = refresh {
+        settings.jwks_refresh_interval = refresh;
+    }
+    if let Some(claim) = raw.groups_claim {
+        settings.groups_claim = claim;
+    }
+    if let Some(required) = raw.require_actor_binding {
+        settings.require_actor_binding = required;
+    }
+    if let Some(bytes) = raw.max_token_bytes {
+        settings.max_token_bytes = bytes;
+    }
+    if let Some(depth) = raw.max_actor_depth {
+        settings.max_actor_depth = depth;
+    }
+    Some(UserTokenConfig {
+        header: header?,
+        settings,
+    })
+}
+
 fn policy(
     raw: Option<RawPolicy>,
     base: &Path,
@@ -493,7 +648,11 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
                 continue;
             }
         };
-        routes.push(RouteRule { matcher, protocol });
+        routes.push(RouteRule {
+            matcher,
+            protocol,
+            forward_user_token: route.forward_user_token,
+        });
     }
     (errors.0.len() == before).then_some(routes)
 }

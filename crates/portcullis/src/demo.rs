@@ -126,7 +126,13 @@ async fn demo(args: DemoArgs) -> Result<()> {
         config_yaml(listen, admin_listen, upstream.addr),
     )?;
     let config = Config::load(&config_path).map_err(|errors| anyhow::anyhow!("{errors}"))?;
-    let running = portcullis_proxy::start(config.into_options()).await?;
+    let running = portcullis_proxy::start(
+        config
+            .into_options()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
+    )
+    .await?;
     let addr = running.local_addr();
     let admin = running.admin_addr();
 

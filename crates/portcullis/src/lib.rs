@@ -36,9 +36,11 @@ pub async fn shutdown_signal() {
 }
 
 /// Runs the proxy from a checked configuration until a shutdown signal, then drains.
-pub async fn run(config: config::Config) -> Result<(), portcullis_proxy::StartError> {
-    let drain = config.drain_timeout;
-    let running = portcullis_proxy::start(config.into_options()).await?;
+pub async fn run(
+    options: portcullis_proxy::ProxyOptions,
+    drain: Duration,
+) -> Result<(), portcullis_proxy::StartError> {
+    let running = portcullis_proxy::start(options).await?;
     shutdown_signal().await;
     tracing::info!(?drain, "shutting down: draining in-flight requests");
     running.shutdown(drain).await;

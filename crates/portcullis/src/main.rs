@@ -75,7 +75,12 @@ fn main() -> ExitCode {
                     Ok(config) => config,
                     Err(errors) => return config_failure(&errors),
                 };
-                match portcullis::run(config).await {
+                let drain = config.drain_timeout;
+                let options = match config.into_options().await {
+                    Ok(options) => options,
+                    Err(errors) => return config_failure(&errors),
+                };
+                match portcullis::run(options, drain).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         tracing::error!(%error, "cannot start");
@@ -83,21 +88,30 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Validate { config } => match Config::load(&config) {
-                Ok(config) => {
-                    println!(
-                        "{}: ok ({} policies, hash {}; trust domains: {}; {} routes; mode {})",
-                        config.source.display(),
-                        config.policy.policy_count(),
-                        &config.policy.hash()[..12],
-                        config.trust_domains.join(", "),
-                        config.routes.len(),
-                        config.policy.mode().name(),
-                    );
-                    ExitCode::SUCCESS
+            Command::Validate { config } => {
+                let config = match Config::load(&config) {
+                    Ok(config) => config,
+                    Err(errors) => return config_failure(&errors),
+                };
+                let summary = format!(
+                    "{}: ok ({} policies, hash {}; trust domains: {}; {} routes; user tokens: {}; mode {})",
+                    config.source.display(),
+                    config.policy.policy_count(),
+                    &config.policy.hash()[..12],
+                    config.trust_domains.join(", "),
+                    config.routes.len(),
+                    if config.user_token.is_some() { "verified" } else { "not configured" },
+                    config.policy.mode().name(),
+                );
+                // Builds the token verifier too, so an unusable key set fails validation.
+                match config.into_options().await {
+                    Ok(_) => {
+                        println!("{summary}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(errors) => config_failure(&errors),
                 }
-                Err(errors) => config_failure(&errors),
-            },
+            }
             Command::Demo(args) => portcullis::demo::run(args).await,
             Command::InjectWebhook { config } => {
                 let config = match portcullis_injector::WebhookConfig::load(&config) {

@@ -22,6 +22,9 @@ pub enum PathMatch {
 pub struct RouteRule {
     pub matcher: PathMatch,
     pub protocol: Protocol,
+    /// Whether the user's token is passed on to the upstream (by default it is removed: the
+    /// application gets `x-portcullis-user`, not a bearer credential it could replay).
+    pub forward_user_token: bool,
 }
 
 impl RouteRule {
@@ -39,6 +42,7 @@ pub struct Classified {
     pub action: Action,
     pub resource: Resource,
     pub protocol: Protocol,
+    pub forward_user_token: bool,
 }
 
 /// Classifies a request whose path already passed [`check_path`]. Unmatched paths are generic
@@ -49,10 +53,9 @@ pub fn classify(
     path: &str,
     host: &str,
 ) -> Result<Classified, Refusal> {
-    let protocol = routes
-        .iter()
-        .find(|route| route.matches(path))
-        .map_or(Protocol::Http, |route| route.protocol);
+    let route = routes.iter().find(|route| route.matches(path));
+    let protocol = route.map_or(Protocol::Http, |route| route.protocol);
+    let forward_user_token = route.is_some_and(|route| route.forward_user_token);
     match protocol {
         Protocol::Http => {
             let action = Action::for_method(method).ok_or(Refusal::UnsupportedMethod)?;
@@ -64,6 +67,7 @@ pub fn classify(
                     method: method.to_owned(),
                 },
                 protocol,
+                forward_user_token,
             })
         }
     }

@@ -18,6 +18,9 @@ pub enum Refusal {
     AmbiguousPath,
     /// A method no Cedar action names (TRACE, CONNECT, extension methods).
     UnsupportedMethod,
+    /// A user token was present and failed verification (its reason label inside). A token
+    /// that is present and invalid always rejects, whatever the policies say.
+    InvalidUserToken(&'static str),
     /// The policies deny.
     PolicyDenied,
     /// A permit marked `@approval("required")` applied.
@@ -40,6 +43,7 @@ impl Refusal {
             | Refusal::DuplicateHost
             | Refusal::AmbiguousPath => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::InvalidUserToken(_) => StatusCode::UNAUTHORIZED,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
             Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -56,12 +60,31 @@ impl Refusal {
             Refusal::DuplicateHost => "duplicate_host",
             Refusal::AmbiguousPath => "ambiguous_path",
             Refusal::UnsupportedMethod => "unsupported_method",
+            Refusal::InvalidUserToken(_) => "invalid_user_token",
             Refusal::PolicyDenied => "policy_denied",
             Refusal::ApprovalRequired => "approval_required",
             Refusal::AuditUnavailable => "audit_unavailable",
             Refusal::UpstreamConnect => "upstream_unavailable",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::UpstreamProtocol => "upstream_protocol_error",
+        }
+    }
+
+    /// A finer reason the caller may see (the token rejection reason), if any.
+    pub fn detail(self) -> Option<&'static str> {
+        match self {
+            Refusal::InvalidUserToken(reason) => Some(reason),
+            Refusal::AbsoluteFormTarget
+            | Refusal::MissingHost
+            | Refusal::DuplicateHost
+            | Refusal::AmbiguousPath
+            | Refusal::UnsupportedMethod
+            | Refusal::PolicyDenied
+            | Refusal::ApprovalRequired
+            | Refusal::AuditUnavailable
+            | Refusal::UpstreamConnect
+            | Refusal::UpstreamTimeout
+            | Refusal::UpstreamProtocol => None,
         }
     }
 
@@ -75,6 +98,7 @@ impl Refusal {
             | Refusal::DuplicateHost
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
+            | Refusal::InvalidUserToken(_)
             | Refusal::PolicyDenied
             | Refusal::ApprovalRequired
             | Refusal::AuditUnavailable => false,

@@ -100,6 +100,16 @@ pub struct ProxyOptions {
     pub routes: Vec<RouteRule>,
     pub limits: Limits,
     pub audit: AuditSink,
+    /// User-token verification; `None` makes every call autonomous (agent question only).
+    pub user_token: Option<UserTokens>,
+}
+
+/// How user tokens are found and verified.
+#[derive(Debug, Clone)]
+pub struct UserTokens {
+    pub verifier: portcullis_identity::user_token::UserTokenVerifier,
+    /// The header carrying the token. `authorization` means the `Bearer` scheme (RFC 6750).
+    pub header: http::HeaderName,
 }
 
 /// What every request handler shares.
@@ -111,6 +121,7 @@ pub(crate) struct Shared {
     metrics: Metrics,
     audit: AuditLog,
     limits: Limits,
+    user_token: Option<UserTokens>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +190,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         metrics: metrics.clone(),
         audit: audit.clone(),
         limits: options.limits,
+        user_token: options.user_token.clone(),
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
@@ -206,6 +218,11 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             shutdown_rx,
         )),
     ];
+    if let Some(tokens) = &options.user_token {
+        // The key refresh runs until the last verifier handle is dropped; it is not a task
+        // that shutdown must wait for.
+        drop(tokens.verifier.spawn_refresh());
+    }
     // Policies and certificates were loaded before we got here, and both listeners are bound.
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(%local_addr, %admin_addr, "portcullis serving");

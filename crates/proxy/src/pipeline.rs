@@ -1,15 +1,15 @@
 //! The per-request pipeline, in the order it runs. Identity was established once for the
 //! connection (see `server`); everything here runs for every request.
 //!
-//! 1. reserve an audit slot      — before any work, so a full or failed sink pushes back or
-//!                                  fails closed, and every later outcome has a record
-//! 2. check framing              — Host and request-target rules (RFC 9112 §3.2), path
-//!                                  ambiguity; before classification, which reads them
-//! 3. classify                   — route → Cedar action + resource
-//! 4. authorize                  — Cedar; yields a `Permit` only when the request may pass
-//! 5. rewrite headers            — strip hop-by-hop and caller identity, then set ours
-//! 6. forward                    — needs the `Permit`; streams both ways
-//! 7. audit                      — written when the response body ends or is dropped
+//! 1. reserve an audit slot: before any work, so a full or failed sink pushes back or fails
+//!    closed, and every later outcome has a record
+//! 2. check framing: Host and request-target rules (RFC 9112 §3.2) and path ambiguity, before
+//!    classification reads them
+//! 3. classify: route → Cedar action + resource
+//! 4. authorize: Cedar; yields a `Permit` only when the request may pass
+//! 5. rewrite headers: strip hop-by-hop and caller identity, then set ours
+//! 6. forward: needs the `Permit`; streams both ways
+//! 7. audit: written when the response body ends or is dropped
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,14 +24,15 @@ use hyper::body::Incoming;
 use portcullis_core::{Decision, SpiffeId};
 use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 
-use crate::Shared;
-use crate::audit::{AuditGuard, AuditRecord, AuditResource, rfc3339};
+use crate::audit::{AuditGuard, AuditRecord, AuditResource, AuditUser, rfc3339};
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{check_path, classify};
 use crate::error::Refusal;
 use crate::headers::{
-    AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, remove_hop_by_hop, remove_identity,
+    AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
+    remove_identity,
 };
+use crate::{Shared, UserTokens};
 
 /// What the connection established once: who is calling, from where.
 #[derive(Debug)]
@@ -109,6 +110,10 @@ async fn authorize_and_forward(
 
     let decision_started = Instant::now();
     let classified = classify(&shared.routes, &method, &path, &host)?;
+    let user = match &shared.user_token {
+        None => None,
+        Some(tokens) => verify_user(shared, tokens, &conn.agent, request.headers(), audit).await?,
+    };
     audit.record.action = Some(classified.action.name());
     audit.record.resource = Some(AuditResource {
         kind: classified.resource.entity_type(),
@@ -117,7 +122,7 @@ async fn authorize_and_forward(
     let client_address = conn.peer.ip().to_string();
     let mut evaluation = shared.policy.evaluate(&AuthzInput {
         agent: &conn.agent,
-        user: None,
+        user: user.as_ref(),
         action: classified.action,
         resource: &classified.resource,
         request: RequestInfo {
@@ -157,6 +162,16 @@ async fn authorize_and_forward(
     let (mut parts, body) = request.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     remove_identity(&mut parts.headers);
+    if let Some(tokens) = &shared.user_token
+        && !classified.forward_user_token
+    {
+        parts.headers.remove(&tokens.header);
+    }
+    if let Some(user) = &user
+        && let Ok(value) = HeaderValue::from_str(&user.subject)
+    {
+        parts.headers.insert(USER_HEADER, value);
+    }
     if parts.version == Version::HTTP_2 && parts.uri.authority().is_some() {
         // HTTP/2 carries the host in :authority; the HTTP/1.1 upstream needs a Host header.
         if let Ok(value) = HeaderValue::from_str(&host_with_port(&parts)) {
@@ -182,6 +197,70 @@ async fn authorize_and_forward(
             audit.record.errors.push(error.detail);
             Err(error.refusal)
         }
+    }
+}
+
+/// Finds and verifies the user token. Absent: an autonomous call (`Ok(None)`). Present and
+/// invalid: 401, whatever the policies would say.
+async fn verify_user(
+    shared: &Shared,
+    tokens: &UserTokens,
+    agent: &SpiffeId,
+    headers: &http::HeaderMap,
+    audit: &mut AuditGuard,
+) -> Result<Option<portcullis_core::UserClaims>, Refusal> {
+    let mut values = headers.get_all(&tokens.header).iter();
+    let Some(value) = values.next() else {
+        return Ok(None);
+    };
+    let reject = |reason: &'static str, audit: &mut AuditGuard, detail: String| {
+        shared
+            .metrics
+            .user_token_rejections
+            .with_label_values(&[reason])
+            .inc();
+        audit.record.errors.push(detail);
+        Refusal::InvalidUserToken(reason)
+    };
+    if values.next().is_some() {
+        return Err(reject(
+            "malformed",
+            audit,
+            "more than one user token header".to_owned(),
+        ));
+    }
+    let Ok(value) = value.to_str() else {
+        return Err(reject(
+            "malformed",
+            audit,
+            "user token is not ASCII".to_owned(),
+        ));
+    };
+    let token = if tokens.header == http::header::AUTHORIZATION {
+        // RFC 6750 §2.1: `Bearer` (case-insensitive scheme), one space, the token.
+        match value.split_once(' ') {
+            Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+            _ => {
+                return Err(reject(
+                    "malformed",
+                    audit,
+                    "authorization header is not a Bearer token".to_owned(),
+                ));
+            }
+        }
+    } else {
+        value.trim()
+    };
+    match tokens.verifier.verify(token, agent).await {
+        Ok(claims) => {
+            audit.record.user = Some(AuditUser {
+                sub: claims.subject.clone(),
+                iss: claims.issuer.clone(),
+            });
+            audit.record.actor_chain = claims.actor_chain.clone();
+            Ok(Some(claims))
+        }
+        Err(rejection) => Err(reject(rejection.reason(), audit, rejection.to_string())),
     }
 }
 
@@ -255,10 +334,11 @@ fn set_request_id(headers: &mut http::HeaderMap, request_id: &str) {
 
 /// The caller-facing response for a refusal: a status and a stable reason, nothing internal.
 pub(crate) fn refusal_response(refusal: Refusal, request_id: &str) -> Response<ResponseBody> {
-    let body = serde_json::json!({
-        "error": { "code": refusal.reason(), "request_id": request_id }
-    })
-    .to_string();
+    let mut error = serde_json::json!({ "code": refusal.reason(), "request_id": request_id });
+    if let Some(detail) = refusal.detail() {
+        error["reason"] = detail.into();
+    }
+    let body = serde_json::json!({ "error": error }).to_string();
     let mut response = Response::new(
         http_body_util::Full::new(Bytes::from(body))
             .map_err(|never| match never {})
@@ -271,6 +351,13 @@ pub(crate) fn refusal_response(refusal: Refusal, request_id: &str) -> Response<R
         HeaderValue::from_static("application/json"),
     );
     set_request_id(headers, request_id);
+    if refusal.status() == StatusCode::UNAUTHORIZED {
+        // RFC 6750 §3.1.
+        headers.insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer error=\"invalid_token\""),
+        );
+    }
     if refusal.status() == StatusCode::SERVICE_UNAVAILABLE {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
     }

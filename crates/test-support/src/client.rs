@@ -140,8 +140,10 @@ impl Connection {
 /// HTTP/2 names the host in `:authority` (RFC 9113 §8.3.1), taken from an absolute URI:
 /// move a relative request's Host header there.
 fn to_http2(mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {
-    if request.uri().authority().is_none() {
-        if let Some(host) = request.headers_mut().remove(http::header::HOST) {
+    if request.uri().authority().is_none()
+        && let Some(host) = request.headers_mut().remove(http::header::HOST)
+    {
+        {
             let path = request
                 .uri()
                 .path_and_query()
@@ -164,10 +166,10 @@ fn classify_hyper_error(error: hyper::Error) -> CallError {
         if let Some(tls) = cause.downcast_ref::<rustls::Error>() {
             return CallError::Tls(tls.to_string());
         }
-        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
-            if let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-                return CallError::Tls(tls.to_string());
-            }
+        if let Some(io) = cause.downcast_ref::<std::io::Error>()
+            && let Some(tls) = io.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>())
+        {
+            return CallError::Tls(tls.to_string());
         }
         source = cause.source();
     }

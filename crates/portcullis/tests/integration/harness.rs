@@ -11,6 +11,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use portcullis::config::Config;
 use portcullis_test_support::client::{CallError, Caller, HttpVersion, request};
+use portcullis_test_support::jwt::{self, SigningKey};
 use portcullis_test_support::pki::{Ca, LeafSpec, Svid};
 use portcullis_test_support::upstream::{SsePacing, Upstream};
 use rustls::pki_types::ServerName;
@@ -40,7 +41,14 @@ pub struct Builder {
     upstream: Option<SocketAddr>,
     /// Additional trusted trust domains: name → CA.
     extra_bundles: Vec<(String, Arc<Ca>)>,
+    /// Verify user tokens against a JWKS file holding this key.
+    idp: Option<SigningKey>,
+    /// Copy *.cedar and entities.json from this directory instead of the shipped ones.
+    policy_dir: Option<PathBuf>,
 }
+
+pub const ISSUER: &str = "https://idp.example.org";
+pub const AUDIENCE: &str = "orders-api";
 
 pub struct Harness {
     pub dir: tempfile::TempDir,
@@ -49,6 +57,9 @@ pub struct Harness {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     pub _running: Option<portcullis_proxy::Running>,
+    pub idp: Option<SigningKey>,
+    /// The proxy's own token verifier (a shared handle), for its counters.
+    pub verifier: Option<portcullis_identity::user_token::UserTokenVerifier>,
 }
 
 impl Builder {
@@ -77,6 +88,16 @@ impl Builder {
         self
     }
 
+    pub fn user_tokens(mut self) -> Self {
+        self.idp = Some(SigningKey::es256("idp-1"));
+        self
+    }
+
+    pub fn policy_dir(mut self, dir: PathBuf) -> Self {
+        self.policy_dir = Some(dir);
+        self
+    }
+
     pub fn trust(mut self, domain: &str, ca: Arc<Ca>) -> Self {
         self.extra_bundles.push((domain.to_owned(), ca));
         self
@@ -91,7 +112,10 @@ impl Builder {
         write(dir.path(), "server-key.pem", &server.key_pem);
         let policy_dir = dir.path().join("policies");
         std::fs::create_dir(&policy_dir).unwrap();
-        let shipped = repo_root().join("policies");
+        let shipped = self
+            .policy_dir
+            .clone()
+            .unwrap_or_else(|| repo_root().join("policies"));
         for entry in std::fs::read_dir(&shipped).unwrap() {
             let entry = entry.unwrap();
             let name = entry.file_name().into_string().unwrap();
@@ -126,16 +150,25 @@ impl Builder {
             self.mode.unwrap_or("enforce"),
             self.extra_yaml,
         );
+        let mut yaml = yaml;
+        if let Some(idp) = &self.idp {
+            write(dir.path(), "jwks.json", &jwt::jwks(&[idp]));
+            yaml.push_str(&format!(
+                "user_token:\n  jwks_file: jwks.json\n  jwks_refresh_interval: 100ms\n  issuers: [{ISSUER}]\n  audiences: [{AUDIENCE}]\n  max_lifetime: 1h\n"
+            ));
+        }
         write(dir.path(), "config.yaml", &yaml);
         let config =
             Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
-        let running = portcullis_proxy::start(config.into_options())
-            .await
-            .unwrap();
+        let options = config.into_options().await.unwrap();
+        let verifier = options.user_token.as_ref().map(|t| t.verifier.clone());
+        let running = portcullis_proxy::start(options).await.unwrap();
         Harness {
             addr: running.local_addr(),
             admin: running.admin_addr(),
             _running: Some(running),
+            idp: self.idp,
+            verifier,
             dir,
             ca,
             upstream,
@@ -240,6 +273,38 @@ impl Harness {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         read_audit(&path)
+    }
+
+    /// A well-formed user token for `subject` in `groups`, acting through `actor`.
+    pub fn token(&self, subject: &str, groups: &[&str], actor: &str) -> String {
+        let mut claims = jwt::claims(ISSUER, AUDIENCE, subject, actor, jwt::now());
+        claims["groups"] = serde_json::json!(groups);
+        claims["scope"] = "orders".into();
+        self.idp
+            .as_ref()
+            .expect("built with user_tokens()")
+            .token(&claims)
+    }
+
+    /// `method path` as `agent`, with `token` in the user-token header when given.
+    pub async fn call_as(
+        &self,
+        agent: &str,
+        token: Option<&str>,
+        method: &str,
+        path: &str,
+    ) -> (u16, Bytes) {
+        let mut req = request(method, HOST, path, Bytes::new());
+        if let Some(token) = token {
+            req.headers_mut()
+                .insert("x-portcullis-user-token", token.parse().unwrap());
+        }
+        self.send(
+            agent,
+            portcullis_test_support::client::HttpVersion::Http1,
+            req,
+        )
+        .await
     }
 
     pub fn audit_path(&self) -> PathBuf {

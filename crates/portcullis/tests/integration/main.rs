@@ -7,6 +7,7 @@ mod harness;
 
 mod audit;
 mod config;
+mod delegation;
 mod forwarding;
 mod handshake;
 mod policy;
