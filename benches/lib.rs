@@ -33,6 +33,7 @@ pub fn write_policy_set(dir: &Path, n: usize) {
 
 /// A proxy on loopback in front of a recording upstream, started through the same config
 /// loader as `portcullis run`, with the shipped policies; and a CA to mint callers.
+#[allow(missing_debug_implementations, reason = "bench fixture")]
 pub struct Setup {
     pub _dir: tempfile::TempDir,
     pub ca: portcullis_test_support::pki::Ca,

@@ -254,7 +254,8 @@ fn parse(text: &str, errors: &mut Errors) -> Option<RawConfig> {
         return None;
     }
     let mut unknown = Vec::new();
-    let mut record_unknown = |path: serde_ignored::Path<'_>| unknown.push(path.to_string());
+    let mut record_unknown =
+        |path: serde_ignored::Path<'_>| unknown.push(yaml_path(&path.to_string()));
     let deserializer = serde_ignored::Deserializer::new(value, &mut record_unknown);
     let parsed: Result<RawConfig, _> = serde_path_to_error::deserialize(deserializer);
     for path in unknown {
@@ -275,6 +276,23 @@ fn parse(text: &str, errors: &mut Errors) -> Option<RawConfig> {
             None
         }
     }
+}
+
+/// serde_ignored's `limits.?.key` / `routes.0.key` as the YAML path a person writes:
+/// `limits.key`, `routes[0].key`.
+fn yaml_path(ignored: &str) -> String {
+    let mut out = String::new();
+    for segment in ignored.split('.').filter(|s| *s != "?") {
+        if segment.chars().all(|c| c.is_ascii_digit()) && !out.is_empty() {
+            out.push_str(&format!("[{segment}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(segment);
+        }
+    }
+    out
 }
 
 fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Option<Config> {

@@ -33,6 +33,7 @@ routes:
     path_prefix: /b
   - path_prefix: /v1
     protocol: grpc
+    weight: 3
 limits:
   idle_timeout: forever
   shredder: 1
@@ -53,6 +54,7 @@ limits:
         "policy.dir",
         "routes[0]",
         "routes[1].protocol",
+        "routes[1].weight",
         "limits.idle_timeout",
     ] {
         assert!(paths.contains(&want), "missing {want} in {errors:#?}");
