@@ -18,8 +18,8 @@ COPY . .
 # cached target directory because cache mounts are not part of the layer.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p portcullis --bin portcullis \
-    && install -D -m 0755 target/release/portcullis /out/portcullis
+    cargo build --profile dist --locked -p portcullis --bin portcullis \
+    && install -D -m 0755 target/dist/portcullis /out/portcullis
 
 # glibc + libgcc, CA certificates, /etc/passwd with the nonroot user; no shell.
 FROM gcr.io/distroless/cc-debian12:nonroot AS runtime

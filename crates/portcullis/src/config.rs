@@ -68,6 +68,8 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     audit: Option<RawAudit>,
     limits: Option<RawLimits>,
+    telemetry: Option<RawTelemetry>,
+    reject_standing_credentials: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -117,6 +119,15 @@ struct RawRoute {
 #[derive(Debug, Default, Deserialize)]
 struct RawAudit {
     sink: Option<String>,
+    /// Rotate the audit file when it would exceed this many bytes.
+    max_file_bytes: Option<u64>,
+    /// Rotated files kept (`audit.jsonl.1` … `.N`).
+    max_files: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawTelemetry {
+    max_agent_labels: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -153,6 +164,8 @@ pub struct Config {
     pub audit: AuditSink,
     pub limits: Limits,
     pub drain_timeout: Duration,
+    pub reject_standing_credentials: bool,
+    pub max_agent_labels: usize,
 }
 
 impl Config {
@@ -212,6 +225,8 @@ impl Config {
             limits: self.limits,
             audit: self.audit,
             user_token,
+            reject_standing_credentials: self.reject_standing_credentials,
+            max_agent_labels: self.max_agent_labels,
         })
     }
 }
@@ -327,6 +342,11 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         audit: audit?,
         limits,
         drain_timeout,
+        reject_standing_credentials: raw.reject_standing_credentials.unwrap_or(false),
+        max_agent_labels: raw
+            .telemetry
+            .and_then(|t| t.max_agent_labels)
+            .unwrap_or(100),
     })
 }
 
@@ -676,17 +696,33 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
 }
 
 fn audit(raw: Option<RawAudit>, base: &Path, errors: &mut Errors) -> Option<AuditSink> {
-    let sink = raw
-        .and_then(|a| a.sink)
-        .unwrap_or_else(|| "stdout".to_owned());
+    let raw = raw.unwrap_or_default();
+    let sink = raw.sink.unwrap_or_else(|| "stdout".to_owned());
     if sink == "stdout" {
+        if raw.max_file_bytes.is_some() || raw.max_files.is_some() {
+            errors.add(
+                "audit",
+                "max_file_bytes and max_files apply to a file sink only",
+            );
+            return None;
+        }
         return Some(AuditSink::Stdout);
+    }
+    if raw.max_file_bytes == Some(0) {
+        errors.add("audit.max_file_bytes", "must be greater than 0");
+        return None;
+    }
+    if raw.max_files == Some(0) {
+        errors.add("audit.max_files", "must be at least 1");
+        return None;
     }
     let path = base.join(&sink);
     match path.parent() {
-        Some(parent) if parent.as_os_str().is_empty() || parent.is_dir() => {
-            Some(AuditSink::File(path))
-        }
+        Some(parent) if parent.as_os_str().is_empty() || parent.is_dir() => Some(AuditSink::File {
+            path,
+            rotate_bytes: raw.max_file_bytes,
+            keep: raw.max_files.unwrap_or(10),
+        }),
         _ => {
             errors.add(
                 "audit.sink",

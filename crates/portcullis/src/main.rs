@@ -53,6 +53,25 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Work with audit trails.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+    /// Print the inventory of agent identities (as `GET /inventory` does) built from audit files.
+    Inventory {
+        /// Audit files, oldest first (e.g. audit.jsonl.2 audit.jsonl.1 audit.jsonl).
+        #[arg(long = "audit", required = true, num_args = 1..)]
+        files: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCommand {
+    /// Check the hash chain; report the first break (file, line, expected and found hash).
+    Verify {
+        /// Audit files, oldest first; rotated files continue the chain of the one before.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -113,6 +132,48 @@ fn main() -> ExitCode {
                 }
             }
             Command::Demo(args) => portcullis::demo::run(args).await,
+            Command::Audit(AuditCommand::Verify { files }) => {
+                match portcullis_proxy::audit::verify_chain(&files) {
+                    Err(error) => {
+                        eprintln!("error: cannot read the audit files: {error}");
+                        ExitCode::from(EXIT_CONFIG)
+                    }
+                    Ok(Err(broken)) => {
+                        eprintln!("{broken}");
+                        ExitCode::from(1)
+                    }
+                    Ok(Ok(summary)) => {
+                        println!(
+                            "ok: {} records in an unbroken chain ({} process starts)",
+                            summary.records, summary.starts
+                        );
+                        ExitCode::SUCCESS
+                    }
+                }
+            }
+            Command::Inventory { files } => {
+                let inventory = portcullis_proxy::inventory::Inventory::new();
+                for file in &files {
+                    let text = match std::fs::read_to_string(file) {
+                        Ok(text) => text,
+                        Err(error) => {
+                            eprintln!("error: {}: {error}", file.display());
+                            return ExitCode::from(EXIT_CONFIG);
+                        }
+                    };
+                    for (index, line) in text.lines().enumerate() {
+                        match serde_json::from_str::<serde_json::Value>(line) {
+                            Ok(record) => inventory.observe_audit_line(&record),
+                            Err(error) => {
+                                eprintln!("error: {}:{}: not JSON: {error}", file.display(), index + 1);
+                                return ExitCode::from(EXIT_CONFIG);
+                            }
+                        }
+                    }
+                }
+                println!("{}", serde_json::to_string_pretty(&inventory.to_json()).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
             Command::InjectWebhook { config } => {
                 let config = match portcullis_injector::WebhookConfig::load(&config) {
                     Ok(config) => config,

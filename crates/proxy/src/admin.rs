@@ -1,5 +1,5 @@
 //! The admin listener (plain HTTP, meant for the pod network only): `/healthz`, `/readyz`,
-//! `/metrics`.
+//! `/metrics`, `/inventory`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -23,6 +23,7 @@ pub(crate) struct AdminState {
     /// Set once policies and certificates are loaded and the agent listener is bound.
     pub ready: AtomicBool,
     pub audit: AuditLog,
+    pub inventory: Arc<crate::inventory::Inventory>,
 }
 
 pub(crate) async fn serve(
@@ -81,6 +82,15 @@ async fn respond(
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/inventory" => {
+            let mut response = text(StatusCode::OK, "");
+            *response.body_mut() = Full::new(Bytes::from(state.inventory.to_json().to_string()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
             );
             response
         }

@@ -21,6 +21,9 @@ pub enum Refusal {
     /// A user token was present and failed verification (its reason label inside). A token
     /// that is present and invalid always rejects, whatever the policies say.
     InvalidUserToken(&'static str),
+    /// A long-lived credential (`Authorization` that is not the user token, `x-api-key`) with
+    /// `reject_standing_credentials: true`.
+    StandingCredential,
     /// The policies deny.
     PolicyDenied,
     /// A permit marked `@approval("required")` applied.
@@ -43,7 +46,7 @@ impl Refusal {
             | Refusal::DuplicateHost
             | Refusal::AmbiguousPath => StatusCode::BAD_REQUEST,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::InvalidUserToken(_) => StatusCode::UNAUTHORIZED,
+            Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
             Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -61,6 +64,7 @@ impl Refusal {
             Refusal::AmbiguousPath => "ambiguous_path",
             Refusal::UnsupportedMethod => "unsupported_method",
             Refusal::InvalidUserToken(_) => "invalid_user_token",
+            Refusal::StandingCredential => "standing_credential",
             Refusal::PolicyDenied => "policy_denied",
             Refusal::ApprovalRequired => "approval_required",
             Refusal::AuditUnavailable => "audit_unavailable",
@@ -79,6 +83,7 @@ impl Refusal {
             | Refusal::DuplicateHost
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
+            | Refusal::StandingCredential
             | Refusal::PolicyDenied
             | Refusal::ApprovalRequired
             | Refusal::AuditUnavailable
@@ -99,6 +104,7 @@ impl Refusal {
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
             | Refusal::InvalidUserToken(_)
+            | Refusal::StandingCredential
             | Refusal::PolicyDenied
             | Refusal::ApprovalRequired
             | Refusal::AuditUnavailable => false,

@@ -12,6 +12,7 @@ pub mod classify;
 pub mod error;
 mod forward;
 pub mod headers;
+pub mod inventory;
 pub mod metrics;
 mod pipeline;
 mod server;
@@ -102,6 +103,11 @@ pub struct ProxyOptions {
     pub audit: AuditSink,
     /// User-token verification; `None` makes every call autonomous (agent question only).
     pub user_token: Option<UserTokens>,
+    /// Refuse (401) requests that carry a long-lived credential header instead of only
+    /// flagging them.
+    pub reject_standing_credentials: bool,
+    /// Agents given their own label in `portcullis_agent_decisions_total` before `other`.
+    pub max_agent_labels: usize,
 }
 
 /// How user tokens are found and verified.
@@ -122,6 +128,8 @@ pub(crate) struct Shared {
     audit: AuditLog,
     limits: Limits,
     user_token: Option<UserTokens>,
+    inventory: Arc<inventory::Inventory>,
+    reject_standing_credentials: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +156,8 @@ pub struct Running {
 
 /// Binds both listeners, opens the audit sink and starts serving.
 pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
-    let metrics = Metrics::new();
+    let metrics = Metrics::with_agent_label_cap(options.max_agent_labels);
+    let inventory = Arc::new(inventory::Inventory::new());
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await
@@ -191,11 +200,14 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         audit: audit.clone(),
         limits: options.limits,
         user_token: options.user_token.clone(),
+        inventory: inventory.clone(),
+        reject_standing_credentials: options.reject_standing_credentials,
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
         ready: false.into(),
         audit,
+        inventory,
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     let acceptor = tokio_rustls::TlsAcceptor::from(options.tls);

@@ -1,6 +1,9 @@
 //! Prometheus metrics. Names and labels are a contract with dashboards and alerts
 //! (`helm/portcullis/dashboards/`); label values are always from a bounded set.
 
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -22,14 +25,24 @@ pub struct Metrics {
     pub audit_write_failures: IntCounter,
     pub connections_active: IntGauge,
     pub policy_count: Gauge,
+    pub agents_seen: IntGauge,
+    pub standing_credentials: IntCounterVec,
+    /// Decisions per agent, behind a cardinality cap (`telemetry.max_agent_labels`).
+    pub agent_decisions: IntCounterVec,
+    agent_labels: Arc<Mutex<HashSet<String>>>,
+    max_agent_labels: usize,
 }
 
 impl Metrics {
+    pub fn new() -> Self {
+        Self::with_agent_label_cap(100)
+    }
+
     #[allow(
         clippy::expect_used,
         reason = "metric definitions are static and valid"
     )]
-    pub fn new() -> Self {
+    pub fn with_agent_label_cap(max_agent_labels: usize) -> Self {
         let registry = Registry::new();
         let counter_vec = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
@@ -125,8 +138,38 @@ impl Metrics {
         registry
             .register(Box::new(policy_count.clone()))
             .expect("unique metric");
+        let agents_seen = IntGauge::new(
+            "portcullis_agents_seen",
+            "Distinct agent identities seen since start (see /inventory).",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(agents_seen.clone()))
+            .expect("unique metric");
+        let standing_credentials = counter_vec(
+            "portcullis_standing_credentials_total",
+            "Requests carrying a long-lived credential header (removed, flagged in audit).",
+            &["header"],
+        );
+        let agent_decisions = counter_vec(
+            "portcullis_agent_decisions_total",
+            "Decisions per agent SPIFFE ID; agents beyond the label cap are counted as \"other\".",
+            &["agent", "decision"],
+        );
+        // CPU, RSS, open file descriptors, start time (Linux /proc).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("unique metric");
         Self {
             registry,
+            agents_seen,
+            standing_credentials,
+            agent_decisions,
+            agent_labels: Arc::new(Mutex::new(HashSet::new())),
+            max_agent_labels,
             decisions,
             decision_duration,
             request_duration,
@@ -140,6 +183,22 @@ impl Metrics {
             connections_active,
             policy_count,
         }
+    }
+
+    /// Counts a decision for `agent`, under its own label while fewer than the cap have been
+    /// given one, as `other` after: label cardinality stays bounded whatever connects.
+    pub fn observe_agent_decision(&self, agent: &str, decision: &str) {
+        let label = match self.agent_labels.lock() {
+            Ok(labels) if labels.contains(agent) => agent,
+            Ok(mut labels) if labels.len() < self.max_agent_labels => {
+                labels.insert(agent.to_owned());
+                agent
+            }
+            _ => "other",
+        };
+        self.agent_decisions
+            .with_label_values(&[label, decision])
+            .inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -68,7 +68,12 @@ pub(crate) async fn handle(
         mode: shared.policy.mode().name(),
         ..AuditRecord::default()
     };
-    let mut audit = AuditGuard::new(slot, shared.metrics.clone(), record);
+    let mut audit = AuditGuard::new(
+        slot,
+        shared.metrics.clone(),
+        shared.inventory.clone(),
+        record,
+    );
 
     match authorize_and_forward(&shared, &conn, request, &request_id, &trace, &mut audit).await {
         Ok(response) => {
@@ -114,6 +119,18 @@ async fn authorize_and_forward(
         None => None,
         Some(tokens) => verify_user(shared, tokens, &conn.agent, request.headers(), audit).await?,
     };
+    let token_header = shared.user_token.as_ref().map(|t| &t.header);
+    audit.record.standing_credentials = standing_credentials(request.headers(), token_header);
+    for header in &audit.record.standing_credentials {
+        shared
+            .metrics
+            .standing_credentials
+            .with_label_values(&[header])
+            .inc();
+    }
+    if shared.reject_standing_credentials && !audit.record.standing_credentials.is_empty() {
+        return Err(Refusal::StandingCredential);
+    }
     audit.record.action = Some(classified.action.name());
     audit.record.resource = Some(AuditResource {
         kind: classified.resource.entity_type(),
@@ -144,6 +161,9 @@ async fn authorize_and_forward(
         .decisions
         .with_label_values(&[evaluation.decision.name(), classified.action.name()])
         .inc();
+    shared
+        .metrics
+        .observe_agent_decision(conn.agent.as_str(), evaluation.decision.name());
     record_evaluation(audit, &evaluation, decision_time.as_micros());
     tracing::debug!(
         request_id,
@@ -162,6 +182,12 @@ async fn authorize_and_forward(
     let (mut parts, body) = request.into_parts();
     remove_hop_by_hop(&mut parts.headers);
     remove_identity(&mut parts.headers);
+    // Long-lived credentials never reach the application (flagged above).
+    for header in STANDING_CREDENTIAL_HEADERS {
+        if token_header.is_none_or(|t| t.as_str() != header) {
+            parts.headers.remove(header);
+        }
+    }
     if let Some(tokens) = &shared.user_token
         && !classified.forward_user_token
     {
@@ -198,6 +224,23 @@ async fn authorize_and_forward(
             Err(error.refusal)
         }
     }
+}
+
+/// Headers that carry long-lived credentials: an agent should hold none (DESIGN: no
+/// long-lived API keys in agents; upstream credentials live in the sidecar).
+const STANDING_CREDENTIAL_HEADERS: [&str; 2] = ["authorization", "x-api-key"];
+
+/// The long-lived credential headers present, other than the configured user-token header
+/// (whose value was verified as a short-lived token, or the request was already refused).
+fn standing_credentials(
+    headers: &http::HeaderMap,
+    token_header: Option<&http::HeaderName>,
+) -> Vec<&'static str> {
+    STANDING_CREDENTIAL_HEADERS
+        .into_iter()
+        .filter(|name| headers.contains_key(*name))
+        .filter(|name| token_header.is_none_or(|t| t.as_str() != *name))
+        .collect()
 }
 
 /// Finds and verifies the user token. Absent: an autonomous call (`Ok(None)`). Present and

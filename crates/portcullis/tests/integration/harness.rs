@@ -45,6 +45,8 @@ pub struct Builder {
     idp: Option<SigningKey>,
     /// Copy *.cedar and entities.json from this directory instead of the shipped ones.
     policy_dir: Option<PathBuf>,
+    /// The `audit:` block (default: `sink: audit.jsonl`).
+    audit_yaml: Option<String>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
@@ -90,6 +92,11 @@ impl Builder {
 
     pub fn user_tokens(mut self) -> Self {
         self.idp = Some(SigningKey::es256("idp-1"));
+        self
+    }
+
+    pub fn audit_yaml(mut self, yaml: &str) -> Self {
+        self.audit_yaml = Some(yaml.to_owned());
         self
     }
 
@@ -146,8 +153,11 @@ impl Builder {
              upstream: http://{upstream_addr}\n\
              tls:\n  cert: server.pem\n  key: server-key.pem\n  trust_bundles:\n{bundles}\
              policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n\
-             audit:\n  sink: audit.jsonl\n{}",
+             audit:\n{}{}",
             self.mode.unwrap_or("enforce"),
+            self.audit_yaml
+                .as_deref()
+                .unwrap_or("  sink: audit.jsonl\n"),
             self.extra_yaml,
         );
         let mut yaml = yaml;

@@ -1,0 +1,154 @@
+//! The inventory of AI identities: every agent seen, what it did, for whom. The first step of
+//! Zero Trust is knowing which non-human identities exist; this answers it from live traffic
+//! (`GET /inventory` on the admin listener) and, with the same code, offline from audit files
+//! (`portcullis inventory --audit FILE...`).
+//!
+//! Memory is bounded: per agent at most [`MAX_RESOURCES`] distinct resources are listed (the
+//! rest are counted), and distinct users are counted through a set of at most
+//! [`MAX_USERS`] entries (beyond it the count is a lower bound, flagged as such).
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+pub const MAX_RESOURCES: usize = 100;
+pub const MAX_USERS: usize = 10_000;
+
+/// One decided request, as the inventory needs it.
+#[derive(Debug, Clone, Copy)]
+pub struct Observation<'a> {
+    pub time: &'a str,
+    pub agent: &'a str,
+    pub user: Option<&'a str>,
+    pub action: Option<&'a str>,
+    /// `Type::"id"`.
+    pub resource: Option<&'a str>,
+    /// `allow`, `deny`, `shadow_deny`, `approval_required`, or `None` when refused before a
+    /// decision (bad framing, invalid token).
+    pub decision: Option<&'a str>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct AgentEntry {
+    pub spiffe_id: String,
+    pub first_seen: String,
+    pub last_seen: String,
+    pub requests: u64,
+    pub allowed: u64,
+    pub denied: u64,
+    /// Refused before any decision (invalid user token, malformed request).
+    pub refused: u64,
+    pub actions: BTreeSet<String>,
+    pub resources: BTreeSet<String>,
+    /// Distinct resources beyond the listed ones.
+    pub resources_not_listed: u64,
+    pub distinct_users: usize,
+    /// True when `distinct_users` reached the tracking cap and is a lower bound.
+    pub distinct_users_capped: bool,
+    /// Whether it ever called with no user token (autonomously).
+    pub called_without_user: bool,
+    #[serde(skip)]
+    users: HashSet<String>,
+}
+
+/// The inventory, keyed by SPIFFE ID.
+#[derive(Debug, Default)]
+pub struct Inventory {
+    agents: Mutex<BTreeMap<String, AgentEntry>>,
+}
+
+impl Inventory {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn observe(&self, seen: &Observation<'_>) {
+        let Ok(mut agents) = self.agents.lock() else {
+            return;
+        };
+        let entry = agents
+            .entry(seen.agent.to_owned())
+            .or_insert_with(|| AgentEntry {
+                spiffe_id: seen.agent.to_owned(),
+                first_seen: seen.time.to_owned(),
+                ..AgentEntry::default()
+            });
+        entry.last_seen = seen.time.to_owned();
+        entry.requests += 1;
+        match seen.decision {
+            Some("allow") => entry.allowed += 1,
+            Some(_) => entry.denied += 1,
+            None => entry.refused += 1,
+        }
+        if let Some(action) = seen.action
+            && !entry.actions.contains(action)
+        {
+            entry.actions.insert(action.to_owned());
+        }
+        if let Some(resource) = seen.resource
+            && !entry.resources.contains(resource)
+        {
+            if entry.resources.len() < MAX_RESOURCES {
+                entry.resources.insert(resource.to_owned());
+            } else {
+                entry.resources_not_listed += 1;
+            }
+        }
+        match seen.user {
+            // Only a decided call says anything about autonomy; a refused one (an invalid
+            // token, say) did not get that far.
+            None if seen.decision.is_some() => entry.called_without_user = true,
+            None => {}
+            Some(user) => {
+                if entry.users.len() < MAX_USERS {
+                    entry.users.insert(user.to_owned());
+                } else if !entry.users.contains(user) {
+                    entry.distinct_users_capped = true;
+                }
+                entry.distinct_users = entry.users.len();
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.agents.lock().map(|a| a.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `{"agents": [...]}`, sorted by SPIFFE ID.
+    pub fn to_json(&self) -> serde_json::Value {
+        let agents: Vec<AgentEntry> = self
+            .agents
+            .lock()
+            .map(|a| a.values().cloned().collect())
+            .unwrap_or_default();
+        serde_json::json!({ "agents": agents })
+    }
+
+    /// Feeds one audit line (as written by the audit trail); lines that are not request
+    /// records (the `start` line) are skipped.
+    pub fn observe_audit_line(&self, record: &serde_json::Value) {
+        let Some(agent) = record["agent"].as_str() else {
+            return;
+        };
+        let resource = match (
+            record["resource"]["type"].as_str(),
+            record["resource"]["id"].as_str(),
+        ) {
+            (Some(kind), Some(id)) => Some(format!("{kind}::{id:?}")),
+            _ => None,
+        };
+        self.observe(&Observation {
+            time: record["time"].as_str().unwrap_or_default(),
+            agent,
+            user: record["user"]["sub"].as_str(),
+            action: record["action"].as_str(),
+            resource: resource.as_deref(),
+            decision: record["decision"].as_str(),
+        });
+    }
+}
