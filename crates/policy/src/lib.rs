@@ -97,6 +97,12 @@ impl PolicyEngine {
 
     /// Re-reads the directory; swaps in the new set only if it loads and validates whole.
     pub fn reload(&self) -> ReloadOutcome {
+        // Most polls find nothing new: compare contents before parsing and validating.
+        if PolicySnapshot::fingerprint(&self.dir)
+            .is_ok_and(|hash| hash == *self.current.load().hash)
+        {
+            return ReloadOutcome::Unchanged;
+        }
         match PolicySnapshot::load(&self.dir) {
             Err(errors) => ReloadOutcome::Failed(errors),
             Ok(snapshot) if snapshot.hash == *self.current.load().hash => ReloadOutcome::Unchanged,

@@ -159,13 +159,6 @@ impl PolicySnapshot {
         let Some(entities) = entities else {
             return Err(errors);
         };
-        let mut hasher = Sha256::new();
-        for (name, src) in &files {
-            hasher.update((name.len() as u64).to_be_bytes());
-            hasher.update(name.as_bytes());
-            hasher.update((src.len() as u64).to_be_bytes());
-            hasher.update(src.as_bytes());
-        }
         Ok(Self {
             schema,
             policy_count: policies.policies().count(),
@@ -173,13 +166,32 @@ impl PolicySnapshot {
             entities,
             action_entities,
             approval_required,
-            hash: hex::encode(hasher.finalize()),
+            hash: content_hash(&files),
         })
+    }
+
+    /// The hash [`PolicySnapshot::load`] would give `dir`, without parsing anything: a cheap
+    /// way to tell whether a reload has anything to do.
+    pub fn fingerprint(dir: &Path) -> Result<String, Vec<LoadError>> {
+        read_dir(dir).map(|files| content_hash(&files))
     }
 
     pub fn schema(&self) -> &Schema {
         &self.schema
     }
+}
+
+/// SHA-256 over every file's name and content, length-prefixed so no two sets collide by
+/// concatenation.
+fn content_hash(files: &BTreeMap<String, String>) -> String {
+    let mut hasher = Sha256::new();
+    for (name, src) in files {
+        hasher.update((name.len() as u64).to_be_bytes());
+        hasher.update(name.as_bytes());
+        hasher.update((src.len() as u64).to_be_bytes());
+        hasher.update(src.as_bytes());
+    }
+    hex::encode(hasher.finalize())
 }
 
 /// The directory's relevant files, by name, sorted (so the hash is stable).

@@ -2,23 +2,10 @@
 //! every shipped example validates.
 
 use std::path::Path;
-use std::process::Command;
 
 use portcullis_test_support::pki::{Ca, LeafSpec};
 
-use crate::harness::{repo_root, write};
-
-fn portcullis(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
-}
+use crate::harness::{portcullis, repo_root, write};
 
 #[test]
 fn an_invalid_config_exits_64_listing_every_error() {

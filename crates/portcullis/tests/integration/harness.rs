@@ -373,3 +373,16 @@ pub async fn eventually<F: AsyncFnMut() -> bool>(mut check: F) -> bool {
     }
     false
 }
+
+/// Runs the `portcullis` binary; returns its exit code, stdout and stderr.
+pub fn portcullis(args: &[&str]) -> (i32, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}

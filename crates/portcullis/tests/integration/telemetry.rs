@@ -9,7 +9,7 @@ use bytes::Bytes;
 use portcullis_test_support::client::{HttpVersion, request};
 use portcullis_test_support::pki::Ca;
 
-use crate::harness::{HOST, Harness, REPORT, TRIAGE, admin_get, eventually};
+use crate::harness::{HOST, Harness, REPORT, TRIAGE, admin_get, eventually, portcullis};
 
 /// `name{label="v",...}` → value, for every sample, via a Prometheus text-format parser.
 fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
@@ -34,18 +34,6 @@ fn parse_metrics(text: &str) -> BTreeMap<String, f64> {
             Some((format!("{}{{{}}}", sample.metric, labels.join(",")), value))
         })
         .collect()
-}
-
-fn portcullis(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(env!("CARGO_BIN_EXE_portcullis"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        output.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]
