@@ -133,18 +133,20 @@ impl PolicySnapshot {
     ) -> Result<QueryOutcome, String> {
         let action = entity_uid("Action", input.action.name())?;
         let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
-        let context = Context::from_json_value(context_json(input), Some((&self.schema, &action)))
-            .map_err(|e| format!("context: {e}"))?;
+        // Built from Cedar values directly (parsing JSON against the schema costs several
+        // times the whole evaluation); `Request::new` below validates it against the schema.
+        let context =
+            Context::from_pairs(context_pairs(input)?).map_err(|e| format!("context: {e}"))?;
         let request = Request::new(
             principal.uid(),
-            action,
+            action.clone(),
             resource.uid(),
             context,
             Some(&self.schema),
         )
         .map_err(|e| format!("request: {e}"))?;
         let ancestors = principal_ancestors.union(&resource_ancestors);
-        let entities = self.request_entities(principal, resource, ancestors)?;
+        let entities = self.request_entities(principal, resource, &action, ancestors)?;
         let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);
         let diagnostics = response.diagnostics();
         let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
@@ -224,13 +226,18 @@ impl PolicySnapshot {
         &self,
         principal: Entity,
         resource: Entity,
+        action: &EntityUid,
         ancestors: impl Iterator<Item = &'u EntityUid>,
     ) -> Result<Entities, String> {
-        let mut list = Vec::with_capacity(self.action_entities.len() + 4);
+        let lineage = self
+            .action_lineage
+            .get(action)
+            .map_or(&[][..], Vec::as_slice);
+        let mut list = Vec::with_capacity(lineage.len() + 4);
         list.extend(ancestors.filter_map(|uid| self.entities.get(uid)).cloned());
         list.push(principal);
         list.push(resource);
-        list.extend(self.action_entities.iter().cloned());
+        list.extend(lineage.iter().cloned());
         Entities::from_entities(list, None).map_err(|e| e.to_string())
     }
 }
@@ -242,32 +249,76 @@ fn with_ancestors(
     entity.map(|e| (e, ancestors)).map_err(|e| e.to_string())
 }
 
-fn context_json(input: &AuthzInput<'_>) -> serde_json::Value {
-    let mut context = serde_json::json!({
-        "request": {
-            "method": input.request.method,
-            "path": input.request.path,
-            "host": input.request.host,
-            "client_address": input.request.client_address,
-        },
-        "agent": {
-            "id": input.agent.as_str(),
-            "trust_domain": input.agent.trust_domain_name(),
-        },
-        "delegated": input.user.is_some(),
-        "now": input.now,
-    });
+/// The Cedar context of the shipped schema (`HttpContext`, `ModelContext`, `McpContext`).
+fn context_pairs(input: &AuthzInput<'_>) -> Result<Vec<(String, RestrictedExpression)>, String> {
+    let record = |pairs: Vec<(&str, RestrictedExpression)>| {
+        RestrictedExpression::new_record(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
+            .map_err(|e| e.to_string())
+    };
+    let mut pairs = vec![
+        (
+            "request".to_owned(),
+            record(vec![
+                ("method", string(input.request.method)),
+                ("path", string(input.request.path)),
+                ("host", string(input.request.host)),
+                ("client_address", string(input.request.client_address)),
+            ])?,
+        ),
+        (
+            "agent".to_owned(),
+            record(vec![
+                ("id", string(input.agent.as_str())),
+                ("trust_domain", string(input.agent.trust_domain_name())),
+            ])?,
+        ),
+        (
+            "delegated".to_owned(),
+            RestrictedExpression::new_bool(input.user.is_some()),
+        ),
+        ("now".to_owned(), RestrictedExpression::new_long(input.now)),
+    ];
     if let Some(user) = input.user {
-        context["user"] = serde_json::json!({
-            "sub": user.subject,
-            "issuer": user.issuer,
-            "scopes": user.scopes,
-        });
+        pairs.push((
+            "user".to_owned(),
+            record(vec![
+                ("sub", string(&user.subject)),
+                ("issuer", string(&user.issuer)),
+                (
+                    "scopes",
+                    RestrictedExpression::new_set(user.scopes.iter().map(|s| string(s))),
+                ),
+            ])?,
+        ));
     }
     if let Some((key, value)) = &input.protocol_context {
-        context[*key] = value.clone();
+        pairs.push(((*key).to_owned(), from_json(value)?));
     }
-    context
+    Ok(pairs)
+}
+
+/// A JSON value as a Cedar value: arrays become sets, objects records. `null` and fractional
+/// numbers have no Cedar counterpart; they are an error, which denies.
+pub(crate) fn from_json(value: &serde_json::Value) -> Result<RestrictedExpression, String> {
+    use serde_json::Value;
+    Ok(match value {
+        Value::Null => return Err("null has no Cedar value".to_owned()),
+        Value::Bool(b) => RestrictedExpression::new_bool(*b),
+        Value::Number(n) => RestrictedExpression::new_long(
+            n.as_i64()
+                .ok_or_else(|| format!("{n} is not a Cedar Long (a 64-bit integer)"))?,
+        ),
+        Value::String(s) => RestrictedExpression::new_string(s.clone()),
+        Value::Array(items) => RestrictedExpression::new_set(
+            items.iter().map(from_json).collect::<Result<Vec<_>, _>>()?,
+        ),
+        Value::Object(map) => RestrictedExpression::new_record(
+            map.iter()
+                .map(|(k, v)| Ok((k.clone(), from_json(v)?)))
+                .collect::<Result<Vec<_>, String>>()?,
+        )
+        .map_err(|e| e.to_string())?,
+    })
 }
 
 fn string(s: &str) -> RestrictedExpression {

@@ -43,8 +43,10 @@ pub struct PolicySnapshot {
     pub(crate) policies: PolicySet,
     /// Memberships from entities.json, with transitive closure computed.
     pub(crate) entities: Entities,
-    /// The schema's action entities (with their `read`/`write` groups), added to every request.
-    pub(crate) action_entities: Vec<Entity>,
+    /// For each action of the schema: its entity and the entities of the groups above it
+    /// (`Action::"GET"` → `GET`, `read`). A request carries only its own action's lineage,
+    /// which is all `action in ...` needs.
+    pub(crate) action_lineage: HashMap<EntityUid, Vec<Entity>>,
     /// Policy ids annotated `@approval("required")`.
     pub(crate) approval_required: HashSet<String>,
     /// SHA-256 over every file name and content, hex: the `policy_hash` of audit records.
@@ -145,11 +147,21 @@ impl PolicySnapshot {
                 }
             },
         };
-        let action_entities = match schema.action_entities() {
-            Ok(actions) => actions.into_iter().collect(),
+        let action_lineage = match schema.action_entities() {
+            Ok(actions) => actions
+                .iter()
+                .map(|action| {
+                    let uid = action.uid();
+                    let mut lineage = vec![action.clone()];
+                    if let Some(ancestors) = actions.ancestors(&uid) {
+                        lineage.extend(ancestors.filter_map(|a| actions.get(a)).cloned());
+                    }
+                    (uid, lineage)
+                })
+                .collect(),
             Err(e) => {
                 errors.push(error(SCHEMA_FILE, render(&e)));
-                Vec::new()
+                HashMap::new()
             }
         };
 
@@ -164,7 +176,7 @@ impl PolicySnapshot {
             policy_count: policies.policies().count(),
             policies,
             entities,
-            action_entities,
+            action_lineage,
             approval_required,
             hash: content_hash(&files),
         })

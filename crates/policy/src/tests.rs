@@ -271,3 +271,28 @@ fn user_question_caps_the_agent() {
         Decision::Allow
     );
 }
+
+#[test]
+fn a_context_the_schema_does_not_declare_denies() {
+    let engine = PolicyEngine::load(&shipped(), Mode::Enforce).unwrap();
+    let agent = SpiffeId::parse(TRIAGE).unwrap();
+    let resource = route("/api/orders/1", "GET");
+    let mut evaluation = engine.evaluate(&AuthzInput {
+        agent: &agent,
+        user: None,
+        action: Action::Get,
+        resource: &resource,
+        request: RequestInfo {
+            method: "GET",
+            path: "/api/orders/1",
+            host: "orders.internal",
+            client_address: "127.0.0.1",
+        },
+        // HttpContext has no `model`: the request fails schema validation, which denies.
+        protocol_context: Some(("model", serde_json::json!({ "name": "gpt" }))),
+        now: 1_700_000_000,
+    });
+    assert_eq!(evaluation.decision, Decision::Deny);
+    assert!(evaluation.take_permit().is_none());
+    assert!(evaluation.agent.errors[0].contains("request"), "{evaluation:?}");
+}
