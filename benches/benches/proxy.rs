@@ -43,6 +43,7 @@ fn through_proxy(c: &mut Criterion) {
     group.bench_function("direct_http1", |b| {
         b.iter(|| {
             runtime.block_on(async {
+                direct.ready().await.unwrap();
                 let response = direct
                     .send_request(request("GET", HOST, PATH, Bytes::new()))
                     .await

@@ -294,5 +294,8 @@ fn a_context_the_schema_does_not_declare_denies() {
     });
     assert_eq!(evaluation.decision, Decision::Deny);
     assert!(evaluation.take_permit().is_none());
-    assert!(evaluation.agent.errors[0].contains("request"), "{evaluation:?}");
+    assert!(
+        evaluation.agent.errors[0].contains("request"),
+        "{evaluation:?}"
+    );
 }
