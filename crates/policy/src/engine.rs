@@ -21,8 +21,11 @@ pub struct AuthzInput<'a> {
     pub action: Action,
     pub resource: &'a Resource,
     pub request: RequestInfo<'a>,
-    /// Protocol fields for AI actions (e.g. `"model"`), merged into the Cedar context.
-    pub protocol_context: Option<(&'static str, serde_json::Value)>,
+    /// Protocol fields for AI actions, merged into the Cedar context under their key
+    /// (`"model"`, `"mcp"`, `"tool"`). A `"tool"` value carries the raw `arguments` JSON the
+    /// caller sent (absent while filtering `tools/list`); they are projected onto the schema's
+    /// `ToolArguments` record for that tool (see `arguments`).
+    pub protocol_context: Vec<(&'static str, serde_json::Value)>,
     /// Unix seconds.
     pub now: i64,
 }
@@ -133,7 +136,12 @@ impl PolicySnapshot {
     ) -> Result<QueryOutcome, String> {
         let action = entity_uid("Action", input.action.name())?;
         let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
-        let context = Context::from_json_value(context_json(input), Some((&self.schema, &action)))
+        let mut context = context_json(input);
+        if let Some(tool) = context.get_mut("tool") {
+            // Only the argument attributes the schema declares for this tool are visible.
+            self.tool_arguments.project_into(tool);
+        }
+        let context = Context::from_json_value(context, Some((&self.schema, &action)))
             .map_err(|e| format!("context: {e}"))?;
         let request = Request::new(
             principal.uid(),
@@ -203,9 +211,10 @@ impl PolicySnapshot {
                 ]);
                 with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
             }
-            Resource::Model(_) | Resource::Tool(_) => {
-                Ok((Entity::new_no_attrs(uid, parents.clone()), parents))
-            }
+            Resource::Model(_)
+            | Resource::Tool(_)
+            | Resource::McpResource(_)
+            | Resource::Prompt(_) => Ok((Entity::new_no_attrs(uid, parents.clone()), parents)),
         }
     }
 
@@ -264,7 +273,7 @@ fn context_json(input: &AuthzInput<'_>) -> serde_json::Value {
             "scopes": user.scopes,
         });
     }
-    if let Some((key, value)) = &input.protocol_context {
+    for (key, value) in &input.protocol_context {
         context[*key] = value.clone();
     }
     context

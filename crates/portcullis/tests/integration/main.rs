@@ -11,3 +11,4 @@ mod delegation;
 mod forwarding;
 mod handshake;
 mod policy;
+mod protocols;
