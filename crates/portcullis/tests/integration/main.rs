@@ -12,3 +12,4 @@ mod forwarding;
 mod handshake;
 mod policy;
 mod protocols;
+mod python_clients;
