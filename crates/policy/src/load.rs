@@ -66,10 +66,10 @@ impl PolicySnapshot {
                 errors.push(error(SCHEMA_FILE, "file not found"));
                 None
             }
-            Some(src) => match Schema::from_cedarschema_str(src).and_then(|(schema, _)| {
+            Some(src) => match Schema::from_cedarschema_str(src).map(|(schema, _)| {
                 let shapes = crate::arguments::ToolArgumentShapes::from_cedarschema(src)
                     .map_err(|message| error(SCHEMA_FILE, message));
-                Ok((schema, shapes))
+                (schema, shapes)
             }) {
                 Ok((schema, Ok(shapes))) => Some((schema, shapes)),
                 Ok((_, Err(e))) => {

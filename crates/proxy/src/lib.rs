@@ -14,7 +14,7 @@ mod forward;
 pub mod headers;
 pub mod metrics;
 mod pipeline;
-mod protocol;
+pub mod protocol;
 mod server;
 
 use std::net::SocketAddr;

@@ -198,3 +198,32 @@ pub(crate) fn native_refusal(
 
 #[cfg(test)]
 mod tests;
+
+/// One classified protocol body as the pipeline sees it, for benches and tools: each Cedar
+/// call's action, resource and protocol context, or the refusal.
+pub type BodyCalls = Vec<(Action, Resource, Vec<(&'static str, serde_json::Value)>)>;
+
+/// Classifies a complete `POST` body of a protocol route the way the pipeline does (MCP
+/// calls on `endpoint`). Generic HTTP bodies are not inspected: `Ok(vec![])`.
+pub fn classify_body(
+    protocol: Protocol,
+    body: &[u8],
+    endpoint: &str,
+) -> Result<BodyCalls, Refusal> {
+    let calls = match protocol {
+        Protocol::Http => Vec::new(),
+        Protocol::OpenAi => vec![openai::classify(body)?],
+        Protocol::Mcp => {
+            let route = Resource::Route {
+                path: endpoint.to_owned(),
+                host: String::new(),
+                method: "POST".to_owned(),
+            };
+            mcp::classify(body, &route)?.calls
+        }
+    };
+    Ok(calls
+        .into_iter()
+        .map(|call| (call.action, call.resource, call.context))
+        .collect())
+}
