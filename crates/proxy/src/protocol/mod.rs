@@ -196,9 +196,6 @@ pub(crate) fn native_refusal(
     response
 }
 
-#[cfg(test)]
-mod tests;
-
 /// One classified protocol body as the pipeline sees it, for benches and tools: each Cedar
 /// call's action, resource and protocol context, or the refusal.
 pub type BodyCalls = Vec<(Action, Resource, Vec<(&'static str, serde_json::Value)>)>;
