@@ -25,7 +25,7 @@ fn decide(engine: &PolicyEngine, agent: &SpiffeId, path: &str) -> Decision {
                 host: "orders.internal",
                 client_address: "10.0.0.7",
             },
-            protocol_context: None,
+            protocol_context: Vec::new(),
             now: 1_700_000_000,
         })
         .decision

@@ -16,6 +16,20 @@ pub enum Action {
     ListTools,
     ReadResource,
     GetPrompt,
+    /// MCP `initialize` (the lifecycle handshake).
+    McpInitialize,
+    /// MCP `ping`.
+    McpPing,
+    /// Any MCP JSON-RPC notification (a message without an `id`), e.g.
+    /// `notifications/initialized`, `notifications/cancelled`.
+    McpNotification,
+    /// The Streamable HTTP session calls that carry no JSON-RPC message: `GET` (open the
+    /// server-to-client SSE stream) and `DELETE` (terminate the session).
+    McpSession,
+    /// Any other MCP method (`resources/list`, `prompts/list`, `completion/complete`,
+    /// `logging/setLevel`, ...) and client-sent JSON-RPC responses: denied unless a policy
+    /// permits it by `context.mcp.method`.
+    McpMethod,
 }
 
 /// The action groups generic HTTP methods belong to, so a policy can say `action in
@@ -27,7 +41,7 @@ pub enum ActionGroup {
 }
 
 impl Action {
-    pub const ALL: [Action; 12] = [
+    pub const ALL: [Action; 17] = [
         Action::Get,
         Action::Head,
         Action::Options,
@@ -40,6 +54,11 @@ impl Action {
         Action::ListTools,
         Action::ReadResource,
         Action::GetPrompt,
+        Action::McpInitialize,
+        Action::McpPing,
+        Action::McpNotification,
+        Action::McpSession,
+        Action::McpMethod,
     ];
 
     /// The generic action for an HTTP method; `None` for methods no policy can name (TRACE,
@@ -72,6 +91,11 @@ impl Action {
             Action::ListTools => "list_tools",
             Action::ReadResource => "read_resource",
             Action::GetPrompt => "get_prompt",
+            Action::McpInitialize => "mcp_initialize",
+            Action::McpPing => "mcp_ping",
+            Action::McpNotification => "mcp_notification",
+            Action::McpSession => "mcp_session",
+            Action::McpMethod => "mcp_method",
         }
     }
 
@@ -83,7 +107,12 @@ impl Action {
             | Action::CallTool
             | Action::ListTools
             | Action::ReadResource
-            | Action::GetPrompt => None,
+            | Action::GetPrompt
+            | Action::McpInitialize
+            | Action::McpPing
+            | Action::McpNotification
+            | Action::McpSession
+            | Action::McpMethod => None,
         }
     }
 }
@@ -116,6 +145,10 @@ pub enum Resource {
     Model(String),
     /// `Tool::"<name>"`, from an MCP `tools/call`'s `params.name`.
     Tool(String),
+    /// `McpResource::"<uri>"`, from an MCP `resources/read`'s `params.uri`.
+    McpResource(String),
+    /// `Prompt::"<name>"`, from an MCP `prompts/get`'s `params.name`.
+    Prompt(String),
 }
 
 impl Resource {
@@ -124,13 +157,18 @@ impl Resource {
             Resource::Route { .. } => "Route",
             Resource::Model(_) => "Model",
             Resource::Tool(_) => "Tool",
+            Resource::McpResource(_) => "McpResource",
+            Resource::Prompt(_) => "Prompt",
         }
     }
 
     pub fn id(&self) -> &str {
         match self {
             Resource::Route { path, .. } => path,
-            Resource::Model(name) | Resource::Tool(name) => name,
+            Resource::Model(name)
+            | Resource::Tool(name)
+            | Resource::McpResource(name)
+            | Resource::Prompt(name) => name,
         }
     }
 }

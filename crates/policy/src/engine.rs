@@ -21,8 +21,11 @@ pub struct AuthzInput<'a> {
     pub action: Action,
     pub resource: &'a Resource,
     pub request: RequestInfo<'a>,
-    /// Protocol fields for AI actions (e.g. `"model"`), merged into the Cedar context.
-    pub protocol_context: Option<(&'static str, serde_json::Value)>,
+    /// Protocol fields for AI actions, merged into the Cedar context under their key
+    /// (`"model"`, `"mcp"`, `"tool"`). A `"tool"` value carries the raw `arguments` JSON the
+    /// caller sent (absent while filtering `tools/list`); they are projected onto the schema's
+    /// `ToolArguments` record for that tool (see `arguments`).
+    pub protocol_context: Vec<(&'static str, serde_json::Value)>,
     /// Unix seconds.
     pub now: i64,
 }
@@ -135,8 +138,8 @@ impl PolicySnapshot {
         let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
         // Built from Cedar values directly (parsing JSON against the schema costs several
         // times the whole evaluation); `Request::new` below validates it against the schema.
-        let context =
-            Context::from_pairs(context_pairs(input)?).map_err(|e| format!("context: {e}"))?;
+        let context = Context::from_pairs(context_pairs(input, &self.tool_arguments)?)
+            .map_err(|e| format!("context: {e}"))?;
         let request = Request::new(
             principal.uid(),
             action.clone(),
@@ -205,9 +208,10 @@ impl PolicySnapshot {
                 ]);
                 with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
             }
-            Resource::Model(_) | Resource::Tool(_) => {
-                Ok((Entity::new_no_attrs(uid, parents.clone()), parents))
-            }
+            Resource::Model(_)
+            | Resource::Tool(_)
+            | Resource::McpResource(_)
+            | Resource::Prompt(_) => Ok((Entity::new_no_attrs(uid, parents.clone()), parents)),
         }
     }
 
@@ -250,7 +254,10 @@ fn with_ancestors(
 }
 
 /// The Cedar context of the shipped schema (`HttpContext`, `ModelContext`, `McpContext`).
-fn context_pairs(input: &AuthzInput<'_>) -> Result<Vec<(String, RestrictedExpression)>, String> {
+fn context_pairs(
+    input: &AuthzInput<'_>,
+    tool_arguments: &crate::arguments::ToolArgumentShapes,
+) -> Result<Vec<(String, RestrictedExpression)>, String> {
     let record = |pairs: Vec<(&str, RestrictedExpression)>| {
         RestrictedExpression::new_record(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
             .map_err(|e| e.to_string())
@@ -291,8 +298,15 @@ fn context_pairs(input: &AuthzInput<'_>) -> Result<Vec<(String, RestrictedExpres
             ])?,
         ));
     }
-    if let Some((key, value)) = &input.protocol_context {
-        pairs.push(((*key).to_owned(), from_json(value)?));
+    for (key, value) in &input.protocol_context {
+        if *key == "tool" {
+            // Only the argument attributes the schema declares for this tool are visible.
+            let mut tool = value.clone();
+            tool_arguments.project_into(&mut tool);
+            pairs.push(((*key).to_owned(), from_json(&tool)?));
+        } else {
+            pairs.push(((*key).to_owned(), from_json(value)?));
+        }
     }
     Ok(pairs)
 }

@@ -6,6 +6,7 @@
 //! one by value, so skipping authorization does not compile. No networking, no HTTP types:
 //! the proxy classifies requests into [`portcullis_core`] vocabulary before asking.
 
+mod arguments;
 mod engine;
 mod load;
 

@@ -49,6 +49,9 @@ pub struct PolicySnapshot {
     pub(crate) action_lineage: HashMap<EntityUid, Vec<Entity>>,
     /// Policy ids annotated `@approval("required")`.
     pub(crate) approval_required: HashSet<String>,
+    /// The per-tool argument records of `ToolArguments`, for projecting `tools/call`
+    /// arguments.
+    pub(crate) tool_arguments: crate::arguments::ToolArgumentShapes,
     /// SHA-256 over every file name and content, hex: the `policy_hash` of audit records.
     pub hash: String,
     pub policy_count: usize,
@@ -65,8 +68,16 @@ impl PolicySnapshot {
                 errors.push(error(SCHEMA_FILE, "file not found"));
                 None
             }
-            Some(src) => match Schema::from_cedarschema_str(src) {
-                Ok((schema, _warnings)) => Some(schema),
+            Some(src) => match Schema::from_cedarschema_str(src).map(|(schema, _)| {
+                let shapes = crate::arguments::ToolArgumentShapes::from_cedarschema(src)
+                    .map_err(|message| error(SCHEMA_FILE, message));
+                (schema, shapes)
+            }) {
+                Ok((schema, Ok(shapes))) => Some((schema, shapes)),
+                Ok((_, Err(e))) => {
+                    errors.push(e);
+                    None
+                }
                 Err(e) => {
                     errors.push(error(SCHEMA_FILE, render(&e)));
                     None
@@ -126,7 +137,7 @@ impl PolicySnapshot {
             }
         }
 
-        let Some(schema) = schema else {
+        let Some((schema, tool_arguments)) = schema else {
             return Err(errors);
         };
 
@@ -178,6 +189,7 @@ impl PolicySnapshot {
             entities,
             action_lineage,
             approval_required,
+            tool_arguments,
             hash: content_hash(&files),
         })
     }

@@ -46,7 +46,7 @@ fn decide_as(
             host: "orders.internal",
             client_address: "127.0.0.1",
         },
-        protocol_context: None,
+        protocol_context: Vec::new(),
         now: 1_700_000_000,
     })
 }

@@ -114,6 +114,8 @@ struct RawRoute {
     protocol: Option<String>,
     #[serde(default)]
     forward_user_token: bool,
+    /// Bytes of a protocol route's body read for inspection (default: limits.body_prefix_bytes).
+    body_limit: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -667,17 +669,8 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
         };
         let protocol = match route.protocol.as_deref() {
             None | Some("http") => Protocol::Http,
-            Some(other @ ("openai" | "mcp")) => {
-                // Refused rather than treated as generic HTTP: a policy written for
-                // invoke_model or call_tool would silently never apply.
-                errors.add(
-                    format!("{path}.protocol"),
-                    format!(
-                        "{other:?} body inspection is not available in this build; use \"http\""
-                    ),
-                );
-                continue;
-            }
+            Some("openai") => Protocol::OpenAi,
+            Some("mcp") => Protocol::Mcp,
             Some(other) => {
                 errors.add(
                     format!("{path}.protocol"),
@@ -686,10 +679,26 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
                 continue;
             }
         };
+        match (route.body_limit, protocol) {
+            (Some(0), _) => {
+                errors.add(format!("{path}.body_limit"), "must be greater than 0");
+                continue;
+            }
+            (Some(_), Protocol::Http) => {
+                // Generic routes stream bodies uninspected: a limit there would mean nothing.
+                errors.add(
+                    format!("{path}.body_limit"),
+                    "applies only to protocol routes (openai, mcp)",
+                );
+                continue;
+            }
+            _ => {}
+        }
         routes.push(RouteRule {
             matcher,
             protocol,
             forward_user_token: route.forward_user_token,
+            body_limit: route.body_limit,
         });
     }
     (errors.0.len() == before).then_some(routes)

@@ -9,6 +9,11 @@ use crate::error::Refusal;
 pub enum Protocol {
     /// Generic HTTP: action = method (in `read`/`write`), resource = `Route::"<path>"`.
     Http,
+    /// OpenAI-compatible inference endpoints: `invoke_model` on `Model::"<body.model>"`
+    /// (see `protocol::openai`); the route's other paths are generic.
+    OpenAi,
+    /// MCP over Streamable HTTP: one Cedar call per JSON-RPC message (see `protocol::mcp`).
+    Mcp,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +30,9 @@ pub struct RouteRule {
     /// Whether the user's token is passed on to the upstream (by default it is removed: the
     /// application gets `x-portcullis-user`, not a bearer credential it could replay).
     pub forward_user_token: bool,
+    /// Inspection limit for this route's bodies (`routes[].body_limit`); `None` uses
+    /// `limits.body_prefix_bytes`.
+    pub body_limit: Option<usize>,
 }
 
 impl RouteRule {
@@ -43,6 +51,7 @@ pub struct Classified {
     pub resource: Resource,
     pub protocol: Protocol,
     pub forward_user_token: bool,
+    pub body_limit: Option<usize>,
 }
 
 /// Classifies a request whose path already passed [`check_path`]. Unmatched paths are generic
@@ -56,8 +65,11 @@ pub fn classify(
     let route = routes.iter().find(|route| route.matches(path));
     let protocol = route.map_or(Protocol::Http, |route| route.protocol);
     let forward_user_token = route.is_some_and(|route| route.forward_user_token);
+    let body_limit = route.and_then(|route| route.body_limit);
     match protocol {
-        Protocol::Http => {
+        // Protocol routes start as the generic call; `protocol::inspect` refines it from the
+        // body (and refuses methods their transport does not define).
+        Protocol::Http | Protocol::OpenAi | Protocol::Mcp => {
             let action = Action::for_method(method).ok_or(Refusal::UnsupportedMethod)?;
             Ok(Classified {
                 action,
@@ -68,6 +80,7 @@ pub fn classify(
                 },
                 protocol,
                 forward_user_token,
+                body_limit,
             })
         }
     }

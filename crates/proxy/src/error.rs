@@ -24,6 +24,17 @@ pub enum Refusal {
     /// A long-lived credential (`Authorization` that is not the user token, `x-api-key`) with
     /// `reject_standing_credentials: true`.
     StandingCredential,
+    /// A protocol route's body is not valid JSON (or repeats an object key).
+    MalformedBody,
+    /// A protocol route's body is JSON but not a valid message of the protocol (no `model`,
+    /// not JSON-RPC 2.0, a `tools/call` without a tool name, a field of the wrong type).
+    InvalidMessage,
+    /// A protocol route's body is larger than its inspection limit (`body_limit`).
+    BodyTooLarge,
+    /// A protocol route's body is not declared `application/json`.
+    UnsupportedMediaType,
+    /// A protocol route's body failed or stalled while it was read for inspection.
+    BodyUnreadable,
     /// The policies deny.
     PolicyDenied,
     /// A permit marked `@approval("required")` applied.
@@ -44,7 +55,12 @@ impl Refusal {
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
-            | Refusal::AmbiguousPath => StatusCode::BAD_REQUEST,
+            | Refusal::AmbiguousPath
+            | Refusal::MalformedBody
+            | Refusal::InvalidMessage
+            | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
+            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
@@ -65,6 +81,11 @@ impl Refusal {
             Refusal::UnsupportedMethod => "unsupported_method",
             Refusal::InvalidUserToken(_) => "invalid_user_token",
             Refusal::StandingCredential => "standing_credential",
+            Refusal::MalformedBody => "malformed_body",
+            Refusal::InvalidMessage => "invalid_message",
+            Refusal::BodyTooLarge => "body_too_large",
+            Refusal::UnsupportedMediaType => "unsupported_media_type",
+            Refusal::BodyUnreadable => "body_unreadable",
             Refusal::PolicyDenied => "policy_denied",
             Refusal::ApprovalRequired => "approval_required",
             Refusal::AuditUnavailable => "audit_unavailable",
@@ -84,6 +105,11 @@ impl Refusal {
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
             | Refusal::StandingCredential
+            | Refusal::MalformedBody
+            | Refusal::InvalidMessage
+            | Refusal::BodyTooLarge
+            | Refusal::UnsupportedMediaType
+            | Refusal::BodyUnreadable
             | Refusal::PolicyDenied
             | Refusal::ApprovalRequired
             | Refusal::AuditUnavailable
@@ -105,6 +131,11 @@ impl Refusal {
             | Refusal::UnsupportedMethod
             | Refusal::InvalidUserToken(_)
             | Refusal::StandingCredential
+            | Refusal::MalformedBody
+            | Refusal::InvalidMessage
+            | Refusal::BodyTooLarge
+            | Refusal::UnsupportedMediaType
+            | Refusal::BodyUnreadable
             | Refusal::PolicyDenied
             | Refusal::ApprovalRequired
             | Refusal::AuditUnavailable => false,

@@ -15,6 +15,7 @@ pub mod headers;
 pub mod inventory;
 pub mod metrics;
 mod pipeline;
+pub mod protocol;
 mod server;
 
 use std::net::SocketAddr;

@@ -5,11 +5,13 @@
 //!    closed, and every later outcome has a record
 //! 2. check framing: Host and request-target rules (RFC 9112 §3.2) and path ambiguity, before
 //!    classification reads them
-//! 3. classify: route → Cedar action + resource
-//! 4. authorize: Cedar; yields a `Permit` only when the request may pass
+//! 3. classify: route → Cedar action + resource; on protocol routes (`openai`, `mcp`) the
+//!    body is read (bounded) and parsed into one Cedar call per message (`protocol`)
+//! 4. authorize: Cedar, every call; yields a `Permit` only when the request may pass
 //! 5. rewrite headers: strip hop-by-hop and caller identity, then set ours
 //! 6. forward: needs the `Permit`; streams both ways
-//! 7. audit: written when the response body ends or is dropped
+//! 7. filter: MCP `tools/list` results list only the tools the caller may call
+//! 8. audit: written when the response body ends or is dropped
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -32,6 +34,7 @@ use crate::headers::{
     AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
     remove_identity,
 };
+use crate::protocol::{self, Native};
 use crate::{Shared, UserTokens};
 
 /// What the connection established once: who is calling, from where.
@@ -74,14 +77,25 @@ pub(crate) async fn handle(
         shared.inventory.clone(),
         record,
     );
+    let mut native = None;
 
-    match authorize_and_forward(&shared, &conn, request, &request_id, &trace, &mut audit).await {
+    match authorize_and_forward(
+        &shared,
+        &conn,
+        request,
+        &request_id,
+        &trace,
+        &mut audit,
+        &mut native,
+    )
+    .await
+    {
         Ok(response) => {
             audit.record.status = response.status().as_u16();
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             set_request_id(&mut parts.headers, &request_id);
-            let body = Audited::new(body.map_err(Into::into), audit);
+            let body = Audited::new(body, audit);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
         Err(refusal) => {
@@ -95,7 +109,14 @@ pub(crate) async fn handle(
             audit.record.reason = Some(refusal.reason());
             audit.record.completed = true;
             drop(audit);
-            Ok(refusal_response(refusal, &request_id))
+            Ok(match &native {
+                Some(native) => {
+                    let mut response = protocol::native_refusal(native, refusal, &request_id);
+                    set_request_id(response.headers_mut(), &request_id);
+                    response
+                }
+                None => refusal_response(refusal, &request_id),
+            })
         }
     }
 }
@@ -107,7 +128,8 @@ async fn authorize_and_forward(
     request_id: &str,
     trace: &Traceparent,
     audit: &mut AuditGuard,
-) -> Result<Response<Incoming>, Refusal> {
+    native: &mut Option<Native>,
+) -> Result<Response<ResponseBody>, Refusal> {
     let host = check_framing(&request)?;
     let path = request.uri().path().to_owned();
     check_path(&path)?;
@@ -131,55 +153,81 @@ async fn authorize_and_forward(
     if shared.reject_standing_credentials && !audit.record.standing_credentials.is_empty() {
         return Err(Refusal::StandingCredential);
     }
-    audit.record.action = Some(classified.action.name());
-    audit.record.resource = Some(AuditResource {
-        kind: classified.resource.entity_type(),
-        id: classified.resource.id().to_owned(),
-    });
-    let client_address = conn.peer.ip().to_string();
-    let mut evaluation = shared.policy.evaluate(&AuthzInput {
-        agent: &conn.agent,
-        user: user.as_ref(),
-        action: classified.action,
-        resource: &classified.resource,
-        request: RequestInfo {
-            method: &method,
-            path: &path,
-            host: &host,
-            client_address: &client_address,
-        },
-        protocol_context: None,
-        now: unix_now(),
-    });
-    let decision_time = decision_started.elapsed();
-    shared
-        .metrics
-        .decision_duration
-        .observe(decision_time.as_secs_f64());
-    shared
-        .metrics
-        .decisions
-        .with_label_values(&[evaluation.decision.name(), classified.action.name()])
-        .inc();
-    shared
-        .metrics
-        .observe_agent_decision(conn.agent.as_str(), evaluation.decision.name());
-    record_evaluation(audit, &evaluation, decision_time.as_micros());
-    tracing::debug!(
-        request_id,
-        agent = %conn.agent,
-        action = classified.action.name(),
-        resource = %classified.resource,
-        decision = evaluation.decision.name(),
-        "decided"
-    );
-    let permit = match (evaluation.decision, evaluation.take_permit()) {
-        (_, Some(permit)) => permit,
-        (Decision::ApprovalRequired, None) => return Err(Refusal::ApprovalRequired),
-        (_, None) => return Err(Refusal::PolicyDenied),
-    };
-
     let (mut parts, body) = request.into_parts();
+    let body: RequestBody = StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync();
+    let limit = classified
+        .body_limit
+        .unwrap_or(shared.limits.body_prefix_bytes);
+    // Waiting for the caller's body is not decision time.
+    let before_body = decision_started.elapsed();
+    let inspected = protocol::inspect(
+        &classified,
+        &method,
+        &path,
+        &parts.headers,
+        body,
+        limit,
+        native,
+    )
+    .await?;
+    let decision_started = Instant::now()
+        .checked_sub(before_body)
+        .unwrap_or_else(Instant::now);
+    let client_address = conn.peer.ip().to_string();
+    let request_info = RequestInfo {
+        method: &method,
+        path: &path,
+        host: &host,
+        client_address: &client_address,
+    };
+    // Every call must be allowed: a JSON-RPC batch is denied whole if any message is.
+    let mut permit = None;
+    for call in &inspected.calls {
+        audit.record.action = Some(call.action.name());
+        audit.record.resource = Some(AuditResource {
+            kind: call.resource.entity_type(),
+            id: call.resource.id().to_owned(),
+        });
+        let mut evaluation = shared.policy.evaluate(&AuthzInput {
+            agent: &conn.agent,
+            user: user.as_ref(),
+            action: call.action,
+            resource: &call.resource,
+            request: request_info,
+            protocol_context: call.context.clone(),
+            now: unix_now(),
+        });
+        let decision_time = decision_started.elapsed();
+        shared
+            .metrics
+            .decision_duration
+            .observe(decision_time.as_secs_f64());
+        shared
+            .metrics
+            .decisions
+            .with_label_values(&[evaluation.decision.name(), call.action.name()])
+            .inc();
+        shared
+            .metrics
+            .observe_agent_decision(conn.agent.as_str(), evaluation.decision.name());
+        record_evaluation(audit, &evaluation, decision_time.as_micros());
+        tracing::debug!(
+            request_id,
+            agent = %conn.agent,
+            action = call.action.name(),
+            resource = %call.resource,
+            decision = evaluation.decision.name(),
+            "decided"
+        );
+        permit = Some(match (evaluation.decision, evaluation.take_permit()) {
+            (_, Some(permit)) => permit,
+            (Decision::ApprovalRequired, None) => return Err(Refusal::ApprovalRequired),
+            (_, None) => return Err(Refusal::PolicyDenied),
+        });
+    }
+    // `inspect` yields at least one call; none would be a bug, and it denies.
+    let permit = permit.ok_or(Refusal::PolicyDenied)?;
+
     remove_hop_by_hop(&mut parts.headers);
     remove_identity(&mut parts.headers);
     // Long-lived credentials never reach the application (flagged above).
@@ -211,19 +259,80 @@ async fn authorize_and_forward(
     if let Ok(value) = HeaderValue::from_str(&trace.header) {
         parts.headers.insert(TRACEPARENT_HEADER, value);
     }
-    let body: RequestBody = StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync();
-    match shared
+    let response = match shared
         .forwarder
-        .forward(Request::from_parts(parts, body), permit)
+        .forward(Request::from_parts(parts, inspected.body), permit)
         .await
     {
-        Ok(response) => Ok(response),
+        Ok(response) => response.map(|body| {
+            body.map_err(|e| -> crate::body::BoxError { Box::new(e) })
+                .boxed_unsync()
+        }),
         Err(error) => {
             tracing::warn!(request_id, error = %error.detail, "upstream request failed");
             audit.record.errors.push(error.detail);
-            Err(error.refusal)
+            return Err(error.refusal);
         }
+    };
+    if inspected.tools_list_ids.is_empty() {
+        return Ok(response);
     }
+    let filter = tool_filter(
+        shared,
+        conn,
+        user,
+        &method,
+        &path,
+        &host,
+        inspected.tools_list_ids,
+    );
+    filter.apply(response).await.map_err(|error| {
+        tracing::warn!(request_id, %error, "tools/list response could not be filtered");
+        audit.record.errors.push(error);
+        Refusal::UpstreamProtocol
+    })
+}
+
+/// The question asked for each tool of a `tools/list` result: may these principals call it?
+fn tool_filter(
+    shared: &Shared,
+    conn: &ConnectionIdentity,
+    user: Option<portcullis_core::UserClaims>,
+    method: &str,
+    path: &str,
+    host: &str,
+    ids: Vec<serde_json::Value>,
+) -> protocol::filter::ToolFilter {
+    let policy = shared.policy.clone();
+    let agent = conn.agent.clone();
+    let (method, path, host) = (method.to_owned(), path.to_owned(), host.to_owned());
+    let client_address = conn.peer.ip().to_string();
+    protocol::filter::ToolFilter::new(
+        ids,
+        Box::new(move |tool| {
+            let call = protocol::mcp::listing_call(tool);
+            let evaluation = policy.evaluate(&AuthzInput {
+                agent: &agent,
+                user: user.as_ref(),
+                action: call.action,
+                resource: &call.resource,
+                request: RequestInfo {
+                    method: &method,
+                    path: &path,
+                    host: &host,
+                    client_address: &client_address,
+                },
+                protocol_context: call.context,
+                now: unix_now(),
+            });
+            // Listed when a call could go through: allowed, shadow-denied (shadow mode never
+            // changes what the caller sees), or allowed subject to approval.
+            match evaluation.decision {
+                Decision::Allow | Decision::ShadowDeny | Decision::ApprovalRequired => true,
+                Decision::Deny => false,
+            }
+        }),
+    )
 }
 
 /// Headers that carry long-lived credentials: an agent should hold none (DESIGN: no

@@ -4,6 +4,10 @@
 //!   Server-Sent Events, one `chat.completion.chunk` per word of the last user message.
 //!   SSE pacing is either a fixed delay (the demo) or a gate a test opens event by event, so a
 //!   test can prove each event crossed the proxy before the next one existed.
+//! - `POST /mcp` and `POST /mcp-sse`: a minimal MCP server (JSON-RPC 2.0): `tools/list`
+//!   lists `search_tickets`, `refund` and `delete_everything`; `tools/call` answers with the
+//!   tool's name; other requests get an empty result, notifications 202. `/mcp` answers in
+//!   JSON, `/mcp-sse` as one SSE event preceded by a progress notification.
 //! - `GET /slow`: answers after a minute (upstream timeout tests).
 //! - anything else: 200 with a JSON echo of what arrived (method, path, identity headers).
 //!
@@ -137,6 +141,9 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
     if parts.method == Method::POST && path == "/v1/chat/completions" {
         return Ok(chat_completion(&body, &state.pacing));
     }
+    if parts.method == Method::POST && (path == "/mcp" || path == "/mcp-sse") {
+        return Ok(mcp(&body, path == "/mcp-sse"));
+    }
     if path == "/slow" {
         tokio::time::sleep(Duration::from_secs(60)).await;
     }
@@ -220,6 +227,52 @@ fn chat_completion(body: &[u8], pacing: &SsePacing) -> Response<Body> {
         .header("content-type", "text/event-stream")
         .header("cache-control", "no-cache")
         .body(BoxBody::new(ChannelBody(rx)))
+        .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
+}
+
+fn mcp(body: &[u8], sse: bool) -> Response<Body> {
+    let Ok(message) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return text(StatusCode::BAD_REQUEST, "body is not JSON");
+    };
+    let answer = |message: &serde_json::Value| {
+        let id = message.get("id")?;
+        let result = match message["method"].as_str() {
+            Some("tools/list") => serde_json::json!({"tools": [
+                {"name": "search_tickets", "inputSchema": {"type": "object"}},
+                {"name": "refund", "inputSchema": {"type": "object"}},
+                {"name": "delete_everything", "inputSchema": {"type": "object"}},
+            ]}),
+            Some("tools/call") => serde_json::json!({
+                "content": [{"type": "text", "text": format!("called {}", message["params"]["name"])}],
+            }),
+            _ => serde_json::json!({}),
+        };
+        Some(serde_json::json!({"jsonrpc": "2.0", "id": id, "result": result}))
+    };
+    let reply = match &message {
+        serde_json::Value::Array(list) => {
+            let replies: Vec<_> = list.iter().filter_map(answer).collect();
+            (!replies.is_empty()).then_some(serde_json::Value::Array(replies))
+        }
+        single => answer(single),
+    };
+    let Some(reply) = reply else {
+        let mut response = text(StatusCode::ACCEPTED, "");
+        *response.body_mut() = full(Bytes::new());
+        return response;
+    };
+    if !sse {
+        return json(StatusCode::OK, &reply);
+    }
+    let progress = serde_json::json!({
+        "jsonrpc": "2.0", "method": "notifications/progress",
+        "params": {"progressToken": 1, "progress": 1},
+    });
+    Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(full(Bytes::from(format!(
+            "event: message\ndata: {progress}\n\nid: 7\nevent: message\ndata: {reply}\n\n"
+        ))))
         .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response"))
 }
 

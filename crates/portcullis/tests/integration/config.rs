@@ -121,3 +121,24 @@ fn every_example_validates() {
     }
     assert!(count >= 1, "no examples found");
 }
+
+#[test]
+fn every_example_and_the_chart_ship_the_shipped_schema() {
+    let shipped = std::fs::read_to_string(repo_root().join("policies/schema.cedarschema")).unwrap();
+    let mut copies = vec![repo_root().join("helm/portcullis/files/policies/schema.cedarschema")];
+    for entry in std::fs::read_dir(repo_root().join("examples")).unwrap() {
+        let schema = entry.unwrap().path().join("policies/schema.cedarschema");
+        if schema.is_file() {
+            copies.push(schema);
+        }
+    }
+    assert!(copies.len() >= 4, "{copies:?}");
+    for copy in copies {
+        assert_eq!(
+            std::fs::read_to_string(&copy).unwrap(),
+            shipped,
+            "{} differs from policies/schema.cedarschema",
+            copy.display()
+        );
+    }
+}

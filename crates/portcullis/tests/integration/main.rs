@@ -11,4 +11,6 @@ mod delegation;
 mod forwarding;
 mod handshake;
 mod policy;
+mod protocols;
+mod python_clients;
 mod telemetry;

@@ -1,0 +1,234 @@
+//! MCP over the Streamable HTTP transport (MCP specification 2025-06-18, "Transports";
+//! batches as in 2025-03-26): each JSON-RPC 2.0 message of a POST body → one Cedar call;
+//! the GET stream and DELETE session calls → `mcp_session`; refusals as JSON-RPC errors.
+//!
+//! | message | action | resource |
+//! |---|---|---|
+//! | `tools/call` | `call_tool` | `Tool::"<params.name>"`, `context.tool = {name, arguments}` |
+//! | `tools/list` | `list_tools` | the endpoint's `Route` (results filtered per tool) |
+//! | `resources/read` | `read_resource` | `McpResource::"<params.uri>"` |
+//! | `prompts/get` | `get_prompt` | `Prompt::"<params.name>"` |
+//! | `initialize`, `ping` | `mcp_initialize`, `mcp_ping` | `Route` |
+//! | `notifications/*` (no `id`) | `mcp_notification` | `Route` |
+//! | any other method; a client's JSON-RPC response | `mcp_method` | `Route` |
+//!
+//! Every call's context carries `mcp.method`. Unknown methods are not let through silently:
+//! `mcp_method` is permitted only by a policy that names it. Anything that is not a valid
+//! JSON-RPC 2.0 message is refused (400) rather than guessed at. This module does not talk
+//! to the server or keep session state.
+
+use portcullis_core::{Action, Resource};
+use serde_json::{Map, Value, json};
+
+use super::Call;
+use super::inspect::parse_strict;
+use crate::error::Refusal;
+
+/// JSON-RPC 2.0 §5.1 reserves -32768..-32000; -32000..-32099 are "server error"s an
+/// implementation defines. Portcullis uses this one for "refused by the proxy's policy".
+pub(crate) const POLICY_DENIED_CODE: i64 = -32001;
+
+/// A POST body, classified.
+#[derive(Debug)]
+pub(crate) struct Parsed {
+    pub calls: Vec<Call>,
+    /// The ids of the requests (messages with an `id`), which a refusal answers.
+    pub request_ids: Vec<Value>,
+    pub tools_list_ids: Vec<Value>,
+    pub batch: bool,
+}
+
+pub(crate) fn classify(bytes: &[u8], endpoint: &Resource) -> Result<Parsed, Refusal> {
+    let body = parse_strict(bytes)?;
+    let (messages, batch) = match body {
+        // JSON-RPC 2.0 §6: an empty batch is an invalid request.
+        Value::Array(list) if list.is_empty() => return Err(Refusal::InvalidMessage),
+        Value::Array(list) => (list, true),
+        single => (vec![single], false),
+    };
+    let mut parsed = Parsed {
+        calls: Vec::with_capacity(messages.len()),
+        request_ids: Vec::new(),
+        tools_list_ids: Vec::new(),
+        batch,
+    };
+    for message in &messages {
+        let Value::Object(message) = message else {
+            return Err(Refusal::InvalidMessage);
+        };
+        let (call, id) = classify_message(message, endpoint)?;
+        if let Some(id) = id {
+            if call.action == Action::ListTools {
+                parsed.tools_list_ids.push(id.clone());
+            }
+            if parsed.request_ids.contains(&id) {
+                // Two requests with one id: their responses could not be told apart, and a
+                // filtered `tools/list` result could be swapped for an unfiltered one.
+                return Err(Refusal::InvalidMessage);
+            }
+            parsed.request_ids.push(id);
+        }
+        parsed.calls.push(call);
+    }
+    Ok(parsed)
+}
+
+fn classify_message(
+    message: &Map<String, Value>,
+    endpoint: &Resource,
+) -> Result<(Call, Option<Value>), Refusal> {
+    // JSON-RPC 2.0 §4: "jsonrpc" MUST be exactly "2.0".
+    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err(Refusal::InvalidMessage);
+    }
+    // MCP 2025-06-18 (Base Protocol, Requests): "Requests MUST include a string or integer
+    // ID", "the ID MUST NOT be null".
+    let id = match message.get("id") {
+        None => None,
+        Some(id @ Value::String(_)) => Some(id.clone()),
+        Some(id @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(id.clone()),
+        Some(_) => return Err(Refusal::InvalidMessage),
+    };
+    let Some(method) = message.get("method") else {
+        // A response the client sends to a server-initiated request (sampling, elicitation).
+        let is_response = message.contains_key("result") ^ message.contains_key("error");
+        return match (is_response, id) {
+            (true, Some(id)) => Ok((
+                route_call(Action::McpMethod, "response", endpoint),
+                Some(id),
+            )),
+            _ => Err(Refusal::InvalidMessage),
+        };
+    };
+    let Value::String(method) = method else {
+        return Err(Refusal::InvalidMessage);
+    };
+    let params = match message.get("params") {
+        None => None,
+        Some(Value::Object(params)) => Some(params),
+        // MCP params are always objects (by-name); an array would carry no tool name.
+        Some(_) => return Err(Refusal::InvalidMessage),
+    };
+    // Notifications are the `notifications/` methods, and only they may omit the id: a
+    // `tools/call` without an id is refused rather than classified as a notification that
+    // a server might still execute.
+    let notification = method.starts_with("notifications/");
+    match (notification, &id) {
+        (true, None) => {
+            return Ok((route_call(Action::McpNotification, method, endpoint), None));
+        }
+        (false, Some(_)) => {}
+        (true, Some(_)) | (false, None) => return Err(Refusal::InvalidMessage),
+    }
+    let param_str = |name: &str| -> Result<String, Refusal> {
+        match params.and_then(|p| p.get(name)) {
+            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+            _ => Err(Refusal::InvalidMessage),
+        }
+    };
+    let call = match method.as_str() {
+        "tools/call" => {
+            let name = param_str("name")?;
+            let arguments = match params.and_then(|p| p.get("arguments")) {
+                None | Some(Value::Null) => Value::Object(Map::new()),
+                Some(arguments @ Value::Object(_)) => arguments.clone(),
+                Some(_) => return Err(Refusal::InvalidMessage),
+            };
+            Call {
+                action: Action::CallTool,
+                resource: Resource::Tool(name.clone()),
+                context: vec![
+                    mcp_context(method),
+                    ("tool", json!({ "name": name, "arguments": arguments })),
+                ],
+            }
+        }
+        "tools/list" => route_call(Action::ListTools, method, endpoint),
+        "resources/read" => Call {
+            action: Action::ReadResource,
+            resource: Resource::McpResource(param_str("uri")?),
+            context: vec![mcp_context(method)],
+        },
+        "prompts/get" => Call {
+            action: Action::GetPrompt,
+            resource: Resource::Prompt(param_str("name")?),
+            context: vec![mcp_context(method)],
+        },
+        "initialize" => route_call(Action::McpInitialize, method, endpoint),
+        "ping" => route_call(Action::McpPing, method, endpoint),
+        _ => route_call(Action::McpMethod, method, endpoint),
+    };
+    Ok((call, id))
+}
+
+/// `GET` (open the SSE stream) or `DELETE` (terminate the session) on the endpoint.
+pub(crate) fn session_call(method: &str, endpoint: &Resource) -> Call {
+    route_call(Action::McpSession, method, endpoint)
+}
+
+/// A call on the endpoint itself (its `Route`), with `context.mcp`.
+fn route_call(action: Action, method: &str, endpoint: &Resource) -> Call {
+    Call {
+        action,
+        resource: endpoint.clone(),
+        context: vec![mcp_context(method)],
+    }
+}
+
+fn mcp_context(method: &str) -> (&'static str, Value) {
+    ("mcp", json!({ "method": method }))
+}
+
+/// The `call_tool` question asked for each tool of a `tools/list` result: no arguments (the
+/// projection then shows none), `mcp.method` = `tools/list`.
+pub(crate) fn listing_call(tool: &str) -> Call {
+    Call {
+        action: Action::CallTool,
+        resource: Resource::Tool(tool.to_owned()),
+        context: vec![mcp_context("tools/list"), ("tool", json!({ "name": tool }))],
+    }
+}
+
+/// JSON-RPC 2.0 §5.1 error response(s) for a refused body: one per request id, an array for
+/// a batch; `id: null` when no id is known (§5: "If there was an error in detecting the id
+/// in the Request object ... it MUST be Null"). A batch of only notifications, which has no
+/// ids to answer, also gets the single `null` error, since the HTTP status alone would not say why.
+pub(crate) fn error_body(refusal: Refusal, ids: &[Value], batch: bool, request_id: &str) -> Value {
+    let (code, message) = match refusal {
+        // §5.1: -32700 Parse error, -32600 Invalid Request.
+        Refusal::MalformedBody => (-32700, "parse error"),
+        Refusal::InvalidMessage => (-32600, "invalid request"),
+        Refusal::BodyTooLarge => (-32600, "request body too large"),
+        Refusal::UnsupportedMediaType => (-32600, "request body must be application/json"),
+        Refusal::BodyUnreadable => (-32600, "request body could not be read"),
+        Refusal::AbsoluteFormTarget
+        | Refusal::MissingHost
+        | Refusal::DuplicateHost
+        | Refusal::AmbiguousPath
+        | Refusal::UnsupportedMethod => (-32600, "request refused"),
+        Refusal::PolicyDenied => (POLICY_DENIED_CODE, "denied by policy"),
+        Refusal::ApprovalRequired => (POLICY_DENIED_CODE, "approval required"),
+        Refusal::InvalidUserToken(_) => (POLICY_DENIED_CODE, "user token rejected"),
+        Refusal::StandingCredential => (POLICY_DENIED_CODE, "long-lived credentials are refused"),
+        Refusal::AuditUnavailable
+        | Refusal::UpstreamConnect
+        | Refusal::UpstreamTimeout
+        | Refusal::UpstreamProtocol => (-32603, "server unavailable"),
+    };
+    let error = |id: &Value| {
+        json!({
+            "jsonrpc": "2.0",
+            "id": id,
+            "error": {
+                "code": code,
+                "message": message,
+                "data": { "reason": refusal.reason(), "request_id": request_id },
+            },
+        })
+    };
+    match (ids, batch) {
+        ([], _) => error(&Value::Null),
+        (ids, true) => Value::Array(ids.iter().map(error).collect()),
+        ([id, ..], false) => error(id),
+    }
+}
