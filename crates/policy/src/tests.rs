@@ -289,7 +289,7 @@ fn a_context_the_schema_does_not_declare_denies() {
             client_address: "127.0.0.1",
         },
         // HttpContext has no `model`: the request fails schema validation, which denies.
-        protocol_context: Some(("model", serde_json::json!({ "name": "gpt" }))),
+        protocol_context: vec![("model", serde_json::json!({ "name": "gpt" }))],
         now: 1_700_000_000,
     });
     assert_eq!(evaluation.decision, Decision::Deny);
