@@ -64,8 +64,17 @@ impl std::fmt::Debug for Caller {
 
 /// An open connection to send requests on.
 #[derive(Debug)]
-pub enum Connection {
-    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+pub struct Connection {
+    sender: Sender,
+    /// The connection task; its error is the real one (a TLS alert) when a send fails
+    /// because the connection went away.
+    task: tokio::task::JoinHandle<Result<(), hyper::Error>>,
+}
+
+#[derive(Debug)]
+enum Sender {
+    /// The sender, and whether a request was already sent on it.
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>, bool),
     Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
 }
 
@@ -102,16 +111,20 @@ impl Caller {
                 let (sender, conn) = hyper::client::conn::http1::handshake(io)
                     .await
                     .map_err(CallError::Http)?;
-                tokio::spawn(conn);
-                Connection::Http1(sender)
+                Connection {
+                    sender: Sender::Http1(sender, false),
+                    task: tokio::spawn(conn),
+                }
             }
             HttpVersion::Http2 => {
                 let (sender, conn) =
                     hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
                         .await
                         .map_err(CallError::Http)?;
-                tokio::spawn(conn);
-                Connection::Http2(sender)
+                Connection {
+                    sender: Sender::Http2(sender),
+                    task: tokio::spawn(conn),
+                }
             }
         })
     }
@@ -132,16 +145,36 @@ impl Connection {
         &mut self,
         request: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, CallError> {
-        let result = match self {
+        let result = match &mut self.sender {
             // A kept-alive HTTP/1.1 connection takes the next request only once the previous
-            // response has been read to its end.
-            Connection::Http1(sender) => match sender.ready().await {
-                Ok(()) => sender.send_request(request).await,
-                Err(error) => Err(error),
-            },
-            Connection::Http2(sender) => sender.send_request(to_http2(request)).await,
+            // response has been read to its end: wait for it.
+            Sender::Http1(sender, used) => {
+                // The first request goes straight out, so that a server's TLS alert (TLS 1.3
+                // rejects a client certificate after the client's handshake) surfaces as the
+                // send's error rather than as a closed channel.
+                let ready = if *used { sender.ready().await } else { Ok(()) };
+                *used = true;
+                match ready {
+                    Ok(()) => sender.send_request(request).await,
+                    Err(error) => Err(error),
+                }
+            }
+            Sender::Http2(sender) => sender.send_request(to_http2(request)).await,
         };
-        result.map_err(classify_hyper_error)
+        match result {
+            Ok(response) => Ok(response),
+            Err(error) => {
+                // The send may fail only as "canceled" or "closed" when the connection task
+                // died first; its own error says why (e.g. the server's TLS alert).
+                if let Ok(Ok(Err(cause))) =
+                    tokio::time::timeout(std::time::Duration::from_secs(2), &mut self.task).await
+                    && let CallError::Tls(tls) = classify_hyper_error(cause)
+                {
+                    return Err(CallError::Tls(tls));
+                }
+                Err(classify_hyper_error(error))
+            }
+        }
     }
 }
 
