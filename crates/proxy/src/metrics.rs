@@ -2,7 +2,7 @@
 //! (`helm/portcullis/dashboards/`); label values are always from a bounded set.
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
@@ -29,7 +29,7 @@ pub struct Metrics {
     pub standing_credentials: IntCounterVec,
     /// Decisions per agent, behind a cardinality cap (`telemetry.max_agent_labels`).
     pub agent_decisions: IntCounterVec,
-    agent_labels: Arc<Mutex<HashSet<String>>>,
+    agent_labels: Arc<RwLock<HashSet<String>>>,
     max_agent_labels: usize,
 }
 
@@ -168,7 +168,7 @@ impl Metrics {
             agents_seen,
             standing_credentials,
             agent_decisions,
-            agent_labels: Arc::new(Mutex::new(HashSet::new())),
+            agent_labels: Arc::new(RwLock::new(HashSet::new())),
             max_agent_labels,
             decisions,
             decision_duration,
@@ -188,12 +188,21 @@ impl Metrics {
     /// Counts a decision for `agent`, under its own label while fewer than the cap have been
     /// given one, as `other` after: label cardinality stays bounded whatever connects.
     pub fn observe_agent_decision(&self, agent: &str, decision: &str) {
-        let label = match self.agent_labels.lock() {
-            Ok(labels) if labels.contains(agent) => agent,
-            Ok(mut labels) if labels.len() < self.max_agent_labels => {
-                labels.insert(agent.to_owned());
-                agent
-            }
+        // Every request reads; only an agent's first request (while under the cap) writes.
+        let known = self
+            .agent_labels
+            .read()
+            .map(|labels| (labels.contains(agent), labels.len()));
+        let label = match known {
+            Ok((true, _)) => agent,
+            Ok((false, len)) if len < self.max_agent_labels => match self.agent_labels.write() {
+                Ok(labels) if labels.contains(agent) => agent,
+                Ok(mut labels) if labels.len() < self.max_agent_labels => {
+                    labels.insert(agent.to_owned());
+                    agent
+                }
+                _ => "other",
+            },
             _ => "other",
         };
         self.agent_decisions
@@ -213,5 +222,33 @@ impl Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Metrics;
+
+    #[test]
+    fn agents_beyond_the_label_cap_are_counted_as_other() {
+        let metrics = Metrics::with_agent_label_cap(2);
+        for agent in [
+            "spiffe://t/a",
+            "spiffe://t/b",
+            "spiffe://t/c",
+            "spiffe://t/a",
+        ] {
+            metrics.observe_agent_decision(agent, "allow");
+        }
+        let count = |agent: &str| {
+            metrics
+                .agent_decisions
+                .with_label_values(&[agent, "allow"])
+                .get()
+        };
+        assert_eq!(count("spiffe://t/a"), 2);
+        assert_eq!(count("spiffe://t/b"), 1);
+        assert_eq!(count("other"), 1);
+        assert_eq!(count("spiffe://t/c"), 0);
     }
 }
