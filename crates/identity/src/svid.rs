@@ -26,6 +26,10 @@ pub enum SvidRejection {
     SigningKeyUsage,
     #[error("leaf lacks the clientAuth extended key usage")]
     MissingClientAuth,
+    #[error("leaf key usage lacks digitalSignature")]
+    LeafKeyUsage,
+    #[error("a CA certificate in the chain lacks keyCertSign")]
+    IssuerKeyUsage,
 }
 
 impl SvidRejection {
@@ -40,6 +44,8 @@ impl SvidRejection {
             SvidRejection::CaLeaf => "ca_leaf",
             SvidRejection::SigningKeyUsage => "signing_key_usage",
             SvidRejection::MissingClientAuth => "missing_client_auth",
+            SvidRejection::LeafKeyUsage => "leaf_key_usage",
+            SvidRejection::IssuerKeyUsage => "issuer_key_usage",
         }
     }
 }
@@ -54,9 +60,35 @@ pub fn caller_spiffe_id(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
 }
 
 /// Every X509-SVID leaf rule: the identity, plus §4.1 (not a CA), §4.3 (no keyCertSign or
-/// cRLSign) and §4.4 (clientAuth, which this proxy requires to be present, not merely
-/// permitted by an absent EKU extension).
+/// cRLSign; digitalSignature set) and §4.4 (clientAuth, which this proxy requires to be
+/// present, not merely permitted by an absent EKU extension).
 pub fn check_leaf(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
+    let leaf = inspect_leaf(leaf_der)?;
+    leaf.require_digital_signature()?;
+    Ok(leaf.id)
+}
+
+/// What the handshake needs from a leaf that passed every rule checked before the chain.
+#[derive(Debug)]
+pub(crate) struct Leaf {
+    pub(crate) id: SpiffeId,
+    digital_signature: bool,
+}
+
+impl Leaf {
+    /// X509-SVID §4.3: "Leaf SVIDs MUST set digitalSignature." The handshake applies this
+    /// after the chain verified, so an untrusted certificate is refused for its trust first.
+    pub(crate) fn require_digital_signature(&self) -> Result<(), SvidRejection> {
+        if self.digital_signature {
+            Ok(())
+        } else {
+            Err(SvidRejection::LeafKeyUsage)
+        }
+    }
+}
+
+/// The leaf rules that do not need the chain, in one parse.
+pub(crate) fn inspect_leaf(leaf_der: &[u8]) -> Result<Leaf, SvidRejection> {
     let cert = parse(leaf_der)?;
     let id = spiffe_id_of(&cert)?;
     let basic = cert
@@ -66,7 +98,10 @@ pub fn check_leaf(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
         return Err(SvidRejection::CaLeaf);
     }
     let key_usage = cert.key_usage().map_err(|_| SvidRejection::Malformed)?;
-    if key_usage.is_some_and(|ext| ext.value.key_cert_sign() || ext.value.crl_sign()) {
+    if key_usage
+        .as_ref()
+        .is_some_and(|ext| ext.value.key_cert_sign() || ext.value.crl_sign())
+    {
         return Err(SvidRejection::SigningKeyUsage);
     }
     let eku = cert
@@ -75,7 +110,26 @@ pub fn check_leaf(leaf_der: &[u8]) -> Result<SpiffeId, SvidRejection> {
     if !eku.is_some_and(|ext| ext.value.client_auth || ext.value.any) {
         return Err(SvidRejection::MissingClientAuth);
     }
-    Ok(id)
+    Ok(Leaf {
+        id,
+        // An absent key usage extension sets nothing, so it does not set digitalSignature.
+        digital_signature: key_usage.is_some_and(|ext| ext.value.digital_signature()),
+    })
+}
+
+/// X509-SVID §4.3 "Signing certificates MUST set keyCertSign" (RFC 5280 §4.2.1.3: a key
+/// without it must not be used to verify certificate signatures). WebPKI path building does
+/// not check this for intermediates or roots, so the verifier applies it to the verified path.
+pub(crate) fn may_sign_certificates(ca_der: &[u8]) -> bool {
+    parse(ca_der)
+        .ok()
+        .and_then(|cert| {
+            cert.key_usage()
+                .ok()
+                .flatten()
+                .map(|ext| ext.value.key_cert_sign())
+        })
+        .unwrap_or(false)
 }
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidRejection> {

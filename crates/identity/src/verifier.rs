@@ -1,21 +1,24 @@
 //! The client-certificate verifier: X509-SVID rules first, then the chain against the roots
-//! of the trust domain the SVID claims, and only those.
+//! of the trust domain the SVID claims, and only those, then the key-usage rules on the path
+//! that verified.
 //!
 //! Plain `WebPkiClientVerifier` over the union of all bundles would accept a certificate
-//! issued by trust domain B's CA that claims to be in trust domain A. Keeping one webpki
-//! verifier per trust domain and choosing it by the leaf's own SPIFFE ID closes that gap.
+//! issued by trust domain B's CA that claims to be in trust domain A. Keeping one set of
+//! trust anchors per trust domain and choosing it by the leaf's own SPIFFE ID closes that gap.
+//! The chain is verified with webpki directly (as `WebPkiClientVerifier` does, no CRLs) because
+//! only webpki's [`VerifiedPath`](webpki::VerifiedPath) says which intermediates and which root
+//! were used, and X509-SVID §4.3 puts a rule on each of them.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::WebPkiClientVerifier;
+use rustls::pki_types::{CertificateDer, TrustAnchor, UnixTime};
+use rustls::server::VerifierBuilderError;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, RootCertStore,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, OtherError, SignatureScheme,
 };
 
 use crate::bundle::TrustBundles;
@@ -23,30 +26,82 @@ use crate::svid::{self, SvidRejection};
 
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    by_trust_domain: HashMap<String, Arc<dyn ClientCertVerifier>>,
+    by_trust_domain: HashMap<String, DomainRoots>,
     provider: Arc<CryptoProvider>,
+}
+
+/// One trust domain's roots as webpki trust anchors, with whether each root itself may sign
+/// certificates (keyCertSign), decided once when the bundle is loaded.
+#[derive(Debug)]
+struct DomainRoots {
+    anchors: Vec<TrustAnchor<'static>>,
+    may_sign: Vec<bool>,
 }
 
 impl SpiffeClientVerifier {
     pub fn new(
         bundles: &TrustBundles,
         provider: Arc<CryptoProvider>,
-    ) -> Result<Self, rustls::server::VerifierBuilderError> {
+    ) -> Result<Self, VerifierBuilderError> {
         let mut by_trust_domain = HashMap::new();
         for (domain, bundle) in bundles.iter() {
-            let mut roots = RootCertStore::empty();
+            let mut roots = DomainRoots {
+                anchors: Vec::with_capacity(bundle.roots.len()),
+                may_sign: Vec::with_capacity(bundle.roots.len()),
+            };
             // Roots were parsed when the bundle was read; a root webpki cannot use is skipped
             // here and the bundle fails below if none is left.
-            roots.add_parsable_certificates(bundle.roots.iter().cloned());
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                    .build()?;
-            by_trust_domain.insert(domain.as_str().to_owned(), verifier);
+            for root in &bundle.roots {
+                if let Ok(anchor) = webpki::anchor_from_trusted_cert(root) {
+                    roots.anchors.push(anchor.to_owned());
+                    roots.may_sign.push(svid::may_sign_certificates(root));
+                }
+            }
+            if roots.anchors.is_empty() {
+                return Err(VerifierBuilderError::NoRootAnchors);
+            }
+            by_trust_domain.insert(domain.as_str().to_owned(), roots);
         }
         Ok(Self {
             by_trust_domain,
             provider,
         })
+    }
+
+    /// The chain against `roots` (RFC 5280 path validation by webpki, clientAuth EKU), then
+    /// keyCertSign on every CA certificate of the path it found.
+    fn verify_chain(
+        &self,
+        roots: &DomainRoots,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), Error> {
+        let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let path = leaf
+            .verify_for_usage(
+                self.provider.signature_verification_algorithms.all,
+                &roots.anchors,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+                None,
+                None,
+            )
+            .map_err(pki_error)?;
+        let root_may_sign = roots
+            .anchors
+            .iter()
+            .position(|anchor| anchor == path.anchor())
+            .is_some_and(|index| roots.may_sign[index]);
+        let intermediates_may_sign = path
+            .intermediate_certificates()
+            .all(|ca| svid::may_sign_certificates(ca.der().as_ref()));
+        if root_may_sign && intermediates_may_sign {
+            Ok(())
+        } else {
+            Err(reject(SvidRejection::IssuerKeyUsage))
+        }
     }
 }
 
@@ -74,12 +129,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         // Leaf rules run before the chain so that a rejection names the precise rule broken
         // (webpki folds several of them into generic errors).
-        let id = svid::check_leaf(end_entity).map_err(reject)?;
-        let verifier = self
+        let leaf = svid::inspect_leaf(end_entity).map_err(reject)?;
+        let roots = self
             .by_trust_domain
-            .get(id.trust_domain_name())
+            .get(leaf.id.trust_domain_name())
             .ok_or_else(|| reject(SvidRejection::UnknownTrustDomain))?;
-        verifier.verify_client_cert(end_entity, intermediates, now)
+        self.verify_chain(roots, end_entity, intermediates, now)?;
+        leaf.require_digital_signature().map_err(reject)?;
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -114,6 +171,38 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// webpki's chain errors as the rustls errors `WebPkiClientVerifier` would have produced, so
+/// [`handshake_failure_reason`] labels them the same way. Revocation errors cannot occur: no
+/// CRLs are given.
+fn pki_error(error: webpki::Error) -> Error {
+    use webpki::Error as E;
+    match error {
+        E::BadDer | E::BadDerTime | E::TrailingData(_) => CertificateError::BadEncoding.into(),
+        E::CertNotValidYet { time, not_before } => {
+            CertificateError::NotValidYetContext { time, not_before }.into()
+        }
+        E::CertExpired { time, not_after } => {
+            CertificateError::ExpiredContext { time, not_after }.into()
+        }
+        E::InvalidCertValidity => CertificateError::Expired.into(),
+        E::UnknownIssuer => CertificateError::UnknownIssuer.into(),
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature.into(),
+        #[allow(deprecated)]
+        E::RequiredEkuNotFound | E::RequiredEkuNotFoundContext(_) => {
+            CertificateError::InvalidPurpose.into()
+        }
+        #[allow(deprecated)]
+        E::UnsupportedSignatureAlgorithm
+        | E::UnsupportedSignatureAlgorithmForPublicKey
+        | E::UnsupportedSignatureAlgorithmContext(_)
+        | E::UnsupportedSignatureAlgorithmForPublicKeyContext(_) => {
+            CertificateError::UnsupportedSignatureAlgorithm.into()
+        }
+        // Path-length, name-constraint, CA-as-leaf and the rest: one bounded label.
+        other => CertificateError::Other(OtherError(Arc::new(other))).into(),
     }
 }
 

@@ -12,12 +12,17 @@ use time::{Duration, OffsetDateTime};
 /// Errors from minting are programming errors in a test or the demo, reported as strings.
 pub type MintError = rcgen::Error;
 
-/// A SPIFFE trust domain's root CA.
+/// A SPIFFE trust domain's root CA, or an intermediate CA under one.
 pub struct Ca {
     pub trust_domain: String,
     params: CertificateParams,
     key: KeyPair,
     cert: Certificate,
+    /// What a leaf this CA signs presents after itself: empty for a root (roots come from the
+    /// bundle), this CA and its issuers' intermediates otherwise.
+    chain: Vec<CertificateDer<'static>>,
+    /// `chain` in PEM, for certificate files.
+    chain_pem: String,
 }
 
 impl std::fmt::Debug for Ca {
@@ -39,6 +44,8 @@ pub struct LeafSpec {
     pub server_auth: bool,
     pub is_ca: bool,
     pub key_cert_sign: bool,
+    pub digital_signature: bool,
+    pub key_agreement: bool,
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
 }
@@ -54,6 +61,8 @@ impl LeafSpec {
             server_auth: true,
             is_ca: false,
             key_cert_sign: false,
+            digital_signature: true,
+            key_agreement: false,
             not_before: now - Duration::hours(1),
             not_after: now + Duration::hours(1),
         }
@@ -73,9 +82,12 @@ impl LeafSpec {
 /// A leaf certificate, its issuer's chain and its key.
 #[derive(Clone)]
 pub struct Svid {
+    /// The leaf followed by the intermediates it is presented with.
     pub cert_pem: String,
     pub key_pem: String,
     pub cert_der: CertificateDer<'static>,
+    /// Intermediates presented after the leaf (empty when a root signed it).
+    pub chain: Vec<CertificateDer<'static>>,
     key_der: Vec<u8>,
 }
 
@@ -86,6 +98,13 @@ impl std::fmt::Debug for Svid {
 }
 
 impl Svid {
+    /// The leaf and its intermediates, as a TLS peer presents them.
+    pub fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
+        std::iter::once(self.cert_der.clone())
+            .chain(self.chain.iter().cloned())
+            .collect()
+    }
+
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }
@@ -107,17 +126,13 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Self, MintError> {
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut name = DistinguishedName::new();
-        name.push(DnType::OrganizationName, "Portcullis test");
-        name.push(DnType::CommonName, format!("{trust_domain} root"));
-        params.distinguished_name = name;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.subject_alt_names =
-            vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
-        params.not_before = not_before;
-        params.not_after = not_after;
+        let params = ca_params(
+            trust_domain,
+            &format!("{trust_domain} root"),
+            true,
+            not_before,
+            not_after,
+        )?;
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
         Ok(Self {
@@ -125,6 +140,57 @@ impl Ca {
             params,
             key,
             cert,
+            chain: Vec::new(),
+            chain_pem: String::new(),
+        })
+    }
+
+    /// A root whose key usage lacks keyCertSign (X509-SVID §4.3 says it must not sign).
+    pub fn without_key_cert_sign(trust_domain: &str) -> Result<Self, MintError> {
+        let now = OffsetDateTime::now_utc();
+        let params = ca_params(
+            trust_domain,
+            &format!("{trust_domain} root"),
+            false,
+            now - Duration::hours(1),
+            now + Duration::days(1),
+        )?;
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            params,
+            key,
+            cert,
+            chain: Vec::new(),
+            chain_pem: String::new(),
+        })
+    }
+
+    /// An intermediate CA signed by this one; `key_cert_sign: false` mints the malformed one
+    /// whose key usage does not allow it to sign certificates.
+    pub fn intermediate(&self, name: &str, key_cert_sign: bool) -> Result<Self, MintError> {
+        let now = OffsetDateTime::now_utc();
+        let params = ca_params(
+            &self.trust_domain,
+            name,
+            key_cert_sign,
+            now - Duration::hours(1),
+            now + Duration::days(1),
+        )?;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &Issuer::from_params(&self.params, &self.key))?;
+        let chain = std::iter::once(cert.der().clone())
+            .chain(self.chain.iter().cloned())
+            .collect();
+        let chain_pem = cert.pem() + &self.chain_pem;
+        Ok(Self {
+            trust_domain: self.trust_domain.clone(),
+            params,
+            key,
+            cert,
+            chain,
+            chain_pem,
         })
     }
 
@@ -162,7 +228,13 @@ impl Ca {
         } else {
             IsCa::ExplicitNoCa
         };
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.key_usages = Vec::new();
+        if spec.digital_signature {
+            params.key_usages.push(KeyUsagePurpose::DigitalSignature);
+        }
+        if spec.key_agreement {
+            params.key_usages.push(KeyUsagePurpose::KeyAgreement);
+        }
         if spec.key_cert_sign {
             params.key_usages.push(KeyUsagePurpose::KeyCertSign);
         }
@@ -182,12 +254,37 @@ impl Ca {
         let issuer = Issuer::from_params(&self.params, &self.key);
         let cert = params.signed_by(&key, &issuer)?;
         Ok(Svid {
-            cert_pem: cert.pem(),
+            cert_pem: cert.pem() + &self.chain_pem,
             key_pem: key.serialize_pem(),
             cert_der: cert.der().clone(),
+            chain: self.chain.clone(),
             key_der: key.serialize_der(),
         })
     }
+}
+
+fn ca_params(
+    trust_domain: &str,
+    common_name: &str,
+    key_cert_sign: bool,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+) -> Result<CertificateParams, MintError> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    let mut name = DistinguishedName::new();
+    name.push(DnType::OrganizationName, "Portcullis test");
+    name.push(DnType::CommonName, common_name);
+    params.distinguished_name = name;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = if key_cert_sign {
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign]
+    } else {
+        vec![KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature]
+    };
+    params.subject_alt_names = vec![SanType::URI(format!("spiffe://{trust_domain}").try_into()?)];
+    params.not_before = not_before;
+    params.not_after = not_after;
+    Ok(params)
 }
 
 /// An mTLS client config for a caller presenting `svid` (or nothing) and trusting `roots`
@@ -206,7 +303,7 @@ pub fn client_config(
         .with_safe_default_protocol_versions()?
         .with_root_certificates(store);
     let mut config = match svid {
-        Some(svid) => builder.with_client_auth_cert(vec![svid.cert_der.clone()], svid.key_der())?,
+        Some(svid) => builder.with_client_auth_cert(svid.cert_chain(), svid.key_der())?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();

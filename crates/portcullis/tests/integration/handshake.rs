@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use portcullis_test_support::pki::{Ca, LeafSpec};
+use portcullis_test_support::pki::{Ca, LeafSpec, Svid};
 use time::{Duration, OffsetDateTime};
 
 use crate::harness::{Harness, TRIAGE, TRUST_DOMAIN, eventually, sample};
@@ -122,18 +122,7 @@ async fn invalid_callers_are_refused_in_the_handshake() {
         ),
     ];
     for (name, svid, reason) in cases {
-        let label = format!("portcullis_tls_handshake_failures_total{{reason=\"{reason}\"}}");
-        let before = sample(&h.metrics().await, &label);
-        let error = h.try_call(svid.as_ref()).await.expect_err(name);
-        assert!(
-            error.is_tls(),
-            "{name}: expected a TLS refusal, got {error}"
-        );
-        assert!(
-            eventually(async || sample(&h.metrics().await, &label) > before).await,
-            "{name}: {label} did not increase\n{}",
-            h.metrics().await
-        );
+        assert_refused(&h, name, svid.as_ref(), reason).await;
     }
     assert!(
         h.upstream.requests().is_empty(),
@@ -141,6 +130,87 @@ async fn invalid_callers_are_refused_in_the_handshake() {
     );
     // The audit trail records HTTP decisions; refused handshakes are counted, not audited.
     assert_eq!(h.audit(0).await.len(), 1);
+}
+
+/// X509-SVID §4.3 on the path webpki verified: the leaf sets digitalSignature, and every CA
+/// certificate (intermediates and the root) sets keyCertSign.
+#[tokio::test]
+async fn key_usage_rules_apply_to_the_leaf_and_every_issuer_of_the_verified_path() {
+    let weak_root = Arc::new(Ca::without_key_cert_sign("weak.example.net").unwrap());
+    let h = Harness::builder()
+        .trust("weak.example.net", weak_root.clone())
+        .start()
+        .await;
+    let signing_intermediate = h.ca.intermediate("signing intermediate", true).unwrap();
+    let good = signing_intermediate.svid(TRIAGE).unwrap();
+    assert_eq!(good.chain.len(), 1);
+    assert_eq!(
+        h.try_call(Some(&good)).await.unwrap(),
+        200,
+        "root -> intermediate (keyCertSign) -> leaf (digitalSignature) is an SVID"
+    );
+
+    let non_signing =
+        h.ca.intermediate("non-signing intermediate", false)
+            .unwrap();
+    let mut key_agreement_only = LeafSpec::workload(TRIAGE);
+    key_agreement_only.digital_signature = false;
+    key_agreement_only.key_agreement = true;
+    let cases = [
+        (
+            "intermediate without keyCertSign",
+            non_signing.svid(TRIAGE).unwrap(),
+            "issuer_key_usage",
+        ),
+        (
+            "signing intermediate under a non-signing one",
+            non_signing
+                .intermediate("nested", true)
+                .unwrap()
+                .svid(TRIAGE)
+                .unwrap(),
+            "issuer_key_usage",
+        ),
+        (
+            "root without keyCertSign",
+            weak_root.svid("spiffe://weak.example.net/agent").unwrap(),
+            "issuer_key_usage",
+        ),
+        (
+            "leaf with keyAgreement only",
+            h.ca.leaf(&key_agreement_only).unwrap(),
+            "leaf_key_usage",
+        ),
+        (
+            "leaf with keyAgreement only, through a signing intermediate",
+            signing_intermediate.leaf(&key_agreement_only).unwrap(),
+            "leaf_key_usage",
+        ),
+    ];
+    for (name, svid, reason) in cases {
+        assert_refused(&h, name, Some(&svid), reason).await;
+    }
+    assert_eq!(
+        h.upstream.requests().len(),
+        1,
+        "only the valid chain was forwarded"
+    );
+}
+
+/// `svid` is refused during the handshake (no HTTP exchange) and counted under `reason`.
+async fn assert_refused(h: &Harness, name: &str, svid: Option<&Svid>, reason: &str) {
+    let label = format!("portcullis_tls_handshake_failures_total{{reason=\"{reason}\"}}");
+    let before = sample(&h.metrics().await, &label);
+    let error = h.try_call(svid).await.expect_err(name);
+    assert!(
+        error.is_tls(),
+        "{name}: expected a TLS refusal, got {error}"
+    );
+    assert!(
+        eventually(async || sample(&h.metrics().await, &label) > before).await,
+        "{name}: {label} did not increase\n{}",
+        h.metrics().await
+    );
 }
 
 #[tokio::test]
