@@ -109,3 +109,35 @@ fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidRejection> {
     }
     Ok(id)
 }
+
+/// What a serving certificate's leaf says about itself: the workload it names and its
+/// validity window (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingLeaf {
+    pub id: SpiffeId,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// The X509-SVID rules this workload's own certificate must meet to serve agents: exactly
+/// one URI SAN naming a workload (§2), not a CA and no signing key usage (§4.1, §4.3).
+/// Validity and the chain are checked by the caller, which knows the time and the bundles.
+pub fn check_serving_leaf(leaf_der: &[u8]) -> Result<ServingLeaf, SvidRejection> {
+    let cert = parse(leaf_der)?;
+    let id = spiffe_id_of(&cert)?;
+    let basic = cert
+        .basic_constraints()
+        .map_err(|_| SvidRejection::Malformed)?;
+    if basic.is_some_and(|ext| ext.value.ca) {
+        return Err(SvidRejection::CaLeaf);
+    }
+    let key_usage = cert.key_usage().map_err(|_| SvidRejection::Malformed)?;
+    if key_usage.is_some_and(|ext| ext.value.key_cert_sign() || ext.value.crl_sign()) {
+        return Err(SvidRejection::SigningKeyUsage);
+    }
+    Ok(ServingLeaf {
+        id,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
