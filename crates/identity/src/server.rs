@@ -10,6 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::NoServerSessionStorage;
 
 use crate::bundle::TrustBundles;
+use crate::claim::RecordingVerifier;
 use crate::verifier::SpiffeClientVerifier;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,10 +42,37 @@ pub struct ServerIdentity {
     pub key: PrivateKeyDer<'static>,
 }
 
+impl Clone for ServerIdentity {
+    fn clone(&self) -> Self {
+        Self {
+            cert_chain: self.cert_chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
 impl ServerIdentity {
     pub fn load(cert: &Path, key: &Path) -> Result<Self, ServerIdentityError> {
-        let cert_chain = CertificateDer::pem_file_iter(cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        let cert_pem = std::fs::read(cert).map_err(|source| ServerIdentityError::Cert {
+            path: cert.to_owned(),
+            source: rustls::pki_types::pem::Error::Io(source),
+        })?;
+        let key_pem = std::fs::read(key).map_err(|source| ServerIdentityError::Key {
+            path: key.to_owned(),
+            source: rustls::pki_types::pem::Error::Io(source),
+        })?;
+        Self::from_pem(&cert_pem, cert, &key_pem, key)
+    }
+
+    /// Parses PEM bytes read from `cert` and `key` (the paths name the files in errors).
+    pub fn from_pem(
+        cert_pem: &[u8],
+        cert: &Path,
+        key_pem: &[u8],
+        key: &Path,
+    ) -> Result<Self, ServerIdentityError> {
+        let cert_chain = CertificateDer::pem_slice_iter(cert_pem)
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|source| ServerIdentityError::Cert {
                 path: cert.to_owned(),
                 source,
@@ -54,10 +82,11 @@ impl ServerIdentity {
                 path: cert.to_owned(),
             });
         }
-        let key = PrivateKeyDer::from_pem_file(key).map_err(|source| ServerIdentityError::Key {
-            path: key.to_owned(),
-            source,
-        })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| ServerIdentityError::Key {
+                path: key.to_owned(),
+                source,
+            })?;
         Ok(Self { cert_chain, key })
     }
 }
@@ -84,7 +113,7 @@ pub fn server_config(
     let verifier = SpiffeClientVerifier::new(bundles, provider.clone())?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(Arc::new(RecordingVerifier { inner: verifier }))
         .with_single_cert(identity.cert_chain, identity.key)?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     config.session_storage = Arc::new(NoServerSessionStorage {});

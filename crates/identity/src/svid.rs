@@ -91,19 +91,7 @@ impl Leaf {
 pub(crate) fn inspect_leaf(leaf_der: &[u8]) -> Result<Leaf, SvidRejection> {
     let cert = parse(leaf_der)?;
     let id = spiffe_id_of(&cert)?;
-    let basic = cert
-        .basic_constraints()
-        .map_err(|_| SvidRejection::Malformed)?;
-    if basic.is_some_and(|ext| ext.value.ca) {
-        return Err(SvidRejection::CaLeaf);
-    }
-    let key_usage = cert.key_usage().map_err(|_| SvidRejection::Malformed)?;
-    if key_usage
-        .as_ref()
-        .is_some_and(|ext| ext.value.key_cert_sign() || ext.value.crl_sign())
-    {
-        return Err(SvidRejection::SigningKeyUsage);
-    }
+    let digital_signature = leaf_key_rules(&cert)?;
     let eku = cert
         .extended_key_usage()
         .map_err(|_| SvidRejection::Malformed)?;
@@ -112,9 +100,28 @@ pub(crate) fn inspect_leaf(leaf_der: &[u8]) -> Result<Leaf, SvidRejection> {
     }
     Ok(Leaf {
         id,
-        // An absent key usage extension sets nothing, so it does not set digitalSignature.
-        digital_signature: key_usage.is_some_and(|ext| ext.value.digital_signature()),
+        digital_signature,
     })
+}
+
+/// §4.1 (a leaf is not a CA) and the first half of §4.3 (no keyCertSign or cRLSign), for
+/// callers and this workload alike. Returns whether digitalSignature is set; an absent key
+/// usage extension sets nothing, so it does not set digitalSignature.
+fn leaf_key_rules(cert: &X509Certificate<'_>) -> Result<bool, SvidRejection> {
+    let basic = cert
+        .basic_constraints()
+        .map_err(|_| SvidRejection::Malformed)?;
+    if basic.is_some_and(|ext| ext.value.ca) {
+        return Err(SvidRejection::CaLeaf);
+    }
+    let key_usage = cert.key_usage().map_err(|_| SvidRejection::Malformed)?;
+    match key_usage {
+        Some(ext) if ext.value.key_cert_sign() || ext.value.crl_sign() => {
+            Err(SvidRejection::SigningKeyUsage)
+        }
+        Some(ext) => Ok(ext.value.digital_signature()),
+        None => Ok(false),
+    }
 }
 
 /// X509-SVID §4.3 "Signing certificates MUST set keyCertSign" (RFC 5280 §4.2.1.3: a key
@@ -162,4 +169,30 @@ fn spiffe_id_of(cert: &X509Certificate<'_>) -> Result<SpiffeId, SvidRejection> {
         return Err(SvidRejection::RootOnlyId);
     }
     Ok(id)
+}
+
+/// What a serving certificate's leaf says about itself: the workload it names and its
+/// validity window (unix seconds).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServingLeaf {
+    pub id: SpiffeId,
+    pub not_before: i64,
+    pub not_after: i64,
+}
+
+/// The X509-SVID rules this workload's own certificate must meet to serve agents: exactly
+/// one URI SAN naming a workload (§2), not a CA, no signing key usage and digitalSignature set
+/// (§4.1, §4.3). Validity and the chain are checked by the caller, which knows the time and
+/// the bundles.
+pub fn check_serving_leaf(leaf_der: &[u8]) -> Result<ServingLeaf, SvidRejection> {
+    let cert = parse(leaf_der)?;
+    let id = spiffe_id_of(&cert)?;
+    if !leaf_key_rules(&cert)? {
+        return Err(SvidRejection::LeafKeyUsage);
+    }
+    Ok(ServingLeaf {
+        id,
+        not_before: cert.validity().not_before.timestamp(),
+        not_after: cert.validity().not_after.timestamp(),
+    })
 }

@@ -364,7 +364,7 @@ pub fn render_config(
 
 fn render_helper_config(socket_file: &str) -> String {
     // spiffe-helper v0.8+ (snake_case keys). No `cmd`: it only keeps the files fresh, and
-    // portcullis re-reads them itself.
+    // portcullis re-reads them itself (content checked every `tls.reload_interval`).
     format!(
         "agent_address = \"{SPIRE_SOCKET_DIR}/{socket_file}\"\n\
          cert_dir = \"{SVID_DIR}\"\n\

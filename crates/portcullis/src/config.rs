@@ -8,16 +8,20 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::uri::Authority;
 use portcullis_core::TrustDomain;
+use portcullis_identity::serving::{self, ServingFile};
 use portcullis_identity::user_token::{
     JwksSource, UserTokenSettings, UserTokenVerifier, parse_algorithm,
 };
-use portcullis_identity::{ServerIdentity, TrustBundles};
+use portcullis_identity::{
+    IdentityFeed, IdentityFiles, IdentitySnapshot, ServerIdentity, ServerIdentityError,
+    TrustBundles,
+};
 use portcullis_policy::{Mode, PolicyEngine};
-use portcullis_proxy::{AuditSink, CertificateExpiry, Limits, PathMatch, Protocol, RouteRule};
+use portcullis_proxy::{AuditSink, Limits, PathMatch, Protocol, RouteRule};
 use serde::Deserialize;
 
 /// One configuration problem: where, and what.
@@ -78,6 +82,8 @@ struct RawTls {
     key: Option<String>,
     #[serde(default)]
     trust_bundles: BTreeMap<String, String>,
+    /// How often the files are checked for a rotated certificate or bundle.
+    reload_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -156,8 +162,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub upstream: Authority,
-    pub tls: Arc<rustls::ServerConfig>,
-    pub certificates: Vec<CertificateExpiry>,
+    /// The serving SVID and bundles, checked, and the watcher that keeps them current.
+    pub identity: IdentityFeed,
     pub trust_domains: Vec<String>,
     pub user_token: Option<UserTokenConfig>,
     pub policy: Arc<PolicyEngine>,
@@ -218,8 +224,7 @@ impl Config {
         Ok(portcullis_proxy::ProxyOptions {
             listen: self.listen,
             admin_listen: self.admin_listen,
-            tls: self.tls,
-            certificates: self.certificates,
+            identity: self.identity,
             policy: self.policy,
             policy_reload_interval: self.policy_reload_interval,
             upstream: self.upstream,
@@ -323,7 +328,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
     }
     let upstream = upstream(raw.upstream.as_deref(), errors);
     let limits = limits(raw.limits.unwrap_or_default(), errors);
-    let (tls, certificates, trust_domains) = tls(raw.tls, base, errors);
+    let (identity, trust_domains) = tls(raw.tls, base, errors);
     let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
     let routes = routes(raw.routes, errors);
@@ -334,8 +339,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         listen: listen?,
         admin_listen: admin_listen?,
         upstream: upstream?,
-        tls: tls?,
-        certificates,
+        identity: identity?,
         trust_domains,
         user_token,
         policy: Arc::new(policy?),
@@ -423,22 +427,29 @@ fn file(base: &Path, path: &str, value: Option<&str>, errors: &mut Errors) -> Op
     }
 }
 
-type TlsParts = (
-    Option<Arc<rustls::ServerConfig>>,
-    Vec<CertificateExpiry>,
-    Vec<String>,
-);
-
-fn tls(raw: Option<RawTls>, base: &Path, errors: &mut Errors) -> TlsParts {
+/// `tls`: every file loads, and the serving identity is one agents will accept (a valid
+/// X509-SVID, its key, chaining to its own trust domain's bundle), each problem reported at
+/// the YAML path of the file it is about.
+fn tls(
+    raw: Option<RawTls>,
+    base: &Path,
+    errors: &mut Errors,
+) -> (Option<IdentityFeed>, Vec<String>) {
     let Some(raw) = raw else {
         errors.add("tls", "required");
-        return (None, Vec::new(), Vec::new());
+        return (None, Vec::new());
     };
+    let before = errors.0.len();
     let cert = file(base, "tls.cert", raw.cert.as_deref(), errors);
     let key = file(base, "tls.key", raw.key.as_deref(), errors);
+    let reload_interval = duration(
+        "tls.reload_interval",
+        raw.reload_interval.as_deref(),
+        errors,
+    )
+    .unwrap_or(Duration::from_secs(5));
     let mut bundles = TrustBundles::new();
-    let mut certificates = Vec::new();
-    let mut trust_domains = Vec::new();
+    let mut bundle_files = Vec::new();
     if raw.trust_bundles.is_empty() {
         errors.add("tls.trust_bundles", "at least one trust domain is required");
     }
@@ -454,50 +465,58 @@ fn tls(raw: Option<RawTls>, base: &Path, errors: &mut Errors) -> TlsParts {
         let Some(file) = file(base, &path, Some(bundle_path), errors) else {
             continue;
         };
-        match portcullis_identity::bundle::read_bundle(&file, std::time::SystemTime::now()) {
+        match portcullis_identity::bundle::read_bundle(&file, SystemTime::now()) {
             Ok(bundle) => {
-                for (subject, not_after) in &bundle.expiries {
-                    certificates.push(CertificateExpiry {
-                        kind: format!("bundle:{domain}"),
-                        subject: subject.clone(),
-                        not_after: *not_after,
-                    });
-                }
-                trust_domains.push(domain.to_string());
-                bundles.insert(domain, bundle);
+                bundles.insert(domain.clone(), bundle);
+                bundle_files.push((domain, file));
             }
             Err(e) => errors.add(&path, e.to_string()),
         }
     }
+    let trust_domains = bundle_files.iter().map(|(d, _)| d.to_string()).collect();
     let (Some(cert), Some(key)) = (cert, key) else {
-        return (None, certificates, trust_domains);
+        return (None, trust_domains);
     };
     let identity = match ServerIdentity::load(&cert, &key) {
         Ok(identity) => identity,
+        Err(e @ ServerIdentityError::Key { .. }) => {
+            errors.add("tls.key", e.to_string());
+            return (None, trust_domains);
+        }
         Err(e) => {
-            errors.add("tls", e.to_string());
-            return (None, certificates, trust_domains);
+            errors.add("tls.cert", e.to_string());
+            return (None, trust_domains);
         }
     };
-    if let Some((subject, not_after)) = identity
-        .cert_chain
-        .first()
-        .and_then(|leaf| portcullis_identity::bundle::subject_and_expiry(leaf))
-    {
-        certificates.push(CertificateExpiry {
-            kind: "serving".to_owned(),
-            subject,
-            not_after,
-        });
+    if let Err(problems) = serving::check_serving(&identity, &bundles, SystemTime::now()) {
+        for problem in problems {
+            match problem.file() {
+                ServingFile::Cert => errors.add("tls.cert", problem.to_string()),
+                ServingFile::Key => errors.add(
+                    "tls.key",
+                    format!(
+                        "{problem} (key {}, certificate {})",
+                        key.display(),
+                        cert.display()
+                    ),
+                ),
+                ServingFile::Bundles => errors.add("tls.trust_bundles", problem.to_string()),
+            }
+        }
     }
-    if bundles.is_empty() {
-        return (None, certificates, trust_domains);
+    if errors.0.len() != before {
+        return (None, trust_domains);
     }
-    match portcullis_identity::server_config(identity, &bundles) {
-        Ok(config) => (Some(config), certificates, trust_domains),
+    let files = IdentityFiles {
+        cert,
+        key,
+        bundles: bundle_files,
+    };
+    match files.feed(IdentitySnapshot { identity, bundles }, reload_interval) {
+        Ok(feed) => (Some(feed), trust_domains),
         Err(e) => {
             errors.add("tls", e.to_string());
-            (None, certificates, trust_domains)
+            (None, trust_domains)
         }
     }
 }

@@ -2,6 +2,7 @@
 //! (`run`, `validate`, `demo`, `inject-webhook`) and the signal handling around them, kept
 //! here so integration tests drive the same code paths as the CLI.
 
+pub mod cmd;
 pub mod config;
 pub mod demo;
 

@@ -48,6 +48,9 @@ enum Command {
     /// Run a self-contained demonstration on loopback: ephemeral CA and SVIDs, a streaming
     /// upstream, the example policies, scripted calls, and a table of what was decided.
     Demo(portcullis::demo::DemoArgs),
+    /// Mint a local CA, a serving SVID and agent SVIDs for trying Portcullis out (never for
+    /// production: use SPIRE or cert-manager csi-driver-spiffe there).
+    DevCerts(portcullis::cmd::dev_certs::DevCertsArgs),
     /// Run the Kubernetes sidecar injection webhook (AdmissionReview over HTTPS).
     InjectWebhook {
         #[arg(long, short)]
@@ -113,8 +116,9 @@ fn main() -> ExitCode {
                     Err(errors) => return config_failure(&errors),
                 };
                 let summary = format!(
-                    "{}: ok ({} policies, hash {}; trust domains: {}; {} routes; user tokens: {}; mode {})",
+                    "{}: ok (serving {}; {} policies, hash {}; trust domains: {}; {} routes; user tokens: {}; mode {})",
                     config.source.display(),
+                    config.identity.current.borrow().serving.id,
                     config.policy.policy_count(),
                     &config.policy.hash()[..12],
                     config.trust_domains.join(", "),
@@ -132,6 +136,7 @@ fn main() -> ExitCode {
                 }
             }
             Command::Demo(args) => portcullis::demo::run(args).await,
+            Command::DevCerts(args) => portcullis::cmd::dev_certs::run(args),
             Command::Audit(AuditCommand::Verify { files }) => {
                 match portcullis_proxy::audit::verify_chain(&files) {
                     Err(error) => {

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
@@ -11,6 +12,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use portcullis_identity::LiveIdentity;
+use portcullis_identity::serving::ServingProblem;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -24,6 +27,8 @@ pub(crate) struct AdminState {
     pub ready: AtomicBool,
     pub audit: AuditLog,
     pub inventory: Arc<crate::inventory::Inventory>,
+    /// The identity in force: a serving SVID that cannot serve makes the pod not ready.
+    pub identity: watch::Receiver<Arc<LiveIdentity>>,
 }
 
 pub(crate) async fn serve(
@@ -72,6 +77,11 @@ async fn respond(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: audit sink failed\n",
                 )
+            } else if let Err(problem) = state.identity.borrow().readiness(SystemTime::now()) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    identity_not_ready(&problem),
+                )
             } else {
                 text(StatusCode::OK, "ready\n")
             }
@@ -96,6 +106,20 @@ async fn respond(
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     })
+}
+
+/// A fixed line per problem; the detail is in the operational log.
+fn identity_not_ready(problem: &ServingProblem) -> &'static str {
+    match problem {
+        ServingProblem::Expired { .. } => "not ready: serving certificate expired\n",
+        ServingProblem::NotYetValid { .. } => "not ready: serving certificate not yet valid\n",
+        ServingProblem::NotChaining { .. } | ServingProblem::NoOwnBundle(_) => {
+            "not ready: serving certificate does not chain to its trust bundle\n"
+        }
+        ServingProblem::NotSvid(_)
+        | ServingProblem::KeyMismatch
+        | ServingProblem::KeyUnusable(_) => "not ready: serving certificate unusable\n",
+    }
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

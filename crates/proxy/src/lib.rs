@@ -21,9 +21,10 @@ mod server;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::uri::Authority;
+use portcullis_identity::{IdentityFeed, LiveIdentity};
 use portcullis_policy::{PolicyEngine, ReloadOutcome};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -78,23 +79,14 @@ impl Default for Limits {
     }
 }
 
-/// A certificate whose expiry is exported as `portcullis_certificate_expiry_timestamp_seconds`.
-#[derive(Debug, Clone)]
-pub struct CertificateExpiry {
-    /// `serving` (this workload's chain) or `bundle:<trust domain>`.
-    pub kind: String,
-    pub subject: String,
-    /// notAfter, unix seconds.
-    pub not_after: i64,
-}
-
 /// Everything the proxy runs with, already validated.
 #[derive(Debug)]
 pub struct ProxyOptions {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
-    pub tls: Arc<rustls::ServerConfig>,
-    pub certificates: Vec<CertificateExpiry>,
+    /// The serving SVID and trust bundles in force, and what keeps them current. Each new
+    /// handshake uses the latest; the acceptor never knows where it came from.
+    pub identity: IdentityFeed,
     pub policy: Arc<PolicyEngine>,
     /// How often the policy directory is checked for changes.
     pub policy_reload_interval: Duration,
@@ -179,12 +171,8 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
     let (audit, audit_writer) =
         AuditLog::start(&options.audit, metrics.clone()).map_err(StartError::Audit)?;
 
-    for cert in &options.certificates {
-        metrics
-            .certificate_expiry
-            .with_label_values(&[cert.kind.as_str(), cert.subject.as_str()])
-            .set(cert.not_after as f64);
-    }
+    let identity = options.identity.current.clone();
+    metrics.set_certificates(&identity.borrow().certificates);
     metrics
         .policy_count
         .set(options.policy.policy_count() as f64);
@@ -209,14 +197,19 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         ready: false.into(),
         audit,
         inventory,
+        identity: identity.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
-    let acceptor = tokio_rustls::TlsAcceptor::from(options.tls);
     let tasks = vec![
         tokio::spawn(server::serve(
             listener,
-            acceptor,
+            identity.clone(),
             shared,
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(follow_identity(
+            identity,
+            metrics.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(admin::serve(
@@ -231,6 +224,10 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             shutdown_rx,
         )),
     ];
+    if let Some(producer) = options.identity.producer {
+        // The producer stops by itself once every receiver (the tasks above) is gone.
+        drop(producer(Arc::new(metrics.clone())));
+    }
     if let Some(tokens) = &options.user_token {
         // The key refresh runs until the last verifier handle is dropped; it is not a task
         // that shutdown must wait for.
@@ -278,6 +275,51 @@ impl Running {
         let _ =
             tokio::time::timeout(drain, tokio::task::spawn_blocking(move || writer.join())).await;
     }
+}
+
+/// Keeps the expiry gauge on the identity in force, and says loudly when that identity
+/// cannot serve: an SVID that expires without a replacement, one not yet valid, one that does
+/// not chain to its own bundle. `/readyz` reports the same state on every probe.
+async fn follow_identity(
+    mut identity: watch::Receiver<Arc<LiveIdentity>>,
+    metrics: Metrics,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut producer_alive = true;
+    loop {
+        let current = identity.borrow_and_update().clone();
+        metrics.set_certificates(&current.certificates);
+        if let Err(problem) = current.readiness(SystemTime::now()) {
+            tracing::error!(
+                spiffe_id = %current.serving.id,
+                %problem,
+                "serving identity unusable: /readyz reports not ready until it is replaced"
+            );
+        }
+        let expires_in = u64::try_from(current.serving.not_after + 1 - now_unix())
+            .ok()
+            .map(Duration::from_secs);
+        let expiry = async move {
+            match expires_in {
+                Some(wait) => tokio::time::sleep(wait).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = identity.changed(), if producer_alive => {
+                producer_alive = changed.is_ok();
+            }
+            // Loops to log the expired identity; the next expiry is then never.
+            () = expiry => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
 /// Polls the policy directory. A change that loads is swapped in; one that does not is

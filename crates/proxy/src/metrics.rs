@@ -4,6 +4,7 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
+use portcullis_identity::{CertificateExpiry, ReloadKind, ReloadObserver};
 use prometheus::{
     Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
     Registry, TextEncoder,
@@ -22,6 +23,10 @@ pub struct Metrics {
     pub user_token_rejections: IntCounterVec,
     pub policy_reloads: IntCounterVec,
     pub certificate_expiry: GaugeVec,
+    pub certificate_reloads: IntCounterVec,
+    /// The label sets of `certificate_expiry` now exported, so a rotated-away certificate's
+    /// series is removed rather than left behind.
+    certificate_labels: Arc<std::sync::Mutex<Vec<[String; 3]>>>,
     pub audit_write_failures: IntCounter,
     pub connections_active: IntGauge,
     pub policy_count: Gauge,
@@ -108,14 +113,19 @@ impl Metrics {
         let certificate_expiry = GaugeVec::new(
             Opts::new(
                 "portcullis_certificate_expiry_timestamp_seconds",
-                "notAfter of each loaded certificate (serving chain and trust bundle roots).",
+                "notAfter of each loaded certificate (serving SVID and trust bundle roots).",
             ),
-            &["kind", "subject"],
+            &["kind", "subject", "spiffe_id"],
         )
         .expect("valid metric");
         registry
             .register(Box::new(certificate_expiry.clone()))
             .expect("unique metric");
+        let certificate_reloads = counter_vec(
+            "portcullis_certificate_reloads_total",
+            "Changed serving certificates and trust bundles seen, by kind (serving, bundle) and result.",
+            &["kind", "result"],
+        );
         let audit_write_failures = IntCounter::new(
             "portcullis_audit_write_failures_total",
             "Audit records that could not be written; requests fail closed after one.",
@@ -179,6 +189,8 @@ impl Metrics {
             user_token_rejections,
             policy_reloads,
             certificate_expiry,
+            certificate_reloads,
+            certificate_labels: Arc::default(),
             audit_write_failures,
             connections_active,
             policy_count,
@@ -210,12 +222,47 @@ impl Metrics {
             .inc();
     }
 
+    /// Makes `portcullis_certificate_expiry_timestamp_seconds` describe exactly `certificates`
+    /// (the identity in force): new series are set, series of replaced certificates removed.
+    pub fn set_certificates(&self, certificates: &[CertificateExpiry]) {
+        let Ok(mut exported) = self.certificate_labels.lock() else {
+            return;
+        };
+        let labels: Vec<[String; 3]> = certificates
+            .iter()
+            .map(|c| [c.kind.clone(), c.subject.clone(), c.spiffe_id.clone()])
+            .collect();
+        for old in exported.iter().filter(|old| !labels.contains(old)) {
+            let [kind, subject, id] = old;
+            let _ = self.certificate_expiry.remove_label_values(&[
+                kind.as_str(),
+                subject.as_str(),
+                id.as_str(),
+            ]);
+        }
+        for (label, certificate) in labels.iter().zip(certificates) {
+            let [kind, subject, id] = label;
+            self.certificate_expiry
+                .with_label_values(&[kind.as_str(), subject.as_str(), id.as_str()])
+                .set(certificate.not_after as f64);
+        }
+        *exported = labels;
+    }
+
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for well-formed metrics; an empty page would show it.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+impl ReloadObserver for Metrics {
+    fn reloaded(&self, kind: ReloadKind, success: bool) {
+        self.certificate_reloads
+            .with_label_values(&[kind.label(), if success { "success" } else { "failure" }])
+            .inc();
     }
 }
 

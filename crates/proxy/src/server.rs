@@ -1,6 +1,8 @@
 //! The agent-facing listener: accept, mTLS handshake (identity), then HTTP/1.1 or HTTP/2.
 
+use std::collections::HashMap;
 use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +13,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
+use portcullis_identity::LiveIdentity;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
@@ -24,10 +27,11 @@ use crate::pipeline::{ConnectionIdentity, handle};
 /// their in-flight requests.
 pub(crate) async fn serve(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    identity: watch::Receiver<Arc<LiveIdentity>>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let refusals = Arc::new(RefusalLog::default());
     let connections = Arc::new(Semaphore::new(shared.limits.max_connections));
     loop {
         // Holding a permit before accepting applies back-pressure in the kernel's accept
@@ -51,12 +55,15 @@ pub(crate) async fn serve(
             },
             _ = shutdown.changed() => return,
         };
-        let acceptor = acceptor.clone();
+        // The identity in force now: a rotated pair or bundle applies from this handshake on,
+        // while connections accepted earlier keep the config they were accepted with.
+        let acceptor = TlsAcceptor::from(identity.borrow().tls.clone());
         let shared = shared.clone();
         let shutdown = shutdown.clone();
+        let refusals = refusals.clone();
         tokio::spawn(async move {
             shared.metrics.connections_active.inc();
-            connection(tcp, peer, acceptor, shared.clone(), shutdown).await;
+            connection(tcp, peer, acceptor, shared.clone(), &refusals, shutdown).await;
             shared.metrics.connections_active.dec();
             drop(permit);
         });
@@ -65,14 +72,17 @@ pub(crate) async fn serve(
 
 async fn connection(
     tcp: TcpStream,
-    peer: std::net::SocketAddr,
+    peer: SocketAddr,
     acceptor: TlsAcceptor,
     shared: Arc<Shared>,
+    refusals: &RefusalLog,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
     let limits = &shared.limits;
-    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+    let (handshake, claim) = portcullis_identity::claim::with_claim(handshake).await;
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(error)) => {
             let reason = handshake_reason(&error);
@@ -81,7 +91,7 @@ async fn connection(
                 .tls_handshake_failures
                 .with_label_values(&[reason])
                 .inc();
-            tracing::debug!(%peer, reason, %error, "tls handshake failed");
+            refusals.record(peer, reason, claim.as_deref(), &error);
             return;
         }
         Err(_) => {
@@ -174,6 +184,66 @@ fn handshake_reason(error: &io::Error) -> &'static str {
     }
 }
 
+/// Refused handshakes at INFO, at most one line per peer address per [`REFUSAL_LOG_PERIOD`]
+/// (with the count of refusals not logged in between), so an SRE sees who is knocking
+/// without debug logs, and a scanner cannot flood the log.
+#[derive(Debug, Default)]
+struct RefusalLog {
+    peers: std::sync::Mutex<HashMap<IpAddr, (Instant, u64)>>,
+}
+
+const REFUSAL_LOG_PERIOD: Duration = Duration::from_secs(10);
+/// Peers remembered for rate limiting; beyond it, refusals from new peers go unlogged (they
+/// are still counted in `portcullis_tls_handshake_failures_total`).
+const REFUSAL_LOG_PEERS: usize = 4096;
+
+impl RefusalLog {
+    fn record(&self, peer: SocketAddr, reason: &str, claim: Option<&str>, error: &io::Error) {
+        // A connection closed before or during the handshake (a TCP probe, a port scan) is
+        // not a refusal of anyone's identity.
+        if matches!(reason, "eof" | "io") {
+            tracing::debug!(%peer, reason, %error, "tls handshake failed");
+            return;
+        }
+        let Some(suppressed) = self.admit(peer.ip(), Instant::now()) else {
+            tracing::debug!(%peer, reason, %error, "tls handshake refused");
+            return;
+        };
+        tracing::info!(
+            %peer,
+            reason,
+            claimed_spiffe_id = claim.unwrap_or("none"),
+            suppressed,
+            %error,
+            "tls handshake refused"
+        );
+    }
+
+    /// `Some(refusals not logged since the last line)` when `ip` may be logged now.
+    fn admit(&self, ip: IpAddr, now: Instant) -> Option<u64> {
+        let mut peers = self.peers.lock().ok()?;
+        if peers.len() >= REFUSAL_LOG_PEERS && !peers.contains_key(&ip) {
+            peers.retain(|_, (last, _)| now.duration_since(*last) < REFUSAL_LOG_PERIOD);
+        }
+        let full = peers.len() >= REFUSAL_LOG_PEERS;
+        match peers.get_mut(&ip) {
+            Some((last, suppressed)) if now.duration_since(*last) < REFUSAL_LOG_PERIOD => {
+                *suppressed += 1;
+                None
+            }
+            Some((last, suppressed)) => {
+                *last = now;
+                Some(std::mem::take(suppressed))
+            }
+            None if full => None,
+            None => {
+                peers.insert(ip, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Last time bytes moved on a connection, for the idle timeout.
 #[derive(Debug)]
 struct Activity {
@@ -261,5 +331,26 @@ impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
 
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::IpAddr;
+
+    use super::{REFUSAL_LOG_PERIOD, RefusalLog};
+    use tokio::time::Instant;
+
+    #[test]
+    fn refusals_are_logged_once_per_peer_per_period() {
+        let log = RefusalLog::default();
+        let start = Instant::now();
+        let a = IpAddr::from([10, 0, 0, 1]);
+        let b = IpAddr::from([10, 0, 0, 2]);
+        assert_eq!(log.admit(a, start), Some(0));
+        assert_eq!(log.admit(a, start), None);
+        assert_eq!(log.admit(a, start), None);
+        assert_eq!(log.admit(b, start), Some(0));
+        assert_eq!(log.admit(a, start + REFUSAL_LOG_PERIOD), Some(2));
     }
 }

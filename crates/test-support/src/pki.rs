@@ -105,6 +105,26 @@ impl Svid {
             .collect()
     }
 
+    /// An SVID read back from PEM (e.g. files `portcullis dev-certs` wrote); `None` unless
+    /// both parse and the key is PKCS#8.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Option<Self> {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes());
+        let cert_der = certs.next()?.ok()?;
+        let chain = certs.collect::<Result<Vec<_>, _>>().ok()?;
+        let PrivateKeyDer::Pkcs8(key) = PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).ok()?
+        else {
+            return None;
+        };
+        Some(Self {
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            cert_der,
+            chain,
+            key_der: key.secret_pkcs8_der().to_vec(),
+        })
+    }
+
     pub fn key_der(&self) -> PrivateKeyDer<'static> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key_der.clone()))
     }

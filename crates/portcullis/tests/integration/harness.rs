@@ -47,6 +47,10 @@ pub struct Builder {
     policy_dir: Option<PathBuf>,
     /// The `audit:` block (default: `sink: audit.jsonl`).
     audit_yaml: Option<String>,
+    /// `tls.reload_interval` (default: the proxy's 5s).
+    tls_reload_interval: Option<&'static str>,
+    /// The serving SVID to start with (default: `LeafSpec::server(SERVER_ID)`).
+    server_leaf: Option<LeafSpec>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
@@ -105,6 +109,16 @@ impl Builder {
         self
     }
 
+    pub fn tls_reload_interval(mut self, interval: &'static str) -> Self {
+        self.tls_reload_interval = Some(interval);
+        self
+    }
+
+    pub fn server_leaf(mut self, spec: LeafSpec) -> Self {
+        self.server_leaf = Some(spec);
+        self
+    }
+
     pub fn trust(mut self, domain: &str, ca: Arc<Ca>) -> Self {
         self.extra_bundles.push((domain.to_owned(), ca));
         self
@@ -113,7 +127,13 @@ impl Builder {
     pub async fn start(self) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::new(TRUST_DOMAIN).unwrap();
-        let server = ca.leaf(&LeafSpec::server(SERVER_ID)).unwrap();
+        let server = ca
+            .leaf(
+                self.server_leaf
+                    .as_ref()
+                    .unwrap_or(&LeafSpec::server(SERVER_ID)),
+            )
+            .unwrap();
         write(dir.path(), "ca.pem", &ca.cert_pem());
         write(dir.path(), "server.pem", &server.cert_pem);
         write(dir.path(), "server-key.pem", &server.key_pem);
@@ -151,9 +171,12 @@ impl Builder {
             "listen: 127.0.0.1:0\n\
              admin_listen: 127.0.0.1:0\n\
              upstream: http://{upstream_addr}\n\
-             tls:\n  cert: server.pem\n  key: server-key.pem\n  trust_bundles:\n{bundles}\
+             tls:\n  cert: server.pem\n  key: server-key.pem\n{}  trust_bundles:\n{bundles}\
              policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n\
              audit:\n{}{}",
+            self.tls_reload_interval
+                .map(|i| format!("  reload_interval: {i}\n"))
+                .unwrap_or_default(),
             self.mode.unwrap_or("enforce"),
             self.audit_yaml
                 .as_deref()
@@ -188,6 +211,13 @@ impl Builder {
 
 pub fn write(dir: &Path, name: &str, contents: &str) {
     std::fs::write(dir.join(name), contents).unwrap();
+}
+
+/// Replaces `name` in one step (write beside it, then rename), as certificate managers do.
+pub fn replace(dir: &Path, name: &str, contents: &str) {
+    let staged = dir.join(format!(".{name}.new"));
+    std::fs::write(&staged, contents).unwrap();
+    std::fs::rename(staged, dir.join(name)).unwrap();
 }
 
 impl Harness {
@@ -315,6 +345,25 @@ impl Harness {
             req,
         )
         .await
+    }
+
+    /// The leaf certificate the proxy presents to a new handshake (as an agent of the
+    /// harness CA); `None` if the handshake fails.
+    pub async fn served_leaf(&self) -> Option<Vec<u8>> {
+        let svid = self.svid(TRIAGE);
+        let config = portcullis_test_support::pki::client_config(
+            &[self.ca.cert_der()],
+            Some(&svid),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+            .await
+            .ok()?;
+        let leaf = tls.get_ref().1.peer_certificates()?.first()?.to_vec();
+        Some(leaf)
     }
 
     pub fn audit_path(&self) -> PathBuf {

@@ -10,6 +10,7 @@ mod config;
 mod delegation;
 mod forwarding;
 mod handshake;
+mod live_identity;
 mod policy;
 mod protocols;
 mod python_clients;

@@ -1,0 +1,308 @@
+//! Identity from files: `tls.cert`, `tls.key` and every `tls.trust_bundles` file, re-read
+//! when their content changes.
+//!
+//! Every `reload_interval` the files are read and hashed (SHA-256); reading through the path
+//! follows Kubernetes' `..data` symlink swap, and a file replaced in any other way (rename,
+//! truncate and write, a new inode) changes the hash just the same. A changed pair is used
+//! once it parses, its key matches and its leaf is a valid X509-SVID; until then the last good
+//! pair stays, and the next check tries again (a certificate written before its key is
+//! picked up as soon as the key lands). A changed bundle replaces that trust domain's roots;
+//! one that does not parse keeps the last good roots. Each outcome is counted once per
+//! distinct content, not once per check; a failure only once two consecutive checks saw it, so
+//! a file caught mid-write is not reported.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use portcullis_core::TrustDomain;
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::bundle::{self, Bundle, BundleError};
+use crate::live::{IdentityFeed, IdentitySnapshot, LiveIdentity, ReloadKind, ReloadObserver};
+use crate::server::{ServerIdentity, ServerIdentityError, crypto_provider};
+use crate::serving::{self, ServingProblem};
+
+/// The files identity is read from.
+#[derive(Debug, Clone)]
+pub struct IdentityFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub bundles: Vec<(TrustDomain, PathBuf)>,
+}
+
+type Fingerprint = [u8; 32];
+
+#[derive(Debug, thiserror::Error)]
+enum PairError {
+    #[error(transparent)]
+    Parse(#[from] ServerIdentityError),
+    #[error(transparent)]
+    Check(#[from] ServingProblem),
+}
+
+impl IdentityFiles {
+    /// A feed that starts from `initial` (what the configuration loaded and checked) and
+    /// follows the files every `interval` once the proxy starts its producer.
+    pub fn feed(
+        self,
+        initial: IdentitySnapshot,
+        interval: Duration,
+    ) -> Result<IdentityFeed, crate::live::LiveIdentityError> {
+        let live = LiveIdentity::build(initial.clone())?;
+        let (sender, current) = watch::channel(Arc::new(live));
+        let watcher = Watcher {
+            serving_applied: self.serving_fingerprint(),
+            serving_failed: Failing::default(),
+            bundles_applied: self
+                .bundles
+                .iter()
+                .map(|(_, p)| fingerprint(&[p]))
+                .collect(),
+            bundles_failed: vec![Failing::default(); self.bundles.len()],
+            files: self,
+            current: initial,
+            sender,
+        };
+        Ok(IdentityFeed {
+            current,
+            producer: Some(Box::new(move |observer| {
+                tokio::spawn(watcher.run(interval, observer))
+            })),
+        })
+    }
+
+    fn serving_fingerprint(&self) -> Fingerprint {
+        fingerprint(&[&self.cert, &self.key])
+    }
+}
+
+/// SHA-256 over the contents of `paths` (a missing or unreadable file hashes as its error, so
+/// its reappearance is a change).
+fn fingerprint(paths: &[&PathBuf]) -> Fingerprint {
+    let mut hasher = Sha256::new();
+    for path in paths {
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                hasher.update((bytes.len() as u64).to_be_bytes());
+                hasher.update(&bytes);
+            }
+            Err(error) => hasher.update(format!("unreadable: {}", error.kind())),
+        }
+    }
+    hasher.finalize().into()
+}
+
+struct Watcher {
+    files: IdentityFiles,
+    current: IdentitySnapshot,
+    serving_applied: Fingerprint,
+    serving_failed: Failing,
+    bundles_applied: Vec<Fingerprint>,
+    bundles_failed: Vec<Failing>,
+    sender: watch::Sender<Arc<LiveIdentity>>,
+}
+
+/// Failing content of one file (or pair), reported once it has been seen by two consecutive
+/// checks: a file caught mid-write (a certificate whose key is not written yet) is not a
+/// failure, and a failure is reported once, not at every check.
+#[derive(Debug, Clone, Default)]
+struct Failing {
+    seen: Option<Fingerprint>,
+    reported: bool,
+}
+
+impl Failing {
+    fn report(&mut self, print: Fingerprint) -> bool {
+        if self.seen != Some(print) {
+            self.seen = Some(print);
+            self.reported = false;
+            return false;
+        }
+        !std::mem::replace(&mut self.reported, true)
+    }
+}
+
+/// What one check found changed and usable.
+#[derive(Default)]
+struct Changes {
+    serving: Option<(ServerIdentity, Fingerprint)>,
+    bundles: Vec<(usize, Bundle, Fingerprint)>,
+}
+
+impl Watcher {
+    async fn run(mut self, interval: Duration, observer: Arc<dyn ReloadObserver>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                // Every receiver is gone: the proxy has stopped.
+                () = self.sender.closed() => return,
+            }
+            let observer = observer.clone();
+            // File reads and certificate parsing stay off the async workers.
+            self = match tokio::task::spawn_blocking(move || {
+                self.check(observer.as_ref());
+                self
+            })
+            .await
+            {
+                Ok(watcher) => watcher,
+                Err(_) => return,
+            };
+        }
+    }
+
+    fn check(&mut self, observer: &dyn ReloadObserver) {
+        let changes = Changes {
+            serving: self.changed_pair(observer),
+            bundles: self.changed_bundles(observer),
+        };
+        if changes.serving.is_none() && changes.bundles.is_empty() {
+            return;
+        }
+        let mut candidate = self.current.clone();
+        if let Some((identity, _)) = &changes.serving {
+            candidate.identity = identity.clone();
+        }
+        for (index, bundle, _) in &changes.bundles {
+            if let Some((domain, _)) = self.files.bundles.get(*index) {
+                candidate.bundles.insert(domain.clone(), bundle.clone());
+            }
+        }
+        match LiveIdentity::build(candidate.clone()) {
+            Ok(live) => {
+                let live = Arc::new(live);
+                if let Some((_, print)) = changes.serving {
+                    self.serving_applied = print;
+                    self.serving_failed = Failing::default();
+                    observer.reloaded(ReloadKind::Serving, true);
+                    tracing::info!(
+                        spiffe_id = %live.serving.id,
+                        not_after = live.serving.not_after,
+                        "serving certificate reloaded"
+                    );
+                }
+                for (index, _, print) in changes.bundles {
+                    self.bundles_applied[index] = print;
+                    self.bundles_failed[index] = Failing::default();
+                    observer.reloaded(ReloadKind::Bundle, true);
+                    if let Some((domain, _)) = self.files.bundles.get(index) {
+                        tracing::info!(trust_domain = %domain, "trust bundle reloaded");
+                    }
+                }
+                if let Some(problem) = &live.chain_problem {
+                    tracing::error!(%problem, "serving certificate in force does not chain to its own trust bundle; not ready");
+                }
+                self.current = candidate;
+                self.sender.send_replace(live);
+            }
+            Err(error) => {
+                // Each part parsed on its own but they do not make a config together.
+                if let Some((_, print)) = changes.serving {
+                    self.fail_serving(print, &error.to_string(), observer);
+                }
+                for (index, _, print) in changes.bundles {
+                    self.fail_bundle(index, print, &error.to_string(), observer);
+                }
+            }
+        }
+    }
+
+    fn changed_pair(
+        &mut self,
+        observer: &dyn ReloadObserver,
+    ) -> Option<(ServerIdentity, Fingerprint)> {
+        let print = self.files.serving_fingerprint();
+        if print == self.serving_applied {
+            self.serving_failed = Failing::default();
+            return None;
+        }
+        match load_pair(&self.files.cert, &self.files.key) {
+            Ok(identity) => Some((identity, print)),
+            Err(error) => {
+                self.fail_serving(print, &error.to_string(), observer);
+                None
+            }
+        }
+    }
+
+    fn changed_bundles(
+        &mut self,
+        observer: &dyn ReloadObserver,
+    ) -> Vec<(usize, Bundle, Fingerprint)> {
+        let mut changed = Vec::new();
+        for index in 0..self.files.bundles.len() {
+            let path = self.files.bundles[index].1.clone();
+            let print = fingerprint(&[&path]);
+            if print == self.bundles_applied[index] {
+                self.bundles_failed[index] = Failing::default();
+                continue;
+            }
+            match read_bundle(&path) {
+                Ok(bundle) => changed.push((index, bundle, print)),
+                Err(error) => self.fail_bundle(index, print, &error.to_string(), observer),
+            }
+        }
+        changed
+    }
+
+    fn fail_serving(&mut self, print: Fingerprint, error: &str, observer: &dyn ReloadObserver) {
+        if self.serving_failed.report(print) {
+            observer.reloaded(ReloadKind::Serving, false);
+            tracing::warn!(
+                cert = %self.files.cert.display(),
+                key = %self.files.key.display(),
+                %error,
+                "new serving certificate rejected; keeping the last good one (retried on the next change)"
+            );
+        }
+    }
+
+    fn fail_bundle(
+        &mut self,
+        index: usize,
+        print: Fingerprint,
+        error: &str,
+        observer: &dyn ReloadObserver,
+    ) {
+        if self.bundles_failed[index].report(print) {
+            observer.reloaded(ReloadKind::Bundle, false);
+            tracing::warn!(%error, "new trust bundle rejected; keeping the last good one");
+        }
+    }
+}
+
+/// A replacement pair must parse, match, be an X509-SVID and be valid now: otherwise the
+/// pair in force is no worse, and is kept.
+fn load_pair(cert: &Path, key: &Path) -> Result<ServerIdentity, PairError> {
+    let identity = ServerIdentity::load(cert, key)?;
+    let leaf = serving::check_pair(&identity, &crypto_provider())?;
+    serving::check_validity(&leaf, SystemTime::now())?;
+    Ok(identity)
+}
+
+fn read_bundle(path: &Path) -> Result<Bundle, BundleError> {
+    bundle::read_bundle(path, SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Failing;
+
+    #[test]
+    fn a_failure_is_reported_once_after_two_consecutive_sightings() {
+        let mut failing = Failing::default();
+        let (mid_write, broken) = ([1; 32], [2; 32]);
+        // A file caught mid-write, then completed into something else: never reported.
+        assert!(!failing.report(mid_write));
+        assert!(!failing.report(broken));
+        // The same broken content at the next check: reported, once.
+        assert!(failing.report(broken));
+        assert!(!failing.report(broken));
+        assert!(!failing.report(mid_write));
+    }
+}

@@ -1,0 +1,3 @@
+//! One file per subcommand that is more than a few lines.
+
+pub mod dev_certs;
