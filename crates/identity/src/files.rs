@@ -235,14 +235,14 @@ impl Watcher {
         observer: &dyn ReloadObserver,
     ) -> Vec<(usize, Bundle, Fingerprint)> {
         let mut changed = Vec::new();
-        for index in 0..self.files.bundles.len() {
-            let path = self.files.bundles[index].1.clone();
-            let print = fingerprint(&[&path]);
+        let paths: Vec<PathBuf> = self.files.bundles.iter().map(|(_, p)| p.clone()).collect();
+        for (index, path) in paths.iter().enumerate() {
+            let print = fingerprint(&[path]);
             if print == self.bundles_applied[index] {
                 self.bundles_failed[index] = Failing::default();
                 continue;
             }
-            match read_bundle(&path) {
+            match read_bundle(path) {
                 Ok(bundle) => changed.push((index, bundle, print)),
                 Err(error) => self.fail_bundle(index, print, &error.to_string(), observer),
             }

@@ -393,7 +393,7 @@ async fn fifty_rotations_under_load_fail_no_request() {
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
                 sent += 1;
-                if sent % 2 == 0 {
+                if sent.is_multiple_of(2) {
                     let (caller, addr, ok, failed) =
                         (caller.clone(), h.addr, ok.clone(), failed.clone());
                     inflight.push(tokio::spawn(async move {
