@@ -15,6 +15,7 @@ pub mod server;
 pub mod svid;
 pub mod user_token;
 pub mod verifier;
+pub mod workload_api;
 
 pub use bundle::{BundleError, TrustBundles};
 pub use server::{ServerIdentity, ServerIdentityError, crypto_provider, server_config};
