@@ -23,6 +23,7 @@ pub mod serving;
 pub mod svid;
 pub mod user_token;
 pub mod verifier;
+pub mod workload_api;
 
 pub use bundle::{BundleError, TrustBundles};
 pub use files::IdentityFiles;

@@ -9,3 +9,4 @@ pub mod client;
 pub mod jwt;
 pub mod pki;
 pub mod upstream;
+pub mod workload_api;
