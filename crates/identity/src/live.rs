@@ -129,6 +129,8 @@ impl LiveIdentity {
 pub enum ReloadKind {
     Serving,
     Bundle,
+    /// A full-state update from the SPIFFE Workload API (SVID and bundles together).
+    WorkloadApi,
 }
 
 impl ReloadKind {
@@ -136,6 +138,7 @@ impl ReloadKind {
         match self {
             ReloadKind::Serving => "serving",
             ReloadKind::Bundle => "bundle",
+            ReloadKind::WorkloadApi => "workload_api",
         }
     }
 }

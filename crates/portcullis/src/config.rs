@@ -16,6 +16,7 @@ use portcullis_identity::serving::{self, ServingFile};
 use portcullis_identity::user_token::{
     JwksSource, UserTokenSettings, UserTokenVerifier, parse_algorithm,
 };
+use portcullis_identity::workload_api::{self, Endpoint};
 use portcullis_identity::{
     IdentityFeed, IdentityFiles, IdentitySnapshot, ServerIdentity, ServerIdentityError,
     TrustBundles,
@@ -84,6 +85,10 @@ struct RawTls {
     trust_bundles: BTreeMap<String, String>,
     /// How often the files are checked for a rotated certificate or bundle.
     reload_interval: Option<String>,
+    /// `unix:///…`: take the SVID and every bundle from the SPIFFE Workload API instead.
+    workload_api: Option<String>,
+    /// How long startup waits for the Workload API's first usable SVID.
+    workload_api_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -155,6 +160,35 @@ struct RawLimits {
 
 // ---- the checked result -------------------------------------------------------------------
 
+/// The two producers of the live identity.
+#[derive(Debug)]
+pub enum IdentitySource {
+    /// Files, loaded and checked, with the watcher that keeps them current.
+    Files(IdentityFeed),
+    /// The SPIFFE Workload API, connected to when the proxy's options are built.
+    WorkloadApi {
+        endpoint: Endpoint,
+        timeout: Duration,
+    },
+}
+
+impl IdentitySource {
+    /// The feed the proxy consumes; for the Workload API, once its first usable SVID arrived.
+    async fn into_feed(self) -> Result<IdentityFeed, ConfigErrors> {
+        match self {
+            IdentitySource::Files(feed) => Ok(feed),
+            IdentitySource::WorkloadApi { endpoint, timeout } => {
+                workload_api::feed(endpoint, timeout).await.map_err(|e| {
+                    ConfigErrors(vec![ConfigError {
+                        path: "tls.workload_api".to_owned(),
+                        message: e.to_string(),
+                    }])
+                })
+            }
+        }
+    }
+}
+
 /// A configuration that passed every check, with its files loaded.
 #[derive(Debug)]
 pub struct Config {
@@ -162,9 +196,8 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub upstream: Authority,
-    /// The serving SVID and bundles, checked, and the watcher that keeps them current.
-    pub identity: IdentityFeed,
-    pub trust_domains: Vec<String>,
+    /// Where the serving SVID and bundles come from.
+    pub identity: IdentitySource,
     pub user_token: Option<UserTokenConfig>,
     pub policy: Arc<PolicyEngine>,
     pub policy_reload_interval: Duration,
@@ -202,6 +235,7 @@ impl Config {
     /// The options the proxy runs with. Async because a `jwks_url` is fetched here: a key
     /// set that cannot be loaded is a configuration error, reported like the others.
     pub async fn into_options(self) -> Result<portcullis_proxy::ProxyOptions, ConfigErrors> {
+        let identity = self.identity.into_feed().await?;
         let user_token = match self.user_token {
             None => None,
             Some(config) => {
@@ -224,7 +258,7 @@ impl Config {
         Ok(portcullis_proxy::ProxyOptions {
             listen: self.listen,
             admin_listen: self.admin_listen,
-            identity: self.identity,
+            identity,
             policy: self.policy,
             policy_reload_interval: self.policy_reload_interval,
             upstream: self.upstream,
@@ -328,7 +362,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
     }
     let upstream = upstream(raw.upstream.as_deref(), errors);
     let limits = limits(raw.limits.unwrap_or_default(), errors);
-    let (identity, trust_domains) = tls(raw.tls, base, errors);
+    let identity = tls(raw.tls, base, errors);
     let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
     let routes = routes(raw.routes, errors);
@@ -340,7 +374,6 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         admin_listen: admin_listen?,
         upstream: upstream?,
         identity: identity?,
-        trust_domains,
         user_token,
         policy: Arc::new(policy?),
         policy_reload_interval,
@@ -427,18 +460,54 @@ fn file(base: &Path, path: &str, value: Option<&str>, errors: &mut Errors) -> Op
     }
 }
 
-/// `tls`: every file loads, and the serving identity is one agents will accept (a valid
-/// X509-SVID, its key, chaining to its own trust domain's bundle), each problem reported at
-/// the YAML path of the file it is about.
-fn tls(
-    raw: Option<RawTls>,
-    base: &Path,
-    errors: &mut Errors,
-) -> (Option<IdentityFeed>, Vec<String>) {
+/// `tls`: either the Workload API, or files: every file loads, and the serving identity is
+/// one agents will accept (a valid X509-SVID, its key, chaining to its own trust domain's
+/// bundle), each problem reported at the YAML path of the file it is about.
+fn tls(raw: Option<RawTls>, base: &Path, errors: &mut Errors) -> Option<IdentitySource> {
     let Some(raw) = raw else {
         errors.add("tls", "required");
-        return (None, Vec::new());
+        return None;
     };
+    match raw.workload_api.as_deref() {
+        Some(endpoint) => tls_workload_api(endpoint, &raw, errors),
+        None => tls_files(raw, base, errors).map(IdentitySource::Files),
+    }
+}
+
+fn tls_workload_api(endpoint: &str, raw: &RawTls, errors: &mut Errors) -> Option<IdentitySource> {
+    // One source of identity: files beside the Workload API would be a second, silent one.
+    for (key, set) in [
+        ("tls.cert", raw.cert.is_some()),
+        ("tls.key", raw.key.is_some()),
+        ("tls.trust_bundles", !raw.trust_bundles.is_empty()),
+        ("tls.reload_interval", raw.reload_interval.is_some()),
+    ] {
+        if set {
+            errors.add(key, "cannot be combined with tls.workload_api");
+        }
+    }
+    let timeout = duration(
+        "tls.workload_api_timeout",
+        raw.workload_api_timeout.as_deref(),
+        errors,
+    )
+    .unwrap_or(Duration::from_secs(30));
+    match Endpoint::parse(endpoint) {
+        Ok(endpoint) => Some(IdentitySource::WorkloadApi { endpoint, timeout }),
+        Err(e) => {
+            errors.add("tls.workload_api", e.to_string());
+            None
+        }
+    }
+}
+
+fn tls_files(raw: RawTls, base: &Path, errors: &mut Errors) -> Option<IdentityFeed> {
+    if raw.workload_api_timeout.is_some() {
+        errors.add(
+            "tls.workload_api_timeout",
+            "only applies with tls.workload_api",
+        );
+    }
     let before = errors.0.len();
     let cert = file(base, "tls.cert", raw.cert.as_deref(), errors);
     let key = file(base, "tls.key", raw.key.as_deref(), errors);
@@ -473,19 +542,18 @@ fn tls(
             Err(e) => errors.add(&path, e.to_string()),
         }
     }
-    let trust_domains = bundle_files.iter().map(|(d, _)| d.to_string()).collect();
     let (Some(cert), Some(key)) = (cert, key) else {
-        return (None, trust_domains);
+        return None;
     };
     let identity = match ServerIdentity::load(&cert, &key) {
         Ok(identity) => identity,
         Err(e @ ServerIdentityError::Key { .. }) => {
             errors.add("tls.key", e.to_string());
-            return (None, trust_domains);
+            return None;
         }
         Err(e) => {
             errors.add("tls.cert", e.to_string());
-            return (None, trust_domains);
+            return None;
         }
     };
     if let Err(problems) = serving::check_serving(&identity, &bundles, SystemTime::now()) {
@@ -505,7 +573,7 @@ fn tls(
         }
     }
     if errors.0.len() != before {
-        return (None, trust_domains);
+        return None;
     }
     let files = IdentityFiles {
         cert,
@@ -513,10 +581,10 @@ fn tls(
         bundles: bundle_files,
     };
     match files.feed(IdentitySnapshot { identity, bundles }, reload_interval) {
-        Ok(feed) => (Some(feed), trust_domains),
+        Ok(feed) => Some(feed),
         Err(e) => {
             errors.add("tls", e.to_string());
-            (None, trust_domains)
+            None
         }
     }
 }

@@ -115,21 +115,23 @@ fn main() -> ExitCode {
                     Ok(config) => config,
                     Err(errors) => return config_failure(&errors),
                 };
-                let summary = format!(
-                    "{}: ok (serving {}; {} policies, hash {}; trust domains: {}; {} routes; user tokens: {}; mode {})",
-                    config.source.display(),
-                    config.identity.current.borrow().serving.id,
-                    config.policy.policy_count(),
-                    &config.policy.hash()[..12],
-                    config.trust_domains.join(", "),
-                    config.routes.len(),
-                    if config.user_token.is_some() { "verified" } else { "not configured" },
-                    config.policy.mode().name(),
-                );
-                // Builds the token verifier too, so an unusable key set fails validation.
+                let source = config.source.clone();
+                // Builds the token verifier and connects to a Workload API too, so an unusable
+                // key set or identity source fails validation.
                 match config.into_options().await {
-                    Ok(_) => {
-                        println!("{summary}");
+                    Ok(options) => {
+                        let identity = options.identity.current.borrow().clone();
+                        println!(
+                            "{}: ok (serving {}; {} policies, hash {}; trust domains: {}; {} routes; user tokens: {}; mode {})",
+                            source.display(),
+                            identity.serving.id,
+                            options.policy.policy_count(),
+                            &options.policy.hash()[..12],
+                            identity.trust_domains.join(", "),
+                            options.routes.len(),
+                            if options.user_token.is_some() { "verified" } else { "not configured" },
+                            options.policy.mode().name(),
+                        );
                         ExitCode::SUCCESS
                     }
                     Err(errors) => config_failure(&errors),

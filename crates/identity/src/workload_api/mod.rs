@@ -15,14 +15,15 @@
 //! on top: validation against rustls, the conversion to [`ServerIdentity`] and
 //! [`TrustBundles`], reconnection, and the channel.
 //!
-//! Not here: watching files (the other producer of the same state) and swapping the live
-//! acceptor's configuration (the consumer).
+//! [`feed`] makes the source a producer of the proxy's live identity ([`crate::live`]), beside
+//! the files ([`crate::files`]); the acceptor that consumes it never knows which one it has.
 //!
 //! [`ServerIdentity`]: crate::server::ServerIdentity
 //! [`TrustBundles`]: crate::bundle::TrustBundles
 
 mod backoff;
 mod client;
+mod feed;
 mod update;
 
 use std::fmt;
@@ -35,6 +36,7 @@ use tokio::task::JoinHandle;
 
 pub use backoff::BackoffPolicy;
 pub use client::StreamError;
+pub use feed::{FeedError, feed};
 pub use update::{UpdateError, X509Context};
 
 /// The latest accepted state; `None` until the first update arrives.

@@ -51,6 +51,8 @@ pub struct Builder {
     tls_reload_interval: Option<&'static str>,
     /// The serving SVID to start with (default: `LeafSpec::server(SERVER_ID)`).
     server_leaf: Option<LeafSpec>,
+    /// `tls.workload_api` instead of files, with the CA the test agent serves SVIDs from.
+    workload_api: Option<(String, Ca)>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
@@ -124,9 +126,19 @@ impl Builder {
         self
     }
 
+    /// Identity from the Workload API at `endpoint` (which must already serve a state), whose
+    /// SVIDs `ca` issues: `Harness::svid` then mints agents under it.
+    pub fn workload_api(mut self, endpoint: String, ca: Ca) -> Self {
+        self.workload_api = Some((endpoint, ca));
+        self
+    }
+
     pub async fn start(self) -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::new(TRUST_DOMAIN).unwrap();
+        let (workload_api, ca) = match self.workload_api {
+            Some((endpoint, ca)) => (Some(endpoint), ca),
+            None => (None, Ca::new(TRUST_DOMAIN).unwrap()),
+        };
         let server = ca
             .leaf(
                 self.server_leaf
@@ -167,16 +179,24 @@ impl Builder {
             write(dir.path(), &name, &extra.cert_pem());
             bundles.push_str(&format!("    {domain}: {name}\n"));
         }
+        let tls = match &workload_api {
+            Some(endpoint) => {
+                format!("tls:\n  workload_api: {endpoint}\n  workload_api_timeout: 10s\n")
+            }
+            None => format!(
+                "tls:\n  cert: server.pem\n  key: server-key.pem\n{}  trust_bundles:\n{bundles}",
+                self.tls_reload_interval
+                    .map(|i| format!("  reload_interval: {i}\n"))
+                    .unwrap_or_default(),
+            ),
+        };
         let yaml = format!(
             "listen: 127.0.0.1:0\n\
              admin_listen: 127.0.0.1:0\n\
              upstream: http://{upstream_addr}\n\
-             tls:\n  cert: server.pem\n  key: server-key.pem\n{}  trust_bundles:\n{bundles}\
+             {tls}\
              policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n\
              audit:\n{}{}",
-            self.tls_reload_interval
-                .map(|i| format!("  reload_interval: {i}\n"))
-                .unwrap_or_default(),
             self.mode.unwrap_or("enforce"),
             self.audit_yaml
                 .as_deref()

@@ -16,7 +16,7 @@ use crate::harness::{
 };
 
 /// Polls `check` every 50 ms for at most 10 s: the bound for a rotation to apply.
-async fn within_10s<F: AsyncFnMut() -> bool>(mut check: F) -> bool {
+pub(crate) async fn within_10s<F: AsyncFnMut() -> bool>(mut check: F) -> bool {
     for _ in 0..200 {
         if check().await {
             return true;

@@ -15,3 +15,4 @@ mod policy;
 mod protocols;
 mod python_clients;
 mod telemetry;
+mod workload_api;
