@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod webhook;
 
 use std::time::Duration;
 

@@ -14,3 +14,4 @@ mod policy;
 mod protocols;
 mod python_clients;
 mod telemetry;
+mod webhook;
