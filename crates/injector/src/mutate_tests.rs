@@ -427,16 +427,16 @@ fn a_portcullis_container_the_webhook_did_not_write_is_refused() {
     );
 
     // Any change to what the webhook wrote makes it someone else's container.
-    let tampered: Vec<Box<dyn Fn(&mut Value)>> = vec![
-        Box::new(|p| p["spec"]["initContainers"][0]["image"] = json!("evil:1")),
-        Box::new(|p| p["spec"]["initContainers"][0]["command"] = json!(["sh"])),
-        Box::new(|p| p["spec"]["initContainers"][0]["args"][2] = json!("{}")),
-        Box::new(|p| p["spec"]["volumes"][0]["configMap"]["name"] = json!("permissive-policies")),
-        Box::new(|p| {
+    let tampered: [fn(&mut Value); 5] = [
+        |p| p["spec"]["initContainers"][0]["image"] = json!("evil:1"),
+        |p| p["spec"]["initContainers"][0]["command"] = json!(["sh"]),
+        |p| p["spec"]["initContainers"][0]["args"][2] = json!("{}"),
+        |p| p["spec"]["volumes"][0]["configMap"]["name"] = json!("permissive-policies"),
+        |p| {
             let c = p["spec"]["initContainers"][0].clone();
             p["spec"]["initContainers"] = json!([]);
             p["spec"]["containers"].as_array_mut().unwrap().push(c);
-        }),
+        },
     ];
     for (i, tamper) in tampered.iter().enumerate() {
         let mut p = injected.clone();
