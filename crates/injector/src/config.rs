@@ -25,6 +25,35 @@ pub struct WebhookConfig {
     pub tls: TlsFiles,
     /// What the injected sidecar looks like.
     pub injection: InjectionSettings,
+    /// Where the namespace and ConfigMap reads go.
+    pub kubernetes: ApiSettings,
+}
+
+/// How the webhook reaches the Kubernetes API (`kubernetes:` in its config). The defaults
+/// are the in-cluster ones: the API Service and the mounted service-account token and CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiSettings {
+    /// Host name the API server certificate is valid for.
+    pub host: String,
+    /// Its HTTPS port.
+    pub port: u16,
+    /// Bearer token, re-read for every call (projected tokens rotate).
+    pub token_file: PathBuf,
+    /// CA bundle (PEM) that signed the API server certificate.
+    pub ca_file: PathBuf,
+}
+
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+impl Default for ApiSettings {
+    fn default() -> Self {
+        Self {
+            host: "kubernetes.default.svc".to_owned(),
+            port: 443,
+            token_file: Path::new(SERVICE_ACCOUNT_DIR).join("token"),
+            ca_file: Path::new(SERVICE_ACCOUNT_DIR).join("ca.crt"),
+        }
+    }
 }
 
 /// Serving certificate and key files (PEM), as mounted from a Secret.
@@ -182,6 +211,15 @@ struct RawConfig {
     listen: Option<String>,
     tls: Option<RawTls>,
     injection: Option<RawInjection>,
+    kubernetes: Option<RawKubernetes>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawKubernetes {
+    host: Option<String>,
+    port: Option<u16>,
+    token_file: Option<PathBuf>,
+    ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -328,11 +366,42 @@ fn validate(raw: RawConfig, errors: &mut Errors) -> Option<WebhookConfig> {
     };
     let tls = validate_tls(raw.tls.unwrap_or_default(), errors);
     let injection = validate_injection(raw.injection.unwrap_or_default(), errors);
+    let kubernetes = validate_kubernetes(raw.kubernetes.unwrap_or_default(), errors);
     Some(WebhookConfig {
         listen: listen?,
         tls: tls?,
         injection: injection?,
+        kubernetes: kubernetes?,
     })
+}
+
+/// The files are not checked here: the token is re-read on every call, and outside a pod
+/// (`portcullis inject-webhook` on a laptop) they appear only once mounted.
+fn validate_kubernetes(raw: RawKubernetes, errors: &mut Errors) -> Option<ApiSettings> {
+    let defaults = ApiSettings::default();
+    let host = raw.host.unwrap_or(defaults.host);
+    let mut ok = true;
+    if rustls_pki_types::ServerName::try_from(host.as_str()).is_err() {
+        errors.push(
+            "kubernetes.host",
+            format!("not a host name or address: {host:?}"),
+        );
+        ok = false;
+    }
+    let port = raw.port.unwrap_or(defaults.port);
+    if port == 0 {
+        errors.push("kubernetes.port", "must be between 1 and 65535");
+        ok = false;
+    }
+    let settings = ApiSettings {
+        host,
+        port,
+        token_file: raw
+            .token_file
+            .map_or(defaults.token_file, |p| errors.resolve(&p)),
+        ca_file: raw.ca_file.map_or(defaults.ca_file, |p| errors.resolve(&p)),
+    };
+    ok.then_some(settings)
 }
 
 fn validate_tls(raw: RawTls, errors: &mut Errors) -> Option<TlsFiles> {

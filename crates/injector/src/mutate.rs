@@ -1,12 +1,20 @@
 //! The pure part of the webhook: a pod (JSON) and the settings in, a decision out.
 //!
 //! Nothing here does I/O, so every case (opt-in routes, opt-out, idempotence, refusals) is a
-//! plain function call in the tests.
+//! plain function call in the tests. What the webhook must read from the cluster (the pod's
+//! namespace) is an argument; the ConfigMap a pod names is fetched and validated by
+//! [`review`](crate::review()) after this step says which one.
+//!
+//! Nothing the sidecar runs with comes from a pod annotation at run time: annotations can be
+//! patched by anyone with `pods/patch` and a downward API volume would follow them. The
+//! webhook reads the pod's annotations once, at CREATE, and writes what it decided into the
+//! container's `args`, which cannot change after creation.
 
 use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::config::{InjectionSettings, PolicyMode, SvidSource, is_dns_subdomain};
+use crate::kube::NamespaceInfo;
 use portcullis_core::TrustDomain;
 
 /// Pod annotation (or label) asking for (`"true"`) or refusing (`"false"`) injection.
@@ -19,8 +27,10 @@ pub const ANNOTATION_POLICY_CONFIGMAP: &str = "portcullis.dev/policy-configmap";
 pub const ANNOTATION_TRUST_DOMAIN: &str = "portcullis.dev/trust-domain";
 /// `enforce` or `shadow`.
 pub const ANNOTATION_POLICY_MODE: &str = "portcullis.dev/policy-mode";
-/// Set by the webhook: the sidecar's config file, projected by a downward API volume.
-pub const ANNOTATION_RENDERED_CONFIG: &str = "portcullis.dev/rendered-config";
+/// ConfigMap (pod or namespace annotation) whose `config.yaml` is the sidecar's config.
+pub const ANNOTATION_CONFIG: &str = "portcullis.dev/config";
+/// Namespace label or annotation: `"true"` lets pods opt out or ask for shadow mode.
+pub const ANNOTATION_ALLOW_OPT_OUT: &str = "portcullis.dev/allow-opt-out";
 /// Set by the webhook in SPIRE mode: spiffe-helper's config file.
 pub const ANNOTATION_RENDERED_HELPER_CONFIG: &str = "portcullis.dev/rendered-spiffe-helper-config";
 /// Label set by the webhook on injected pods (selects them for a PodMonitor).
@@ -36,13 +46,21 @@ pub const MTLS_PORT_NAME: &str = "portcullis-mtls";
 pub const ADMIN_PORT_NAME: &str = "pc-admin";
 
 const VOLUME_CONFIG: &str = "portcullis-config";
+const VOLUME_HELPER_CONFIG: &str = "portcullis-helper-config";
 const VOLUME_POLICIES: &str = "portcullis-policies";
 const VOLUME_SVID: &str = "portcullis-svid";
 const VOLUME_SPIRE_SOCKET: &str = "portcullis-spire-agent";
 
-const CONFIG_DIR: &str = "/etc/portcullis/injected";
+/// Where the config ConfigMap is mounted: every key, so `jwks_file: jwks.json` in its
+/// `config.yaml` resolves to the ConfigMap's own `jwks.json`.
+pub const CONFIG_DIR: &str = "/etc/portcullis/config";
+const HELPER_CONFIG_DIR: &str = "/etc/portcullis/spiffe-helper";
 const POLICY_DIR: &str = "/etc/portcullis/policies";
 const SVID_DIR: &str = "/run/spiffe";
+/// cert-manager csi-driver-spiffe: writes `tls.crt`, `tls.key`, `ca.crt` into the volume.
+pub const CSI_DRIVER_SPIFFE: &str = "spiffe.csi.cert-manager.io";
+/// SPIFFE CSI driver (SPIRE): mounts the Workload API socket directory.
+pub const CSI_DRIVER_SPIRE: &str = "csi.spiffe.io";
 const SPIRE_SOCKET_DIR: &str = "/run/spire/agent-sockets";
 
 /// Which webhook entry of the MutatingWebhookConfiguration sent the pod, i.e. which opt-in
@@ -62,8 +80,27 @@ pub enum Scope {
 pub enum Mutation {
     /// Admit unchanged.
     Skip(SkipReason),
-    /// Admit with this RFC 6902 JSON patch.
-    Patch(Vec<Value>),
+    /// Admit with this patch, once the named config (if any) validates.
+    Patch(Injection),
+}
+
+/// The sidecar added to a pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Injection {
+    /// RFC 6902 JSON patch.
+    pub patch: Vec<Value>,
+    /// The config ConfigMap the sidecar will load, which must exist and validate.
+    pub config: Option<ConfigSource>,
+}
+
+/// A sidecar config taken from a ConfigMap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigSource {
+    /// ConfigMap in the pod's namespace; its `config.yaml` is the base config.
+    pub configmap: String,
+    /// What the sidecar lays over it (`portcullis run --override`): listeners, upstream,
+    /// the injected certificate paths, the policy mount and mode.
+    pub overrides: String,
 }
 
 /// Why a pod is admitted unchanged.
@@ -73,7 +110,7 @@ pub enum SkipReason {
     NotRequested,
     /// The pod says `portcullis.dev/inject: "false"`.
     OptedOut,
-    /// The pod already has a `portcullis` container.
+    /// The pod already has exactly the sidecar this webhook would add (a reinvocation).
     AlreadyInjected,
 }
 
@@ -142,12 +179,47 @@ pub enum Refusal {
     /// The object is not shaped like a pod.
     #[error("the object is not a pod: {0}")]
     NotAPod(&'static str),
+    /// The pod opts out in a namespace that does not allow it.
+    #[error(
+        "{ANNOTATION_INJECT}: \"false\" is not allowed in this namespace (it needs {ANNOTATION_ALLOW_OPT_OUT}: \"true\")"
+    )]
+    OptOutNotAllowed,
+    /// The pod asks for shadow mode in a namespace that does not allow it.
+    #[error(
+        "{ANNOTATION_POLICY_MODE}: shadow is not allowed in this namespace (it needs {ANNOTATION_ALLOW_OPT_OUT}: \"true\")"
+    )]
+    ShadowNotAllowed,
+    /// A container named `portcullis` that is not the one this webhook would add.
+    #[error(
+        "the pod already has a container named {SIDECAR_NAME:?} that the portcullis injector did not create; remove it and let the webhook add the sidecar"
+    )]
+    ForeignSidecar,
+    /// Bad config ConfigMap name.
+    #[error("{ANNOTATION_CONFIG} {0:?} is not a valid ConfigMap name")]
+    BadConfigMapName(String),
+    /// The named config ConfigMap does not exist.
+    #[error("{ANNOTATION_CONFIG}: ConfigMap {0:?} not found in the pod's namespace")]
+    ConfigMapMissing(String),
+    /// The named config ConfigMap holds an invalid config.
+    #[error("{ANNOTATION_CONFIG}: ConfigMap {configmap:?} is not a valid sidecar config:\n{}", .errors.join("\n"))]
+    ConfigInvalid {
+        /// The ConfigMap.
+        configmap: String,
+        /// Every error, `path: message`.
+        errors: Vec<String>,
+    },
+    /// The namespace or ConfigMap could not be read (details in the webhook's log only).
+    #[error(
+        "the portcullis injector could not read the {0} from the Kubernetes API; try again, or see the injector's log"
+    )]
+    ClusterUnavailable(&'static str),
 }
 
 /// Decide what to do with `pod` (the `request.object` of an AdmissionReview).
 pub fn mutate(
     pod: &Value,
     scope: Scope,
+    namespace: &NamespaceInfo,
     settings: &InjectionSettings,
 ) -> Result<Mutation, Refusal> {
     let spec = pod
@@ -159,11 +231,16 @@ pub fn mutate(
     let annotation = |key: &str| annotations.and_then(|a| a.get(key)).and_then(Value::as_str);
     let label = |key: &str| labels.and_then(|l| l.get(key)).and_then(Value::as_str);
 
-    // The pod's own word wins over the namespace: "false" opts out even in an enabled
-    // namespace. The annotation is checked first; a label is accepted too because only labels
-    // can be matched by the webhook's objectSelector.
+    // In an enabled namespace the namespace decides: a pod may opt out only where the
+    // namespace allows it (the pod author is not the one who asked for protection). The
+    // annotation is checked first; a label is accepted too because only labels can be
+    // matched by the webhook's objectSelector.
+    let allows_opt_out = namespace_allows_opt_out(namespace);
     let pod_says = annotation(ANNOTATION_INJECT).or_else(|| label(ANNOTATION_INJECT));
     let requested = match pod_says {
+        Some("false") if scope == Scope::Namespace && !allows_opt_out => {
+            return Err(Refusal::OptOutNotAllowed);
+        }
         Some("false") => return Ok(Mutation::Skip(SkipReason::OptedOut)),
         Some("true") => true,
         Some(other) => return Err(Refusal::BadInjectValue(other.to_owned())),
@@ -173,15 +250,126 @@ pub fn mutate(
         return Ok(Mutation::Skip(SkipReason::NotRequested));
     }
 
+    if has_sidecar(spec) {
+        return already_injected(pod, namespace, settings);
+    }
+    let plan = plan(pod, spec, namespace, settings)?;
+    Ok(Mutation::Patch(Injection {
+        patch: build_patch(pod, spec, settings, &plan),
+        config: plan.config,
+    }))
+}
+
+/// `portcullis.dev/allow-opt-out: "true"` as a namespace label or annotation.
+fn namespace_allows_opt_out(namespace: &NamespaceInfo) -> bool {
+    [&namespace.annotations, &namespace.labels]
+        .iter()
+        .any(|m| m.get(ANNOTATION_ALLOW_OPT_OUT).map(String::as_str) == Some("true"))
+}
+
+fn has_sidecar(spec: &Value) -> bool {
+    containers(spec, "initContainers")
+        .iter()
+        .chain(&containers(spec, "containers"))
+        .any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME))
+}
+
+/// A pod that already has a `portcullis` container is admitted unchanged only if that
+/// container, its helper and their volumes are exactly what this webhook would add to the pod
+/// without them (a reinvocation after a later webhook changed the pod, or a re-created copy of
+/// an injected pod). Anything else is a sidecar someone wrote by hand, perhaps with another
+/// config, image or policy source, and is refused.
+fn already_injected(
+    pod: &Value,
+    namespace: &NamespaceInfo,
+    settings: &InjectionSettings,
+) -> Result<Mutation, Refusal> {
+    let mut bare = pod.clone();
+    let ours = |v: &Value| {
+        v.get("name")
+            .and_then(Value::as_str)
+            .is_some_and(|n| n == SIDECAR_NAME || n == HELPER_NAME || OUR_VOLUMES.contains(&n))
+    };
+    let mut existing = Vec::new();
+    for key in ["initContainers", "containers", "volumes"] {
+        if let Some(list) = bare["spec"].get_mut(key).and_then(Value::as_array_mut) {
+            existing.extend(list.iter().filter(|v| ours(v)).map(|v| (key, v.clone())));
+            list.retain(|v| !ours(v));
+        }
+    }
+    let spec = &bare["spec"];
+    let plan = plan(&bare, spec, namespace, settings)?;
+    let container_key = if settings.native_sidecar {
+        "initContainers"
+    } else {
+        "containers"
+    };
+    let expected: Vec<(&str, &Value)> = plan
+        .containers
+        .iter()
+        .map(|c| (container_key, c))
+        .chain(plan.volumes.iter().map(|v| ("volumes", v)))
+        .collect();
+    let same = expected.len() == existing.len()
+        && expected.iter().all(|(key, want)| {
+            existing.iter().any(|(k, have)| {
+                k == key && have.get("name") == want.get("name") && covers(want, have)
+            })
+        });
+    if same {
+        Ok(Mutation::Skip(SkipReason::AlreadyInjected))
+    } else {
+        Err(Refusal::ForeignSidecar)
+    }
+}
+
+/// Fields the API server fills in with defaults after a webhook's patch; anything else that
+/// the rendered sidecar does not have is a difference.
+const DEFAULTED: &[&str] = &["terminationMessagePath", "successThreshold", "apiVersion"];
+
+/// `actual` is `expected`, give or take API server defaults.
+fn covers(expected: &Value, actual: &Value) -> bool {
+    match (expected, actual) {
+        (Value::Object(want), Value::Object(have)) => {
+            want.iter()
+                .all(|(k, v)| have.get(k).is_some_and(|h| covers(v, h)))
+                && have
+                    .keys()
+                    .all(|k| want.contains_key(k) || DEFAULTED.contains(&k.as_str()))
+        }
+        (Value::Array(want), Value::Array(have)) => {
+            want.len() == have.len() && want.iter().zip(have).all(|(w, h)| covers(w, h))
+        }
+        (want, have) => want == have,
+    }
+}
+
+/// Everything the patch adds, decided from the pod (without a sidecar) and its namespace.
+struct Plan {
+    containers: Vec<Value>,
+    volumes: Vec<Value>,
+    helper_config: Option<String>,
+    config: Option<ConfigSource>,
+}
+
+const OUR_VOLUMES: &[&str] = &[
+    VOLUME_CONFIG,
+    VOLUME_HELPER_CONFIG,
+    VOLUME_POLICIES,
+    VOLUME_SVID,
+    VOLUME_SPIRE_SOCKET,
+];
+
+fn plan(
+    pod: &Value,
+    spec: &Value,
+    namespace: &NamespaceInfo,
+    settings: &InjectionSettings,
+) -> Result<Plan, Refusal> {
+    let annotations = pod.pointer("/metadata/annotations");
+    let annotation = |key: &str| annotations.and_then(|a| a.get(key)).and_then(Value::as_str);
     let init_containers = containers(spec, "initContainers");
     let app_containers = containers(spec, "containers");
-    if init_containers
-        .iter()
-        .chain(&app_containers)
-        .any(|c| c.get("name").and_then(Value::as_str) == Some(SIDECAR_NAME))
-    {
-        return Ok(Mutation::Skip(SkipReason::AlreadyInjected));
-    }
 
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Err(Refusal::HostNetwork);
@@ -213,19 +401,10 @@ pub fn mutate(
         }
     }
 
-    let our_volumes: &[&str] = match settings.svid {
-        SvidSource::CsiDriverSpiffe => &[VOLUME_CONFIG, VOLUME_POLICIES, VOLUME_SVID],
-        SvidSource::Spire { .. } => &[
-            VOLUME_CONFIG,
-            VOLUME_POLICIES,
-            VOLUME_SVID,
-            VOLUME_SPIRE_SOCKET,
-        ],
-    };
     if let Some(existing) = spec.get("volumes").and_then(Value::as_array) {
         for v in existing {
             if let Some(name) = v.get("name").and_then(Value::as_str)
-                && our_volumes.contains(&name)
+                && OUR_VOLUMES.contains(&name)
             {
                 return Err(Refusal::VolumeConflict(name.to_owned()));
             }
@@ -245,15 +424,55 @@ pub fn mutate(
         None => settings.policy_mode,
         Some(s) => PolicyMode::parse(s).ok_or_else(|| Refusal::BadPolicyMode(s.to_owned()))?,
     };
+    // Shadow never blocks: asking for it is opting out of enforcement.
+    if policy_mode == PolicyMode::Shadow
+        && settings.policy_mode != PolicyMode::Shadow
+        && !namespace_allows_opt_out(namespace)
+    {
+        return Err(Refusal::ShadowNotAllowed);
+    }
+    let configmap = match annotation(ANNOTATION_CONFIG).or_else(|| {
+        namespace
+            .annotations
+            .get(ANNOTATION_CONFIG)
+            .map(String::as_str)
+    }) {
+        None => None,
+        Some(s) if is_dns_subdomain(s) => Some(s.to_owned()),
+        Some(s) => return Err(Refusal::BadConfigMapName(s.to_owned())),
+    };
 
-    let rendered = render_config(settings, upstream_port, trust_domain.as_str(), policy_mode);
-    Ok(Mutation::Patch(build_patch(
-        pod,
-        spec,
+    let overrides = render_overrides(
         settings,
-        &rendered,
-        &policy_configmap,
-    )))
+        upstream_port,
+        trust_domain.as_str(),
+        policy_mode,
+        configmap.is_none(),
+    );
+    let config = configmap.map(|configmap| ConfigSource {
+        configmap,
+        overrides: overrides.clone(),
+    });
+    let mut containers = Vec::new();
+    let helper_config = match &settings.svid {
+        SvidSource::Spire {
+            helper_image,
+            socket_file,
+        } => {
+            // Before the proxy: native sidecars start in order, so the SVID files exist (or
+            // are about to) when portcullis starts.
+            containers.push(helper_container(settings, helper_image));
+            Some(render_helper_config(socket_file))
+        }
+        SvidSource::CsiDriverSpiffe => None,
+    };
+    containers.push(sidecar_container(settings, &overrides, config.is_some()));
+    Ok(Plan {
+        containers,
+        volumes: volumes(settings, &policy_configmap, config.as_ref()),
+        helper_config,
+        config,
+    })
 }
 
 fn containers<'a>(spec: &'a Value, key: &str) -> Vec<&'a Value> {
@@ -293,7 +512,10 @@ fn resolve_port(value: &str, app_containers: &[&Value]) -> Result<u16, Refusal> 
         .ok_or_else(|| Refusal::BadUpstreamPort(value.to_owned()))
 }
 
-/// The sidecar config, keys exactly as the `portcullis run` contract names them.
+/// What the webhook decides of the sidecar config, keys exactly as the `portcullis run`
+/// contract names them. With a config ConfigMap this is laid over its `config.yaml`
+/// (mappings merge, other values replace), so the ConfigMap cannot move the listeners, the
+/// certificates, the policy source or the mode; without one it is the whole config.
 #[derive(Serialize)]
 struct SidecarConfig<'a> {
     listen: String,
@@ -301,7 +523,8 @@ struct SidecarConfig<'a> {
     upstream: String,
     tls: SidecarTls<'a>,
     policy: SidecarPolicy,
-    audit: SidecarAudit,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    audit: Option<SidecarAudit>,
 }
 
 #[derive(Serialize)]
@@ -330,17 +553,21 @@ fn svid_files(svid: &SvidSource) -> (&'static str, &'static str, &'static str) {
     }
 }
 
-/// Render the sidecar's `config.yaml`.
-pub fn render_config(
+/// Render what the sidecar gets as `--override`: the whole config when `complete`, else the
+/// part laid over a ConfigMap's `config.yaml`. One line of JSON (which is YAML), so it reads
+/// well in `kubectl get pod -o yaml`.
+pub fn render_overrides(
     settings: &InjectionSettings,
     upstream_port: u16,
     trust_domain: &str,
     mode: PolicyMode,
+    complete: bool,
 ) -> String {
     let (cert, key, bundle) = svid_files(&settings.svid);
     let config = SidecarConfig {
         // In a pod both listeners bind every interface: agents reach the mTLS port through
-        // the Service, and the kubelet's probes come from the node, not from localhost.
+        // the Service, and the kubelet's probes and Prometheus come from outside the pod. The
+        // admin listener serves `/inventory` to loopback peers only (portcullis-proxy admin).
         listen: format!("0.0.0.0:{}", settings.listen_port),
         admin_listen: format!("0.0.0.0:{}", settings.admin_port),
         upstream: format!("http://127.0.0.1:{upstream_port}"),
@@ -355,11 +582,12 @@ pub fn render_config(
             dir: POLICY_DIR,
             mode: mode.as_str(),
         },
-        audit: SidecarAudit { sink: "stdout" },
+        // A ConfigMap chooses its own audit sink (a file on a mounted volume, say).
+        audit: complete.then_some(SidecarAudit { sink: "stdout" }),
     };
-    // Serialising plain strings and maps cannot fail; an empty config would fail loudly
-    // at sidecar start rather than pass silently.
-    serde_yaml::to_string(&config).unwrap_or_default()
+    // Serialising plain strings and maps cannot fail; an empty override would make the
+    // sidecar refuse to start rather than pass silently.
+    serde_json::to_string(&config).unwrap_or_default()
 }
 
 fn render_helper_config(socket_file: &str) -> String {
@@ -393,7 +621,7 @@ fn security_context(settings: &InjectionSettings) -> Value {
     })
 }
 
-fn sidecar_container(settings: &InjectionSettings) -> Value {
+fn sidecar_container(settings: &InjectionSettings, overrides: &str, from_configmap: bool) -> Value {
     let probe = |path: &str, period: u32, failures: u32| {
         json!({
             "httpGet": { "path": path, "port": ADMIN_PORT_NAME, "scheme": "HTTP" },
@@ -406,7 +634,7 @@ fn sidecar_container(settings: &InjectionSettings) -> Value {
         "name": SIDECAR_NAME,
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": ["run", "--config", format!("{CONFIG_DIR}/config.yaml")],
+        "args": sidecar_args(overrides, from_configmap),
         "ports": [
             { "name": MTLS_PORT_NAME, "containerPort": settings.listen_port, "protocol": "TCP" },
             { "name": ADMIN_PORT_NAME, "containerPort": settings.admin_port, "protocol": "TCP" },
@@ -419,11 +647,7 @@ fn sidecar_container(settings: &InjectionSettings) -> Value {
         "resources": { "requests": settings.requests, "limits": settings.limits },
         "securityContext": security_context(settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [
-            { "name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": true },
-            { "name": VOLUME_POLICIES, "mountPath": POLICY_DIR, "readOnly": true },
-            { "name": VOLUME_SVID, "mountPath": SVID_DIR, "readOnly": true },
-        ],
+        "volumeMounts": sidecar_mounts(from_configmap),
     });
     if settings.native_sidecar {
         c["restartPolicy"] = json!("Always");
@@ -431,12 +655,33 @@ fn sidecar_container(settings: &InjectionSettings) -> Value {
     c
 }
 
+/// `portcullis run` with the config ConfigMap's file (when there is one) and the webhook's
+/// overrides, both fixed in the container spec at creation.
+fn sidecar_args(overrides: &str, from_configmap: bool) -> Value {
+    let mut args = vec!["run".to_owned()];
+    if from_configmap {
+        args.extend(["--config".to_owned(), format!("{CONFIG_DIR}/config.yaml")]);
+    }
+    args.extend(["--override".to_owned(), overrides.to_owned()]);
+    json!(args)
+}
+
+fn sidecar_mounts(from_configmap: bool) -> Value {
+    let mut mounts = Vec::new();
+    if from_configmap {
+        mounts.push(json!({ "name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": true }));
+    }
+    mounts.push(json!({ "name": VOLUME_POLICIES, "mountPath": POLICY_DIR, "readOnly": true }));
+    mounts.push(json!({ "name": VOLUME_SVID, "mountPath": SVID_DIR, "readOnly": true }));
+    json!(mounts)
+}
+
 fn helper_container(settings: &InjectionSettings, image: &str) -> Value {
     let mut c = json!({
         "name": HELPER_NAME,
         "image": image,
         "imagePullPolicy": settings.image_pull_policy,
-        "args": ["-config", format!("{CONFIG_DIR}/spiffe-helper.conf")],
+        "args": ["-config", format!("{HELPER_CONFIG_DIR}/spiffe-helper.conf")],
         "resources": {
             "requests": { "cpu": "10m", "memory": "32Mi" },
             "limits": { "memory": "64Mi" },
@@ -444,7 +689,7 @@ fn helper_container(settings: &InjectionSettings, image: &str) -> Value {
         "securityContext": security_context(settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
-            { "name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": true },
+            { "name": VOLUME_HELPER_CONFIG, "mountPath": HELPER_CONFIG_DIR, "readOnly": true },
             { "name": VOLUME_SPIRE_SOCKET, "mountPath": SPIRE_SOCKET_DIR, "readOnly": true },
             { "name": VOLUME_SVID, "mountPath": SVID_DIR },
         ],
@@ -455,16 +700,27 @@ fn helper_container(settings: &InjectionSettings, image: &str) -> Value {
     c
 }
 
-fn volumes(settings: &InjectionSettings, policy_configmap: &str) -> Vec<Value> {
-    let mut items = vec![json!({
-        "path": "config.yaml",
-        "fieldRef": { "fieldPath": format!("metadata.annotations['{ANNOTATION_RENDERED_CONFIG}']") },
-    })];
-    let svid = match &settings.svid {
-        SvidSource::CsiDriverSpiffe => json!({
+fn volumes(
+    settings: &InjectionSettings,
+    policy_configmap: &str,
+    config: Option<&ConfigSource>,
+) -> Vec<Value> {
+    let mut out = Vec::new();
+    if let Some(config) = config {
+        out.push(json!({
+            "name": VOLUME_CONFIG,
+            "configMap": { "name": config.configmap, "defaultMode": 0o444 },
+        }));
+    }
+    out.push(json!({
+        "name": VOLUME_POLICIES,
+        "configMap": { "name": policy_configmap, "defaultMode": 0o444 },
+    }));
+    match &settings.svid {
+        SvidSource::CsiDriverSpiffe => out.push(json!({
             "name": VOLUME_SVID,
             "csi": {
-                "driver": "spiffe.csi.cert-manager.io",
+                "driver": CSI_DRIVER_SPIFFE,
                 "readOnly": true,
                 // The driver writes the key readable by this group only; the sidecar runs
                 // with it as its primary group.
@@ -472,30 +728,28 @@ fn volumes(settings: &InjectionSettings, policy_configmap: &str) -> Vec<Value> {
                     "spiffe.csi.cert-manager.io/fs-group": settings.run_as_user.to_string(),
                 },
             },
-        }),
+        })),
         SvidSource::Spire { .. } => {
-            items.push(json!({
-                "path": "spiffe-helper.conf",
-                "fieldRef": {
-                    "fieldPath": format!("metadata.annotations['{ANNOTATION_RENDERED_HELPER_CONFIG}']"),
-                },
+            out.push(json!({
+                "name": VOLUME_SVID,
+                "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" },
             }));
-            json!({ "name": VOLUME_SVID, "emptyDir": { "medium": "Memory", "sizeLimit": "1Mi" } })
+            out.push(json!({
+                "name": VOLUME_SPIRE_SOCKET,
+                "csi": { "driver": CSI_DRIVER_SPIRE, "readOnly": true },
+            }));
+            // spiffe-helper reads only a file; it names the agent socket and where the SVID
+            // files go, nothing that decides what the proxy allows.
+            out.push(json!({
+                "name": VOLUME_HELPER_CONFIG,
+                "downwardAPI": { "defaultMode": 0o444, "items": [{
+                    "path": "spiffe-helper.conf",
+                    "fieldRef": {
+                        "fieldPath": format!("metadata.annotations['{ANNOTATION_RENDERED_HELPER_CONFIG}']"),
+                    },
+                }]},
+            }));
         }
-    };
-    let mut out = vec![
-        json!({ "name": VOLUME_CONFIG, "downwardAPI": { "defaultMode": 0o444, "items": items } }),
-        json!({
-            "name": VOLUME_POLICIES,
-            "configMap": { "name": policy_configmap, "defaultMode": 0o444 },
-        }),
-        svid,
-    ];
-    if matches!(settings.svid, SvidSource::Spire { .. }) {
-        out.push(json!({
-            "name": VOLUME_SPIRE_SOCKET,
-            "csi": { "driver": "csi.spiffe.io", "readOnly": true },
-        }));
     }
     out
 }
@@ -534,45 +788,26 @@ fn add_to_map(ops: &mut Vec<Value>, pod: &Value, key: &str, entries: Vec<(&str, 
     }
 }
 
-fn build_patch(
-    pod: &Value,
-    spec: &Value,
-    settings: &InjectionSettings,
-    rendered: &str,
-    policy_configmap: &str,
-) -> Vec<Value> {
+fn build_patch(pod: &Value, spec: &Value, settings: &InjectionSettings, plan: &Plan) -> Vec<Value> {
     let mut ops = Vec::new();
     if pod.get("metadata").is_none_or(|m| !m.is_object()) {
         ops.push(json!({ "op": "add", "path": "/metadata", "value": {} }));
     }
-    let mut annotations = vec![(ANNOTATION_RENDERED_CONFIG, rendered.to_owned())];
-    if let SvidSource::Spire { socket_file, .. } = &settings.svid {
-        annotations.push((
-            ANNOTATION_RENDERED_HELPER_CONFIG,
-            render_helper_config(socket_file),
-        ));
+    if let Some(helper) = &plan.helper_config {
+        add_to_map(
+            &mut ops,
+            pod,
+            "annotations",
+            vec![(ANNOTATION_RENDERED_HELPER_CONFIG, helper.clone())],
+        );
     }
-    add_to_map(&mut ops, pod, "annotations", annotations);
     add_to_map(
         &mut ops,
         pod,
         "labels",
         vec![(LABEL_INJECTED, "true".to_owned())],
     );
-    append(
-        &mut ops,
-        spec,
-        "volumes",
-        volumes(settings, policy_configmap),
-    );
-
-    let mut ours = Vec::new();
-    if let SvidSource::Spire { helper_image, .. } = &settings.svid {
-        // Before the proxy: native sidecars start in order, so the SVID files exist (or are
-        // about to) when portcullis starts.
-        ours.push(helper_container(settings, helper_image));
-    }
-    ours.push(sidecar_container(settings));
+    append(&mut ops, spec, "volumes", plan.volumes.clone());
     // Native: after the pod's own init containers (their semantics stay as they were), and
     // before every application container. Legacy: next to the application.
     let key = if settings.native_sidecar {
@@ -580,7 +815,7 @@ fn build_patch(
     } else {
         "containers"
     };
-    append(&mut ops, spec, key, ours);
+    append(&mut ops, spec, key, plan.containers.clone());
     ops
 }
 

@@ -13,14 +13,42 @@ fn app(ports: Value) -> Value {
     json!([{ "name": "app", "image": "app:1", "ports": ports }])
 }
 
+fn ns() -> NamespaceInfo {
+    NamespaceInfo::default()
+}
+
+fn allowing() -> NamespaceInfo {
+    NamespaceInfo {
+        labels: [(ANNOTATION_ALLOW_OPT_OUT.to_owned(), "true".to_owned())].into(),
+        ..NamespaceInfo::default()
+    }
+}
+
 fn patched(pod: &Value, scope: Scope, settings: &InjectionSettings) -> Value {
-    let Mutation::Patch(ops) = mutate(pod, scope, settings).unwrap() else {
+    patched_in(pod, scope, &ns(), settings)
+}
+
+fn patched_in(
+    pod: &Value,
+    scope: Scope,
+    ns: &NamespaceInfo,
+    settings: &InjectionSettings,
+) -> Value {
+    let Mutation::Patch(Injection { patch: ops, .. }) = mutate(pod, scope, ns, settings).unwrap()
+    else {
         panic!("expected a patch");
     };
     let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
     let mut out = pod.clone();
     json_patch::patch(&mut out, &patch).unwrap();
     out
+}
+
+/// The `--override` the sidecar runs with, parsed.
+fn overrides(sidecar: &Value) -> serde_yaml::Value {
+    let args = sidecar["args"].as_array().unwrap();
+    let at = args.iter().position(|a| a == "--override").unwrap();
+    serde_yaml::from_str(args[at + 1].as_str().unwrap()).unwrap()
 }
 
 fn sidecar(pod: &Value, key: &str) -> Value {
@@ -41,39 +69,60 @@ fn opt_in_routes_and_opt_out() {
 
     let plain = pod(port.clone(), c.clone());
     assert!(matches!(
-        mutate(&plain, Scope::Namespace, &s),
+        mutate(&plain, Scope::Namespace, &ns(), &s),
         Ok(Mutation::Patch(_))
     ));
     assert_eq!(
-        mutate(&plain, Scope::Pod, &s),
+        mutate(&plain, Scope::Pod, &ns(), &s),
         Ok(Mutation::Skip(SkipReason::NotRequested))
     );
 
     let mut asks = port.clone();
     asks[ANNOTATION_INJECT] = json!("true");
     assert!(matches!(
-        mutate(&pod(asks, c.clone()), Scope::Pod, &s),
+        mutate(&pod(asks, c.clone()), Scope::Pod, &ns(), &s),
         Ok(Mutation::Patch(_))
     ));
 
     let mut refuses = port.clone();
     refuses[ANNOTATION_INJECT] = json!("false");
+    // In an enabled namespace the pod cannot opt out unless the namespace allows it.
+    let opted_out = pod(refuses, c.clone());
     assert_eq!(
-        mutate(&pod(refuses, c.clone()), Scope::Namespace, &s),
+        mutate(&opted_out, Scope::Namespace, &ns(), &s),
+        Err(Refusal::OptOutNotAllowed)
+    );
+    assert_eq!(
+        mutate(&opted_out, Scope::Namespace, &allowing(), &s),
         Ok(Mutation::Skip(SkipReason::OptedOut))
+    );
+    let annotated = NamespaceInfo {
+        annotations: [(ANNOTATION_ALLOW_OPT_OUT.to_owned(), "true".to_owned())].into(),
+        ..NamespaceInfo::default()
+    };
+    assert_eq!(
+        mutate(&opted_out, Scope::Namespace, &annotated, &s),
+        Ok(Mutation::Skip(SkipReason::OptedOut))
+    );
+    // Opting out by label (which the objectSelector would see) is the same decision.
+    let mut label_out = pod(port.clone(), c.clone());
+    label_out["metadata"]["labels"] = json!({ ANNOTATION_INJECT: "false" });
+    assert_eq!(
+        mutate(&label_out, Scope::Namespace, &ns(), &s),
+        Err(Refusal::OptOutNotAllowed)
     );
 
     let mut labelled = pod(port.clone(), c.clone());
     labelled["metadata"]["labels"] = json!({ ANNOTATION_INJECT: "true" });
     assert!(matches!(
-        mutate(&labelled, Scope::Pod, &s),
+        mutate(&labelled, Scope::Pod, &ns(), &s),
         Ok(Mutation::Patch(_))
     ));
 
     let mut typo = port;
     typo[ANNOTATION_INJECT] = json!("yes");
     assert_eq!(
-        mutate(&pod(typo, c), Scope::Namespace, &s),
+        mutate(&pod(typo, c), Scope::Namespace, &ns(), &s),
         Err(Refusal::BadInjectValue("yes".into()))
     );
 }
@@ -126,7 +175,7 @@ fn refusals_name_the_problem() {
     for (annotations, containers, expected) in cases {
         let p = pod(annotations, containers);
         assert_eq!(
-            mutate(&p, Scope::Namespace, &s),
+            mutate(&p, Scope::Namespace, &ns(), &s),
             Err(expected.clone()),
             "{p}"
         );
@@ -136,14 +185,14 @@ fn refusals_name_the_problem() {
     let mut host = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
     host["spec"]["hostNetwork"] = json!(true);
     assert_eq!(
-        mutate(&host, Scope::Namespace, &s),
+        mutate(&host, Scope::Namespace, &ns(), &s),
         Err(Refusal::HostNetwork)
     );
 
     let mut clash = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
     clash["spec"]["volumes"] = json!([{ "name": "portcullis-svid", "emptyDir": {} }]);
     assert_eq!(
-        mutate(&clash, Scope::Namespace, &s),
+        mutate(&clash, Scope::Namespace, &ns(), &s),
         Err(Refusal::VolumeConflict("portcullis-svid".into()))
     );
 }
@@ -172,12 +221,18 @@ fn native_sidecar_shape() {
     );
     assert_eq!(out["metadata"]["labels"][LABEL_INJECTED], "true");
 
-    let rendered: serde_yaml::Value = serde_yaml::from_str(
-        out["metadata"]["annotations"][ANNOTATION_RENDERED_CONFIG]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
+    // The whole config is in the container's args (immutable), none in an annotation.
+    assert_eq!(c["args"].as_array().unwrap().len(), 3);
+    assert!(
+        out["metadata"]
+            .get("annotations")
+            .unwrap()
+            .as_object()
+            .unwrap()
+            .keys()
+            .all(|k| !k.contains("rendered"))
+    );
+    let rendered = overrides(&c);
     assert_eq!(rendered["upstream"], "http://127.0.0.1:3000");
     assert_eq!(rendered["admin_listen"], "0.0.0.0:9901");
     assert_eq!(
@@ -188,7 +243,7 @@ fn native_sidecar_shape() {
 
     // Feeding the result back changes nothing.
     assert_eq!(
-        mutate(&out, Scope::Namespace, &s),
+        mutate(&out, Scope::Namespace, &ns(), &s),
         Ok(Mutation::Skip(SkipReason::AlreadyInjected))
     );
 }
@@ -231,10 +286,8 @@ fn spire_adds_the_helper_before_the_proxy() {
             .iter()
             .any(|v| v["csi"]["driver"] == "csi.spiffe.io")
     );
-    let rendered = out["metadata"]["annotations"][ANNOTATION_RENDERED_CONFIG]
-        .as_str()
-        .unwrap();
-    assert!(rendered.contains("/run/spiffe/svid_key.pem"));
+    let rendered = overrides(&init[1]);
+    assert_eq!(rendered["tls"]["key"], "/run/spiffe/svid_key.pem");
 }
 
 #[test]
@@ -246,6 +299,152 @@ fn pods_without_metadata_maps_get_them_created() {
     });
     let out = patched(&p, Scope::Namespace, &s);
     assert_eq!(out["metadata"]["labels"][LABEL_INJECTED], "true");
-    assert_eq!(out["spec"]["volumes"].as_array().unwrap().len(), 3);
+    assert_eq!(out["spec"]["volumes"].as_array().unwrap().len(), 2);
     assert_eq!(out["spec"]["initContainers"].as_array().unwrap().len(), 1);
+}
+
+#[test]
+fn shadow_mode_only_where_the_namespace_allows_opt_out() {
+    let s = InjectionSettings::default();
+    let p = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_POLICY_MODE: "shadow" }),
+        app(json!([])),
+    );
+    assert_eq!(
+        mutate(&p, Scope::Namespace, &ns(), &s),
+        Err(Refusal::ShadowNotAllowed)
+    );
+    let out = patched_in(&p, Scope::Namespace, &allowing(), &s);
+    assert_eq!(
+        overrides(&sidecar(&out, "initContainers"))["policy"]["mode"],
+        "shadow"
+    );
+    // Asking for enforcement is always fine.
+    let enforce = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_POLICY_MODE: "enforce" }),
+        app(json!([])),
+    );
+    assert!(matches!(
+        mutate(&enforce, Scope::Namespace, &ns(), &s),
+        Ok(Mutation::Patch(_))
+    ));
+}
+
+#[test]
+fn config_configmap_is_mounted_and_overridden() {
+    let s = InjectionSettings::default();
+    let p = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_CONFIG: "agent-config" }),
+        app(json!([])),
+    );
+    let Ok(Mutation::Patch(injection)) = mutate(&p, Scope::Namespace, &ns(), &s) else {
+        panic!("expected a patch");
+    };
+    let source = injection.config.clone().unwrap();
+    assert_eq!(source.configmap, "agent-config");
+    let out = patched(&p, Scope::Namespace, &s);
+    let c = sidecar(&out, "initContainers");
+    assert_eq!(c["args"][0], "run");
+    assert_eq!(c["args"][1], "--config");
+    assert_eq!(c["args"][2], "/etc/portcullis/config/config.yaml");
+    assert_eq!(c["args"][3], "--override");
+    assert_eq!(c["args"][4], source.overrides.as_str());
+    assert!(c["volumeMounts"].as_array().unwrap().contains(
+        &json!({ "name": "portcullis-config", "mountPath": CONFIG_DIR, "readOnly": true })
+    ));
+    let volumes = out["spec"]["volumes"].as_array().unwrap();
+    assert!(volumes.contains(&json!({
+        "name": "portcullis-config",
+        "configMap": { "name": "agent-config", "defaultMode": 0o444 },
+    })));
+    // The override fixes what the pod's shape depends on, and leaves the audit sink to the
+    // ConfigMap.
+    let o = overrides(&c);
+    assert_eq!(o["listen"], "0.0.0.0:8443");
+    assert_eq!(o["admin_listen"], "0.0.0.0:9901");
+    assert_eq!(o["upstream"], "http://127.0.0.1:8080");
+    assert_eq!(o["tls"]["cert"], "/run/spiffe/tls.crt");
+    assert_eq!(o["policy"]["dir"], "/etc/portcullis/policies");
+    assert!(o.get("audit").is_none());
+
+    // The namespace can name it for every pod; the pod's own annotation wins.
+    let in_ns = NamespaceInfo {
+        annotations: [(ANNOTATION_CONFIG.to_owned(), "team-config".to_owned())].into(),
+        ..NamespaceInfo::default()
+    };
+    let plain = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
+    let Ok(Mutation::Patch(i)) = mutate(&plain, Scope::Namespace, &in_ns, &s) else {
+        panic!("expected a patch");
+    };
+    assert_eq!(i.config.unwrap().configmap, "team-config");
+    let Ok(Mutation::Patch(i)) = mutate(&p, Scope::Namespace, &in_ns, &s) else {
+        panic!("expected a patch");
+    };
+    assert_eq!(i.config.unwrap().configmap, "agent-config");
+
+    let bad = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_CONFIG: "Not_A_Name" }),
+        app(json!([])),
+    );
+    assert_eq!(
+        mutate(&bad, Scope::Namespace, &ns(), &s),
+        Err(Refusal::BadConfigMapName("Not_A_Name".into()))
+    );
+}
+
+#[test]
+fn a_portcullis_container_the_webhook_did_not_write_is_refused() {
+    let s = InjectionSettings::default();
+    let port = json!({ ANNOTATION_UPSTREAM_PORT: "8080" });
+
+    // A hand-written "sidecar": admitted unprotected before, refused now.
+    let fake = pod(
+        port.clone(),
+        json!([
+            { "name": "app", "image": "app:1" },
+            { "name": SIDECAR_NAME, "image": "busybox", "command": ["sleep", "inf"] },
+        ]),
+    );
+    assert_eq!(
+        mutate(&fake, Scope::Namespace, &ns(), &s),
+        Err(Refusal::ForeignSidecar)
+    );
+    assert_eq!(
+        mutate(&fake, Scope::Pod, &ns(), &s),
+        Ok(Mutation::Skip(SkipReason::NotRequested))
+    );
+
+    // The webhook's own sidecar, as the API server hands it back on reinvocation (with its
+    // defaults filled in), is recognised.
+    let injected = patched(&pod(port.clone(), app(json!([]))), Scope::Namespace, &s);
+    let mut defaulted = injected.clone();
+    let c = &mut defaulted["spec"]["initContainers"][0];
+    c["terminationMessagePath"] = json!("/dev/termination-log");
+    c["readinessProbe"]["successThreshold"] = json!(1);
+    assert_eq!(
+        mutate(&defaulted, Scope::Namespace, &ns(), &s),
+        Ok(Mutation::Skip(SkipReason::AlreadyInjected))
+    );
+
+    // Any change to what the webhook wrote makes it someone else's container.
+    let tampered: [fn(&mut Value); 5] = [
+        |p| p["spec"]["initContainers"][0]["image"] = json!("evil:1"),
+        |p| p["spec"]["initContainers"][0]["command"] = json!(["sh"]),
+        |p| p["spec"]["initContainers"][0]["args"][2] = json!("{}"),
+        |p| p["spec"]["volumes"][0]["configMap"]["name"] = json!("permissive-policies"),
+        |p| {
+            let c = p["spec"]["initContainers"][0].clone();
+            p["spec"]["initContainers"] = json!([]);
+            p["spec"]["containers"].as_array_mut().unwrap().push(c);
+        },
+    ];
+    for (i, tamper) in tampered.iter().enumerate() {
+        let mut p = injected.clone();
+        tamper(&mut p);
+        assert_eq!(
+            mutate(&p, Scope::Namespace, &ns(), &s),
+            Err(Refusal::ForeignSidecar),
+            "tampering #{i}"
+        );
+    }
 }

@@ -1,10 +1,44 @@
 //! AdmissionReview (admission.k8s.io/v1) in, AdmissionReview out: the glue between the HTTP
-//! handler and [`mutate`](crate::mutate()). Still pure: bytes in, JSON out.
+//! handler and [`mutate`](crate::mutate()), with the two cluster reads it needs around it
+//! (the pod's namespace before, the config ConfigMap after) and the config validation.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{Value, json};
 
-use crate::config::InjectionSettings;
-use crate::mutate::{Mutation, Refusal, Scope, SkipReason, mutate};
+use crate::config::{InjectionSettings, is_dns_subdomain};
+use crate::kube::{Cluster, NamespaceInfo};
+use crate::mutate::{
+    ANNOTATION_INJECT, ConfigSource, Mutation, Refusal, Scope, SkipReason, mutate,
+};
+
+/// Checks a sidecar config as `portcullis run` would load it: the ConfigMap's keys (its
+/// `config.yaml` and the files it names) and the webhook's overrides in, every error as
+/// `path: message` out. The `portcullis` binary supplies the real config loader, so the
+/// webhook and the sidecar cannot disagree about what is valid.
+pub type ConfigValidator =
+    Arc<dyn Fn(&BTreeMap<String, String>, &str) -> Result<(), Vec<String>> + Send + Sync>;
+
+/// What a review needs besides the request: the settings, the cluster, the validator.
+#[derive(Clone)]
+pub struct Admission {
+    /// What the injected sidecar looks like.
+    pub settings: InjectionSettings,
+    /// Namespace and ConfigMap reads.
+    pub cluster: Arc<dyn Cluster>,
+    /// The sidecar's own config validation.
+    pub validate: ConfigValidator,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission")
+            .field("settings", &self.settings)
+            .field("cluster", &self.cluster)
+            .finish_non_exhaustive()
+    }
+}
 
 /// How one review ended, for logs and metrics.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,8 +81,8 @@ pub struct Answer {
 /// Answer one AdmissionReview body. Always returns an AdmissionReview, even for a body that
 /// is not one (then with an empty uid, which the API server treats as a failed call, so
 /// `failurePolicy: Fail` refuses the pod).
-pub fn review(body: &[u8], scope: Scope, settings: &InjectionSettings) -> Answer {
-    let (review, verdict, subject) = answer(body, scope, settings);
+pub async fn review(body: &[u8], scope: Scope, admission: &Admission) -> Answer {
+    let (review, verdict, subject) = answer(body, scope, admission).await;
     Answer {
         review,
         verdict,
@@ -56,7 +90,7 @@ pub fn review(body: &[u8], scope: Scope, settings: &InjectionSettings) -> Answer
     }
 }
 
-fn answer(body: &[u8], scope: Scope, settings: &InjectionSettings) -> (Value, Verdict, String) {
+async fn answer(body: &[u8], scope: Scope, admission: &Admission) -> (Value, Verdict, String) {
     let parsed: Value = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => return malformed("", format!("body is not json: {e}")),
@@ -92,10 +126,21 @@ fn answer(body: &[u8], scope: Scope, settings: &InjectionSettings) -> (Value, Ve
     };
 
     let subject = subject(request);
-    match mutate(pod, scope, settings) {
+    let namespace = request
+        .get("namespace")
+        .and_then(Value::as_str)
+        .or_else(|| pod.pointer("/metadata/namespace").and_then(Value::as_str))
+        .unwrap_or("");
+    if !is_dns_subdomain(namespace) {
+        return malformed(
+            uid,
+            "pod CREATE request names no valid namespace".to_owned(),
+        );
+    }
+    match decide(pod, namespace, scope, admission).await {
         Ok(Mutation::Skip(reason)) => (allowed(uid, None), Verdict::Skipped(reason), subject),
-        Ok(Mutation::Patch(ops)) => {
-            let patch = serde_json::to_vec(&Value::Array(ops)).unwrap_or_default();
+        Ok(Mutation::Patch(injection)) => {
+            let patch = serde_json::to_vec(&Value::Array(injection.patch)).unwrap_or_default();
             (allowed(uid, Some(&patch)), Verdict::Injected, subject)
         }
         Err(refusal) => (
@@ -104,6 +149,76 @@ fn answer(body: &[u8], scope: Scope, settings: &InjectionSettings) -> (Value, Ve
             subject,
         ),
     }
+}
+
+/// Namespace read (only when injection may be wanted), [`mutate`], then the config ConfigMap
+/// read and validation (only when one is named).
+async fn decide(
+    pod: &Value,
+    namespace: &str,
+    scope: Scope,
+    admission: &Admission,
+) -> Result<Mutation, Refusal> {
+    let asks = pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(ANNOTATION_INJECT))
+        .or_else(|| {
+            pod.pointer("/metadata/labels")
+                .and_then(|l| l.get(ANNOTATION_INJECT))
+        })
+        .and_then(Value::as_str)
+        == Some("true");
+    // A pod outside enabled namespaces that does not ask needs no read at all.
+    let info = if scope == Scope::Namespace || asks {
+        match admission.cluster.namespace(namespace).await {
+            Ok(info) => info.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(%namespace, error = %e, "cannot read the pod's namespace");
+                return Err(Refusal::ClusterUnavailable("pod's namespace"));
+            }
+        }
+    } else {
+        NamespaceInfo::default()
+    };
+    let mutation = mutate(pod, scope, &info, &admission.settings)?;
+    if let Mutation::Patch(injection) = &mutation
+        && let Some(config) = &injection.config
+    {
+        check_config(namespace, config, admission).await?;
+    }
+    Ok(mutation)
+}
+
+/// The ConfigMap must exist and its `config.yaml`, with the overrides, must load.
+async fn check_config(
+    namespace: &str,
+    config: &ConfigSource,
+    admission: &Admission,
+) -> Result<(), Refusal> {
+    let data = match admission
+        .cluster
+        .configmap(namespace, &config.configmap)
+        .await
+    {
+        Ok(Some(data)) => data,
+        Ok(None) => return Err(Refusal::ConfigMapMissing(config.configmap.clone())),
+        Err(e) => {
+            tracing::warn!(%namespace, configmap = %config.configmap, error = %e, "cannot read the config ConfigMap");
+            return Err(Refusal::ClusterUnavailable("config ConfigMap"));
+        }
+    };
+    let errors = if data.contains_key("config.yaml") {
+        match (admission.validate)(&data, &config.overrides) {
+            Ok(()) => return Ok(()),
+            Err(errors) => errors,
+        }
+    } else {
+        vec!["config.yaml: key missing from the ConfigMap".to_owned()]
+    };
+    Err(Refusal::ConfigInvalid {
+        configmap: config.configmap.clone(),
+        errors,
+    })
 }
 
 fn envelope(response: Value) -> Value {
@@ -204,20 +319,28 @@ mod tests {
         }
     }
 
-    #[test]
-    fn garbage_still_gets_an_admission_review() {
+    fn admission() -> Admission {
+        Admission {
+            settings: InjectionSettings::default(),
+            cluster: Arc::new(crate::kube::StaticCluster::default()),
+            validate: Arc::new(|_, _| Ok(())),
+        }
+    }
+
+    #[tokio::test]
+    async fn garbage_still_gets_an_admission_review() {
         let Answer {
             review: out,
             verdict,
             ..
-        } = review(b"not json", Scope::Pod, &InjectionSettings::default());
+        } = review(b"not json", Scope::Pod, &admission()).await;
         assert_eq!(out["kind"], "AdmissionReview");
         assert_eq!(out["response"]["allowed"], false);
         assert!(matches!(verdict, Verdict::Malformed(_)));
     }
 
-    #[test]
-    fn non_pod_requests_are_admitted_unchanged() {
+    #[tokio::test]
+    async fn non_pod_requests_are_admitted_unchanged() {
         let body = json!({
             "apiVersion": "admission.k8s.io/v1",
             "kind": "AdmissionReview",
@@ -232,11 +355,7 @@ mod tests {
             review: out,
             verdict,
             ..
-        } = review(
-            body.to_string().as_bytes(),
-            Scope::Namespace,
-            &InjectionSettings::default(),
-        );
+        } = review(body.to_string().as_bytes(), Scope::Namespace, &admission()).await;
         assert_eq!(out["response"]["uid"], "u1");
         assert_eq!(out["response"]["allowed"], true);
         assert!(out["response"].get("patch").is_none());

@@ -28,9 +28,10 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::{InjectionSettings, WebhookConfig};
+use crate::config::WebhookConfig;
+use crate::kube::{ApiServer, Cluster};
 use crate::mutate::Scope;
-use crate::review::{Verdict, review};
+use crate::review::{Admission, ConfigValidator, Verdict, review};
 
 /// Path of the webhook entry whose namespaceSelector matches opted-in namespaces.
 pub const PATH_NAMESPACE: &str = "/inject/namespace";
@@ -66,12 +67,18 @@ pub enum ServeError {
     Accept(std::io::Error),
 }
 
-/// Serve admission reviews until `shutdown` completes, then drain open connections.
+/// Serve admission reviews until `shutdown` completes, then drain open connections. Reads go
+/// to the API server `config.kubernetes` names; ConfigMaps are checked with `validate`.
 pub async fn serve(
     config: WebhookConfig,
+    validate: ConfigValidator,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
-    Server::bind(config).await?.run(shutdown).await
+    let cluster = Arc::new(ApiServer::new(config.kubernetes.clone()));
+    Server::bind(config, cluster, validate)
+        .await?
+        .run(shutdown)
+        .await
 }
 
 /// A bound, not yet running webhook server; lets callers (tests) learn the real port.
@@ -94,13 +101,18 @@ impl std::fmt::Debug for Server {
 
 #[derive(Debug)]
 struct State {
-    settings: InjectionSettings,
+    admission: Admission,
     metrics: Metrics,
 }
 
 impl Server {
-    /// Load the serving certificate and bind the listener.
-    pub async fn bind(config: WebhookConfig) -> Result<Server, ServeError> {
+    /// Load the serving certificate and bind the listener; `cluster` answers the namespace and
+    /// ConfigMap reads, `validate` checks sidecar configs.
+    pub async fn bind(
+        config: WebhookConfig,
+        cluster: Arc<dyn Cluster>,
+        validate: ConfigValidator,
+    ) -> Result<Server, ServeError> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let reloader = Arc::new(CertReloader::new(
             config.tls.cert.clone(),
@@ -124,7 +136,11 @@ impl Server {
             listener,
             acceptor: TlsAcceptor::from(Arc::new(tls)),
             state: Arc::new(State {
-                settings: config.injection,
+                admission: Admission {
+                    settings: config.injection,
+                    cluster,
+                    validate,
+                },
                 metrics: Metrics::default(),
             }),
             reloader,
@@ -239,12 +255,12 @@ async fn handle(
             tracing::warn!(error = %e, "cannot read admission review body");
             // Still an AdmissionReview, though without the uid the API server will count it
             // as a failed call and, with failurePolicy Fail, refuse the pod.
-            let answer = review(b"", scope, &state.settings);
+            let answer = review(b"", scope, &state.admission).await;
             state.metrics.count(&answer.verdict);
             return Ok(json(StatusCode::PAYLOAD_TOO_LARGE, &answer.review));
         }
     };
-    let answer = review(&body, scope, &state.settings);
+    let answer = review(&body, scope, &state.admission).await;
     state.metrics.count(&answer.verdict);
     match &answer.verdict {
         Verdict::Injected => tracing::info!(pod = %answer.subject, "sidecar injected"),

@@ -13,7 +13,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_injector::{
-    InjectionSettings, PATH_NAMESPACE, PATH_POD, Server, SvidSource, TlsFiles, WebhookConfig,
+    ANNOTATION_ALLOW_OPT_OUT, ApiSettings, InjectionSettings, NamespaceInfo, PATH_NAMESPACE,
+    PATH_POD, Server, StaticCluster, SvidSource, TlsFiles, WebhookConfig,
 };
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -63,6 +64,14 @@ impl Webhook {
     }
 
     async fn start_with_reload(injection: InjectionSettings, reload: Duration) -> Webhook {
+        Self::start_in(injection, reload, cluster()).await
+    }
+
+    async fn start_in(
+        injection: InjectionSettings,
+        reload: Duration,
+        cluster: StaticCluster,
+    ) -> Webhook {
         let dir = tempfile::tempdir().unwrap();
         let pki = mint(dir.path());
         let config = WebhookConfig {
@@ -73,8 +82,13 @@ impl Webhook {
                 reload_interval: reload,
             },
             injection,
+            kubernetes: ApiSettings::default(),
         };
-        let server = Server::bind(config).await.unwrap();
+        // No config ConfigMap is named in these tests; crates/portcullis' webhook test runs
+        // the real validator against a mock API server.
+        let server = Server::bind(config, Arc::new(cluster), Arc::new(|_, _| Ok(())))
+            .await
+            .unwrap();
         let addr = server.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(server.run(async move {
@@ -215,13 +229,34 @@ fn names(list: &Value) -> Vec<&str> {
         .collect()
 }
 
+/// The fixtures' namespaces: `agents` lets its pods opt out (and ask for shadow mode),
+/// `orders` does not.
+fn cluster() -> StaticCluster {
+    let mut cluster = StaticCluster::default();
+    cluster.namespaces.insert(
+        "agents".into(),
+        NamespaceInfo {
+            annotations: [(ANNOTATION_ALLOW_OPT_OUT.to_owned(), "true".to_owned())].into(),
+            ..NamespaceInfo::default()
+        },
+    );
+    cluster
+}
+
+/// The config the sidecar runs with: `--override` in its args (no ConfigMap named here).
 fn rendered_config(pod: &Value) -> serde_yaml::Value {
-    serde_yaml::from_str(
-        pod["metadata"]["annotations"]["portcullis.dev/rendered-config"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap()
+    let sidecar = pod["spec"]["initContainers"]
+        .as_array()
+        .or(pod["spec"]["containers"].as_array())
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "portcullis")
+        .unwrap();
+    let args = sidecar["args"].as_array().unwrap();
+    assert_eq!(args[0], "run");
+    assert_eq!(args[1], "--override");
+    assert_eq!(args.len(), 3, "{args:?}");
+    serde_yaml::from_str(args[2].as_str().unwrap()).unwrap()
 }
 
 /// Validate `object` against the Kubernetes OpenAPI schema (strict: unknown fields fail) of
@@ -297,10 +332,10 @@ async fn deployment_pod_in_an_enabled_namespace_gets_a_native_sidecar() {
     );
     let sidecar = named(&pod["spec"]["initContainers"], "portcullis");
     assert_eq!(sidecar["restartPolicy"], "Always");
-    assert_eq!(
-        sidecar["args"],
-        json!(["run", "--config", "/etc/portcullis/injected/config.yaml"])
-    );
+    // No config ConfigMap named: the whole config is the override in the args (checked
+    // below by rendered_config).
+    assert_eq!(sidecar["args"][0], "run");
+    assert_eq!(sidecar["args"][1], "--override");
     let mtls = named(&sidecar["ports"], "portcullis-mtls");
     assert_eq!(mtls["containerPort"], 8443);
     let admin = named(&sidecar["ports"], "pc-admin");
@@ -314,7 +349,6 @@ async fn deployment_pod_in_an_enabled_namespace_gets_a_native_sidecar() {
         names(&pod["spec"]["volumes"]),
         [
             "kube-api-access-x7k2p",
-            "portcullis-config",
             "portcullis-policies",
             "portcullis-svid"
         ]
@@ -327,10 +361,11 @@ async fn deployment_pod_in_an_enabled_namespace_gets_a_native_sidecar() {
     );
     let policies = named(&pod["spec"]["volumes"], "portcullis-policies");
     assert_eq!(policies["configMap"]["name"], "portcullis-policies");
-    let config = named(&pod["spec"]["volumes"], "portcullis-config");
-    assert_eq!(
-        config["downwardAPI"]["items"][0]["fieldRef"]["fieldPath"],
-        "metadata.annotations['portcullis.dev/rendered-config']"
+    // The config is fixed in the container's args, not read from a (mutable) annotation.
+    assert!(
+        !serde_json::to_string(&pod["metadata"]["annotations"])
+            .unwrap()
+            .contains("rendered")
     );
 
     // Only the contract's keys, with the values the annotations asked for.
@@ -353,6 +388,8 @@ async fn deployment_pod_in_an_enabled_namespace_gets_a_native_sidecar() {
         ]
     );
     assert_eq!(rendered["listen"], "0.0.0.0:8443");
+    // On the pod IP for the kubelet's probes and scraping; /inventory answers loopback
+    // peers only (crates/proxy/src/admin.rs).
     assert_eq!(rendered["admin_listen"], "0.0.0.0:9901");
     assert_eq!(rendered["upstream"], "http://127.0.0.1:8080");
     assert_eq!(rendered["tls"]["cert"], "/run/spiffe/tls.crt");
@@ -433,13 +470,28 @@ async fn pod_with_an_init_container_opting_in_by_annotation() {
 }
 
 #[tokio::test]
-async fn opted_out_pod_is_admitted_unchanged() {
+async fn opted_out_pod_is_admitted_unchanged_only_where_the_namespace_allows_it() {
     let hook = Webhook::start(InjectionSettings::default()).await;
+    // `orders` does not allow opting out: refused, with the reason.
     let review = fixture("opted-out-pod.json");
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    assert_eq!(response["response"]["allowed"], false, "{response}");
+    let message = response["response"]["status"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("portcullis.dev/allow-opt-out"),
+        "{message}"
+    );
+    // The same pod in `agents`, which allows it, is admitted unchanged.
+    let mut allowed = review.clone();
+    allowed["request"]["namespace"] = json!("agents");
     for path in [PATH_NAMESPACE, PATH_POD] {
-        let response = hook.review(path, &review).await;
-        assert!(apply(&review, &response).is_none(), "{response}");
+        let response = hook.review(path, &allowed).await;
+        assert_eq!(response["response"]["allowed"], true, "{response}");
+        assert!(apply(&allowed, &response).is_none(), "{response}");
     }
+    // Outside enabled namespaces nothing was asked, so there is nothing to opt out of.
+    let response = hook.review(PATH_POD, &review).await;
+    assert!(apply(&review, &response).is_none(), "{response}");
     // Without any opt-in, the pod route leaves a pod alone too.
     let mut plain = fixture("deployment-pod.json");
     let response = hook.review(PATH_POD, &plain).await;

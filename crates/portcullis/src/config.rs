@@ -221,6 +221,25 @@ impl Config {
         Self::from_yaml(&text, base, path)
     }
 
+    /// `portcullis run [--config FILE] --override YAML`: the injected sidecar's form. The
+    /// override is a YAML mapping laid over the file (see [`overlay`]); without a file it is
+    /// the whole config. Relative paths resolve against the file's directory.
+    pub fn load_with_override(path: Option<&Path>, overrides: &str) -> Result<Self, ConfigErrors> {
+        let text = match path {
+            None => String::new(),
+            Some(path) => std::fs::read_to_string(path).map_err(|e| {
+                ConfigErrors(vec![ConfigError {
+                    path: path.display().to_string(),
+                    message: format!("cannot read: {e}"),
+                }])
+            })?,
+        };
+        let merged = overlay(&text, overrides)?;
+        let source = path.unwrap_or(Path::new("--override"));
+        let base = path.and_then(Path::parent).unwrap_or(Path::new("/"));
+        Self::from_yaml(&merged, base, source)
+    }
+
     /// Parses and checks `text`; relative paths are resolved against `base`.
     pub fn from_yaml(text: &str, base: &Path, source: &Path) -> Result<Self, ConfigErrors> {
         let mut errors = Errors::default();
@@ -922,6 +941,46 @@ fn duration(path: &str, value: Option<&str>, errors: &mut Errors) -> Option<Dura
             None
         }
     }
+}
+
+/// `overrides` (a YAML mapping) laid over the YAML document `text`: mappings merge key by key,
+/// anything else in `overrides` replaces what `text` had. The Kubernetes injector uses it to
+/// fix the listeners, certificate paths and policy source of a config a ConfigMap provides.
+pub fn overlay(text: &str, overrides: &str) -> Result<String, ConfigErrors> {
+    fn yaml(text: &str, what: &str) -> Result<serde_yaml::Value, ConfigErrors> {
+        let value: serde_yaml::Value = serde_yaml::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: what.to_owned(),
+                message: format!("not valid YAML: {e}"),
+            }])
+        })?;
+        match value {
+            serde_yaml::Value::Null => Ok(serde_yaml::Value::Mapping(Default::default())),
+            v @ serde_yaml::Value::Mapping(_) => Ok(v),
+            _ => Err(ConfigErrors(vec![ConfigError {
+                path: what.to_owned(),
+                message: "must be a mapping".to_owned(),
+            }])),
+        }
+    }
+    fn merge(base: &mut serde_yaml::Value, top: serde_yaml::Value) {
+        match (base, top) {
+            (serde_yaml::Value::Mapping(base), serde_yaml::Value::Mapping(top)) => {
+                for (key, value) in top {
+                    match base.get_mut(&key) {
+                        Some(existing) => merge(existing, value),
+                        None => {
+                            base.insert(key, value);
+                        }
+                    }
+                }
+            }
+            (base, top) => *base = top,
+        }
+    }
+    let mut merged = yaml(text, "(document)")?;
+    merge(&mut merged, yaml(overrides, "--override")?);
+    Ok(serde_yaml::to_string(&merged).unwrap_or_default())
 }
 
 #[cfg(test)]

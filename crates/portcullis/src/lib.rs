@@ -5,6 +5,7 @@
 pub mod cmd;
 pub mod config;
 pub mod demo;
+pub mod webhook;
 
 use std::time::Duration;
 

@@ -36,15 +36,9 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the sidecar.
-    Run {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    Run(ConfigArgs),
     /// Check a configuration and its policies, certificates and bundles; exit 0 or 64.
-    Validate {
-        #[arg(long, short)]
-        config: PathBuf,
-    },
+    Validate(ConfigArgs),
     /// Run a self-contained demonstration on loopback: ephemeral CA and SVIDs, a streaming
     /// upstream, the example policies, scripted calls, and a table of what was decided.
     Demo(portcullis::demo::DemoArgs),
@@ -65,6 +59,29 @@ enum Command {
         #[arg(long = "audit", required = true, num_args = 1..)]
         files: Vec<PathBuf>,
     },
+}
+
+/// Where the config comes from.
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    #[arg(long, short, required_unless_present = "overrides")]
+    config: Option<PathBuf>,
+    /// A YAML mapping laid over the config file (mappings merge, other values replace), or the
+    /// whole config without --config. The Kubernetes injector sets it in the container spec,
+    /// which cannot change after the pod is created.
+    #[arg(long = "override", value_name = "YAML")]
+    overrides: Option<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config, portcullis::config::ConfigErrors> {
+        match (&self.config, &self.overrides) {
+            (config, Some(overrides)) => Config::load_with_override(config.as_deref(), overrides),
+            (Some(config), None) => Config::load(config),
+            // clap requires one of the two.
+            (None, None) => Config::load_with_override(None, ""),
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -92,8 +109,8 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         match cli.command {
-            Command::Run { config } => {
-                let config = match Config::load(&config) {
+            Command::Run(args) => {
+                let config = match args.load() {
                     Ok(config) => config,
                     Err(errors) => return config_failure(&errors),
                 };
@@ -110,8 +127,8 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Validate { config } => {
-                let config = match Config::load(&config) {
+            Command::Validate(args) => {
+                let config = match args.load() {
                     Ok(config) => config,
                     Err(errors) => return config_failure(&errors),
                 };
@@ -189,7 +206,8 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_CONFIG);
                     }
                 };
-                match portcullis_injector::serve(config, portcullis::shutdown_signal()).await {
+                let validate = portcullis::webhook::validator();
+                match portcullis_injector::serve(config, validate, portcullis::shutdown_signal()).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         tracing::error!(%error, "injection webhook failed");

@@ -1,7 +1,17 @@
 //! The admin listener (plain HTTP, meant for the pod network only): `/healthz`, `/readyz`,
-//! `/metrics`, `/inventory`.
+//! `/metrics` for the kubelet's probes and for scraping, and `/inventory` for loopback callers
+//! only.
+//!
+//! In a pod the admin listener binds the pod IP (probes come from the node), which every other
+//! pod can reach. `/inventory` names agent SPIFFE IDs and the tools and paths they called, so it
+//! answers only connections whose peer is a loopback address, i.e. a process in the pod's own
+//! network namespace (`kubectl port-forward` arrives there too); anyone else gets the same 404
+//! as for an unknown path. The kernel drops packets with a loopback source arriving on another
+//! interface (RFC 1122 §3.2.1.3 "martian" addresses), so the peer address cannot be forged
+//! from outside the pod.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::SystemTime;
@@ -37,7 +47,7 @@ pub(crate) async fn serve(
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let (tcp, _) = tokio::select! {
+        let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
                 Err(_) => continue,
@@ -46,7 +56,7 @@ pub(crate) async fn serve(
         };
         let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |request| respond(state.clone(), request));
+            let service = service_fn(move |request| respond(state.clone(), peer, request));
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();
             builder
@@ -60,12 +70,28 @@ pub(crate) async fn serve(
 
 async fn respond(
     state: Arc<AdminState>,
+    peer: SocketAddr,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if request.method() != Method::GET && request.method() != Method::HEAD {
-        return Ok(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"));
+    Ok(route(&state, peer, request.method(), request.uri().path()))
+}
+
+/// Whether `peer` is in the pod's own network namespace. An IPv4 peer on a dual-stack socket
+/// shows up as `::ffff:127.0.0.1`, hence the canonical form.
+fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+fn route(
+    state: &AdminState,
+    peer: SocketAddr,
+    method: &Method,
+    path: &str,
+) -> Response<Full<Bytes>> {
+    if method != Method::GET && method != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    Ok(match request.uri().path() {
+    match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
             // A failed audit sink makes every request fail closed; take the pod out of
@@ -95,7 +121,7 @@ async fn respond(
             );
             response
         }
-        "/inventory" => {
+        "/inventory" if is_loopback(peer) => {
             let mut response = text(StatusCode::OK, "");
             *response.body_mut() = Full::new(Bytes::from(state.inventory.to_json().to_string()));
             response.headers_mut().insert(
@@ -105,7 +131,7 @@ async fn respond(
             response
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
-    })
+    }
 }
 
 /// A fixed line per problem; the detail is in the operational log.
@@ -131,3 +157,7 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     );
     response
 }
+
+#[cfg(test)]
+#[path = "admin_tests.rs"]
+mod tests;

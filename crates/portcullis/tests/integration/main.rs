@@ -15,4 +15,5 @@ mod policy;
 mod protocols;
 mod python_clients;
 mod telemetry;
+mod webhook;
 mod workload_api;
