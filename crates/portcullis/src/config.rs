@@ -73,6 +73,8 @@ struct RawConfig {
     routes: Vec<RawRoute>,
     audit: Option<RawAudit>,
     limits: Option<RawLimits>,
+    /// On SIGTERM, how long in-flight requests may take to finish (default `20s`).
+    shutdown_grace: Option<String>,
     telemetry: Option<RawTelemetry>,
     reject_standing_credentials: Option<bool>,
 }
@@ -156,6 +158,11 @@ struct RawLimits {
     drain_timeout: Option<String>,
     max_connections: Option<usize>,
     max_h2_streams: Option<u32>,
+    max_inflight: Option<usize>,
+    max_inflight_per_agent: Option<usize>,
+    inspect_memory_bytes: Option<usize>,
+    inspect_timeout: Option<String>,
+    max_batch: Option<usize>,
 }
 
 // ---- the checked result -------------------------------------------------------------------
@@ -204,6 +211,8 @@ pub struct Config {
     pub routes: Vec<RouteRule>,
     pub audit: AuditSink,
     pub limits: Limits,
+    /// `shutdown_grace` (or its older name `limits.drain_timeout`): how long in-flight
+    /// requests may take to finish after SIGTERM.
     pub drain_timeout: Duration,
     pub reject_standing_credentials: bool,
     pub max_agent_labels: usize,
@@ -380,6 +389,17 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         errors.add("admin_listen", "must differ from listen");
     }
     let upstream = upstream(raw.upstream.as_deref(), errors);
+    let old_drain = raw
+        .limits
+        .as_ref()
+        .is_some_and(|l| l.drain_timeout.is_some());
+    let shutdown_grace = duration("shutdown_grace", raw.shutdown_grace.as_deref(), errors);
+    if shutdown_grace.is_some() && old_drain {
+        errors.add(
+            "shutdown_grace",
+            "set either shutdown_grace or limits.drain_timeout (its older name), not both",
+        );
+    }
     let limits = limits(raw.limits.unwrap_or_default(), errors);
     let identity = tls(raw.tls, base, errors);
     let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
@@ -387,6 +407,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
     let routes = routes(raw.routes, errors);
     let audit = audit(raw.audit, base, errors);
     let (limits, drain_timeout) = limits?;
+    let drain_timeout = shutdown_grace.unwrap_or(drain_timeout);
     Some(Config {
         source: source.to_owned(),
         listen: listen?,
@@ -889,6 +910,19 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         body_prefix_bytes: raw.body_prefix_bytes.unwrap_or(defaults.body_prefix_bytes),
         max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
         max_h2_streams: raw.max_h2_streams.unwrap_or(defaults.max_h2_streams),
+        max_inflight: raw.max_inflight.unwrap_or(defaults.max_inflight),
+        max_inflight_per_agent: raw
+            .max_inflight_per_agent
+            .unwrap_or(defaults.max_inflight_per_agent),
+        inspect_memory_bytes: raw
+            .inspect_memory_bytes
+            .unwrap_or(defaults.inspect_memory_bytes),
+        inspect_timeout: d(
+            "inspect_timeout",
+            raw.inspect_timeout.as_deref(),
+            defaults.inspect_timeout,
+        ),
+        max_batch: raw.max_batch.unwrap_or(defaults.max_batch),
     };
     let drain = d(
         "drain_timeout",
@@ -900,11 +934,36 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         ("limits.body_prefix_bytes", limits.body_prefix_bytes),
         ("limits.max_connections", limits.max_connections),
         ("limits.max_h2_streams", limits.max_h2_streams as usize),
+        ("limits.max_inflight", limits.max_inflight),
+        (
+            "limits.max_inflight_per_agent",
+            limits.max_inflight_per_agent,
+        ),
+        ("limits.inspect_memory_bytes", limits.inspect_memory_bytes),
+        ("limits.max_batch", limits.max_batch),
     ];
     for (path, value) in positive {
         if value == 0 {
             errors.add(path, "must be greater than 0");
         }
+    }
+    if limits.max_inflight_per_agent > limits.max_inflight {
+        errors.add(
+            "limits.max_inflight_per_agent",
+            format!(
+                "must not exceed limits.max_inflight ({}): one agent could hold every place",
+                limits.max_inflight
+            ),
+        );
+    }
+    if limits.inspect_memory_bytes < limits.body_prefix_bytes {
+        errors.add(
+            "limits.inspect_memory_bytes",
+            format!(
+                "must be at least limits.body_prefix_bytes ({}): no body that size could be inspected",
+                limits.body_prefix_bytes
+            ),
+        );
     }
     (errors.0.len() == before).then_some((limits, drain))
 }

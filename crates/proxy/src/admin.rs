@@ -35,6 +35,8 @@ pub(crate) struct AdminState {
     pub metrics: Metrics,
     /// Set once policies and certificates are loaded and the agent listener is bound.
     pub ready: AtomicBool,
+    /// Set when a shutdown began: the pod is taken out of rotation while it drains.
+    pub draining: AtomicBool,
     pub audit: AuditLog,
     pub inventory: Arc<crate::inventory::Inventory>,
     /// The identity in force: a serving SVID that cannot serve makes the pod not ready.
@@ -96,7 +98,9 @@ fn route(
         "/readyz" => {
             // A failed audit sink makes every request fail closed; take the pod out of
             // rotation rather than keep routing traffic into 503s.
-            if !state.ready.load(Ordering::Acquire) {
+            if state.draining.load(Ordering::Acquire) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if !state.ready.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
             } else if !state.audit.is_healthy() {
                 text(

@@ -11,6 +11,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
+use crate::admission::InflightPermit;
 use crate::audit::AuditGuard;
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,16 +83,18 @@ where
 
 pin_project! {
     /// A response body that owns its request's audit record: the record is completed and
-    /// written when the body ends, fails, or is dropped unfinished.
+    /// written when the body ends, fails, or is dropped unfinished. It also holds the
+    /// request's place among those in flight, given back at the same moment.
     pub struct Audited<B> {
         #[pin]
         inner: B,
         guard: Option<AuditGuard>,
+        permit: Option<InflightPermit>,
     }
 }
 
 impl<B> Audited<B> {
-    pub(crate) fn new(inner: B, mut guard: AuditGuard) -> Self
+    pub(crate) fn new(inner: B, mut guard: AuditGuard, permit: InflightPermit) -> Self
     where
         B: Body,
     {
@@ -100,6 +103,7 @@ impl<B> Audited<B> {
         Self {
             inner,
             guard: Some(guard),
+            permit: Some(permit),
         }
     }
 }
@@ -120,6 +124,10 @@ where
         // hyper stops polling once `is_end_stream` is true, so the end may never be seen as
         // `Ready(None)`: check after every frame.
         let ended = matches!(polled, Poll::Ready(Some(Ok(_)))) && this.inner.is_end_stream();
+        if ended || matches!(polled, Poll::Ready(None | Some(Err(_)))) {
+            // Done: the place in flight is free even if hyper keeps the body a while.
+            this.permit.take();
+        }
         match &polled {
             Poll::Ready(None) => {
                 if let Some(mut guard) = this.guard.take() {
@@ -142,6 +150,42 @@ where
             Poll::Ready(Some(Ok(_))) | Poll::Pending => {}
         }
         polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project! {
+    /// A body that keeps `held` alive until the body is dropped: whatever must last exactly
+    /// as long as a response (a connection's count of requests in progress).
+    pub struct Holding<B, H> {
+        #[pin]
+        inner: B,
+        held: H,
+    }
+}
+
+impl<B, H> Holding<B, H> {
+    pub(crate) fn new(inner: B, held: H) -> Self {
+        Self { inner, held }
+    }
+}
+
+impl<B: Body, H> Body for Holding<B, H> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {

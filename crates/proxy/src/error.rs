@@ -47,6 +47,16 @@ pub enum Refusal {
     UpstreamTimeout,
     /// The upstream answered with something that cannot be relayed (e.g. `101`).
     UpstreamProtocol,
+    /// The calling agent has `limits.max_inflight_per_agent` requests in flight already.
+    AgentBusy,
+    /// `limits.max_inflight` requests are in flight, all agents together.
+    Overloaded,
+    /// Buffering this body for inspection would pass `limits.inspect_memory_bytes`.
+    InspectionBudget,
+    /// An inspected body did not arrive complete within `limits.inspect_timeout`.
+    BodyDeadline,
+    /// A JSON-RPC batch of more than `limits.max_batch` messages.
+    BatchTooLarge,
 }
 
 impl Refusal {
@@ -59,7 +69,10 @@ impl Refusal {
             | Refusal::MalformedBody
             | Refusal::InvalidMessage
             | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
-            Refusal::BodyTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BodyTooLarge | Refusal::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BodyDeadline => StatusCode::REQUEST_TIMEOUT,
+            Refusal::AgentBusy => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::Overloaded | Refusal::InspectionBudget => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
@@ -92,6 +105,11 @@ impl Refusal {
             Refusal::UpstreamConnect => "upstream_unavailable",
             Refusal::UpstreamTimeout => "upstream_timeout",
             Refusal::UpstreamProtocol => "upstream_protocol_error",
+            Refusal::AgentBusy => "agent_inflight_limit",
+            Refusal::Overloaded => "inflight_limit",
+            Refusal::InspectionBudget => "inspect_memory_limit",
+            Refusal::BodyDeadline => "body_deadline",
+            Refusal::BatchTooLarge => "batch_too_large",
         }
     }
 
@@ -115,7 +133,12 @@ impl Refusal {
             | Refusal::AuditUnavailable
             | Refusal::UpstreamConnect
             | Refusal::UpstreamTimeout
-            | Refusal::UpstreamProtocol => None,
+            | Refusal::UpstreamProtocol
+            | Refusal::AgentBusy
+            | Refusal::Overloaded
+            | Refusal::InspectionBudget
+            | Refusal::BodyDeadline
+            | Refusal::BatchTooLarge => None,
         }
     }
 
@@ -138,7 +161,40 @@ impl Refusal {
             | Refusal::BodyUnreadable
             | Refusal::PolicyDenied
             | Refusal::ApprovalRequired
-            | Refusal::AuditUnavailable => false,
+            | Refusal::AuditUnavailable
+            | Refusal::AgentBusy
+            | Refusal::Overloaded
+            | Refusal::InspectionBudget
+            | Refusal::BodyDeadline
+            | Refusal::BatchTooLarge => false,
+        }
+    }
+
+    /// Seconds for `retry-after` (RFC 9110 §10.2.3) when trying again later can succeed: a
+    /// capacity refusal clears as other requests finish, a failed audit sink may recover.
+    pub fn retry_after(self) -> Option<u32> {
+        match self {
+            Refusal::AgentBusy | Refusal::Overloaded | Refusal::InspectionBudget => Some(1),
+            Refusal::AuditUnavailable => Some(5),
+            Refusal::AbsoluteFormTarget
+            | Refusal::MissingHost
+            | Refusal::DuplicateHost
+            | Refusal::AmbiguousPath
+            | Refusal::UnsupportedMethod
+            | Refusal::InvalidUserToken(_)
+            | Refusal::StandingCredential
+            | Refusal::MalformedBody
+            | Refusal::InvalidMessage
+            | Refusal::BodyTooLarge
+            | Refusal::UnsupportedMediaType
+            | Refusal::BodyUnreadable
+            | Refusal::PolicyDenied
+            | Refusal::ApprovalRequired
+            | Refusal::UpstreamConnect
+            | Refusal::UpstreamTimeout
+            | Refusal::UpstreamProtocol
+            | Refusal::BodyDeadline
+            | Refusal::BatchTooLarge => None,
         }
     }
 }

@@ -6,6 +6,7 @@
 //! `portcullis-policy`.
 
 mod admin;
+mod admission;
 pub mod audit;
 mod body;
 pub mod classify;
@@ -60,6 +61,19 @@ pub struct Limits {
     pub max_connections: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_h2_streams: u32,
+    /// Requests in flight (head received, response body not finished), all agents together.
+    /// Over it: 503 with `retry-after`.
+    pub max_inflight: usize,
+    /// Requests in flight from one agent (SPIFFE ID). Over it: 429 with `retry-after`, so
+    /// one agent at its cap leaves the rest of `max_inflight` to the others.
+    pub max_inflight_per_agent: usize,
+    /// Bytes of request bodies buffered for inspection, all requests together. A request
+    /// that would pass it gets 503 rather than the process growing.
+    pub inspect_memory_bytes: usize,
+    /// Whole-body deadline: an inspected body must arrive complete within this.
+    pub inspect_timeout: Duration,
+    /// Messages in one JSON-RPC batch; more is 413 before any Cedar call.
+    pub max_batch: usize,
 }
 
 impl Default for Limits {
@@ -75,6 +89,11 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             max_h2_streams: 100,
+            max_inflight: 2048,
+            max_inflight_per_agent: 512,
+            inspect_memory_bytes: 64 * 1024 * 1024,
+            inspect_timeout: Duration::from_secs(30),
+            max_batch: 64,
         }
     }
 }
@@ -123,6 +142,8 @@ pub(crate) struct Shared {
     user_token: Option<UserTokens>,
     inventory: Arc<inventory::Inventory>,
     reject_standing_credentials: bool,
+    inflight: Arc<admission::Inflight>,
+    inspect_budget: admission::InspectBudget,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -145,6 +166,9 @@ pub struct Running {
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     audit_writer: audit::AuditWriter,
+    admin_state: Arc<admin::AdminState>,
+    admin_shutdown: watch::Sender<bool>,
+    admin_task: JoinHandle<()>,
 }
 
 /// Binds both listeners, opens the audit sink and starts serving.
@@ -187,19 +211,27 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         ),
         metrics: metrics.clone(),
         audit: audit.clone(),
-        limits: options.limits,
+        limits: options.limits.clone(),
         user_token: options.user_token.clone(),
         inventory: inventory.clone(),
         reject_standing_credentials: options.reject_standing_credentials,
+        inflight: admission::Inflight::new(
+            options.limits.max_inflight,
+            options.limits.max_inflight_per_agent,
+        ),
+        inspect_budget: admission::InspectBudget::new(options.limits.inspect_memory_bytes),
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
         ready: false.into(),
+        draining: false.into(),
         audit,
         inventory,
         identity: identity.clone(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // The admin listener outlives the drain, so `/readyz` can say "draining" meanwhile.
+    let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
     let tasks = vec![
         tokio::spawn(server::serve(
             listener,
@@ -210,11 +242,6 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         tokio::spawn(follow_identity(
             identity,
             metrics.clone(),
-            shutdown_rx.clone(),
-        )),
-        tokio::spawn(admin::serve(
-            admin_listener,
-            admin_state.clone(),
             shutdown_rx.clone(),
         )),
         tokio::spawn(reload_policies(
@@ -228,6 +255,11 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         // The producer stops by itself once every receiver (the tasks above) is gone.
         drop(producer(Arc::new(metrics.clone())));
     }
+    let admin_task = tokio::spawn(admin::serve(
+        admin_listener,
+        admin_state.clone(),
+        admin_shutdown_rx,
+    ));
     if let Some(tokens) = &options.user_token {
         // The key refresh runs until the last verifier handle is dropped; it is not a task
         // that shutdown must wait for.
@@ -243,6 +275,9 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         shutdown,
         tasks,
         audit_writer,
+        admin_state,
+        admin_shutdown,
+        admin_task,
     })
 }
 
@@ -259,16 +294,27 @@ impl Running {
         &self.metrics
     }
 
-    /// Stops accepting, lets in-flight requests finish for up to `drain`, then flushes the
-    /// audit trail.
+    /// Stops accepting, lets in-flight requests finish for up to `drain` (`/readyz` answers
+    /// 503 meanwhile), then flushes the audit trail.
     pub async fn shutdown(self, drain: Duration) {
+        self.admin_state.draining.store(true, Ordering::Release);
         let _ = self.shutdown.send(true);
-        let _ = tokio::time::timeout(drain, async {
+        let drained = tokio::time::timeout(drain, async {
             for task in self.tasks {
                 let _ = task.await;
             }
         })
         .await;
+        if drained.is_err() {
+            tracing::warn!(
+                ?drain,
+                "shutdown grace passed with requests still in flight"
+            );
+        }
+        let _ = self.admin_shutdown.send(true);
+        let _ = self.admin_task.await;
+        // The admin state holds an audit handle; the writer finishes once every handle is gone.
+        drop(self.admin_state);
         // Connections still open past the deadline keep their queue handles; the writer then
         // stops with the process, having flushed every record it received.
         let writer = self.audit_writer;

@@ -3,10 +3,13 @@
 //!
 //! 1. reserve an audit slot: before any work, so a full or failed sink pushes back or fails
 //!    closed, and every later outcome has a record
+//! 1b. admit: a place among the requests in flight, per agent and in total, held until the
+//!    response body ends; over a cap the request is refused at once (429 / 503), audited
 //! 2. check framing: Host and request-target rules (RFC 9112 §3.2) and path ambiguity, before
 //!    classification reads them
 //! 3. classify: route → Cedar action + resource; on protocol routes (`openai`, `mcp`) the
-//!    body is read (bounded) and parsed into one Cedar call per message (`protocol`)
+//!    body is read (bounded in size, in time and by the shared inspection budget) and
+//!    parsed into one Cedar call per message, at most `limits.max_batch` (`protocol`)
 //! 4. authorize: Cedar, every call; yields a `Permit` only when the request may pass
 //! 5. rewrite headers: strip hop-by-hop and caller identity, then set ours
 //! 6. forward: needs the `Permit`; streams both ways
@@ -26,6 +29,7 @@ use hyper::body::Incoming;
 use portcullis_core::{Decision, SpiffeId};
 use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 
+use crate::admission::InflightPermit;
 use crate::audit::{AuditGuard, AuditRecord, AuditResource, AuditUser, rfc3339};
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{check_path, classify};
@@ -79,23 +83,27 @@ pub(crate) async fn handle(
     );
     let mut native = None;
 
-    match authorize_and_forward(
-        &shared,
-        &conn,
-        request,
-        &request_id,
-        &trace,
-        &mut audit,
-        &mut native,
-    )
-    .await
-    {
-        Ok(response) => {
+    let outcome = match admit(&shared, &conn) {
+        Ok(permit) => authorize_and_forward(
+            &shared,
+            &conn,
+            request,
+            &request_id,
+            &trace,
+            &mut audit,
+            &mut native,
+        )
+        .await
+        .map(|response| (response, permit)),
+        Err(refusal) => Err(refusal),
+    };
+    match outcome {
+        Ok((response, permit)) => {
             audit.record.status = response.status().as_u16();
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             set_request_id(&mut parts.headers, &request_id);
-            let body = Audited::new(body, audit);
+            let body = Audited::new(body, audit, permit);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
         Err(refusal) => {
@@ -110,6 +118,7 @@ pub(crate) async fn handle(
             audit.record.completed = true;
             drop(audit);
             Ok(match &native {
+                // A refusal before the body was looked at is not in the protocol's terms yet.
                 Some(native) => {
                     let mut response = protocol::native_refusal(native, refusal, &request_id);
                     set_request_id(response.headers_mut(), &request_id);
@@ -119,6 +128,12 @@ pub(crate) async fn handle(
             })
         }
     }
+}
+
+/// Stage 1b: a place among the requests in flight. Taken before anything is read or
+/// decided, so an agent over its cap costs the others nothing but this check.
+fn admit(shared: &Shared, conn: &ConnectionIdentity) -> Result<InflightPermit, Refusal> {
+    shared.inflight.admit(conn.agent.as_str())
 }
 
 async fn authorize_and_forward(
@@ -155,9 +170,14 @@ async fn authorize_and_forward(
     }
     let (mut parts, body) = request.into_parts();
     let body: RequestBody = StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync();
-    let limit = classified
-        .body_limit
-        .unwrap_or(shared.limits.body_prefix_bytes);
+    let bounds = protocol::Bounds {
+        limit: classified
+            .body_limit
+            .unwrap_or(shared.limits.body_prefix_bytes),
+        budget: &shared.inspect_budget,
+        deadline: shared.limits.inspect_timeout,
+        max_batch: shared.limits.max_batch,
+    };
     // Waiting for the caller's body is not decision time.
     let before_body = decision_started.elapsed();
     let inspected = protocol::inspect(
@@ -166,7 +186,7 @@ async fn authorize_and_forward(
         &path,
         &parts.headers,
         body,
-        limit,
+        &bounds,
         native,
     )
     .await?;
@@ -510,10 +530,15 @@ pub(crate) fn refusal_response(refusal: Refusal, request_id: &str) -> Response<R
             HeaderValue::from_static("Bearer error=\"invalid_token\""),
         );
     }
-    if refusal.status() == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-    }
+    set_retry_after(headers, refusal);
     response
+}
+
+/// `retry-after` on refusals that can clear by themselves (capacity, audit sink).
+pub(crate) fn set_retry_after(headers: &mut http::HeaderMap, refusal: Refusal) {
+    if let Some(seconds) = refusal.retry_after() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
 }
 
 /// W3C Trace Context: the caller's `traceparent` when well-formed, otherwise a new one, so

@@ -1,30 +1,31 @@
 //! The agent-facing listener: accept, mTLS handshake (identity), then HTTP/1.1 or HTTP/2.
 
 use std::collections::HashMap;
+use std::convert::Infallible;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use pin_project_lite::pin_project;
 use portcullis_identity::LiveIdentity;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Notify, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
 
 use crate::Shared;
+use crate::body::Holding;
 use crate::pipeline::{ConnectionIdentity, handle};
 
-/// Accepts agent connections until `shutdown` turns true, then lets open connections finish
-/// their in-flight requests.
+/// Accepts agent connections until `shutdown` turns true, then returns once every open
+/// connection has finished its in-flight requests and closed (the caller bounds the wait).
 pub(crate) async fn serve(
     listener: TcpListener,
     identity: watch::Receiver<Arc<LiveIdentity>>,
@@ -41,7 +42,7 @@ pub(crate) async fn serve(
                 Ok(permit) => permit,
                 Err(_) => return,
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -53,7 +54,7 @@ pub(crate) async fn serve(
                     continue;
                 }
             },
-            _ = shutdown.changed() => return,
+            _ = shutdown.changed() => break,
         };
         // The identity in force now: a rotated pair or bundle applies from this handshake on,
         // while connections accepted earlier keep the config they were accepted with.
@@ -68,6 +69,13 @@ pub(crate) async fn serve(
             drop(permit);
         });
     }
+    // Closing the listener makes new connections fail fast (and load balancers move on)
+    // instead of waiting in the accept queue of a process that is going away.
+    drop(listener);
+    // Every connection task holds a permit until it ends: having them all back means the
+    // drain is complete.
+    let all = u32::try_from(shared.limits.max_connections).unwrap_or(u32::MAX);
+    let _ = connections.acquire_many(all).await;
 }
 
 async fn connection(
@@ -120,19 +128,56 @@ async fn connection(
         return;
     };
     let conn = Arc::new(ConnectionIdentity { agent, peer });
-
-    let activity = Arc::new(Activity::new());
+    // ALPN tells HTTP/2 from the first byte; without it the first request does.
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let state = Arc::new(ConnState::new(http2));
+    let (give_back, returned) = oneshot::channel();
     let io = TokioIo::new(Tracked {
-        inner: tls,
-        activity: activity.clone(),
+        inner: Some(tls),
+        state: state.clone(),
+        give_back: Some(give_back),
     });
-    let service_shared = shared.clone();
-    let service = service_fn(move |request| handle(service_shared.clone(), conn.clone(), request));
+    let service = service_fn({
+        let (shared, state) = (shared.clone(), state.clone());
+        move |request: hyper::Request<hyper::body::Incoming>| {
+            let in_progress = state.begin(request.version());
+            let response = handle(shared.clone(), conn.clone(), request);
+            async move {
+                let response = response.await?;
+                Ok::<_, Infallible>(response.map(|body| Holding::new(body, in_progress)))
+            }
+        }
+    });
+    let builder = builder(limits);
+    let connection = Box::pin(builder.serve_connection(io, service));
+    let ended_in_error = drive(connection, &state, limits, &mut shutdown, peer).await;
+    // The connection (and the I/O it owned) is dropped by now. An HTTP/1 connection that
+    // hyper closed on a malformed or oversized head (a head had started, none completed)
+    // gets a lingering close, so the client reads the 400/431 hyper wrote instead of a
+    // reset caused by its own unread bytes.
+    if ended_in_error
+        && !state.http2.load(Ordering::Acquire)
+        && state.head_started().is_some()
+        && let Ok(io) = returned.await
+    {
+        linger(io, LINGER).await;
+    }
+}
+
+/// How long a closing HTTP/1 connection is read and discarded (nginx `lingering_time` idea).
+const LINGER: Duration = Duration::from_secs(2);
+/// How long an idle connection told to close (GOAWAY) may take before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// The HTTP/1.1 and HTTP/2 settings. hyper's own `header_read_timeout` is off: it also runs
+/// while a keep-alive connection waits for its next request (no head started), which would
+/// close pooled connections long before `idle_timeout`; [`drive`] times heads instead.
+fn builder(limits: &crate::Limits) -> auto::Builder<TokioExecutor> {
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
+        .header_read_timeout(None)
         .max_buf_size(limits.max_header_bytes.max(8192))
         .keep_alive(true);
     builder
@@ -141,34 +186,112 @@ async fn connection(
         .max_concurrent_streams(limits.max_h2_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
         .keep_alive_interval(Some(Duration::from_secs(30)));
-    let connection = builder.serve_connection(io, service);
-    tokio::pin!(connection);
+    builder
+}
 
-    let idle = limits.idle_timeout;
-    let mut draining = false;
+/// Runs one connection to its end under the connection deadlines: idle (no request in
+/// progress for `idle_timeout`; HTTP/2 pings are not requests), head (an HTTP/1 head that
+/// started arriving must be complete within `header_read_timeout`), and shutdown (finish
+/// what is in progress, take nothing new). Returns whether hyper ended it with an error.
+async fn drive<C>(
+    mut connection: Pin<Box<C>>,
+    state: &ConnState,
+    limits: &crate::Limits,
+    shutdown: &mut watch::Receiver<bool>,
+    peer: std::net::SocketAddr,
+) -> bool
+where
+    C: std::future::Future<Output = Result<(), BoxError>> + GracefulConnection,
+{
+    // Set once the connection was told to close; `hard_stop` bounds an idle close (a peer
+    // that never finishes the GOAWAY exchange). A shutdown close has no bound of its own:
+    // the drain deadline (`shutdown_grace`) bounds it.
+    let mut closing = false;
+    let mut hard_stop: Option<Instant> = None;
     loop {
-        let idle_deadline = activity.last() + idle;
+        let deadline = if closing {
+            hard_stop
+        } else {
+            state.deadline(limits.idle_timeout, limits.header_read_timeout)
+        };
+        let far = Instant::now() + limits.idle_timeout;
         tokio::select! {
             result = connection.as_mut() => {
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
-                }
-                return;
+                return match result {
+                    Ok(()) => false,
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
+                        true
+                    }
+                };
             }
-            () = tokio::time::sleep_until(idle_deadline), if !draining => {
-                if activity.last() + idle <= Instant::now() {
-                    // No bytes either way for the idle timeout: close once in-flight
-                    // requests (if any) complete.
-                    connection.as_mut().graceful_shutdown();
-                    draining = true;
+            () = state.changed.notified() => {}
+            () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
+                let now = Instant::now();
+                if hard_stop.is_some_and(|at| at <= now) {
+                    return false;
+                }
+                if state.head_started().is_some_and(|at| at + limits.header_read_timeout <= now) {
+                    // A head started and did not complete: slowloris. Nothing was
+                    // requested yet, so there is nothing to finish: close now.
+                    tracing::debug!(%peer, "request head not completed in time; closing");
+                    return false;
+                }
+                if !closing && state.idle_since().is_some_and(|at| at + limits.idle_timeout <= now) {
+                    connection.as_mut().graceful();
+                    closing = true;
+                    hard_stop = Some(now + CLOSE_GRACE);
                 }
             }
-            _ = shutdown.changed(), if !draining => {
-                connection.as_mut().graceful_shutdown();
-                draining = true;
+            _ = shutdown.changed(), if !closing => {
+                // In-flight requests finish; idle connections close at once.
+                connection.as_mut().graceful();
+                closing = true;
             }
         }
     }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// `graceful_shutdown` of hyper-util's auto connection, behind a trait so [`drive`] does not
+/// spell out the connection's full type.
+trait GracefulConnection {
+    fn graceful(self: Pin<&mut Self>);
+}
+
+impl<I, S, B> GracefulConnection for auto::Connection<'_, I, S, TokioExecutor>
+where
+    S: hyper::service::Service<
+            hyper::Request<hyper::body::Incoming>,
+            Response = hyper::Response<B>,
+        >,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<BoxError>,
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    fn graceful(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+/// Reads and discards what the client still sends, after our side said goodbye, until it
+/// closes or `max` passes. Closing a socket with unread input makes the kernel send a
+/// reset, which can destroy the response the client has not read yet (RFC 9112 §9.6).
+async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T, max: Duration) {
+    let _ = tokio::time::timeout(max, async {
+        let _ = io.shutdown().await;
+        let mut sink = [0u8; 8192];
+        while let Ok(n) = io.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn handshake_reason(error: &io::Error) -> &'static str {
@@ -244,93 +367,174 @@ impl RefusalLog {
     }
 }
 
-/// Last time bytes moved on a connection, for the idle timeout.
+/// What the connection deadlines are computed from, shared by the I/O wrapper (a head
+/// starts with its first byte), the service (a request begins; its response ends) and
+/// [`drive`].
 #[derive(Debug)]
-struct Activity {
+struct ConnState {
     origin: Instant,
-    last_ms: AtomicU64,
+    /// Requests whose response has not finished.
+    in_progress: AtomicUsize,
+    /// When `in_progress` last fell to zero (ms since `origin`).
+    idle_since_ms: AtomicU64,
+    /// When the first byte of a not yet complete HTTP/1 head arrived; `NONE` when none is.
+    head_started_ms: AtomicU64,
+    http2: AtomicBool,
+    /// Wakes [`drive`] when a deadline moved.
+    changed: Notify,
 }
 
-impl Activity {
-    fn new() -> Self {
+const NONE: u64 = u64::MAX;
+
+impl ConnState {
+    fn new(http2: bool) -> Self {
         Self {
             origin: Instant::now(),
-            last_ms: AtomicU64::new(0),
+            in_progress: AtomicUsize::new(0),
+            idle_since_ms: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(NONE),
+            http2: AtomicBool::new(http2),
+            changed: Notify::new(),
         }
     }
 
-    fn touch(&self) {
-        let ms = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(NONE - 1)
     }
 
-    fn last(&self) -> Instant {
-        self.origin + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    fn at(&self, ms: u64) -> Option<Instant> {
+        (ms != NONE).then(|| self.origin + Duration::from_millis(ms))
+    }
+
+    /// Bytes arrived. With no request in progress on HTTP/1 they start a head.
+    fn bytes_read(&self) {
+        if self.http2.load(Ordering::Relaxed)
+            || self.in_progress.load(Ordering::Acquire) != 0
+            || self.head_started_ms.load(Ordering::Relaxed) != NONE
+        {
+            return;
+        }
+        self.head_started_ms.store(self.now_ms(), Ordering::Release);
+        self.changed.notify_one();
+    }
+
+    /// hyper parsed a complete head and called the service.
+    fn begin(self: &Arc<Self>, version: http::Version) -> InProgress {
+        if version == http::Version::HTTP_2 {
+            self.http2.store(true, Ordering::Release);
+        }
+        self.in_progress.fetch_add(1, Ordering::AcqRel);
+        self.head_started_ms.store(NONE, Ordering::Release);
+        self.changed.notify_one();
+        InProgress(self.clone())
+    }
+
+    fn head_started(&self) -> Option<Instant> {
+        self.at(self.head_started_ms.load(Ordering::Acquire))
+    }
+
+    fn idle_since(&self) -> Option<Instant> {
+        if self.in_progress.load(Ordering::Acquire) != 0 {
+            return None;
+        }
+        self.at(self.idle_since_ms.load(Ordering::Acquire))
+    }
+
+    /// The next moment something may have to close: the idle or the head deadline.
+    fn deadline(&self, idle: Duration, head: Duration) -> Option<Instant> {
+        let idle = self.idle_since().map(|at| at + idle);
+        let head = self.head_started().map(|at| at + head);
+        match (idle, head) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 }
 
-pin_project! {
-    /// An I/O stream that records when bytes last moved.
-    struct Tracked<T> {
-        #[pin]
-        inner: T,
-        activity: Arc<Activity>,
+/// One request in progress on a connection; dropped with its response body.
+#[derive(Debug)]
+struct InProgress(Arc<ConnState>);
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let state = &self.0;
+        if state.in_progress.fetch_sub(1, Ordering::AcqRel) == 1 {
+            state.idle_since_ms.store(state.now_ms(), Ordering::Release);
+            state.changed.notify_one();
+        }
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Tracked<T> {
+/// An I/O stream that reports arriving bytes to the connection state, and hands the stream
+/// back when hyper drops it (for a lingering close).
+struct Tracked<T> {
+    inner: Option<T>,
+    state: Arc<ConnState>,
+    give_back: Option<oneshot::Sender<T>>,
+}
+
+impl<T> Tracked<T> {
+    fn inner(&mut self) -> io::Result<Pin<&mut T>>
+    where
+        T: Unpin,
+    {
+        self.inner
+            .as_mut()
+            .map(Pin::new)
+            .ok_or_else(|| io::Error::from(io::ErrorKind::NotConnected))
+    }
+}
+
+impl<T> Drop for Tracked<T> {
+    fn drop(&mut self) {
+        if let (Some(inner), Some(give_back)) = (self.inner.take(), self.give_back.take()) {
+            let _ = give_back.send(inner);
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Tracked<T> {
     fn poll_read(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
         let before = buf.filled().len();
-        let polled = this.inner.poll_read(cx, buf);
+        let polled = self.inner()?.poll_read(cx, buf);
         if buf.filled().len() > before {
-            this.activity.touch();
+            self.state.bytes_read();
         }
         polled
     }
 }
 
-impl<T: AsyncWrite> AsyncWrite for Tracked<T> {
+impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     fn poll_write(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        polled
+        self.inner()?.poll_write(cx, buf)
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_flush(cx)
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner()?.poll_flush(cx)
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().inner.poll_shutdown(cx)
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.inner()?.poll_shutdown(cx)
     }
 
     fn poll_write_vectored(
-        self: Pin<&mut Self>,
+        mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        let polled = this.inner.poll_write_vectored(cx, bufs);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
-        polled
+        self.inner()?.poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(T::is_write_vectored)
     }
 }
 

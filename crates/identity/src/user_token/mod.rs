@@ -26,3 +26,31 @@ pub use settings::{
     AlgorithmError, JwksSource, SigningAlgorithm, UserTokenSettings, parse_algorithm,
 };
 pub use verifier::{JwksStats, UserTokenVerifier};
+
+/// Entry point for `fuzz/` (cargo-fuzz lives outside the workspace and sees only public
+/// items): runs the JOSE header and claims checks of a compact JWT on untrusted input, the
+/// way the verifier does before and after the signature check. Not part of the API.
+#[doc(hidden)]
+pub fn fuzz_header_and_claims(token: &str) {
+    use settings::SigningAlgorithm as Alg;
+    let mut segments = token.splitn(3, '.');
+    let (Some(header), Some(payload)) = (segments.next(), segments.next()) else {
+        return;
+    };
+    let _ = claims::parse_header(header, &[Alg::Es256, Alg::Rs256, Alg::EdDsa]);
+    let rules = claims::ClaimRules {
+        issuers: vec!["https://idp.example.org".to_owned()],
+        audiences: vec!["orders-api".to_owned()],
+        max_lifetime_secs: 3600,
+        skew_secs: 60,
+        groups_claim: "groups".to_owned(),
+        require_actor_binding: true,
+        max_actor_depth: 4,
+    };
+    if let Ok(checked) = claims::parse_claims(payload, &rules)
+        && let Ok(caller) = portcullis_core::SpiffeId::parse("spiffe://example.org/agent")
+    {
+        let now = checked.expires_at.saturating_sub(1);
+        let _ = claims::check_per_call(&checked, &rules, &caller, now);
+    }
+}

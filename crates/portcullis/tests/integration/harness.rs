@@ -134,6 +134,73 @@ impl Builder {
     }
 
     pub async fn start(self) -> Harness {
+        let (dir, ca, upstream, idp) = self.write_config("127.0.0.1:0", "127.0.0.1:0").await;
+        let config =
+            Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
+        let options = config.into_options().await.unwrap();
+        let verifier = options.user_token.as_ref().map(|t| t.verifier.clone());
+        let running = portcullis_proxy::start(options).await.unwrap();
+        Harness {
+            addr: running.local_addr(),
+            admin: running.admin_addr(),
+            _running: Some(running),
+            idp,
+            verifier,
+            dir,
+            ca,
+            upstream,
+        }
+    }
+
+    /// Runs the real `portcullis run` binary as a child process on free loopback ports
+    /// (for what only a separate process shows: its own memory, its signal handling), and
+    /// waits until `/readyz` answers 200.
+    pub async fn spawn(self) -> Spawned {
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+        };
+        let (addr, admin) = (free(), free());
+        let (dir, ca, upstream, _) = self
+            .write_config(&addr.to_string(), &admin.to_string())
+            .await;
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["run", "--config"])
+            .arg(dir.path().join("config.yaml"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let spawned = Spawned {
+            harness: Harness {
+                dir,
+                ca,
+                upstream,
+                addr,
+                admin,
+                _running: None,
+                idp: None,
+                verifier: None,
+            },
+            child,
+        };
+        let ready = eventually_for(Duration::from_secs(30), async || {
+            admin_try_get(admin, "/readyz").await == Some(200)
+        })
+        .await;
+        assert!(ready, "portcullis run did not become ready");
+        spawned
+    }
+
+    /// Writes certificates, policies and `config.yaml` into a new directory; starts the
+    /// recording upstream.
+    async fn write_config(
+        self,
+        listen: &str,
+        admin_listen: &str,
+    ) -> (tempfile::TempDir, Ca, Upstream, Option<SigningKey>) {
         let dir = tempfile::tempdir().unwrap();
         let (workload_api, ca) = match self.workload_api {
             Some((endpoint, ca)) => (Some(endpoint), ca),
@@ -191,8 +258,8 @@ impl Builder {
             ),
         };
         let yaml = format!(
-            "listen: 127.0.0.1:0\n\
-             admin_listen: 127.0.0.1:0\n\
+            "listen: {listen}\n\
+             admin_listen: {admin_listen}\n\
              upstream: http://{upstream_addr}\n\
              {tls}\
              policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n\
@@ -211,21 +278,53 @@ impl Builder {
             ));
         }
         write(dir.path(), "config.yaml", &yaml);
-        let config =
-            Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
-        let options = config.into_options().await.unwrap();
-        let verifier = options.user_token.as_ref().map(|t| t.verifier.clone());
-        let running = portcullis_proxy::start(options).await.unwrap();
-        Harness {
-            addr: running.local_addr(),
-            admin: running.admin_addr(),
-            _running: Some(running),
-            idp: self.idp,
-            verifier,
-            dir,
-            ca,
-            upstream,
+        (dir, ca, upstream, self.idp)
+    }
+}
+
+/// A `portcullis run` child process and the harness around it; killed when dropped.
+pub struct Spawned {
+    pub harness: Harness,
+    pub child: std::process::Child,
+}
+
+impl Spawned {
+    /// Sends SIGTERM (through kill(1): the tests take no libc dependency).
+    pub fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Peak resident set size of the child (kB), from `/proc/<pid>/status`.
+    pub fn vm_hwm_kb(&self) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits up to `deadline` for the child to exit; its exit code.
+    pub async fn wait(&mut self, deadline: Duration) -> Option<i32> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
+        None
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -399,6 +498,21 @@ pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// The status of a plain HTTP GET on the admin listener, `None` if it cannot be reached.
+pub async fn admin_try_get(admin: SocketAddr, path: &str) -> Option<u16> {
+    let stream = tokio::net::TcpStream::connect(admin).await.ok()?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+            .await
+            .ok()?;
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request("GET", "localhost", path, Bytes::new()))
+        .await
+        .ok()?;
+    Some(response.status().as_u16())
+}
+
 /// Plain HTTP GET on the admin listener.
 pub async fn admin_get(admin: SocketAddr, path: &str) -> (u16, Bytes) {
     let stream = tokio::net::TcpStream::connect(admin).await.unwrap();
@@ -433,8 +547,14 @@ pub fn sample(metrics: &str, name_and_labels: &str) -> f64 {
 }
 
 /// Polls `check` until it holds (bounded), for effects the proxy records just after replying.
-pub async fn eventually<F: AsyncFnMut() -> bool>(mut check: F) -> bool {
-    for _ in 0..300 {
+pub async fn eventually<F: AsyncFnMut() -> bool>(check: F) -> bool {
+    eventually_for(Duration::from_secs(3), check).await
+}
+
+/// Polls `check` until it holds or `deadline` passes.
+pub async fn eventually_for<F: AsyncFnMut() -> bool>(deadline: Duration, mut check: F) -> bool {
+    let started = std::time::Instant::now();
+    while started.elapsed() < deadline {
         if check().await {
             return true;
         }

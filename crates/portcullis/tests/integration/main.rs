@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod abuse;
 mod audit;
 mod config;
 mod delegation;

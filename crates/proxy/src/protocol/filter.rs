@@ -269,3 +269,19 @@ impl Body for SseFilter {
         SizeHint::default()
     }
 }
+
+/// Entry point for `fuzz/` (outside the workspace, so it sees only public items): runs a
+/// response body through the JSON and the SSE rewriting paths as the pipeline would, with a
+/// fixed allow rule. Not part of the API.
+#[doc(hidden)]
+pub fn fuzz_tools_list(body: &[u8]) {
+    let filter = ToolFilter::new(
+        vec![Value::from(1), Value::from("a")],
+        Box::new(|name| name.len() % 2 == 0),
+    );
+    if let Ok(mut value) = serde_json::from_slice::<Value>(body) {
+        filter.filter_value(&mut value);
+    }
+    let _ = event_end(body, 0);
+    let _ = filter.rewrite_event(Bytes::copy_from_slice(body));
+}

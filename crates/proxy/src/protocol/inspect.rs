@@ -1,12 +1,20 @@
-//! Bounded reading of a request body, strict JSON parsing, and the body that replays what
-//! was read in front of the rest of the stream.
+//! Bounded reading of a request body, strict JSON checking, borrowed field access, and the
+//! body that replays what was read in front of the rest of the stream.
 //!
-//! Memory per request is bounded by the limit: frames are read until the body ends or the
-//! total passes the limit (then 413, and nothing was forwarded). The replayed body is the
-//! same frames, in order, followed by whatever the original body still yields, so the
-//! application receives the bytes the caller sent, byte for byte.
+//! Memory per request is bounded by the limit and charged to the shared inspection budget
+//! (`limits.inspect_memory_bytes`) as it grows: frames are copied once into one buffer until
+//! the body ends or the total passes the limit (then 413, and nothing was forwarded). The
+//! parsed view borrows from that buffer, and the replayed body is the same buffer (a
+//! reference-counted `Bytes`, not a copy), followed by the trailers if any, so the
+//! application receives the bytes the caller sent, byte for byte. The reservation is given
+//! back when the replayed body is dropped.
+//!
+//! Parsing never builds a `serde_json::Value` of the whole body: [`check_strict`] walks it
+//! without keeping values, and the protocol modules read the few fields they need through
+//! [`RawValue`] slices of the buffer. A `[0,0,0,...]` body costs no memory beyond itself.
 
-use std::collections::VecDeque;
+use std::borrow::Cow;
+use std::collections::HashSet;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -14,46 +22,77 @@ use std::task::{Context, Poll};
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 
+use crate::admission::Reservation;
 use crate::body::{BoxError, RequestBody};
 use crate::error::Refusal;
 
 /// Reads the whole body if it fits in `limit` bytes; returns its bytes and a body replaying
-/// it. Larger: [`Refusal::BodyTooLarge`]. A failing or stalled body: `BodyUnreadable`.
+/// it. Larger: [`Refusal::BodyTooLarge`]. Over the shared budget:
+/// [`Refusal::InspectionBudget`]. A failing or stalled body: `BodyUnreadable`. The caller
+/// bounds the whole read in time.
 pub(crate) async fn read_bounded(
     mut body: RequestBody,
     limit: usize,
+    declared: Option<usize>,
+    mut reservation: Reservation,
 ) -> Result<(Bytes, RequestBody), Refusal> {
-    let mut frames = VecDeque::new();
+    // A declared length is reserved up front (it was checked against `limit`), so the buffer
+    // is allocated once; otherwise it grows by doubling, each step charged before it is made.
     let mut data = BytesMut::new();
+    if let Some(len) = declared {
+        reservation.grow_to(len)?;
+        data.reserve(len);
+    }
+    let mut trailers = None;
     while !body.is_end_stream() {
         let Some(frame) = body.frame().await else {
             break;
         };
         let frame = frame.map_err(|_| Refusal::BodyUnreadable)?;
-        if let Some(chunk) = frame.data_ref() {
-            if data.len() + chunk.len() > limit {
-                return Err(Refusal::BodyTooLarge);
+        let frame = match frame.into_data() {
+            Ok(chunk) => chunk,
+            Err(frame) => {
+                trailers = Some(frame);
+                continue;
             }
-            data.extend_from_slice(chunk);
+        };
+        let needed = data.len() + frame.len();
+        if needed > limit {
+            return Err(Refusal::BodyTooLarge);
         }
-        frames.push_back(frame);
+        if needed > data.capacity() {
+            let grown = needed.max(data.capacity() * 2).min(limit);
+            reservation.grow_to(grown)?;
+            data.reserve(grown - data.len());
+        }
+        data.extend_from_slice(&frame);
     }
-    Ok((data.freeze(), Replay { frames, rest: body }.boxed_unsync()))
+    let data = data.freeze();
+    let replay = Replay {
+        data: (!data.is_empty()).then(|| data.clone()),
+        trailers,
+        rest: body,
+        _reservation: reservation,
+    };
+    Ok((data, replay.boxed_unsync()))
 }
 
-/// The frames already read, then the rest of the original body.
+/// The bytes already read, then the rest of the original body (normally nothing: it ended).
 pub(crate) struct Replay {
-    frames: VecDeque<Frame<Bytes>>,
+    data: Option<Bytes>,
+    trailers: Option<Frame<Bytes>>,
     rest: RequestBody,
+    /// The inspection bytes this request holds; returned when the body is dropped.
+    _reservation: Reservation,
 }
 
 impl fmt::Debug for Replay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Replay")
-            .field("frames", &self.frames.len())
+            .field("data", &self.data.as_ref().map(Bytes::len))
             .finish_non_exhaustive()
     }
 }
@@ -66,22 +105,21 @@ impl Body for Replay {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(frame) = self.frames.pop_front() {
-            return Poll::Ready(Some(Ok(frame)));
+        if let Some(data) = self.data.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        if let Some(trailers) = self.trailers.take() {
+            return Poll::Ready(Some(Ok(trailers)));
         }
         Pin::new(&mut self.rest).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.frames.is_empty() && self.rest.is_end_stream()
+        self.data.is_none() && self.trailers.is_none() && self.rest.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let buffered: u64 = self
-            .frames
-            .iter()
-            .filter_map(|f| f.data_ref().map(|d| d.len() as u64))
-            .sum();
+        let buffered = self.data.as_ref().map_or(0, |d| d.len() as u64);
         let rest = self.rest.size_hint();
         let mut hint = SizeHint::new();
         hint.set_lower(rest.lower().saturating_add(buffered));
@@ -92,72 +130,257 @@ impl Body for Replay {
     }
 }
 
-/// Parses JSON refusing duplicate object keys at any depth. RFC 8259 §4 leaves duplicate
-/// names' meaning to the implementation: one parser keeps the first, another the last, so a
-/// body `{"name":"search","name":"refund"}` could be authorized as one tool and run as the
-/// other. serde_json's own recursion limit (128) bounds nesting.
-pub(crate) fn parse_strict(bytes: &[u8]) -> Result<Value, Refusal> {
+/// Checks that `bytes` is one JSON value with no duplicate object key at any depth, keeping
+/// nothing but the keys of the objects still open. RFC 8259 §4 leaves duplicate names'
+/// meaning to the implementation: one parser keeps the first, another the last, so a body
+/// `{"name":"search","name":"refund"}` could be authorized as one tool and run as the other.
+/// serde_json's own recursion limit (128) bounds nesting.
+pub(crate) fn check_strict(bytes: &[u8]) -> Result<(), Refusal> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let Strict(value) =
-        de::Deserialize::deserialize(&mut de).map_err(|_| Refusal::MalformedBody)?;
-    de.end().map_err(|_| Refusal::MalformedBody)?;
-    Ok(value)
+    de.deserialize_any(StrictVisitor)
+        .map_err(|_| Refusal::MalformedBody)?;
+    de.end().map_err(|_| Refusal::MalformedBody)
 }
 
-struct Strict(Value);
+struct Strict;
 
 impl<'de> de::Deserialize<'de> for Strict {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor).map(Strict)
+        d.deserialize_any(StrictVisitor)
     }
 }
 
 struct StrictVisitor;
 
 impl<'de> Visitor<'de> for StrictVisitor {
-    type Value = Value;
+    type Value = Strict;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, v: bool) -> Result<Value, E> {
-        Ok(Value::Bool(v))
+    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
+        Ok(Strict)
     }
-    fn visit_i64<E>(self, v: i64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
+        Ok(Strict)
     }
-    fn visit_u64<E>(self, v: u64) -> Result<Value, E> {
-        Ok(Value::from(v))
+    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
+        Ok(Strict)
     }
-    fn visit_f64<E>(self, v: f64) -> Result<Value, E> {
-        Ok(serde_json::Number::from_f64(v).map_or(Value::Null, Value::Number))
+    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
+        Ok(Strict)
     }
-    fn visit_str<E>(self, v: &str) -> Result<Value, E> {
-        Ok(Value::String(v.to_owned()))
+    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
+        Ok(Strict)
     }
-    fn visit_string<E>(self, v: String) -> Result<Value, E> {
-        Ok(Value::String(v))
+    fn visit_unit<E>(self) -> Result<Strict, E> {
+        Ok(Strict)
     }
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
+        while seq.next_element::<Strict>()?.is_some() {}
+        Ok(Strict)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut out = Vec::new();
-        while let Some(Strict(v)) = seq.next_element()? {
-            out.push(v);
-        }
-        Ok(Value::Array(out))
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
-        while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
+        let mut seen = HashSet::new();
+        while let Some(Key(key)) = map.next_key()? {
+            if !seen.insert(key) {
                 return Err(de::Error::custom("duplicate object key"));
             }
-            let Strict(value) = map.next_value()?;
-            out.insert(key, value);
+            map.next_value::<Strict>()?;
         }
-        Ok(Value::Object(out))
+        Ok(Strict)
+    }
+}
+
+/// An object key, borrowed from the body unless it holds escapes.
+struct Key<'de>(Cow<'de, str>);
+
+impl<'de> de::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl<'de> Visitor<'de> for KeyVisitor {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(Cow::Owned(v.to_owned())))
+            }
+        }
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+/// Deserializes a present field as `Some`, `null` included (plain `Option` reads `null` as
+/// absent, and JSON-RPC tells `"id": null` apart from no id).
+pub(crate) fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as de::Deserialize>::deserialize(d).map(Some)
+}
+
+/// The JSON kind of a raw value, from its first byte (it came out of a checked document,
+/// so it is one well-formed value without leading whitespace).
+pub(crate) fn is_object(raw: &RawValue) -> bool {
+    raw.get().starts_with('{')
+}
+
+pub(crate) fn is_null(raw: &RawValue) -> bool {
+    raw.get() == "null"
+}
+
+/// The value of a JSON string, or `None` for any other kind.
+pub(crate) fn as_string(raw: &RawValue) -> Option<String> {
+    if !raw.get().starts_with('"') {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// A top-level JSON array's elements, one at a time, without collecting them: `each` sees
+/// every element in order, and `max` elements at most (`Err(TooMany)` after).
+pub(crate) fn for_each_element<'de>(
+    raw: &'de str,
+    max: usize,
+    mut each: impl FnMut(&'de RawValue) -> Result<(), Refusal>,
+) -> Result<(), Refusal> {
+    let mut failure = None;
+    let visitor = Elements {
+        max,
+        each: &mut each,
+        failure: &mut failure,
+    };
+    let mut de = serde_json::Deserializer::from_str(raw);
+    match de.deserialize_seq(visitor) {
+        Ok(()) => Ok(()),
+        Err(_) => Err(failure.unwrap_or(Refusal::MalformedBody)),
+    }
+}
+
+struct Elements<'a, F> {
+    max: usize,
+    each: &'a mut F,
+    failure: &'a mut Option<Refusal>,
+}
+
+impl<'de, F> Visitor<'de> for Elements<'_, F>
+where
+    F: FnMut(&'de RawValue) -> Result<(), Refusal>,
+{
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("an array")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut count = 0;
+        while let Some(element) = seq.next_element::<&'de RawValue>()? {
+            count += 1;
+            let outcome = if count > self.max {
+                Err(Refusal::BatchTooLarge)
+            } else {
+                (self.each)(element)
+            };
+            if let Err(refusal) = outcome {
+                *self.failure = Some(refusal);
+                return Err(de::Error::custom("refused"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Counts the JSON values in `raw` (every scalar, array and object), failing past `max`;
+/// bounds what building a `serde_json::Value` of it would allocate.
+pub(crate) fn count_values(raw: &RawValue, max: usize) -> Result<usize, Refusal> {
+    let mut count = 0usize;
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    de.deserialize_any(Counter {
+        count: &mut count,
+        max,
+    })
+    .map_err(|_| Refusal::BodyTooLarge)?;
+    Ok(count)
+}
+
+struct Counter<'a> {
+    count: &'a mut usize,
+    max: usize,
+}
+
+impl Counter<'_> {
+    fn one<E: de::Error>(self) -> Result<(), E> {
+        *self.count += 1;
+        if *self.count > self.max {
+            return Err(E::custom("too many values"));
+        }
+        Ok(())
+    }
+}
+
+impl<'de> de::DeserializeSeed<'de> for Counter<'_> {
+    type Value = ();
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Counter<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<(), E> {
+        self.one()
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<(), E> {
+        self.one()
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<(), E> {
+        self.one()
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<(), E> {
+        self.one()
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<(), E> {
+        self.one()
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<(), E> {
+        self.one()
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let (count, max) = (self.count, self.max);
+        Counter {
+            count: &mut *count,
+            max,
+        }
+        .one::<A::Error>()?;
+        while seq
+            .next_element_seed(Counter {
+                count: &mut *count,
+                max,
+            })?
+            .is_some()
+        {}
+        Ok(())
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let (count, max) = (self.count, self.max);
+        Counter {
+            count: &mut *count,
+            max,
+        }
+        .one::<A::Error>()?;
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            map.next_value_seed(Counter {
+                count: &mut *count,
+                max,
+            })?;
+        }
+        Ok(())
     }
 }

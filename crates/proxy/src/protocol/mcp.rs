@@ -18,15 +18,24 @@
 //! to the server or keep session state.
 
 use portcullis_core::{Action, Resource};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::Call;
-use super::inspect::parse_strict;
+use super::inspect::{
+    as_string, check_strict, count_values, for_each_element, is_null, is_object, present,
+};
 use crate::error::Refusal;
 
 /// JSON-RPC 2.0 §5.1 reserves -32768..-32000; -32000..-32099 are "server error"s an
 /// implementation defines. Portcullis uses this one for "refused by the proxy's policy".
 pub(crate) const POLICY_DENIED_CODE: i64 = -32001;
+
+/// JSON values in all `tools/call` arguments of one body together. Arguments become a
+/// `serde_json::Value` for the Cedar context (about 32 bytes per value plus string bytes),
+/// so this bounds that tree whatever the body's shape; more is 413.
+pub(crate) const MAX_ARGUMENT_VALUES: usize = 65_536;
 
 /// A POST body, classified.
 #[derive(Debug)]
@@ -38,25 +47,58 @@ pub(crate) struct Parsed {
     pub batch: bool,
 }
 
-pub(crate) fn classify(bytes: &[u8], endpoint: &Resource) -> Result<Parsed, Refusal> {
-    let body = parse_strict(bytes)?;
-    let (messages, batch) = match body {
-        // JSON-RPC 2.0 §6: an empty batch is an invalid request.
-        Value::Array(list) if list.is_empty() => return Err(Refusal::InvalidMessage),
-        Value::Array(list) => (list, true),
-        single => (vec![single], false),
-    };
+/// One JSON-RPC message, its members borrowed from the body (present `null`s kept).
+#[derive(Deserialize)]
+struct Message<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    jsonrpc: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    method: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    params: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    result: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    error: Option<&'a RawValue>,
+}
+
+/// The `params` members a classification reads.
+#[derive(Deserialize)]
+struct Params<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    uri: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    arguments: Option<&'a RawValue>,
+}
+
+/// Classifies a POST body: a single message or a batch of at most `max_batch` (more is
+/// [`Refusal::BatchTooLarge`], found before any message is classified or decided).
+pub(crate) fn classify(
+    bytes: &[u8],
+    endpoint: &Resource,
+    max_batch: usize,
+) -> Result<Parsed, Refusal> {
+    let text = std::str::from_utf8(bytes).map_err(|_| Refusal::MalformedBody)?;
+    let batch = text.trim_start().starts_with('[');
+    if batch {
+        // Counted before the whole body is checked, so an oversized batch costs one pass
+        // over its first `max_batch + 1` elements.
+        for_each_element(text, max_batch, |_| Ok(()))?;
+    }
+    check_strict(bytes)?;
     let mut parsed = Parsed {
-        calls: Vec::with_capacity(messages.len()),
+        calls: Vec::new(),
         request_ids: Vec::new(),
         tools_list_ids: Vec::new(),
         batch,
     };
-    for message in &messages {
-        let Value::Object(message) = message else {
-            return Err(Refusal::InvalidMessage);
-        };
-        let (call, id) = classify_message(message, endpoint)?;
+    let mut argument_values = 0;
+    let mut add = |message: &RawValue| -> Result<(), Refusal> {
+        let (call, id) = classify_raw(message, endpoint, &mut argument_values)?;
         if let Some(id) = id {
             if call.action == Action::ListTools {
                 parsed.tools_list_ids.push(id.clone());
@@ -69,29 +111,65 @@ pub(crate) fn classify(bytes: &[u8], endpoint: &Resource) -> Result<Parsed, Refu
             parsed.request_ids.push(id);
         }
         parsed.calls.push(call);
+        Ok(())
+    };
+    if batch {
+        for_each_element(text, max_batch, &mut add)?;
+    } else {
+        let message: &RawValue = serde_json::from_str(text).map_err(|_| Refusal::MalformedBody)?;
+        add(message)?;
+    }
+    // JSON-RPC 2.0 §6: an empty batch is an invalid request.
+    if parsed.calls.is_empty() {
+        return Err(Refusal::InvalidMessage);
     }
     Ok(parsed)
 }
 
-fn classify_message(
-    message: &Map<String, Value>,
+fn classify_raw(
+    message: &RawValue,
     endpoint: &Resource,
+    argument_values: &mut usize,
+) -> Result<(Call, Option<Value>), Refusal> {
+    if !is_object(message) {
+        return Err(Refusal::InvalidMessage);
+    }
+    let message: Message<'_> =
+        serde_json::from_str(message.get()).map_err(|_| Refusal::InvalidMessage)?;
+    classify_message(&message, endpoint, argument_values)
+}
+
+/// A JSON-RPC id: a string or an integer (never a structure, which could be any size).
+fn request_id(raw: &RawValue) -> Result<Value, Refusal> {
+    let text = raw.get();
+    let scalar = text.starts_with('"')
+        || text.starts_with('-')
+        || text.starts_with(|c: char| c.is_ascii_digit());
+    if !scalar {
+        return Err(Refusal::InvalidMessage);
+    }
+    match serde_json::from_str::<Value>(text) {
+        Ok(id @ Value::String(_)) => Ok(id),
+        Ok(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Value::Number(n)),
+        _ => Err(Refusal::InvalidMessage),
+    }
+}
+
+fn classify_message(
+    message: &Message<'_>,
+    endpoint: &Resource,
+    argument_values: &mut usize,
 ) -> Result<(Call, Option<Value>), Refusal> {
     // JSON-RPC 2.0 §4: "jsonrpc" MUST be exactly "2.0".
-    if message.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+    if message.jsonrpc.and_then(as_string).as_deref() != Some("2.0") {
         return Err(Refusal::InvalidMessage);
     }
     // MCP 2025-06-18 (Base Protocol, Requests): "Requests MUST include a string or integer
     // ID", "the ID MUST NOT be null".
-    let id = match message.get("id") {
-        None => None,
-        Some(id @ Value::String(_)) => Some(id.clone()),
-        Some(id @ Value::Number(n)) if n.is_i64() || n.is_u64() => Some(id.clone()),
-        Some(_) => return Err(Refusal::InvalidMessage),
-    };
-    let Some(method) = message.get("method") else {
+    let id = message.id.map(request_id).transpose()?;
+    let Some(method) = message.method else {
         // A response the client sends to a server-initiated request (sampling, elicitation).
-        let is_response = message.contains_key("result") ^ message.contains_key("error");
+        let is_response = message.result.is_some() ^ message.error.is_some();
         return match (is_response, id) {
             (true, Some(id)) => Ok((
                 route_call(Action::McpMethod, "response", endpoint),
@@ -100,12 +178,12 @@ fn classify_message(
             _ => Err(Refusal::InvalidMessage),
         };
     };
-    let Value::String(method) = method else {
-        return Err(Refusal::InvalidMessage);
-    };
-    let params = match message.get("params") {
+    let method = as_string(method).ok_or(Refusal::InvalidMessage)?;
+    let params: Option<Params<'_>> = match message.params {
         None => None,
-        Some(Value::Object(params)) => Some(params),
+        Some(params) if is_object(params) => {
+            Some(serde_json::from_str(params.get()).map_err(|_| Refusal::InvalidMessage)?)
+        }
         // MCP params are always objects (by-name); an array would carry no tool name.
         Some(_) => return Err(Refusal::InvalidMessage),
     };
@@ -115,48 +193,54 @@ fn classify_message(
     let notification = method.starts_with("notifications/");
     match (notification, &id) {
         (true, None) => {
-            return Ok((route_call(Action::McpNotification, method, endpoint), None));
+            return Ok((route_call(Action::McpNotification, &method, endpoint), None));
         }
         (false, Some(_)) => {}
         (true, Some(_)) | (false, None) => return Err(Refusal::InvalidMessage),
     }
-    let param_str = |name: &str| -> Result<String, Refusal> {
-        match params.and_then(|p| p.get(name)) {
-            Some(Value::String(s)) if !s.is_empty() => Ok(s.clone()),
-            _ => Err(Refusal::InvalidMessage),
-        }
+    let param_str = |field: Option<&RawValue>| -> Result<String, Refusal> {
+        field
+            .and_then(as_string)
+            .filter(|s| !s.is_empty())
+            .ok_or(Refusal::InvalidMessage)
     };
+    let name = params.as_ref().and_then(|p| p.name);
+    let uri = params.as_ref().and_then(|p| p.uri);
     let call = match method.as_str() {
         "tools/call" => {
-            let name = param_str("name")?;
-            let arguments = match params.and_then(|p| p.get("arguments")) {
-                None | Some(Value::Null) => Value::Object(Map::new()),
-                Some(arguments @ Value::Object(_)) => arguments.clone(),
+            let name = param_str(name)?;
+            let arguments = match params.as_ref().and_then(|p| p.arguments) {
+                None => Value::Object(Map::new()),
+                Some(raw) if is_null(raw) => Value::Object(Map::new()),
+                Some(raw) if is_object(raw) => {
+                    *argument_values += count_values(raw, MAX_ARGUMENT_VALUES - *argument_values)?;
+                    serde_json::from_str(raw.get()).map_err(|_| Refusal::InvalidMessage)?
+                }
                 Some(_) => return Err(Refusal::InvalidMessage),
             };
             Call {
                 action: Action::CallTool,
                 resource: Resource::Tool(name.clone()),
                 context: vec![
-                    mcp_context(method),
+                    mcp_context(&method),
                     ("tool", json!({ "name": name, "arguments": arguments })),
                 ],
             }
         }
-        "tools/list" => route_call(Action::ListTools, method, endpoint),
+        "tools/list" => route_call(Action::ListTools, &method, endpoint),
         "resources/read" => Call {
             action: Action::ReadResource,
-            resource: Resource::McpResource(param_str("uri")?),
-            context: vec![mcp_context(method)],
+            resource: Resource::McpResource(param_str(uri)?),
+            context: vec![mcp_context(&method)],
         },
         "prompts/get" => Call {
             action: Action::GetPrompt,
-            resource: Resource::Prompt(param_str("name")?),
-            context: vec![mcp_context(method)],
+            resource: Resource::Prompt(param_str(name)?),
+            context: vec![mcp_context(&method)],
         },
-        "initialize" => route_call(Action::McpInitialize, method, endpoint),
-        "ping" => route_call(Action::McpPing, method, endpoint),
-        _ => route_call(Action::McpMethod, method, endpoint),
+        "initialize" => route_call(Action::McpInitialize, &method, endpoint),
+        "ping" => route_call(Action::McpPing, &method, endpoint),
+        _ => route_call(Action::McpMethod, &method, endpoint),
     };
     Ok((call, id))
 }
@@ -201,6 +285,8 @@ pub(crate) fn error_body(refusal: Refusal, ids: &[Value], batch: bool, request_i
         Refusal::BodyTooLarge => (-32600, "request body too large"),
         Refusal::UnsupportedMediaType => (-32600, "request body must be application/json"),
         Refusal::BodyUnreadable => (-32600, "request body could not be read"),
+        Refusal::BodyDeadline => (-32600, "request body arrived too slowly"),
+        Refusal::BatchTooLarge => (-32600, "batch has too many messages"),
         Refusal::AbsoluteFormTarget
         | Refusal::MissingHost
         | Refusal::DuplicateHost
@@ -210,6 +296,8 @@ pub(crate) fn error_body(refusal: Refusal, ids: &[Value], batch: bool, request_i
         Refusal::ApprovalRequired => (POLICY_DENIED_CODE, "approval required"),
         Refusal::InvalidUserToken(_) => (POLICY_DENIED_CODE, "user token rejected"),
         Refusal::StandingCredential => (POLICY_DENIED_CODE, "long-lived credentials are refused"),
+        Refusal::AgentBusy => (-32603, "too many requests in flight from this agent"),
+        Refusal::Overloaded | Refusal::InspectionBudget => (-32603, "server busy"),
         Refusal::AuditUnavailable
         | Refusal::UpstreamConnect
         | Refusal::UpstreamTimeout

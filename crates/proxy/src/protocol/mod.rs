@@ -19,10 +19,15 @@ use http::{Response, StatusCode};
 use http_body_util::BodyExt;
 use portcullis_core::{Action, Resource};
 
+use std::time::Duration;
+
+use crate::admission::InspectBudget;
 use crate::body::{RequestBody, ResponseBody};
 use crate::classify::{Classified, Protocol};
 use crate::error::Refusal;
 
+#[doc(hidden)]
+pub use filter::fuzz_tools_list;
 pub(crate) use inspect::read_bounded;
 
 /// One Cedar question a request stands for. A JSON-RPC batch stands for several.
@@ -57,6 +62,19 @@ pub(crate) struct Inspected {
     pub tools_list_ids: Vec<serde_json::Value>,
 }
 
+/// What bounds the inspection of one body.
+#[derive(Debug)]
+pub(crate) struct Bounds<'a> {
+    /// Bytes of this body that may be buffered (the route's `body_limit`).
+    pub limit: usize,
+    /// The budget every inspected body is charged to.
+    pub budget: &'a InspectBudget,
+    /// The whole body must have arrived within this.
+    pub deadline: Duration,
+    /// Messages in one JSON-RPC batch.
+    pub max_batch: usize,
+}
+
 /// Reads and classifies the body of a protocol request; for a generic route, the request is
 /// the one call `classify` made of it and the body is untouched. `native` is set as soon as
 /// the route's protocol is known, so even a refusal of the body itself is rendered natively.
@@ -66,7 +84,7 @@ pub(crate) async fn inspect(
     path: &str,
     headers: &http::HeaderMap,
     body: RequestBody,
-    limit: usize,
+    bounds: &Bounds<'_>,
     native: &mut Option<Native>,
 ) -> Result<Inspected, Refusal> {
     let generic = |body| Inspected {
@@ -87,7 +105,7 @@ pub(crate) async fn inspect(
                 return Ok(generic(body));
             }
             *native = Some(Native::OpenAi { model: None });
-            let (bytes, body) = read_json_body(headers, body, limit).await?;
+            let (bytes, body) = read_json_body(headers, body, bounds).await?;
             let call = openai::classify(&bytes)?;
             *native = Some(Native::OpenAi {
                 model: Some(call.resource.id().to_owned()),
@@ -112,8 +130,8 @@ pub(crate) async fn inspect(
                     tools_list_ids: Vec::new(),
                 }),
                 "POST" => {
-                    let (bytes, body) = read_json_body(headers, body, limit).await?;
-                    let parsed = mcp::classify(&bytes, &classified.resource)?;
+                    let (bytes, body) = read_json_body(headers, body, bounds).await?;
+                    let parsed = mcp::classify(&bytes, &classified.resource, bounds.max_batch)?;
                     *native = Some(Native::Mcp {
                         ids: parsed.request_ids,
                         batch: parsed.batch,
@@ -131,11 +149,14 @@ pub(crate) async fn inspect(
     }
 }
 
-/// 415 unless the body is declared JSON; 413 when it is (or turns out) larger than `limit`.
+/// 415 unless the body is declared JSON; 413 when it is (or turns out) larger than the
+/// limit; 503 when the inspection budget cannot hold it; 408 when it does not arrive whole
+/// within the deadline (the per-frame stall timeout alone lets a caller trickle a byte at a
+/// time for ever).
 async fn read_json_body(
     headers: &http::HeaderMap,
     body: RequestBody,
-    limit: usize,
+    bounds: &Bounds<'_>,
 ) -> Result<(Bytes, RequestBody), Refusal> {
     if !is_json(headers) {
         return Err(Refusal::UnsupportedMediaType);
@@ -144,11 +165,15 @@ async fn read_json_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > limit as u64) {
+    if declared.is_some_and(|len| len > bounds.limit as u64) {
         // Refused before reading a byte of it.
         return Err(Refusal::BodyTooLarge);
     }
-    read_bounded(body, limit).await
+    let declared = declared.and_then(|len| usize::try_from(len).ok());
+    let read = read_bounded(body, bounds.limit, declared, bounds.budget.reservation());
+    tokio::time::timeout(bounds.deadline, read)
+        .await
+        .map_err(|_| Refusal::BodyDeadline)?
 }
 
 /// `application/json`, with or without parameters (RFC 8259 §11 defines no charset; one is
@@ -193,8 +218,12 @@ pub(crate) fn native_refusal(
             HeaderValue::from_static("Bearer error=\"invalid_token\""),
         );
     }
+    crate::pipeline::set_retry_after(response.headers_mut(), refusal);
     response
 }
+
+/// The batch cap [`classify_body`] applies (the default of `limits.max_batch`).
+pub const DEFAULT_MAX_BATCH: usize = 64;
 
 /// One classified protocol body as the pipeline sees it, for benches and tools: each Cedar
 /// call's action, resource and protocol context, or the refusal.
@@ -216,7 +245,7 @@ pub fn classify_body(
                 host: String::new(),
                 method: "POST".to_owned(),
             };
-            mcp::classify(body, &route)?.calls
+            mcp::classify(body, &route, DEFAULT_MAX_BATCH)?.calls
         }
     };
     Ok(calls
@@ -224,3 +253,7 @@ pub fn classify_body(
         .map(|call| (call.action, call.resource, call.context))
         .collect())
 }
+
+#[cfg(test)]
+#[path = "protocol_tests.rs"]
+mod tests;

@@ -7,10 +7,12 @@
 //! request (the model server does).
 
 use portcullis_core::{Action, Resource};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::Call;
-use super::inspect::parse_strict;
+use super::inspect::{as_string, check_strict, for_each_element, is_null, is_object, present};
 use crate::error::Refusal;
 
 /// The OpenAI API endpoints whose body names a model (API reference: Chat Completions,
@@ -29,33 +31,79 @@ pub(crate) fn is_inference_endpoint(path: &str) -> bool {
     ENDPOINTS.iter().any(|endpoint| path.ends_with(endpoint))
 }
 
-/// The token limit fields, in the order the API introduced them: `max_tokens` (chat,
-/// completions), `max_completion_tokens` (chat, replacing it), `max_output_tokens`
-/// (responses). When several are present the largest is the budget policies see.
-const TOKEN_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+/// The members policies read, borrowed from the body; everything else (messages, input)
+/// is skipped without being kept.
+#[derive(Deserialize)]
+struct Request<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    stream: Option<&'a RawValue>,
+    /// The token limit fields, in the order the API introduced them: `max_tokens` (chat,
+    /// completions), `max_completion_tokens` (chat, replacing it), `max_output_tokens`
+    /// (responses). When several are present the largest is the budget policies see.
+    #[serde(borrow, default, deserialize_with = "present")]
+    max_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    max_completion_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    max_output_tokens: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    tools: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    functions: Option<&'a RawValue>,
+}
+
+/// One entry of `tools` / `functions`.
+#[derive(Deserialize)]
+struct Tool<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    function: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    name: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present", rename = "type")]
+    kind: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Function<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    name: Option<&'a RawValue>,
+}
 
 pub(crate) fn classify(bytes: &[u8]) -> Result<Call, Refusal> {
-    let body = parse_strict(bytes)?;
-    let Value::Object(body) = body else {
+    check_strict(bytes)?;
+    let text = std::str::from_utf8(bytes).map_err(|_| Refusal::MalformedBody)?;
+    // A struct also deserializes from an array; only an object is a request.
+    if !text.trim_start().starts_with('{') {
         return Err(Refusal::InvalidMessage);
-    };
-    let model = match body.get("model") {
-        Some(Value::String(model)) if !model.is_empty() => model.clone(),
-        _ => return Err(Refusal::InvalidMessage),
-    };
-    let stream = match body.get("stream") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(stream)) => *stream,
-        Some(_) => return Err(Refusal::InvalidMessage),
+    }
+    let body: Request<'_> = serde_json::from_str(text).map_err(|_| Refusal::InvalidMessage)?;
+    let model = body
+        .model
+        .and_then(as_string)
+        .filter(|m| !m.is_empty())
+        .ok_or(Refusal::InvalidMessage)?;
+    let stream = match body.stream {
+        None => false,
+        Some(raw) if is_null(raw) => false,
+        Some(raw) => {
+            serde_json::from_str::<bool>(raw.get()).map_err(|_| Refusal::InvalidMessage)?
+        }
     };
     let mut max_tokens: Option<i64> = None;
-    for field in TOKEN_FIELDS {
-        match body.get(field) {
-            None | Some(Value::Null) => {}
-            Some(value) => {
+    for field in [
+        body.max_tokens,
+        body.max_completion_tokens,
+        body.max_output_tokens,
+    ] {
+        match field {
+            None => {}
+            Some(raw) if is_null(raw) => {}
+            Some(raw) => {
                 // Cedar's Long is i64; a budget that does not fit is not a budget.
-                let n = value
-                    .as_u64()
+                let n = serde_json::from_str::<u64>(raw.get())
+                    .ok()
                     .and_then(|n| i64::try_from(n).ok())
                     .ok_or(Refusal::InvalidMessage)?;
                 max_tokens = Some(max_tokens.map_or(n, |m| m.max(n)));
@@ -63,13 +111,16 @@ pub(crate) fn classify(bytes: &[u8]) -> Result<Call, Refusal> {
         }
     }
     let mut tools = Vec::new();
-    for field in ["tools", "functions"] {
-        match body.get(field) {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(list)) => {
-                for tool in list {
+    for field in [body.tools, body.functions] {
+        match field {
+            None => {}
+            Some(raw) if is_null(raw) => {}
+            Some(raw) if raw.get().starts_with('[') => {
+                // Read one entry at a time: only the names are kept.
+                for_each_element(raw.get(), usize::MAX, |tool| {
                     tools.push(tool_name(tool).ok_or(Refusal::InvalidMessage)?);
-                }
+                    Ok(())
+                })?;
             }
             Some(_) => return Err(Refusal::InvalidMessage),
         }
@@ -90,12 +141,21 @@ pub(crate) fn classify(bytes: &[u8]) -> Result<Call, Refusal> {
 /// Chat Completions: `{"type":"function","function":{"name":..}}`; Responses:
 /// `{"type":"function","name":..}` or a built-in tool named by its `type`
 /// (`{"type":"web_search"}`); legacy `functions`: `{"name":..}`.
-fn tool_name(tool: &Value) -> Option<String> {
-    let name = tool["function"]["name"]
-        .as_str()
-        .or_else(|| tool["name"].as_str())
-        .or_else(|| tool["type"].as_str())?;
-    (!name.is_empty()).then(|| name.to_owned())
+fn tool_name(tool: &RawValue) -> Option<String> {
+    if !is_object(tool) {
+        return None;
+    }
+    let tool: Tool<'_> = serde_json::from_str(tool.get()).ok()?;
+    let function_name = tool
+        .function
+        .filter(|f| is_object(f))
+        .and_then(|f| serde_json::from_str::<Function<'_>>(f.get()).ok())
+        .and_then(|f| f.name)
+        .and_then(as_string);
+    let name = function_name
+        .or_else(|| tool.name.and_then(as_string))
+        .or_else(|| tool.kind.and_then(as_string))?;
+    (!name.is_empty()).then_some(name)
 }
 
 /// The error body the OpenAI API returns (`{"error":{"message","type","param","code"}}`),
@@ -158,6 +218,26 @@ pub(crate) fn error_body(refusal: Refusal, model: Option<&str>, request_id: &str
         | Refusal::UnsupportedMethod => (
             "invalid_request_error",
             "the request was refused".to_owned(),
+            None,
+        ),
+        Refusal::BodyDeadline => (
+            "invalid_request_error",
+            "the request body arrived too slowly".to_owned(),
+            None,
+        ),
+        Refusal::BatchTooLarge => (
+            "invalid_request_error",
+            "the request carries too many messages".to_owned(),
+            None,
+        ),
+        Refusal::AgentBusy => (
+            "rate_limit_error",
+            "too many requests in flight from this caller".to_owned(),
+            None,
+        ),
+        Refusal::Overloaded | Refusal::InspectionBudget => (
+            "server_error",
+            "the server is busy; retry later".to_owned(),
             None,
         ),
         Refusal::AuditUnavailable

@@ -1,0 +1,10 @@
+//! MCP (JSON-RPC) body classification, as the pipeline does for a POST on the endpoint.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use portcullis_proxy::Protocol;
+use portcullis_proxy::protocol::classify_body;
+
+fuzz_target!(|body: &[u8]| {
+    let _ = classify_body(Protocol::Mcp, body, "/mcp");
+});
