@@ -97,10 +97,7 @@ enum AuditCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime() {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
@@ -217,6 +214,24 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// The async runtime, sized to the CPU this process may use. `available_parallelism` follows
+/// both the CPU affinity mask and the cgroup quota (`cpu.max`, rounded down, at least 1), and
+/// a sidecar usually gets one core or less: then one thread runs everything, with no
+/// hand-offs between worker threads (a cross-thread wake-up costs more than the work of a
+/// small request, and on one core a worker that is not running delays whatever it was woken
+/// for).
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let mut builder = if cores == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(cores);
+        builder
+    };
+    builder.enable_all().build()
 }
 
 fn config_failure(errors: &portcullis::config::ConfigErrors) -> ExitCode {

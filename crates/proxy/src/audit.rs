@@ -4,21 +4,26 @@
 //! deleted, reordered or edited line breaks the chain. A process starts its chain with a
 //! `start` line whose `prev_hash` is a fresh random genesis value.
 //!
-//! Writing is off the request path (a dedicated thread) but never lossy: a request reserves
-//! its slot in the bounded queue before it is served ([`AuditLog::reserve`]), so a slow sink
-//! slows requests down (back-pressure) and a failed sink makes them fail closed with 503;
-//! the record itself is written exactly once, when the request's [`AuditGuard`] is dropped,
-//! whatever the outcome.
+//! Writing is off the request path (a dedicated thread, group commit: one write and flush
+//! per batch, a batch closes at most [`BATCH_WINDOW`] after its first record) but never
+//! lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once while the
+//! sink keeps up, after a wait when a full queue of finished records is still unwritten
+//! (back-pressure), and refused (503) when the sink has failed. Admission reserves nothing,
+//! so requests that wait on their caller or the upstream hold no audit capacity. The record
+//! is written exactly once, when the request's [`AuditGuard`] is dropped, whatever the
+//! outcome; a record that can no longer be written (the sink failed meanwhile) is counted in
+//! `portcullis_audit_write_failures_total`, never dropped silently.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::inventory::{Inventory, Observation};
 use crate::metrics::Metrics;
@@ -27,7 +32,7 @@ use crate::metrics::Metrics;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AuditSink {
     Stdout,
-    /// Opened for append; flushed after every record.
+    /// Opened for append; written and flushed once per batch.
     File {
         path: PathBuf,
         /// Rotate when the file would exceed this size: `path` becomes `path.1`, `path.1`
@@ -93,8 +98,21 @@ pub struct AuditPolicies {
 /// The sending half of the audit queue.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    tx: mpsc::Sender<AuditRecord>,
-    reserve_timeout: Duration,
+    tx: mpsc::UnboundedSender<AuditRecord>,
+    backlog: Arc<Backlog>,
+    metrics: Metrics,
+    admit_timeout: Duration,
+}
+
+/// Records handed to the writer and not yet written. Only finished records count: a request
+/// that is still waiting on its caller or the upstream holds no audit capacity, so slow
+/// requests cannot starve fast ones (audit capacity is not concurrency capacity).
+#[derive(Debug)]
+struct Backlog {
+    queued: AtomicUsize,
+    capacity: usize,
+    /// Signalled by the writer after each batch, and when the sink fails.
+    drained: Notify,
 }
 
 /// The audit queue is closed: the sink failed. Requests must fail closed.
@@ -115,13 +133,29 @@ impl AuditWriter {
     }
 }
 
+/// Finished records waiting for the sink beyond which new requests wait (back-pressure).
 const QUEUE_DEPTH: usize = 1024;
+/// Group commit: the writer lets records gather for at most this long after the first one of
+/// a batch arrives, then writes the whole batch with one write and one flush. This bounds
+/// how late a record reaches the sink, and turns one writer wake-up per request into one
+/// per window.
+const BATCH_WINDOW: Duration = Duration::from_millis(1);
+/// A batch never holds more than this many records.
+const MAX_BATCH: usize = 256;
 
 impl AuditLog {
     /// Opens the sink, writes the chain's `start` line, and starts the writer thread.
     /// Fails if the sink cannot be opened or written now: better not to start than to start
     /// unaudited.
     pub fn start(sink: &AuditSink, metrics: Metrics) -> io::Result<(Self, AuditWriter)> {
+        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH)
+    }
+
+    fn start_with_capacity(
+        sink: &AuditSink,
+        metrics: Metrics,
+        capacity: usize,
+    ) -> io::Result<(Self, AuditWriter)> {
         let mut out = Output::open(sink)?;
         let mut genesis = [0u8; 32];
         aws_lc_rs::rand::fill(&mut genesis).map_err(|_| io::Error::other("no randomness"))?;
@@ -133,42 +167,74 @@ impl AuditLog {
         let mut chain = Chain {
             prev: hex::encode(genesis),
         };
-        out.write_line(&chain.link(start))?;
+        out.write_lines(&[chain.link(&start)])?;
 
-        let (tx, mut rx) = mpsc::channel::<AuditRecord>(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::unbounded_channel::<AuditRecord>();
+        let backlog = Arc::new(Backlog {
+            queued: AtomicUsize::new(0),
+            capacity,
+            drained: Notify::new(),
+        });
+        let writer = Writer {
+            rx,
+            out,
+            chain,
+            backlog: backlog.clone(),
+            metrics: metrics.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name("portcullis-audit".to_owned())
-            .spawn(move || {
-                while let Some(record) = rx.blocking_recv() {
-                    let value = serde_json::to_value(&record).unwrap_or_default();
-                    let line = chain.link(value);
-                    if let Err(error) = out.write_line(&line) {
-                        // Closing the queue makes every later request fail closed (503).
-                        rx.close();
-                        let lost = 1 + std::iter::from_fn(|| rx.try_recv().ok()).count();
-                        metrics
-                            .audit_write_failures
-                            .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
-                        tracing::error!(%error, lost, "audit sink failed; refusing requests from now on");
-                        return;
-                    }
-                }
-            })?;
+            .spawn(move || writer.run())?;
         Ok((
             Self {
                 tx,
-                reserve_timeout: Duration::from_secs(10),
+                backlog,
+                metrics,
+                admit_timeout: Duration::from_secs(10),
             },
             AuditWriter { thread },
         ))
     }
 
-    /// Reserves the slot this request's record will be written to, waiting while the queue is
-    /// full. Fails when the sink has failed, or is stuck beyond the reserve timeout.
-    pub async fn reserve(&self) -> Result<AuditSlot, AuditUnavailable> {
-        match tokio::time::timeout(self.reserve_timeout, self.tx.clone().reserve_owned()).await {
-            Ok(Ok(permit)) => Ok(AuditSlot(permit)),
-            Ok(Err(_)) | Err(_) => Err(AuditUnavailable),
+    /// Admits a request before it is served. Immediate while the sink keeps up; waits while
+    /// the sink is behind by a full queue of finished records (back-pressure); fails when the
+    /// sink has failed, or is stuck beyond the admit timeout.
+    pub async fn admit(&self) -> Result<(), AuditUnavailable> {
+        if self.has_room()? {
+            return Ok(());
+        }
+        tokio::time::timeout(self.admit_timeout, async {
+            loop {
+                let drained = self.backlog.drained.notified();
+                tokio::pin!(drained);
+                // Registered before the re-check, so a batch written in between is not missed.
+                drained.as_mut().enable();
+                if self.has_room()? {
+                    return Ok(());
+                }
+                drained.await;
+            }
+        })
+        .await
+        .unwrap_or(Err(AuditUnavailable))
+    }
+
+    fn has_room(&self) -> Result<bool, AuditUnavailable> {
+        if self.tx.is_closed() {
+            return Err(AuditUnavailable);
+        }
+        Ok(self.backlog.queued.load(Ordering::Acquire) < self.backlog.capacity)
+    }
+
+    /// Hands a finished record to the writer. Never waits: the request was admitted when it
+    /// started, and the record of a request that was served must not be dropped for lack of
+    /// room. If the sink has failed the record is lost, and counted as such.
+    fn submit(&self, record: AuditRecord) {
+        self.backlog.queued.fetch_add(1, Ordering::AcqRel);
+        if self.tx.send(record).is_err() {
+            self.backlog.queued.fetch_sub(1, Ordering::AcqRel);
+            self.metrics.audit_write_failures.inc();
+            tracing::error!("audit sink failed; the record of a served request is lost");
         }
     }
 
@@ -177,31 +243,75 @@ impl AuditLog {
     }
 }
 
-/// A reserved place in the audit queue.
-#[derive(Debug)]
-pub struct AuditSlot(mpsc::OwnedPermit<AuditRecord>);
+/// The writer thread's state: it owns the sink and the chain.
+struct Writer {
+    rx: mpsc::UnboundedReceiver<AuditRecord>,
+    out: Output,
+    chain: Chain,
+    backlog: Arc<Backlog>,
+    metrics: Metrics,
+}
+
+impl Writer {
+    fn run(mut self) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while let Some(first) = self.rx.blocking_recv() {
+            batch.push(first);
+            self.gather(&mut batch);
+            if batch.len() < MAX_BATCH {
+                std::thread::sleep(BATCH_WINDOW);
+                self.gather(&mut batch);
+            }
+            let count = batch.len();
+            let lines: Vec<Vec<u8>> = batch.drain(..).map(|r| self.chain.link(&r)).collect();
+            let written = self.out.write_lines(&lines);
+            self.backlog.queued.fetch_sub(count, Ordering::AcqRel);
+            self.backlog.drained.notify_waiters();
+            if let Err(error) = written {
+                self.fail(count, &error);
+                return;
+            }
+        }
+    }
+
+    fn gather(&mut self, batch: &mut Vec<AuditRecord>) {
+        while batch.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(record) => batch.push(record),
+                Err(_) => break,
+            }
+        }
+    }
+
+    /// The sink failed: closing the queue makes every later request fail closed (503), and
+    /// every record not known to be written is counted as lost, never dropped silently.
+    fn fail(&mut self, unconfirmed: usize, error: &io::Error) {
+        self.rx.close();
+        let queued = std::iter::from_fn(|| self.rx.try_recv().ok()).count();
+        self.backlog.queued.fetch_sub(queued, Ordering::AcqRel);
+        self.backlog.drained.notify_waiters();
+        let lost = unconfirmed + queued;
+        self.metrics
+            .audit_write_failures
+            .inc_by(u64::try_from(lost).unwrap_or(u64::MAX));
+        tracing::error!(%error, lost, "audit sink failed; refusing requests from now on");
+    }
+}
 
 /// The record of one request under construction; written when dropped.
 #[derive(Debug)]
 pub struct AuditGuard {
-    slot: Option<AuditSlot>,
+    log: AuditLog,
     started: Instant,
-    metrics: Metrics,
     inventory: Arc<Inventory>,
     pub record: AuditRecord,
 }
 
 impl AuditGuard {
-    pub fn new(
-        slot: AuditSlot,
-        metrics: Metrics,
-        inventory: Arc<Inventory>,
-        record: AuditRecord,
-    ) -> Self {
+    pub fn new(log: AuditLog, inventory: Arc<Inventory>, record: AuditRecord) -> Self {
         Self {
-            slot: Some(slot),
+            log,
             started: Instant::now(),
-            metrics,
             inventory,
             record,
         }
@@ -215,7 +325,8 @@ impl AuditGuard {
 impl Drop for AuditGuard {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
-        self.metrics.request_duration.observe(elapsed.as_secs_f64());
+        let metrics = &self.log.metrics;
+        metrics.request_duration.observe(elapsed.as_secs_f64());
         self.record.duration_ms = (elapsed.as_secs_f64() * 1e6).round() / 1e3;
         // The inventory is fed from the finished record, exactly as `portcullis inventory`
         // reads it back from audit files, so the two views cannot disagree.
@@ -233,11 +344,9 @@ impl Drop for AuditGuard {
                 resource: resource.as_deref(),
                 decision: record.decision,
             });
-            self.metrics.agents_seen.set(self.inventory.len() as i64);
+            metrics.agents_seen.set(self.inventory.len() as i64);
         }
-        if let Some(AuditSlot(permit)) = self.slot.take() {
-            permit.send(std::mem::take(&mut self.record));
-        }
+        self.log.submit(std::mem::take(&mut self.record));
     }
 }
 
@@ -282,34 +391,49 @@ impl Output {
         }
     }
 
-    /// Writes and flushes one line, rotating first if it would not fit. A record is never
-    /// split across files, and the chain simply continues in the new file.
-    fn write_line(&mut self, line: &str) -> io::Result<()> {
-        let len = line.len() as u64;
-        if let Some(target) = &self.file
-            && let Some(limit) = target.rotate_bytes
-            && self.written > 0
-            && self.written + len > limit
-        {
-            self.writer.flush()?;
-            for index in (1..target.keep).rev() {
-                let from = numbered(&target.path, index);
-                if from.exists() {
-                    std::fs::rename(&from, numbered(&target.path, index + 1))?;
-                }
+    /// Writes `lines` (each with its newline) and flushes once, rotating first whenever the
+    /// next line would not fit. A record is never split across files, and the chain simply
+    /// continues in the new file.
+    fn write_lines(&mut self, lines: &[Vec<u8>]) -> io::Result<()> {
+        let mut pending: Vec<u8> = Vec::new();
+        for line in lines {
+            let len = line.len() as u64;
+            if self.must_rotate(len) {
+                self.writer.write_all(&pending)?;
+                pending.clear();
+                self.rotate()?;
             }
-            std::fs::rename(&target.path, numbered(&target.path, 1))?;
-            self.writer = Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&target.path)?,
-            );
-            self.written = 0;
+            pending.extend_from_slice(line);
+            self.written += len;
         }
-        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(&pending)?;
+        self.writer.flush()
+    }
+
+    fn must_rotate(&self, len: u64) -> bool {
+        matches!(&self.file, Some(FileTarget { rotate_bytes: Some(limit), .. })
+            if self.written > 0 && self.written + len > *limit)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        let Some(target) = &self.file else {
+            return Ok(());
+        };
         self.writer.flush()?;
-        self.written += len;
+        for index in (1..target.keep).rev() {
+            let from = numbered(&target.path, index);
+            if from.exists() {
+                std::fs::rename(&from, numbered(&target.path, index + 1))?;
+            }
+        }
+        std::fs::rename(&target.path, numbered(&target.path, 1))?;
+        self.writer = Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&target.path)?,
+        );
+        self.written = 0;
         Ok(())
     }
 }
@@ -391,14 +515,22 @@ struct Chain {
 }
 
 impl Chain {
-    /// `value` with `prev_hash` added, serialized as one line (with its newline).
-    fn link(&mut self, mut value: serde_json::Value) -> String {
-        if let Some(object) = value.as_object_mut() {
-            object.insert("prev_hash".to_owned(), self.prev.clone().into());
+    /// `value` (a JSON object) with `prev_hash` added last, serialized as one line (with its
+    /// newline). Appending to the serialized object saves building a JSON tree per record.
+    fn link(&mut self, value: &impl Serialize) -> Vec<u8> {
+        let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+        if line.last() == Some(&b'}') {
+            line.pop();
+            if line.len() > 1 {
+                line.push(b',');
+            }
+            line.extend_from_slice(b"\"prev_hash\":\"");
+            line.extend_from_slice(self.prev.as_bytes());
+            line.extend_from_slice(b"\"}");
         }
-        let line = value.to_string();
-        self.prev = line_hash(line.as_bytes());
-        line + "\n"
+        self.prev = line_hash(&line);
+        line.push(b'\n');
+        line
     }
 }
 

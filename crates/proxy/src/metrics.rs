@@ -2,7 +2,9 @@
 //! (`helm/portcullis/dashboards/`); label values are always from a bounded set.
 
 use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+
+use portcullis_core::{Action, Decision};
 
 use portcullis_identity::{CertificateExpiry, ReloadKind, ReloadObserver};
 use prometheus::{
@@ -36,6 +38,43 @@ pub struct Metrics {
     pub agent_decisions: IntCounterVec,
     agent_labels: Arc<RwLock<HashSet<String>>>,
     max_agent_labels: usize,
+    /// `decisions` children, resolved on first use: a label lookup hashes every label value
+    /// under a lock, once per request; a resolved handle is one atomic add.
+    decision_handles: Arc<DecisionHandles>,
+}
+
+const DECISIONS: [Decision; 4] = [
+    Decision::Allow,
+    Decision::Deny,
+    Decision::ShadowDeny,
+    Decision::ApprovalRequired,
+];
+
+/// One lazily resolved counter per (decision, action). Series still appear only once used.
+#[derive(Debug, Default)]
+struct DecisionHandles([[OnceLock<IntCounter>; Action::ALL.len()]; DECISIONS.len()]);
+
+/// Decisions of one agent (`portcullis_agent_decisions_total`), resolved once per connection
+/// on its first decision instead of taking the label-cap lock on every request.
+#[derive(Debug)]
+pub struct AgentDecisions {
+    metrics: Metrics,
+    agent: String,
+    counters: [OnceLock<IntCounter>; DECISIONS.len()],
+}
+
+impl AgentDecisions {
+    pub fn observe(&self, decision: Decision) {
+        let Some(index) = DECISIONS.iter().position(|d| *d == decision) else {
+            return;
+        };
+        self.counters[index]
+            .get_or_init(|| {
+                self.metrics
+                    .agent_decision_counter(&self.agent, decision.name())
+            })
+            .inc();
+    }
 }
 
 impl Metrics {
@@ -180,6 +219,7 @@ impl Metrics {
             agent_decisions,
             agent_labels: Arc::new(RwLock::new(HashSet::new())),
             max_agent_labels,
+            decision_handles: Arc::default(),
             decisions,
             decision_duration,
             request_duration,
@@ -197,9 +237,37 @@ impl Metrics {
         }
     }
 
+    /// Counts one decision in `portcullis_decisions_total`.
+    pub fn observe_decision(&self, decision: Decision, action: Action) {
+        let row = DECISIONS.iter().position(|d| *d == decision);
+        let column = Action::ALL.iter().position(|a| *a == action);
+        let (Some(row), Some(column)) = (row, column) else {
+            return;
+        };
+        self.decision_handles.0[row][column]
+            .get_or_init(|| {
+                self.decisions
+                    .with_label_values(&[decision.name(), action.name()])
+            })
+            .inc();
+    }
+
+    /// Per-agent decision counters for one connection's agent.
+    pub fn agent_decisions(&self, agent: &str) -> AgentDecisions {
+        AgentDecisions {
+            metrics: self.clone(),
+            agent: agent.to_owned(),
+            counters: Default::default(),
+        }
+    }
+
     /// Counts a decision for `agent`, under its own label while fewer than the cap have been
     /// given one, as `other` after: label cardinality stays bounded whatever connects.
     pub fn observe_agent_decision(&self, agent: &str, decision: &str) {
+        self.agent_decision_counter(agent, decision).inc();
+    }
+
+    fn agent_decision_counter(&self, agent: &str, decision: &str) -> IntCounter {
         // Every request reads; only an agent's first request (while under the cap) writes.
         let known = self
             .agent_labels
@@ -217,9 +285,7 @@ impl Metrics {
             },
             _ => "other",
         };
-        self.agent_decisions
-            .with_label_values(&[label, decision])
-            .inc();
+        self.agent_decisions.with_label_values(&[label, decision])
     }
 
     /// Makes `portcullis_certificate_expiry_timestamp_seconds` describe exactly `certificates`

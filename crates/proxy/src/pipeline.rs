@@ -1,8 +1,9 @@
 //! The per-request pipeline, in the order it runs. Identity was established once for the
 //! connection (see `server`); everything here runs for every request.
 //!
-//! 1. reserve an audit slot: before any work, so a full or failed sink pushes back or fails
-//!    closed, and every later outcome has a record
+//! 1. audit admission: before any work, so a sink that is behind pushes back and a failed
+//!    one fails closed, and every later outcome has a record; it reserves nothing, so a slow
+//!    request holds no audit capacity
 //! 1b. admit: a place among the requests in flight, per agent and in total, held until the
 //!    response body ends; over a cap the request is refused at once (429 / 503), audited
 //! 2. check framing: Host and request-target rules (RFC 9112 §3.2) and path ambiguity, before
@@ -38,6 +39,7 @@ use crate::headers::{
     AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
     remove_identity,
 };
+use crate::metrics::{AgentDecisions, Metrics};
 use crate::protocol::{self, Native};
 use crate::{Shared, UserTokens};
 
@@ -45,7 +47,20 @@ use crate::{Shared, UserTokens};
 #[derive(Debug)]
 pub(crate) struct ConnectionIdentity {
     pub agent: SpiffeId,
-    pub peer: SocketAddr,
+    /// The peer's IP as text, formatted once per connection rather than per request.
+    pub client_address: String,
+    /// The agent's decision counters, resolved once per connection.
+    pub agent_decisions: AgentDecisions,
+}
+
+impl ConnectionIdentity {
+    pub(crate) fn new(agent: SpiffeId, peer: SocketAddr, metrics: &Metrics) -> Self {
+        Self {
+            agent_decisions: metrics.agent_decisions(agent.as_str()),
+            client_address: peer.ip().to_string(),
+            agent,
+        }
+    }
 }
 
 pub(crate) async fn handle(
@@ -54,7 +69,7 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let request_id = random_hex::<16>();
-    let Ok(slot) = shared.audit.reserve().await else {
+    let Ok(()) = shared.audit.admit().await else {
         shared
             .metrics
             .request_rejections
@@ -68,19 +83,14 @@ pub(crate) async fn handle(
         time: rfc3339(SystemTime::now()),
         request_id: request_id.clone(),
         trace_id: Some(trace.trace_id().to_owned()),
-        client_address: conn.peer.ip().to_string(),
+        client_address: conn.client_address.clone(),
         agent: Some(conn.agent.to_string()),
         method: request.method().to_string(),
         path: request.uri().path().to_owned(),
         mode: shared.policy.mode().name(),
         ..AuditRecord::default()
     };
-    let mut audit = AuditGuard::new(
-        slot,
-        shared.metrics.clone(),
-        shared.inventory.clone(),
-        record,
-    );
+    let mut audit = AuditGuard::new(shared.audit.clone(), shared.inventory.clone(), record);
     let mut native = None;
 
     let outcome = match admit(&shared, &conn) {
@@ -193,12 +203,11 @@ async fn authorize_and_forward(
     let decision_started = Instant::now()
         .checked_sub(before_body)
         .unwrap_or_else(Instant::now);
-    let client_address = conn.peer.ip().to_string();
     let request_info = RequestInfo {
         method: &method,
         path: &path,
         host: &host,
-        client_address: &client_address,
+        client_address: &conn.client_address,
     };
     // Every call must be allowed: a JSON-RPC batch is denied whole if any message is.
     let mut permit = None;
@@ -224,12 +233,8 @@ async fn authorize_and_forward(
             .observe(decision_time.as_secs_f64());
         shared
             .metrics
-            .decisions
-            .with_label_values(&[evaluation.decision.name(), call.action.name()])
-            .inc();
-        shared
-            .metrics
-            .observe_agent_decision(conn.agent.as_str(), evaluation.decision.name());
+            .observe_decision(evaluation.decision, call.action);
+        conn.agent_decisions.observe(evaluation.decision);
         record_evaluation(audit, &evaluation, decision_time.as_micros());
         tracing::debug!(
             request_id,
@@ -326,7 +331,7 @@ fn tool_filter(
     let policy = shared.policy.clone();
     let agent = conn.agent.clone();
     let (method, path, host) = (method.to_owned(), path.to_owned(), host.to_owned());
-    let client_address = conn.peer.ip().to_string();
+    let client_address = conn.client_address.clone();
     protocol::filter::ToolFilter::new(
         ids,
         Box::new(move |tool| {

@@ -178,6 +178,33 @@ impl Connection {
     }
 }
 
+/// Another handle on an HTTP/2 connection, for concurrent streams: clone it once per
+/// stream to keep many requests in flight on one connection.
+#[derive(Debug, Clone)]
+pub struct Streams(hyper::client::conn::http2::SendRequest<Full<Bytes>>);
+
+impl Streams {
+    pub async fn send(
+        &mut self,
+        request: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, CallError> {
+        self.0
+            .send_request(to_http2(request))
+            .await
+            .map_err(classify_hyper_error)
+    }
+}
+
+impl Connection {
+    /// Concurrent streams on this connection; `None` for HTTP/1.1 (one request at a time).
+    pub fn streams(&self) -> Option<Streams> {
+        match &self.sender {
+            Sender::Http2(sender) => Some(Streams(sender.clone())),
+            Sender::Http1(..) => None,
+        }
+    }
+}
+
 /// HTTP/2 names the host in `:authority` (RFC 9113 §8.3.1), taken from an absolute URI:
 /// move a relative request's Host header there.
 fn to_http2(mut request: Request<Full<Bytes>>) -> Request<Full<Bytes>> {

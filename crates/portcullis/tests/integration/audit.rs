@@ -1,8 +1,12 @@
 //! The audit trail: one record per request whatever the outcome, hash-chained.
 
+use std::time::Duration;
+
+use bytes::Bytes;
+use portcullis_test_support::client::{HttpVersion, request};
 use sha2::{Digest, Sha256};
 
-use crate::harness::{Harness, REPORT, TRIAGE};
+use crate::harness::{HOST, Harness, REPORT, TRIAGE};
 
 #[tokio::test]
 async fn every_request_is_recorded_once_in_an_unbroken_chain() {
@@ -52,4 +56,47 @@ async fn every_request_is_recorded_once_in_an_unbroken_chain() {
 
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Audit capacity is not concurrency capacity: 1,100 requests waiting on a slow upstream
+/// (more than the audit queue holds) do not make another caller's request wait for, or fail
+/// with, `audit_unavailable`.
+#[tokio::test]
+async fn slow_requests_hold_no_audit_capacity() {
+    const SLOW: usize = 1_100;
+    let h = Harness::start().await;
+    let caller = h.caller(&h.svid(TRIAGE), HttpVersion::Http2);
+    let mut connections = Vec::new();
+    let mut in_flight = Vec::new();
+    // 100 streams per connection: the default `limits.max_h2_streams`.
+    for _ in 0..SLOW / 100 {
+        let connection = caller.connect(h.addr).await.unwrap();
+        let streams = connection.streams().unwrap();
+        for _ in 0..100 {
+            let mut streams = streams.clone();
+            in_flight.push(tokio::spawn(async move {
+                streams
+                    .send(request("GET", HOST, "/slow", Bytes::new()))
+                    .await
+            }));
+        }
+        connections.push(connection);
+    }
+    // Every slow request was admitted, decided and forwarded: the upstream holds them all.
+    for _ in 0..6_000 {
+        if h.upstream.requests().len() >= SLOW {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(h.upstream.requests().len(), SLOW);
+
+    let (status, body) = h.get(TRIAGE, "/api/orders/1").await;
+    assert_eq!(status, 200, "{body:?}");
+    let records = h.audit(1).await;
+    assert_eq!(records[1]["path"], "/api/orders/1");
+    assert_eq!(records[1]["status"], 200);
+    for request in in_flight {
+        request.abort();
+    }
 }

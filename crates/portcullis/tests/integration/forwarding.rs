@@ -168,6 +168,50 @@ async fn sse_events_cross_one_by_one() {
     assert!(next_event().await.contains("[DONE]"));
 }
 
+/// The inter-event gap is the upstream's, not the proxy's: over HTTP/1.1 (chunked) and
+/// HTTP/2, each event is a frame of its own at the caller while the upstream is still held
+/// at the gate before the next one, so nothing waits in a buffer for more data or a timer.
+#[tokio::test]
+async fn each_sse_event_reaches_the_caller_before_the_next_is_produced() {
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let gate = Arc::new(Semaphore::new(0));
+        let h = Harness::builder()
+            .pacing(SsePacing::Gate(gate.clone()))
+            .start()
+            .await;
+        let words = ["alpha", "beta", "gamma", "delta"];
+        let body = format!(
+            r#"{{"model":"m","stream":true,"messages":[{{"role":"user","content":"{}"}}]}}"#,
+            words.join(" ")
+        );
+        let caller = h.caller(&h.svid(TRIAGE), version);
+        let response = caller
+            .call(h.addr, request("POST", HOST, "/v1/chat/completions", body))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{version:?}");
+        let mut body = response.into_body();
+        for word in words {
+            let data = loop {
+                let frame = body.frame().await.unwrap().unwrap();
+                if let Ok(data) = frame.into_data() {
+                    break String::from_utf8_lossy(&data).into_owned();
+                }
+            };
+            // Exactly this event, whole, in one frame; the next one does not exist yet.
+            assert_eq!(data.matches("data: ").count(), 1, "{version:?}: {data}");
+            assert!(data.contains(&format!("\"content\":\"{word}\"")), "{data}");
+            assert_eq!(gate.available_permits(), 0, "{version:?}");
+            gate.add_permits(1);
+        }
+        let rest = body.collect().await.unwrap().to_bytes();
+        assert!(
+            String::from_utf8_lossy(&rest).contains("[DONE]"),
+            "{version:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_and_timeout_is_504() {
     let closed = {

@@ -1,0 +1,252 @@
+#!/usr/bin/env bash
+# The side-by-side load and first-byte benchmark (issues #16 and #17), in one run:
+#
+#   upstream      nginx serving 1 KiB (and a raw-socket SSE server for the first-byte rows)
+#   direct        oha → upstream
+#   nginx-mtls    oha → nginx (TLS 1.3, client certificate verified) → upstream: the baseline
+#   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, and with a
+#                 user token (10 policies)
+#
+# For each: p50 and p99 at a fixed rate (oha -q, latency correction on), max rps (unlimited),
+# CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
+# idle RSS and RSS with 512 open mTLS connections; every ratio against nginx-mtls from this
+# same run. Then the first-byte table: first request on a new connection (client with and
+# without TCP_NODELAY), time to first SSE event and inter-event gaps, HTTP/1.1 and HTTP/2.
+#
+# The proxy under test runs alone on PROXY_CORE; the upstream and the load generator share
+# LOAD_CORE. Installs what it needs (nginx via apt-get, oha via cargo install).
+#
+# Usage: benches/load/run.sh [--first-byte]   (env: DURATION=10s RATE=2000 CONNECTIONS=16
+#                                              PROXY_CORE=0 LOAD_CORE=1 HOLD=512)
+# --first-byte runs only the first-byte table (no oha needed).
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+root="$PWD"
+
+DURATION="${DURATION:-10s}"
+RATE="${RATE:-2000}"
+CONNECTIONS="${CONNECTIONS:-16}"
+PROXY_CORE="${PROXY_CORE:-0}"
+LOAD_CORE="${LOAD_CORE:-1}"
+HOLD="${HOLD:-512}"
+LOAD=true
+[ "${1:-}" = "--first-byte" ] && LOAD=false
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# --- what the run needs ---------------------------------------------------------------------
+if ! command -v nginx >/dev/null; then
+    log "installing nginx"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+if "$LOAD" && ! command -v oha >/dev/null; then
+    log "installing oha (compiles for a few minutes)"
+    cargo install oha --locked
+fi
+NGINX="$(command -v nginx)"
+log "building portcullis and the benchmark tool (release)"
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release >&2
+[ -n "${SKIP_BUILD:-}" ] || cargo build --release -p portcullis-benches --bin portcullis-bench >&2
+# PORTCULLIS=/path/to/another/build measures that binary instead (e.g. before a change).
+PORTCULLIS="${PORTCULLIS:-$root/target/release/portcullis}"
+TOOL="$root/target/release/portcullis-bench"
+
+work="$(mktemp -d)"
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+"$TOOL" fixtures "$work"
+mkdir -p "$work/www/bench"
+head -c 1024 /dev/zero | tr '\0' x > "$work/www/bench/1k"
+
+# --- nginx: upstream and the mTLS baseline --------------------------------------------------
+nginx_conf() { # name, server blocks
+    mkdir -p "$work/$1"
+    cat > "$work/$1/nginx.conf" <<EOF
+daemon off;
+master_process on;
+worker_processes 1;
+pid $work/$1/nginx.pid;
+error_log $work/$1/error.log warn;
+events { worker_connections 16384; }
+http {
+    access_log off;
+    client_body_temp_path $work/$1; proxy_temp_path $work/$1; fastcgi_temp_path $work/$1;
+    uwsgi_temp_path $work/$1; scgi_temp_path $work/$1;
+    keepalive_requests 1000000;
+    $2
+}
+EOF
+}
+nginx_conf upstream "server { listen 127.0.0.1:18080; root $work/www; }"
+mtls_server() { # port, upstream port
+    cat <<EOF
+server {
+        listen 127.0.0.1:$1 ssl http2;
+        ssl_protocols TLSv1.3;
+        ssl_certificate $work/server.pem;
+        ssl_certificate_key $work/server-key.pem;
+        ssl_client_certificate $work/ca.pem;
+        ssl_verify_client on;
+        ssl_verify_depth 2;
+        location / {
+            proxy_pass http://backend$2;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }
+    }
+    upstream backend$2 { server 127.0.0.1:$2; keepalive 64; }
+EOF
+}
+nginx_conf mtls "$(mtls_server 18443 18080) $(mtls_server 18444 18081)"
+
+started=
+start() { # core, command... (sets $started to the pid)
+    local core="$1"
+    shift
+    taskset -c "$core" "$@" > "$work/$(basename "$1").$RANDOM.log" 2>&1 &
+    started="$!"
+    pids+=("$started")
+}
+wait_port() {
+    for _ in $(seq 1200); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    log "nothing listening on $1"
+    return 1
+}
+start "$LOAD_CORE" "$NGINX" -p "$work/upstream" -c "$work/upstream/nginx.conf"
+start "$LOAD_CORE" "$TOOL" sse-upstream 127.0.0.1:18081 5 20
+start "$PROXY_CORE" "$NGINX" -p "$work/mtls" -c "$work/mtls/nginx.conf"
+mtls_master="$started"
+wait_port 18080
+wait_port 18081
+wait_port 18443
+sleep 0.2
+mtls_worker="$(pgrep -P "$mtls_master" | head -1)"
+
+# --- measurements ---------------------------------------------------------------------------
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
+TICK="$(getconf CLK_TCK)"
+
+oha_run() { # json out, url, extra oha args...
+    local out="$1" url="$2"
+    shift 2
+    taskset -c "$LOAD_CORE" oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" \
+        --worker-threads 1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
+        --key "$work/agent-key.pem" "$@" "$url" > "$out"
+}
+
+results="$work/results.tsv"
+: > "$results"
+measure() { # name, url, pid of the proxy process (or -), extra oha args...
+    local name="$1" url="$2" pid="$3"
+    shift 3
+    log "$name"
+    local idle_rss=- held_rss=- cpu=-
+    [ "$pid" != - ] && idle_rss="$(rss_kib "$pid")"
+    oha_run "$work/$name.rate.json" "$url" -q "$RATE" --latency-correction "$@"
+    local before=0
+    [ "$pid" != - ] && before="$(cpu_ticks "$pid")"
+    oha_run "$work/$name.max.json" "$url" "$@"
+    [ "$pid" != - ] && cpu="$(( $(cpu_ticks "$pid") - before ))"
+    if [ "$pid" != - ] && [ "$HOLD" -gt 0 ]; then
+        local port="${url##*:}"
+        port="${port%%/*}"
+        coproc HOLDER { taskset -c "$LOAD_CORE" "$TOOL" hold "127.0.0.1:$port" "$work" "$HOLD"; }
+        read -r _ready _count <&"${HOLDER[0]}"
+        held_rss="$(rss_kib "$pid")"
+        exec {HOLDER[1]}>&-
+        wait "$HOLDER_PID" 2>/dev/null || true
+    fi
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$cpu" "$idle_rss" "$held_rss" "$TICK" >> "$results"
+}
+
+portcullis() { # config name; sets $pid once it listens
+    start "$PROXY_CORE" "$PORTCULLIS" run --config "$work/portcullis-$1.yaml"
+    pid="$started"
+    wait_port 19443
+    wait_port 19901
+}
+stop() {
+    kill "$1"
+    wait "$1" 2>/dev/null || true
+}
+
+if "$LOAD"; then
+    measure direct "http://127.0.0.1:18080/bench/1k" -
+    measure nginx-mtls "https://127.0.0.1:18443/bench/1k" "$mtls_worker"
+    for size in 10 1000 10000; do
+        portcullis "$size"
+        measure "portcullis-$size" "https://127.0.0.1:19443/bench/1k" "$pid"
+        stop "$pid"
+    done
+    portcullis token
+    measure "portcullis-token" "https://127.0.0.1:19443/bench/1k" "$pid" \
+        -H "x-portcullis-user-token: $(cat "$work/token.txt")"
+    stop "$pid"
+fi
+
+log "first byte"
+firstbyte="$work/firstbyte.txt"
+{
+    taskset -c "$LOAD_CORE" "$TOOL" firstbyte http://127.0.0.1:18081 "$work" | sed 's/^/direct /'
+    taskset -c "$LOAD_CORE" "$TOOL" firstbyte https://127.0.0.1:18444 "$work" | sed 's/^/nginx-mtls /'
+    portcullis firstbyte
+    taskset -c "$LOAD_CORE" "$TOOL" firstbyte https://127.0.0.1:19443 "$work" | sed 's/^/portcullis /'
+    stop "$pid"
+} > "$firstbyte"
+
+# --- the tables -----------------------------------------------------------------------------
+python3 - "$work" "$results" "$firstbyte" "$RATE" <<'EOF'
+import json, sys
+work, results, firstbyte, rate = sys.argv[1:5]
+rows = []
+for line in open(results):
+    name, cpu, idle, held, tick = line.rstrip("\n").split("\t")
+    at = json.load(open(f"{work}/{name}.rate.json"))
+    mx = json.load(open(f"{work}/{name}.max.json"))
+    total = sum(mx["statusCodeDistribution"].values())
+    ok = mx["statusCodeDistribution"].get("200", 0)
+    cpu_us = None if cpu == "-" or total == 0 else int(cpu) / int(tick) / total * 1e6
+    rows.append(dict(name=name, p50=at["latencyPercentiles"]["p50"] * 1e3,
+                     p99=at["latencyPercentiles"]["p99"] * 1e3, rps=mx["summary"]["requestsPerSec"],
+                     ok=ok / total if total else 0, cpu=cpu_us,
+                     idle=None if idle == "-" else int(idle) / 1024,
+                     held=None if held == "-" else int(held) / 1024))
+base = next((r for r in rows if r["name"] == "nginx-mtls"), None)
+def ratio(value, of):
+    return "" if value is None or not of else f" ({value / of:.2f}x)"
+def num(value, fmt):
+    return "-" if value is None else format(value, fmt)
+if base:
+    print(f"\n| path | p50 @{rate} rps | p99 @{rate} rps | max rps | 200s | CPU per request | RSS idle | RSS, 512 mTLS conns |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {r['p50']:.3f} ms{ratio(r['p50'], base['p50'])} "
+              f"| {r['p99']:.3f} ms{ratio(r['p99'], base['p99'])} "
+              f"| {r['rps']:.0f}{ratio(r['rps'], base['rps'])} | {r['ok']:.0%} "
+              f"| {num(r['cpu'], '.0f')} µs{ratio(r['cpu'], base['cpu'])} "
+              f"| {num(r['idle'], '.1f')} MiB | {num(r['held'], '.1f')} MiB |")
+fb = {}
+for line in open(firstbyte):
+    parts = line.split()
+    path, measure = parts[0], " ".join(parts[1:-2])
+    fb.setdefault(measure, {})[path] = tuple(float(p.split("=")[1]) for p in parts[-2:])
+print("\n| first byte (p50 / p99 ms) | direct | nginx-mtls | portcullis | portcullis vs nginx-mtls (p50) |")
+print("|---|---|---|---|---|")
+for measure, paths in fb.items():
+    cell = lambda p: "-" if p not in paths else f"{paths[p][0]:.3f} / {paths[p][1]:.3f}"
+    r = "" if "nginx-mtls" not in paths or "portcullis" not in paths else \
+        f"{paths['portcullis'][0] / paths['nginx-mtls'][0]:.2f}x"
+    print(f"| {measure} | {cell('direct')} | {cell('nginx-mtls')} | {cell('portcullis')} | {r} |")
+EOF
+echo
+echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr); proxy on core $PROXY_CORE, upstream and oha on core $LOAD_CORE; $DURATION per run, $CONNECTIONS connections"

@@ -1,0 +1,398 @@
+//! `portcullis-bench`: the helpers `benches/load/run.sh` drives.
+//!
+//! - `fixtures DIR`: a CA, the proxy's serving SVID (nginx serves the same one), an agent
+//!   SVID, per-agent policy sets of 10 / 1,000 / 10,000 policies (one of them matches the
+//!   agent), a JWKS and a user token, and one Portcullis config per variant.
+//! - `sse-upstream ADDR GAP_MS EVENTS`: a raw-socket upstream. `GET /bench/sse` streams
+//!   Server-Sent Events: the response head and every event are separate writes, the first
+//!   event at once, the next ones `GAP_MS` apart. Anything else gets 1 KiB.
+//! - `firstbyte URL DIR`: first request on new connections (with and without TCP_NODELAY),
+//!   time to the first SSE event and the gaps between events, over HTTP/1.1 and HTTP/2; one
+//!   line of results per measurement.
+//! - `hold ADDR DIR N`: opens N mTLS connections (one request each) and keeps them open until
+//!   stdin closes, for the memory measurement.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark tool fails loudly"
+)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portcullis_test_support::jwt::{self, SigningKey};
+use portcullis_test_support::pki::{Ca, LeafSpec};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TRUST_DOMAIN: &str = "prod.example.org";
+const SERVER_ID: &str = "spiffe://prod.example.org/ns/bench/sa/app";
+const ISSUER: &str = "https://idp.example.org";
+const AUDIENCE: &str = "bench-app";
+const POLICY_SIZES: [usize; 3] = [10, 1_000, 10_000];
+
+fn agent_id(index: usize) -> String {
+    format!("spiffe://prod.example.org/ns/team{index}/sa/agent")
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match args.first().map(String::as_str) {
+        Some("fixtures") => fixtures(Path::new(&args[1])),
+        Some("sse-upstream") => runtime.block_on(sse_upstream(
+            args[1].parse().unwrap(),
+            Duration::from_millis(args[2].parse().unwrap()),
+            args[3].parse().unwrap(),
+        )),
+        Some("firstbyte") => runtime.block_on(firstbyte(&args[1], Path::new(&args[2]))),
+        Some("hold") => runtime.block_on(hold(
+            args[1].parse().unwrap(),
+            Path::new(&args[2]),
+            args[3].parse().unwrap(),
+        )),
+        _ => {
+            eprintln!(
+                "usage: portcullis-bench fixtures DIR | sse-upstream ADDR GAP_MS EVENTS | \
+                 firstbyte (http|https)://ADDR DIR | hold ADDR DIR N"
+            );
+            std::process::exit(64);
+        }
+    }
+}
+
+fn fixtures(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let write = |name: &str, contents: &str| std::fs::write(dir.join(name), contents).unwrap();
+    let ca = Ca::new(TRUST_DOMAIN).unwrap();
+    let server = ca.leaf(&LeafSpec::server(SERVER_ID)).unwrap();
+    let agent = ca.svid(&agent_id(0)).unwrap();
+    write("ca.pem", &ca.cert_pem());
+    write("server.pem", &server.cert_pem);
+    write("server-key.pem", &server.key_pem);
+    write("agent.pem", &agent.cert_pem);
+    write("agent-key.pem", &agent.key_pem);
+
+    let idp = SigningKey::es256("bench-idp");
+    write("jwks.json", &jwt::jwks(&[&idp]));
+    let now = jwt::now();
+    let mut claims = jwt::claims(ISSUER, AUDIENCE, "alice", &agent_id(0), now);
+    // Long enough for one benchmark run, within the configured max_lifetime.
+    claims["exp"] = (now + 3_000).into();
+    write("token.txt", &idp.token(&claims));
+
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/schema.cedarschema");
+    for size in POLICY_SIZES {
+        let policies = dir.join(format!("policies-{size}"));
+        std::fs::create_dir_all(&policies).unwrap();
+        std::fs::copy(&schema, policies.join("schema.cedarschema")).unwrap();
+        std::fs::write(policies.join("agents.cedar"), policy_set(size)).unwrap();
+        write(
+            &format!("portcullis-{size}.yaml"),
+            &config(dir, size, false),
+        );
+    }
+    write("portcullis-token.yaml", &config(dir, 10, true));
+    let streaming = config(dir, 10, false)
+        .replace("http://127.0.0.1:18080", "http://127.0.0.1:18081")
+        .replace("audit-10.jsonl", "audit-firstbyte.jsonl");
+    write("portcullis-firstbyte.yaml", &streaming);
+}
+
+/// One permit per agent (a security team's policy per workload), a forbid every tenth, and
+/// one user rule for delegated calls. Agent 0 is the one the benchmark connects as.
+fn policy_set(size: usize) -> String {
+    let mut out = String::from(
+        "@id(\"users-read-bench\")\npermit (principal is User, action in Action::\"read\", resource)\n  when { resource.path like \"/bench/*\" };\n",
+    );
+    for index in 0..size.saturating_sub(1) {
+        let agent = agent_id(index);
+        if index % 10 == 9 {
+            out.push_str(&format!(
+                "@id(\"team{index}-no-admin\")\nforbid (principal == Agent::\"{agent}\", action in Action::\"write\", resource)\n  when {{ resource.path like \"/admin/*\" }};\n"
+            ));
+        } else {
+            out.push_str(&format!(
+                "@id(\"team{index}-read\")\npermit (principal == Agent::\"{agent}\", action in Action::\"read\", resource)\n  when {{ resource.path like \"/bench/*\" }};\n"
+            ));
+        }
+    }
+    out
+}
+
+fn config(dir: &Path, size: usize, token: bool) -> String {
+    let name = if token {
+        "token".to_owned()
+    } else {
+        size.to_string()
+    };
+    let mut yaml = format!(
+        "listen: 127.0.0.1:19443\nadmin_listen: 127.0.0.1:19901\nupstream: http://127.0.0.1:18080\n\
+         tls:\n  cert: server.pem\n  key: server-key.pem\n  trust_bundles:\n    {TRUST_DOMAIN}: ca.pem\n\
+         policy:\n  dir: policies-{size}\n\
+         audit:\n  sink: {}\n",
+        dir.join(format!("audit-{name}.jsonl")).display()
+    );
+    if token {
+        yaml.push_str(&format!(
+            "user_token:\n  jwks_file: jwks.json\n  issuers: [{ISSUER}]\n  audiences: [{AUDIENCE}]\n  max_lifetime: 1h\n"
+        ));
+    }
+    yaml
+}
+
+/// Head and events in separate writes, as a token-streaming model server sends them.
+async fn sse_upstream(addr: SocketAddr, gap: Duration, events: usize) {
+    let listener = TcpListener::bind(addr).await.unwrap();
+    loop {
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        tokio::spawn(async move {
+            let mut buffer = vec![0u8; 16 * 1024];
+            let mut seen = Vec::new();
+            loop {
+                // One request at a time: read a head, answer it, keep the connection.
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let sse = seen.starts_with(b"GET /bench/sse ");
+                seen.clear();
+                if !sse {
+                    let body = "x".repeat(1024);
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if tcp.write_all(response.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                            cache-control: no-cache\r\ntransfer-encoding: chunked\r\n\r\n";
+                if tcp.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for index in 0..events {
+                    if index > 0 {
+                        tokio::time::sleep(gap).await;
+                    }
+                    let event = format!("data: {{\"token\":{index}}}\n\n");
+                    let chunk = format!("{:x}\r\n{event}\r\n", event.len());
+                    if tcp.write_all(chunk.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+                if tcp.write_all(b"0\r\n\r\n").await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+/// How a measurement connects: TLS (with the agent's SVID) or plain, HTTP/1.1 or HTTP/2,
+/// TCP_NODELAY or not.
+#[derive(Clone)]
+struct Client {
+    addr: SocketAddr,
+    tls: Option<(Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>)>,
+    host: String,
+}
+
+type Sender = Box<
+    dyn FnMut(
+        http::Request<Empty<Bytes>>,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>>,
+    >,
+>;
+
+impl Client {
+    fn new(url: &str, dir: &Path) -> Self {
+        let (scheme, rest) = url.split_once("://").unwrap();
+        let addr: SocketAddr = rest.trim_end_matches('/').parse().unwrap();
+        let tls =
+            (scheme == "https").then(|| (agent_config(dir, b"http/1.1"), agent_config(dir, b"h2")));
+        Self {
+            addr,
+            tls,
+            host: "localhost".to_owned(),
+        }
+    }
+
+    /// Connects (handshake included) and returns a request sender.
+    async fn connect(&self, h2: bool, nodelay: bool) -> Sender {
+        let tcp = TcpStream::connect(self.addr).await.unwrap();
+        tcp.set_nodelay(nodelay).unwrap();
+        match &self.tls {
+            None => handshake(TokioIo::new(tcp), false).await,
+            Some((h1_config, h2_config)) => {
+                let config = if h2 { h2_config } else { h1_config };
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(ServerName::IpAddress(self.addr.ip().into()), tcp)
+                    .await
+                    .unwrap();
+                handshake(TokioIo::new(tls), h2).await
+            }
+        }
+    }
+
+    fn request(&self, path: &str, h2: bool) -> http::Request<Empty<Bytes>> {
+        let uri = if h2 {
+            format!("https://{}{path}", self.host)
+        } else {
+            path.to_owned()
+        };
+        let mut request = http::Request::get(uri);
+        if !h2 {
+            request = request.header(http::header::HOST, &self.host);
+        }
+        request.body(Empty::new()).unwrap()
+    }
+}
+
+async fn handshake<I>(io: TokioIo<I>, h2: bool) -> Sender
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    if h2 {
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        Box::new(move |request| {
+            let mut sender = sender.clone();
+            Box::pin(async move { sender.send_request(request).await })
+        })
+    } else {
+        let (sender, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let sender = Arc::new(tokio::sync::Mutex::new(sender));
+        Box::new(move |request| {
+            let sender = sender.clone();
+            Box::pin(async move {
+                let mut sender = sender.lock().await;
+                sender.ready().await?;
+                sender.send_request(request).await
+            })
+        })
+    }
+}
+
+/// The agent's mTLS client configuration, from the fixture PEM files.
+fn agent_config(dir: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    let chain = CertificateDer::pem_file_iter(dir.join("agent.pem"))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join("agent-key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    Arc::new(config)
+}
+
+const ROUNDS: usize = 200;
+const SSE_ROUNDS: usize = 50;
+
+/// Prints, per HTTP version: first request on a new connection (time from the handshake's
+/// end to the complete response) with and without TCP_NODELAY; TTFT (request sent to the
+/// first SSE event) and inter-event gaps, on kept-alive connections.
+async fn firstbyte(url: &str, dir: &Path) {
+    let client = Client::new(url, dir);
+    let versions: &[bool] = if client.tls.is_some() {
+        &[false, true]
+    } else {
+        &[false]
+    };
+    for &h2 in versions {
+        let version = if h2 { "h2" } else { "h1" };
+        for nodelay in [true, false] {
+            let mut samples = Vec::with_capacity(ROUNDS);
+            for _ in 0..ROUNDS {
+                let mut send = client.connect(h2, nodelay).await;
+                let started = Instant::now();
+                let response = send(client.request("/bench/1k", h2)).await.unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                response.into_body().collect().await.unwrap();
+                samples.push(started.elapsed());
+            }
+            let kind = if nodelay { "nodelay" } else { "nagle" };
+            report(&format!("first_request {version} {kind}"), &mut samples);
+        }
+        let mut send = client.connect(h2, true).await;
+        let mut ttft = Vec::with_capacity(SSE_ROUNDS);
+        let mut gaps = Vec::new();
+        for _ in 0..SSE_ROUNDS {
+            let started = Instant::now();
+            let response = send(client.request("/bench/sse", h2)).await.unwrap();
+            assert!(response.status().is_success(), "{}", response.status());
+            let mut body = response.into_body();
+            let mut last: Option<Instant> = None;
+            while let Some(frame) = body.frame().await {
+                let frame = frame.unwrap();
+                if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                    let now = Instant::now();
+                    match last {
+                        None => ttft.push(now - started),
+                        Some(previous) => gaps.push(now - previous),
+                    }
+                    last = Some(now);
+                }
+            }
+        }
+        report(&format!("ttft {version}"), &mut ttft);
+        report(&format!("event_gap {version}"), &mut gaps);
+    }
+}
+
+fn report(name: &str, samples: &mut [Duration]) {
+    samples.sort();
+    let at = |q: f64| {
+        let index = ((samples.len() as f64 - 1.0) * q).round() as usize;
+        samples[index].as_secs_f64() * 1e3
+    };
+    println!("{name} p50_ms={:.3} p99_ms={:.3}", at(0.5), at(0.99));
+}
+
+async fn hold(addr: SocketAddr, dir: &Path, count: usize) {
+    let client = Client::new(&format!("https://{addr}"), dir);
+    let mut open = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut send = client.connect(false, true).await;
+        let response = send(client.request("/bench/1k", false)).await.unwrap();
+        response.into_body().collect().await.unwrap();
+        open.push(send);
+    }
+    println!("ready {count}");
+    // Blocks until the script closes our stdin; the connections stay open meanwhile.
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+    })
+    .await;
+    drop(open);
+}
