@@ -44,6 +44,7 @@ fn state(dir: &std::path::Path) -> AdminState {
     AdminState {
         metrics,
         ready: AtomicBool::new(true),
+        draining: AtomicBool::new(false),
         audit,
         inventory: Arc::new(crate::inventory::Inventory::new()),
         identity: identity(),
