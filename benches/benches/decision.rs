@@ -1,5 +1,10 @@
 //! The decision path of one request (classify → build the Cedar request → evaluate both the
-//! allow and the deny case) over policy sets of 10, 100 and 1000 policies.
+//! allow and the deny case) over policy sets of 10, 100, 1,000 and 10,000 policies, one per
+//! agent (the shape a security team writing a policy per workload reaches).
+//!
+//! `allow` and `deny` use an agent prepared once, as a connection does
+//! ([`PolicyEngine::prepare_agent`]); `allow_unprepared` builds the agent per request, as
+//! [`PolicyEngine::evaluate`] does; `delegated` adds the user question.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -7,47 +12,82 @@
 )]
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use portcullis_core::{Decision, SpiffeId};
-use portcullis_policy::{AuthzInput, Mode, PolicyEngine, RequestInfo};
+use portcullis_core::{Decision, SpiffeId, UserClaims};
+use portcullis_policy::{AuthzInput, Mode, PolicyEngine, PreparedAgent, RequestInfo};
 use portcullis_proxy::classify::classify;
 
-fn decide(engine: &PolicyEngine, agent: &SpiffeId, path: &str) -> Decision {
+fn decide(
+    engine: &PolicyEngine,
+    agent: &SpiffeId,
+    prepared: Option<&PreparedAgent>,
+    user: Option<&UserClaims>,
+    path: &str,
+) -> Decision {
     let classified = classify(&[], "GET", path, "orders.internal").unwrap();
-    engine
-        .evaluate(&AuthzInput {
-            agent,
-            user: None,
-            action: classified.action,
-            resource: &classified.resource,
-            request: RequestInfo {
-                method: "GET",
-                path,
-                host: "orders.internal",
-                client_address: "10.0.0.7",
-            },
-            protocol_context: Vec::new(),
-            now: 1_700_000_000,
-        })
-        .decision
+    let input = AuthzInput {
+        agent,
+        user,
+        action: classified.action,
+        resource: &classified.resource,
+        request: RequestInfo {
+            method: "GET",
+            path,
+            host: "orders.internal",
+            client_address: "10.0.0.7",
+        },
+        protocol_context: Vec::new(),
+        now: 1_700_000_000,
+    };
+    match prepared {
+        Some(prepared) => engine.evaluate_prepared(prepared, &input).decision,
+        None => engine.evaluate(&input).decision,
+    }
 }
 
 fn decision_path(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision");
-    for n in [10usize, 100, 1000] {
+    for n in [10usize, 100, 1_000, 10_000] {
         let dir = tempfile::tempdir().unwrap();
         portcullis_benches::write_policy_set(dir.path(), n);
         let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
         let team = n / 2;
         let agent =
             SpiffeId::parse(&format!("spiffe://prod.example.org/ns/team{team}/sa/agent")).unwrap();
+        let prepared = engine.prepare_agent(&agent);
+        let user = UserClaims {
+            subject: "alice".to_owned(),
+            issuer: "https://idp.example.org".to_owned(),
+            scopes: vec!["orders.read".to_owned()],
+            email: None,
+            groups: vec!["support".to_owned()],
+            actor_chain: vec![agent.as_str().to_owned()],
+            expires_at: 0,
+        };
         let allowed = format!("/api/team{team}/orders/17");
-        assert_eq!(decide(&engine, &agent, &allowed), Decision::Allow);
-        assert_eq!(decide(&engine, &agent, "/other"), Decision::Deny);
+        let p = Some(&prepared);
+        assert_eq!(decide(&engine, &agent, p, None, &allowed), Decision::Allow);
+        assert_eq!(
+            decide(&engine, &agent, None, None, &allowed),
+            Decision::Allow
+        );
+        assert_eq!(decide(&engine, &agent, p, None, "/other"), Decision::Deny);
+        // The generated set has no user policies: the user question denies, after both
+        // questions were asked.
+        assert_eq!(
+            decide(&engine, &agent, p, Some(&user), &allowed),
+            Decision::Deny
+        );
         group.bench_with_input(BenchmarkId::new("allow", n), &n, |b, _| {
-            b.iter(|| decide(&engine, &agent, &allowed));
+            b.iter(|| decide(&engine, &agent, p, None, &allowed));
         });
         group.bench_with_input(BenchmarkId::new("deny", n), &n, |b, _| {
-            b.iter(|| decide(&engine, &agent, "/other"));
+            b.iter(|| decide(&engine, &agent, p, None, "/other"));
+        });
+        group.bench_with_input(BenchmarkId::new("allow_unprepared", n), &n, |b, _| {
+            b.iter(|| decide(&engine, &agent, None, None, &allowed));
+        });
+        group.bench_with_input(BenchmarkId::new("delegated", n), &n, |b, _| {
+            b.iter(|| decide(&engine, &agent, p, Some(&user), &allowed));
         });
     }
     group.finish();

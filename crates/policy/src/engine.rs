@@ -3,12 +3,14 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
+use arc_swap::ArcSwapOption;
 use cedar_policy::{
-    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, Request,
-    RestrictedExpression,
+    Authorizer, Context, Decision as CedarDecision, Entities, Entity, EntityUid, PolicySet,
+    Request, RestrictedExpression,
 };
 use portcullis_core::{Action, Decision, Resource, SpiffeId, UserClaims};
 
+use crate::index::{ScopeRequest, Target};
 use crate::load::{PolicySnapshot, entity_uid};
 use crate::{Mode, Permit};
 
@@ -68,15 +70,96 @@ impl Evaluation {
     }
 }
 
+/// Which policies a query hands to Cedar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Selection {
+    /// Those whose scope matches the request (the index): what the proxy uses.
+    Indexed,
+    /// The whole set, as Cedar alone would: the reference the differential test compares
+    /// the index against.
+    #[cfg(test)]
+    Everything,
+}
+
+/// What evaluation needs about the calling agent, built against one snapshot (its parents
+/// come from that snapshot's entities.json).
+#[derive(Debug)]
+pub(crate) struct AgentParts {
+    generation: u64,
+    principal: Entity,
+    ancestors: HashSet<EntityUid>,
+    /// `context.agent`, the same in the agent and the user question.
+    context: RestrictedExpression,
+}
+
+/// The agent of one connection, prepared once for all its requests (identity is fixed per
+/// connection, DESIGN: "Identity is computed once per connection"): its Cedar entity, its
+/// parents from entities.json and its `context.agent` record. After a policy reload it
+/// rebuilds itself on the next request, so it never carries parents of a set no longer in
+/// force. Get one from [`crate::PolicyEngine::prepare_agent`].
+#[derive(Debug)]
+pub struct PreparedAgent {
+    id: SpiffeId,
+    parts: ArcSwapOption<AgentParts>,
+}
+
+impl PreparedAgent {
+    pub(crate) fn new(id: SpiffeId, snapshot: &PolicySnapshot) -> Self {
+        let prepared = Self {
+            id,
+            parts: ArcSwapOption::empty(),
+        };
+        // A failure here is reported by the first evaluation, which retries.
+        let _ = prepared.parts_for(snapshot);
+        prepared
+    }
+
+    pub fn agent(&self) -> &SpiffeId {
+        &self.id
+    }
+
+    /// The parts for `snapshot`: cached, or rebuilt when the set in force changed.
+    fn parts_for(&self, snapshot: &PolicySnapshot) -> Result<Arc<AgentParts>, String> {
+        if let Some(parts) = self.parts.load_full()
+            && parts.generation == snapshot.generation
+        {
+            return Ok(parts);
+        }
+        let parts = Arc::new(snapshot.agent_parts(&self.id)?);
+        self.parts.store(Some(parts.clone()));
+        Ok(parts)
+    }
+}
+
+/// A principal as one question needs it: its entity, and the ancestors the request's
+/// entities must contain.
+struct Principal<'p> {
+    entity: Entity,
+    ancestors: &'p HashSet<EntityUid>,
+}
+
 impl PolicySnapshot {
     pub(crate) fn evaluate(
         &self,
         input: &AuthzInput<'_>,
+        prepared: Option<&PreparedAgent>,
         mode: Mode,
         hash: Arc<str>,
+        selection: Selection,
     ) -> Evaluation {
-        let agent = self.ask_agent(input);
-        let user = input.user.map(|user| self.ask_user(input, user));
+        let (agent, user) = match self.agent_for(input.agent, prepared) {
+            Ok(parts) => (
+                self.ask_agent(input, &parts, selection),
+                input
+                    .user
+                    .map(|user| self.ask_user(input, user, &parts, selection)),
+            ),
+            // Cannot happen for a parsed SPIFFE ID; if it did, no question can be asked.
+            Err(e) => {
+                let outcome = failed(format!("agent entity: {e}"));
+                (outcome.clone(), input.user.map(|_| outcome))
+            }
+        };
         let allowed = agent.allowed && user.as_ref().is_none_or(|u| u.allowed);
         let needs_approval = allowed
             && agent
@@ -106,24 +189,57 @@ impl PolicySnapshot {
         }
     }
 
-    fn ask_agent(&self, input: &AuthzInput<'_>) -> QueryOutcome {
-        let principal = match self.agent_entity(input.agent) {
-            Ok(entity) => entity,
-            Err(e) => return failed(format!("agent entity: {e}")),
-        };
-        self.ask(principal, input)
+    /// The prepared agent's parts when it names this request's agent, else built now.
+    fn agent_for(
+        &self,
+        agent: &SpiffeId,
+        prepared: Option<&PreparedAgent>,
+    ) -> Result<Arc<AgentParts>, String> {
+        match prepared {
+            Some(prepared) if prepared.id == *agent => prepared.parts_for(self),
+            _ => self.agent_parts(agent).map(Arc::new),
+        }
     }
 
-    fn ask_user(&self, input: &AuthzInput<'_>, user: &UserClaims) -> QueryOutcome {
-        let principal = match self.user_entity(user) {
+    fn ask_agent(
+        &self,
+        input: &AuthzInput<'_>,
+        agent: &AgentParts,
+        selection: Selection,
+    ) -> QueryOutcome {
+        let principal = Principal {
+            entity: agent.principal.clone(),
+            ancestors: &agent.ancestors,
+        };
+        self.ask(principal, &agent.context, input, selection)
+    }
+
+    fn ask_user(
+        &self,
+        input: &AuthzInput<'_>,
+        user: &UserClaims,
+        agent: &AgentParts,
+        selection: Selection,
+    ) -> QueryOutcome {
+        let (entity, ancestors) = match self.user_entity(user) {
             Ok(entity) => entity,
             Err(e) => return failed(format!("user entity: {e}")),
         };
-        self.ask(principal, input)
+        let principal = Principal {
+            entity,
+            ancestors: &ancestors,
+        };
+        self.ask(principal, &agent.context, input, selection)
     }
 
-    fn ask(&self, principal: (Entity, HashSet<EntityUid>), input: &AuthzInput<'_>) -> QueryOutcome {
-        match self.try_ask(principal, input) {
+    fn ask(
+        &self,
+        principal: Principal<'_>,
+        agent_context: &RestrictedExpression,
+        input: &AuthzInput<'_>,
+        selection: Selection,
+    ) -> QueryOutcome {
+        match self.try_ask(principal, agent_context, input, selection) {
             Ok(outcome) => outcome,
             Err(e) => failed(e),
         }
@@ -131,26 +247,51 @@ impl PolicySnapshot {
 
     fn try_ask(
         &self,
-        (principal, principal_ancestors): (Entity, HashSet<EntityUid>),
+        principal: Principal<'_>,
+        agent_context: &RestrictedExpression,
         input: &AuthzInput<'_>,
+        selection: Selection,
     ) -> Result<QueryOutcome, String> {
-        let action = entity_uid("Action", input.action.name())?;
+        let action = self.action_uid(input.action)?;
         let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
         // Built from Cedar values directly (parsing JSON against the schema costs several
         // times the whole evaluation); `Request::new` below validates it against the schema.
-        let context = Context::from_pairs(context_pairs(input, &self.tool_arguments)?)
-            .map_err(|e| format!("context: {e}"))?;
+        let context = Context::from_pairs(context_pairs(
+            input,
+            agent_context.clone(),
+            &self.tool_arguments,
+        )?)
+        .map_err(|e| format!("context: {e}"))?;
+        let principal_uid = principal.entity.uid();
+        let resource_uid = resource.uid();
         let request = Request::new(
-            principal.uid(),
+            principal_uid.clone(),
             action.clone(),
-            resource.uid(),
+            resource_uid.clone(),
             context,
             Some(&self.schema),
         )
         .map_err(|e| format!("request: {e}"))?;
-        let ancestors = principal_ancestors.union(&resource_ancestors);
-        let entities = self.request_entities(principal, resource, &action, ancestors)?;
-        let response = Authorizer::new().is_authorized(&request, &self.policies, &entities);
+        let ancestors = principal.ancestors.union(&resource_ancestors);
+        let entities = self.request_entities(principal.entity, resource, &action, ancestors)?;
+        let selected: Arc<PolicySet>;
+        let policies = match selection {
+            Selection::Indexed => {
+                let target = |uid| Target {
+                    uid,
+                    entities: &entities,
+                };
+                selected = self.index.select(ScopeRequest {
+                    principal: target(&principal_uid),
+                    action: target(&action),
+                    resource: target(&resource_uid),
+                })?;
+                &*selected
+            }
+            #[cfg(test)]
+            Selection::Everything => &self.index.all,
+        };
+        let response = Authorizer::new().is_authorized(&request, policies, &entities);
         let diagnostics = response.diagnostics();
         let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
         Ok(QueryOutcome {
@@ -160,7 +301,15 @@ impl PolicySnapshot {
         })
     }
 
-    fn agent_entity(&self, id: &SpiffeId) -> Result<(Entity, HashSet<EntityUid>), String> {
+    fn action_uid(&self, action: Action) -> Result<EntityUid, String> {
+        match self.action_lineage.get(action.name()) {
+            Some((uid, _)) => Ok(uid.clone()),
+            // Not in the schema: `Request::new` reports it, as for any undeclared action.
+            None => entity_uid("Action", action.name()),
+        }
+    }
+
+    pub(crate) fn agent_parts(&self, id: &SpiffeId) -> Result<AgentParts, String> {
         let uid = entity_uid("Agent", id.as_str())?;
         let mut attrs = HashMap::from([
             ("trust_domain".to_owned(), string(id.trust_domain_name())),
@@ -170,8 +319,18 @@ impl PolicySnapshot {
             attrs.insert("namespace".to_owned(), string(namespace));
             attrs.insert("service_account".to_owned(), string(service_account));
         }
-        let parents = self.declared_ancestors(&uid);
-        with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
+        let ancestors = self.declared_ancestors(&uid);
+        let principal = Entity::new(uid, attrs, ancestors.clone()).map_err(|e| e.to_string())?;
+        let context = record(vec![
+            ("id", string(id.as_str())),
+            ("trust_domain", string(id.trust_domain_name())),
+        ])?;
+        Ok(AgentParts {
+            generation: self.generation,
+            principal,
+            ancestors,
+            context,
+        })
     }
 
     fn user_entity(&self, user: &UserClaims) -> Result<(Entity, HashSet<EntityUid>), String> {
@@ -235,8 +394,8 @@ impl PolicySnapshot {
     ) -> Result<Entities, String> {
         let lineage = self
             .action_lineage
-            .get(action)
-            .map_or(&[][..], Vec::as_slice);
+            .get(action.id().unescaped())
+            .map_or(&[][..], |(_, lineage)| lineage.as_slice());
         let mut list = Vec::with_capacity(lineage.len() + 4);
         list.extend(ancestors.filter_map(|uid| self.entities.get(uid)).cloned());
         list.push(principal);
@@ -256,13 +415,11 @@ fn with_ancestors(
 /// The Cedar context of the shipped schema (`HttpContext`, `ModelContext`, `McpContext`).
 fn context_pairs(
     input: &AuthzInput<'_>,
+    agent: RestrictedExpression,
     tool_arguments: &crate::arguments::ToolArgumentShapes,
 ) -> Result<Vec<(String, RestrictedExpression)>, String> {
-    let record = |pairs: Vec<(&str, RestrictedExpression)>| {
-        RestrictedExpression::new_record(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
-            .map_err(|e| e.to_string())
-    };
-    let mut pairs = vec![
+    let mut pairs = Vec::with_capacity(5 + input.protocol_context.len());
+    pairs.extend([
         (
             "request".to_owned(),
             record(vec![
@@ -272,19 +429,13 @@ fn context_pairs(
                 ("client_address", string(input.request.client_address)),
             ])?,
         ),
-        (
-            "agent".to_owned(),
-            record(vec![
-                ("id", string(input.agent.as_str())),
-                ("trust_domain", string(input.agent.trust_domain_name())),
-            ])?,
-        ),
+        ("agent".to_owned(), agent),
         (
             "delegated".to_owned(),
             RestrictedExpression::new_bool(input.user.is_some()),
         ),
         ("now".to_owned(), RestrictedExpression::new_long(input.now)),
-    ];
+    ]);
     if let Some(user) = input.user {
         pairs.push((
             "user".to_owned(),
@@ -309,6 +460,11 @@ fn context_pairs(
         }
     }
     Ok(pairs)
+}
+
+fn record(pairs: Vec<(&str, RestrictedExpression)>) -> Result<RestrictedExpression, String> {
+    RestrictedExpression::new_record(pairs.into_iter().map(|(k, v)| (k.to_owned(), v)))
+        .map_err(|e| e.to_string())
 }
 
 /// A JSON value as a Cedar value: arrays become sets, objects records. `null` and fractional

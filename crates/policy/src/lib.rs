@@ -8,14 +8,16 @@
 
 mod arguments;
 mod engine;
+mod index;
 mod load;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use portcullis_core::SpiffeId;
 
-pub use engine::{AuthzInput, Evaluation, QueryOutcome, RequestInfo};
+pub use engine::{AuthzInput, Evaluation, PreparedAgent, QueryOutcome, RequestInfo};
 pub use load::{ENTITIES_FILE, LoadError, PolicySnapshot, SCHEMA_FILE};
 
 /// `policy.mode`.
@@ -117,10 +119,31 @@ impl PolicyEngine {
 
     /// Decides one request against the set in force at this instant.
     pub fn evaluate(&self, input: &AuthzInput<'_>) -> Evaluation {
+        self.decide(input, None)
+    }
+
+    /// Prepares `agent` for [`PolicyEngine::evaluate_prepared`]: build it once per
+    /// connection, when the peer's SPIFFE ID is known, rather than once per request.
+    pub fn prepare_agent(&self, agent: &SpiffeId) -> PreparedAgent {
+        PreparedAgent::new(agent.clone(), &self.current.load().snapshot)
+    }
+
+    /// [`PolicyEngine::evaluate`] with the agent built ahead. The same decision in every
+    /// case: a prepared agent built against an older set rebuilds itself, and one that does
+    /// not name `input.agent` is ignored.
+    pub fn evaluate_prepared(&self, agent: &PreparedAgent, input: &AuthzInput<'_>) -> Evaluation {
+        self.decide(input, Some(agent))
+    }
+
+    fn decide(&self, input: &AuthzInput<'_>, agent: Option<&PreparedAgent>) -> Evaluation {
         let current = self.current.load();
-        current
-            .snapshot
-            .evaluate(input, self.mode, current.hash.clone())
+        current.snapshot.evaluate(
+            input,
+            agent,
+            self.mode,
+            current.hash.clone(),
+            engine::Selection::Indexed,
+        )
     }
 }
 
@@ -131,5 +154,7 @@ impl Current {
     }
 }
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod tests;

@@ -9,14 +9,20 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use cedar_policy::{
-    Entities, Entity, EntityUid, PolicyId, PolicySet, Schema, ValidationMode, Validator,
+    Entities, Entity, EntityTypeName, EntityUid, PolicyId, PolicySet, Schema, ValidationMode,
+    Validator,
 };
 use portcullis_core::SpiffeId;
 use sha2::{Digest, Sha256};
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
+
+/// Source of [`PolicySnapshot::generation`].
+static GENERATION: AtomicU64 = AtomicU64::new(0);
 pub const ENTITIES_FILE: &str = "entities.json";
 
 /// One reason a policy directory cannot be loaded, tied to the file it concerns.
@@ -40,13 +46,15 @@ impl std::error::Error for LoadError {}
 #[derive(Debug)]
 pub struct PolicySnapshot {
     pub(crate) schema: Schema,
-    pub(crate) policies: PolicySet,
+    /// The policies, bucketed by scope: a request evaluates only those that can apply (see
+    /// `index`).
+    pub(crate) index: crate::index::PolicyIndex,
     /// Memberships from entities.json, with transitive closure computed.
     pub(crate) entities: Entities,
-    /// For each action of the schema: its entity and the entities of the groups above it
-    /// (`Action::"GET"` → `GET`, `read`). A request carries only its own action's lineage,
-    /// which is all `action in ...` needs.
-    pub(crate) action_lineage: HashMap<EntityUid, Vec<Entity>>,
+    /// For each action of the schema, by name: its uid, and its entity with the entities of
+    /// the groups above it (`GET` → `Action::"GET"`, [`GET`, `read`]). A request carries only
+    /// its own action's lineage, which is all `action in ...` needs.
+    pub(crate) action_lineage: HashMap<String, (EntityUid, Vec<Entity>)>,
     /// Policy ids annotated `@approval("required")`.
     pub(crate) approval_required: HashSet<String>,
     /// The per-tool argument records of `ToolArguments`, for projecting `tools/call`
@@ -54,6 +62,9 @@ pub struct PolicySnapshot {
     pub(crate) tool_arguments: crate::arguments::ToolArgumentShapes,
     /// SHA-256 over every file name and content, hex: the `policy_hash` of audit records.
     pub hash: String,
+    /// Unique per loaded snapshot (unlike `hash`, which a reload back to old files repeats):
+    /// what a [`crate::PreparedAgent`] checks to know it was built against this snapshot.
+    pub(crate) generation: u64,
     pub policy_count: usize,
 }
 
@@ -167,7 +178,7 @@ impl PolicySnapshot {
                     if let Some(ancestors) = actions.ancestors(&uid) {
                         lineage.extend(ancestors.filter_map(|a| actions.get(a)).cloned());
                     }
-                    (uid, lineage)
+                    (uid.id().unescaped().to_owned(), (uid, lineage))
                 })
                 .collect(),
             Err(e) => {
@@ -185,12 +196,13 @@ impl PolicySnapshot {
         Ok(Self {
             schema,
             policy_count: policies.policies().count(),
-            policies,
+            index: crate::index::PolicyIndex::new(&policies),
             entities,
             action_lineage,
             approval_required,
             tool_arguments,
             hash: content_hash(&files),
+            generation: GENERATION.fetch_add(1, Ordering::Relaxed),
         })
     }
 
@@ -317,8 +329,33 @@ pub(crate) fn agent_attrs_json(id: &SpiffeId) -> serde_json::Value {
     attrs
 }
 
+/// The entity types of the shipped schema, parsed once: parsing a type name runs Cedar's
+/// parser, which cost more than the rest of building a request's entities.
+static KNOWN_TYPES: LazyLock<HashMap<&'static str, EntityTypeName>> = LazyLock::new(|| {
+    [
+        "Agent",
+        "AgentGroup",
+        "User",
+        "Group",
+        "Action",
+        "Route",
+        "Model",
+        "ModelGroup",
+        "Tool",
+        "ToolGroup",
+        "McpResource",
+        "Prompt",
+    ]
+    .into_iter()
+    .filter_map(|name| Some((name, EntityTypeName::from_str(name).ok()?)))
+    .collect()
+});
+
 pub(crate) fn entity_uid(kind: &str, id: &str) -> Result<EntityUid, String> {
-    let kind = cedar_policy::EntityTypeName::from_str(kind).map_err(|e| e.to_string())?;
+    let kind = match KNOWN_TYPES.get(kind) {
+        Some(kind) => kind.clone(),
+        None => EntityTypeName::from_str(kind).map_err(|e| e.to_string())?,
+    };
     Ok(EntityUid::from_type_name_and_id(
         kind,
         cedar_policy::EntityId::new(id),

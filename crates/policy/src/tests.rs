@@ -299,3 +299,59 @@ fn a_context_the_schema_does_not_declare_denies() {
         "{evaluation:?}"
     );
 }
+
+#[test]
+fn a_prepared_agent_decides_as_evaluate_and_follows_reloads() {
+    let member = r#"[{"uid": {"type": "AgentGroup", "id": "support-agents"}, "parents": []},
+        {"uid": {"type": "Agent", "id": "spiffe://prod.example.org/ns/support/sa/triage-agent"},
+         "parents": [{"type": "AgentGroup", "id": "support-agents"}]}]"#;
+    let dir = policy_dir(
+        r#"@id("support") permit (principal in AgentGroup::"support-agents", action, resource)
+        when { context.agent.id == "spiffe://prod.example.org/ns/support/sa/triage-agent" };"#,
+        Some(r#"[{"uid": {"type": "AgentGroup", "id": "support-agents"}, "parents": []}]"#),
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let agent = SpiffeId::parse(TRIAGE).unwrap();
+    let prepared = engine.prepare_agent(&agent);
+    assert_eq!(prepared.agent(), &agent);
+    let resource = route("/x", "GET");
+    let input = |agent| AuthzInput {
+        agent,
+        user: None,
+        action: Action::Get,
+        resource: &resource,
+        request: RequestInfo {
+            method: "GET",
+            path: "/x",
+            host: "orders.internal",
+            client_address: "127.0.0.1",
+        },
+        protocol_context: Vec::new(),
+        now: 1_700_000_000,
+    };
+    assert_eq!(
+        engine.evaluate_prepared(&prepared, &input(&agent)).decision,
+        Decision::Deny
+    );
+
+    // entities.json now puts the agent in the group: the prepared agent must not keep the
+    // parents it was built with.
+    std::fs::write(dir.path().join(ENTITIES_FILE), member).unwrap();
+    assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
+    let evaluation = engine.evaluate_prepared(&prepared, &input(&agent));
+    assert_eq!(evaluation.decision, Decision::Allow, "{evaluation:?}");
+    assert_eq!(evaluation.agent.determining, vec!["support".to_owned()]);
+    assert_eq!(engine.evaluate(&input(&agent)).decision, Decision::Allow);
+
+    // Prepared for another agent: ignored, the request's own agent is decided.
+    let other = SpiffeId::parse(BILLING).unwrap();
+    assert_eq!(
+        engine.evaluate_prepared(&prepared, &input(&other)).decision,
+        Decision::Deny
+    );
+    let billing = engine.prepare_agent(&other);
+    assert_eq!(
+        engine.evaluate_prepared(&billing, &input(&agent)).decision,
+        Decision::Allow
+    );
+}

@@ -1,0 +1,341 @@
+//! Which policies can apply to a request, found from their scopes rather than by evaluating
+//! every policy of the set.
+//!
+//! Cedar evaluates a policy as `principal-scope && action-scope && resource-scope && body`,
+//! left to right with short-circuiting, and no scope constraint can error (`==`, `in` and `is`
+//! on entity references are total). A policy whose scope does not match the request is
+//! therefore `false` without error: it can be neither determining nor erroring, and leaving it
+//! out changes neither the decision, nor the determining policies, nor the errors. That is the
+//! whole argument for this module, and the differential test (`tests::differential`) keeps it
+//! honest.
+//!
+//! The index is an optimisation behind [`crate::PolicyEngine::evaluate`], never a second
+//! semantics:
+//! - scope matching uses the request's own [`Entities`] (the same store Cedar evaluates
+//!   against), so `in` sees declared parents, parents added per request (token groups) and
+//!   the action hierarchy exactly as Cedar does;
+//! - the selected policies keep the order of the full set, which is Cedar's evaluation order
+//!   and so the order of the errors it reports;
+//! - it is built with the snapshot and swapped with it on reload.
+//!
+//! What it does not do: look inside `when`/`unless` bodies (a condition on `principal` is
+//! evaluated by Cedar as before), or support templates (the loader refuses them).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use cedar_policy::{
+    ActionConstraint, Entities, EntityTypeName, EntityUid, Policy, PolicySet, PrincipalConstraint,
+    ResourceConstraint,
+};
+
+/// Upper bound on the policies held by cached sub-sets, summed over all entries. A sub-set is
+/// keyed by exactly which policies it holds, so the number of distinct keys is bounded by the
+/// distinct (principal, groups, action, resource) shapes callers produce; the budget keeps an
+/// adversarial mix of them from growing memory. Each cached policy costs roughly its source
+/// text plus a few hundred bytes.
+const CACHE_POLICY_BUDGET: usize = 16 * 1024;
+
+/// A policy's position in the full set: Cedar's evaluation order.
+type Position = u32;
+
+/// The policies of one snapshot, bucketed by one scope constraint each.
+#[derive(Debug)]
+pub(crate) struct PolicyIndex {
+    /// Every policy, in the order of the full set.
+    policies: Vec<Policy>,
+    scopes: Vec<Scope>,
+    buckets: Buckets,
+    cache: RwLock<SubsetCache>,
+    /// The whole set as loaded: what the differential test compares the index against.
+    #[cfg(test)]
+    pub(crate) all: PolicySet,
+}
+
+/// A policy's scope, as Cedar exposes it.
+#[derive(Debug)]
+struct Scope {
+    principal: PrincipalConstraint,
+    action: ActionConstraint,
+    resource: ResourceConstraint,
+}
+
+/// Each policy sits in exactly one bucket (or two or more for `action in [A, B]`), chosen by
+/// the most selective constraint of its scope. A request collects the buckets its principal,
+/// action and resource can hit; the exact scope check then drops false candidates. Every
+/// policy whose scope matches is in a bucket the request hits, because each bucket key is a
+/// necessary condition of the constraint it came from.
+#[derive(Debug, Default)]
+struct Buckets {
+    /// `principal == E`.
+    principal_eq: HashMap<EntityUid, Vec<Position>>,
+    /// `principal in E` and `principal is T in E`: hit by the principal and its ancestors.
+    principal_in: HashMap<EntityUid, Vec<Position>>,
+    resource_eq: HashMap<EntityUid, Vec<Position>>,
+    resource_in: HashMap<EntityUid, Vec<Position>>,
+    /// `action == A`.
+    action_eq: HashMap<EntityUid, Vec<Position>>,
+    /// `action in [A, ...]`: hit by the action and its groups.
+    action_in: HashMap<EntityUid, Vec<Position>>,
+    principal_is: HashMap<EntityTypeName, Vec<Position>>,
+    resource_is: HashMap<EntityTypeName, Vec<Position>>,
+    /// Scopes with nothing to key on (`permit (principal, action, resource)`): always
+    /// candidates.
+    unconstrained: Vec<Position>,
+}
+
+/// Sub-sets already built, keyed by the positions they hold.
+#[derive(Debug, Default)]
+struct SubsetCache {
+    sets: HashMap<Box<[Position]>, Arc<PolicySet>>,
+    policies_held: usize,
+}
+
+/// The request's side of scope matching: one entity of the request and the store that knows
+/// its ancestors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Target<'a> {
+    pub(crate) uid: &'a EntityUid,
+    pub(crate) entities: &'a Entities,
+}
+
+impl<'a> Target<'a> {
+    /// Cedar's `uid in group`: equal, or a descendant in the request's entities.
+    fn is_in(self, group: &EntityUid) -> bool {
+        self.uid == group || self.entities.is_ancestor_of(group, self.uid)
+    }
+
+    /// The uid itself, then its ancestors: every `in` bucket key that can hold it.
+    fn lineage(self) -> impl Iterator<Item = &'a EntityUid> {
+        let ancestors = self.entities.ancestors(self.uid).into_iter().flatten();
+        std::iter::once(self.uid).chain(ancestors)
+    }
+}
+
+/// The three scope targets of one request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ScopeRequest<'a> {
+    pub(crate) principal: Target<'a>,
+    pub(crate) action: Target<'a>,
+    pub(crate) resource: Target<'a>,
+}
+
+impl PolicyIndex {
+    /// Indexes `set`, which must hold static policies only (the loader guarantees it).
+    pub(crate) fn new(set: &PolicySet) -> Self {
+        let policies: Vec<Policy> = set.policies().cloned().collect();
+        let scopes: Vec<Scope> = policies.iter().map(Scope::of).collect();
+        let mut buckets = Buckets::default();
+        for (position, scope) in (0..).zip(&scopes) {
+            buckets.insert(position, scope);
+        }
+        Self {
+            policies,
+            scopes,
+            buckets,
+            cache: RwLock::new(SubsetCache::default()),
+            #[cfg(test)]
+            all: set.clone(),
+        }
+    }
+
+    /// The policies whose scope matches `request`, as a set Cedar can evaluate.
+    pub(crate) fn select(&self, request: ScopeRequest<'_>) -> Result<Arc<PolicySet>, String> {
+        let positions = self.matching(request);
+        if let Some(set) = self.cached(&positions) {
+            return Ok(set);
+        }
+        let set = Arc::new(self.subset(&positions)?);
+        self.remember(positions, &set);
+        Ok(set)
+    }
+
+    /// Positions of the policies whose scope matches, ascending (the full set's order).
+    fn matching(&self, request: ScopeRequest<'_>) -> Vec<Position> {
+        let mut positions: Vec<Position> = self
+            .buckets
+            .candidates(request)
+            .filter(|&p| self.scopes[p as usize].matches(request))
+            .collect();
+        positions.sort_unstable();
+        // `action in [A, B]` sits in two buckets, and a request may hit both.
+        positions.dedup();
+        positions
+    }
+
+    fn subset(&self, positions: &[Position]) -> Result<PolicySet, String> {
+        let mut set = PolicySet::new();
+        for &position in positions {
+            // Static policies with unique ids from a valid set always add. Were one refused,
+            // a missing forbid could open the door, so the query fails (and denies) instead.
+            set.add(self.policies[position as usize].clone())
+                .map_err(|e| format!("policy index: {e}"))?;
+        }
+        Ok(set)
+    }
+
+    fn cached(&self, positions: &[Position]) -> Option<Arc<PolicySet>> {
+        let cache = self
+            .cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        cache.sets.get(positions).cloned()
+    }
+
+    fn remember(&self, positions: Vec<Position>, set: &Arc<PolicySet>) {
+        if positions.len() > CACHE_POLICY_BUDGET / 4 {
+            // A huge sub-set costs as much to evaluate as to build; do not let it evict many
+            // small ones.
+            return;
+        }
+        let mut cache = self
+            .cache
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if cache.policies_held + positions.len() > CACHE_POLICY_BUDGET {
+            // Crude but bounded: shapes seen again are rebuilt on their next request.
+            cache.sets.clear();
+            cache.policies_held = 0;
+        }
+        cache.policies_held += positions.len();
+        cache.sets.insert(positions.into_boxed_slice(), set.clone());
+    }
+
+    #[cfg(test)]
+    pub(crate) fn cached_sets(&self) -> usize {
+        self.cache
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .sets
+            .len()
+    }
+}
+
+impl Scope {
+    fn of(policy: &Policy) -> Self {
+        Self {
+            principal: policy.principal_constraint(),
+            action: policy.action_constraint(),
+            resource: policy.resource_constraint(),
+        }
+    }
+
+    /// Cedar's scope semantics, evaluated against the request's entities.
+    fn matches(&self, request: ScopeRequest<'_>) -> bool {
+        principal_matches(&self.principal, request.principal)
+            && action_matches(&self.action, request.action)
+            && resource_matches(&self.resource, request.resource)
+    }
+}
+
+fn principal_matches(constraint: &PrincipalConstraint, target: Target<'_>) -> bool {
+    match constraint {
+        PrincipalConstraint::Any => true,
+        PrincipalConstraint::Eq(uid) => target.uid == uid,
+        PrincipalConstraint::In(group) => target.is_in(group),
+        PrincipalConstraint::Is(kind) => target.uid.type_name() == kind,
+        PrincipalConstraint::IsIn(kind, group) => {
+            target.uid.type_name() == kind && target.is_in(group)
+        }
+    }
+}
+
+fn resource_matches(constraint: &ResourceConstraint, target: Target<'_>) -> bool {
+    match constraint {
+        ResourceConstraint::Any => true,
+        ResourceConstraint::Eq(uid) => target.uid == uid,
+        ResourceConstraint::In(group) => target.is_in(group),
+        ResourceConstraint::Is(kind) => target.uid.type_name() == kind,
+        ResourceConstraint::IsIn(kind, group) => {
+            target.uid.type_name() == kind && target.is_in(group)
+        }
+    }
+}
+
+fn action_matches(constraint: &ActionConstraint, target: Target<'_>) -> bool {
+    match constraint {
+        ActionConstraint::Any => true,
+        ActionConstraint::Eq(uid) => target.uid == uid,
+        ActionConstraint::In(groups) => groups.iter().any(|group| target.is_in(group)),
+    }
+}
+
+impl Buckets {
+    /// Files `position` under its most selective constraint: a named principal or resource
+    /// first (per-agent policies), then the action, then an entity type.
+    fn insert(&mut self, position: Position, scope: &Scope) {
+        let file = |map: &mut HashMap<EntityUid, Vec<Position>>, uid: &EntityUid| {
+            map.entry(uid.clone()).or_default().push(position);
+        };
+        match (&scope.principal, &scope.resource, &scope.action) {
+            (PrincipalConstraint::Eq(uid), _, _) => file(&mut self.principal_eq, uid),
+            (PrincipalConstraint::In(uid) | PrincipalConstraint::IsIn(_, uid), _, _) => {
+                file(&mut self.principal_in, uid);
+            }
+            (_, ResourceConstraint::Eq(uid), _) => file(&mut self.resource_eq, uid),
+            (_, ResourceConstraint::In(uid) | ResourceConstraint::IsIn(_, uid), _) => {
+                file(&mut self.resource_in, uid);
+            }
+            (_, _, ActionConstraint::Eq(uid)) => file(&mut self.action_eq, uid),
+            (_, _, ActionConstraint::In(groups)) if !groups.is_empty() => {
+                for group in groups {
+                    file(&mut self.action_in, group);
+                }
+            }
+            (PrincipalConstraint::Is(kind), _, _) => {
+                self.principal_is
+                    .entry(kind.clone())
+                    .or_default()
+                    .push(position);
+            }
+            (_, ResourceConstraint::Is(kind), _) => {
+                self.resource_is
+                    .entry(kind.clone())
+                    .or_default()
+                    .push(position);
+            }
+            // `action in []` never matches; it stays a candidate so the exact check, not the
+            // bucketing, is what decides that.
+            _ => self.unconstrained.push(position),
+        }
+    }
+
+    /// Every position the request can hit, possibly with repeats and false candidates.
+    fn candidates<'s>(&'s self, request: ScopeRequest<'s>) -> impl Iterator<Item = Position> + 's {
+        let by_uid = |map: &'s HashMap<EntityUid, Vec<Position>>, uid: &EntityUid| {
+            map.get(uid).map_or(&[][..], Vec::as_slice)
+        };
+        let by_type = |map: &'s HashMap<EntityTypeName, Vec<Position>>, uid: &EntityUid| {
+            map.get(uid.type_name()).map_or(&[][..], Vec::as_slice)
+        };
+        let principal = request.principal;
+        let action = request.action;
+        let resource = request.resource;
+        [
+            &self.unconstrained[..],
+            by_uid(&self.principal_eq, principal.uid),
+            by_uid(&self.resource_eq, resource.uid),
+            by_uid(&self.action_eq, action.uid),
+            by_type(&self.principal_is, principal.uid),
+            by_type(&self.resource_is, resource.uid),
+        ]
+        .into_iter()
+        .chain(
+            principal
+                .lineage()
+                .map(move |uid| by_uid(&self.principal_in, uid)),
+        )
+        .chain(
+            resource
+                .lineage()
+                .map(move |uid| by_uid(&self.resource_in, uid)),
+        )
+        .chain(
+            action
+                .lineage()
+                .map(move |uid| by_uid(&self.action_in, uid)),
+        )
+        .flatten()
+        .copied()
+    }
+}
