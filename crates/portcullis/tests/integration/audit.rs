@@ -64,7 +64,12 @@ fn hex(bytes: &[u8]) -> String {
 #[tokio::test]
 async fn slow_requests_hold_no_audit_capacity() {
     const SLOW: usize = 1_100;
-    let h = Harness::start().await;
+    // The in-flight caps (their own test is in `abuse`) are raised so that only audit
+    // capacity is in question here.
+    let h = Harness::builder()
+        .yaml("limits:\n  max_inflight_per_agent: 2000\n  max_inflight: 4000\n")
+        .start()
+        .await;
     let caller = h.caller(&h.svid(TRIAGE), HttpVersion::Http2);
     let mut connections = Vec::new();
     let mut in_flight = Vec::new();
