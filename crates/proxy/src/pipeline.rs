@@ -3,9 +3,9 @@
 //!
 //! 1. audit admission: before any work, so a sink that is behind pushes back and a failed
 //!    one fails closed, and every later outcome has a record; it reserves nothing, so a slow
-//!    request holds no audit capacity
-//! 1b. admit: a place among the requests in flight, per agent and in total, held until the
-//!    response body ends; over a cap the request is refused at once (429 / 503), audited
+//!    request holds no audit capacity; then admit: a place among the requests in flight, per
+//!    agent and in total, held until the response body ends; over a cap the request is
+//!    refused at once (429 / 503), audited
 //! 2. check framing: Host and request-target rules (RFC 9112 §3.2) and path ambiguity, before
 //!    classification reads them
 //! 3. classify: route → Cedar action + resource; on protocol routes (`openai`, `mcp`) the

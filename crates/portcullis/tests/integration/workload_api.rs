@@ -40,6 +40,7 @@ async fn the_workload_api_source_rotates_the_svid_and_follows_every_bundle_updat
     };
     agent.push(X509SvidResponse::new(SERVER_ID, &first, &roots(&[])));
     let root = ca.cert_der();
+    let own = vec![root.clone()];
     let h = Harness::builder()
         .workload_api(agent.endpoint(), ca)
         .start()
@@ -48,10 +49,10 @@ async fn the_workload_api_source_rotates_the_svid_and_follows_every_bundle_updat
     assert_eq!(h.served_leaf().await.unwrap(), first.cert_der.to_vec());
 
     // Rotation: new handshakes get the new SVID; a connection from before keeps working.
-    let triage = Caller::new(&[root.clone()], Some(&h.svid(TRIAGE)), HttpVersion::Http1).unwrap();
+    let triage = Caller::new(&own, Some(&h.svid(TRIAGE)), HttpVersion::Http1).unwrap();
     let mut established = triage.connect(h.addr).await.unwrap();
     let second = serving(&h.ca, 3);
-    agent.push(X509SvidResponse::new(SERVER_ID, &second, &[root.clone()]));
+    agent.push(X509SvidResponse::new(SERVER_ID, &second, &own));
     assert!(
         within_10s(async || h.served_leaf().await.as_deref() == Some(second.cert_der.as_ref()))
             .await,
@@ -67,7 +68,7 @@ async fn the_workload_api_source_rotates_the_svid_and_follows_every_bundle_updat
     // update no longer does, trusted again when it is back.
     let rotated_ca = Ca::new(TRUST_DOMAIN).unwrap();
     let rotated = Caller::new(
-        &[root.clone()],
+        &own,
         Some(&rotated_ca.svid(TRIAGE).unwrap()),
         HttpVersion::Http1,
     )
@@ -76,7 +77,7 @@ async fn the_workload_api_source_rotates_the_svid_and_follows_every_bundle_updat
     let with_both = vec![root.clone(), rotated_ca.cert_der()];
     agent.push(X509SvidResponse::new(SERVER_ID, &second, &with_both));
     assert!(within_10s(async || status(&rotated, &h).await == Ok(200)).await);
-    agent.push(X509SvidResponse::new(SERVER_ID, &second, &[root.clone()]));
+    agent.push(X509SvidResponse::new(SERVER_ID, &second, &own));
     assert!(
         within_10s(async || status(&rotated, &h).await == Err(true)).await,
         "a root removed by an update is still trusted"
@@ -88,7 +89,7 @@ async fn the_workload_api_source_rotates_the_svid_and_follows_every_bundle_updat
     // shipped policies then decide), and are refused in the handshake once one does not.
     let partner_ca = Ca::new(PARTNER).unwrap();
     let partner = Caller::new(
-        &[root.clone()],
+        &own,
         Some(
             &partner_ca
                 .svid("spiffe://partner.example.net/crawler")
@@ -99,11 +100,10 @@ async fn the_workload_api_source_rotates_the_svid_and_follows_every_bundle_updat
     .unwrap();
     assert_eq!(status(&partner, &h).await, Err(true));
     agent.push(
-        X509SvidResponse::new(SERVER_ID, &second, &[root.clone()])
-            .federate(PARTNER, &[partner_ca.cert_der()]),
+        X509SvidResponse::new(SERVER_ID, &second, &own).federate(PARTNER, &[partner_ca.cert_der()]),
     );
     assert!(within_10s(async || status(&partner, &h).await.is_ok()).await);
-    agent.push(X509SvidResponse::new(SERVER_ID, &second, &[root.clone()]));
+    agent.push(X509SvidResponse::new(SERVER_ID, &second, &own));
     assert!(
         within_10s(async || status(&partner, &h).await == Err(true)).await,
         "a trust domain missing from a full-state update is still trusted"
