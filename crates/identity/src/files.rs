@@ -1,9 +1,11 @@
 //! Identity from files: `tls.cert`, `tls.key` and every `tls.trust_bundles` file, re-read
 //! when their content changes.
 //!
-//! Every `reload_interval` the files are read and hashed (SHA-256); reading through the path
-//! follows Kubernetes' `..data` symlink swap, and a file replaced in any other way (rename,
-//! truncate and write, a new inode) changes the hash just the same. A changed pair is used
+//! The files are read and hashed (SHA-256) when a file event arrives from the directory of any
+//! of them (inotify: a write, a rename over the file, Kubernetes' `..data` symlink swap), and
+//! every `reload_interval` as a backstop for filesystems without events. Reading through the
+//! path follows the symlink swap, and a file replaced in any other way (rename, truncate and
+//! write, a new inode) changes the hash just the same. A changed pair is used
 //! once it parses, its key matches and its leaf is a valid X509-SVID; until then the last good
 //! pair stays, and the next check tries again (a certificate written before its key is
 //! picked up as soon as the key lands). A changed bundle replaces that trust domain's roots;
@@ -131,14 +133,52 @@ struct Changes {
     bundles: Vec<(usize, Bundle, Fingerprint)>,
 }
 
+/// How long a burst of file events (a certificate, then its key; a symlink swap's several
+/// renames) is left to settle before the files are read.
+const EVENT_SETTLE: Duration = Duration::from_millis(50);
+
+/// Watches the directory of every identity file (not the files: a symlink swap or a rename
+/// over a file replaces the entry in its directory) and wakes `wake` on any event. `None`,
+/// with a warning, where the platform or filesystem has no events: the poll still runs.
+fn watch_directories(
+    files: &IdentityFiles,
+    wake: Arc<tokio::sync::Notify>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Our own reads are access events; only a change to an entry is worth a check.
+        if event.is_ok_and(|event| !event.kind.is_access()) {
+            wake.notify_one();
+        }
+    })
+    .map_err(|error| tracing::warn!(%error, "no file events; certificates are polled only"))
+    .ok()?;
+    let directories: std::collections::BTreeSet<&Path> = [&files.cert, &files.key]
+        .into_iter()
+        .chain(files.bundles.iter().map(|(_, path)| path))
+        .filter_map(|path| path.parent())
+        .collect();
+    for directory in directories {
+        if let Err(error) = watcher.watch(directory, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(%error, directory = %directory.display(), "no file events for this directory; it is polled only");
+        }
+    }
+    Some(watcher)
+}
+
 impl Watcher {
     async fn run(mut self, interval: Duration, observer: Arc<dyn ReloadObserver>) {
+        let wake = Arc::new(tokio::sync::Notify::new());
+        // Dropped (and the directories unwatched) when this task ends.
+        let _events = watch_directories(&self.files, wake.clone());
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        ticker.tick().await;
+        // The first tick is immediate: a file replaced between loading the configuration and
+        // watching its directory (no event for it) is checked right away.
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
+                () = wake.notified() => tokio::time::sleep(EVENT_SETTLE).await,
                 // Every receiver is gone: the proxy has stopped.
                 () = self.sender.closed() => return,
             }

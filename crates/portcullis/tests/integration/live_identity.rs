@@ -125,6 +125,27 @@ async fn a_kubernetes_symlink_swap_is_seen() {
     );
 }
 
+/// File events, not the poll: with a one-hour `reload_interval`, only an event from the
+/// certificate directory can make the new pair serve.
+#[tokio::test]
+async fn a_file_event_applies_a_rotation_before_the_next_poll() {
+    let h = Harness::builder().tls_reload_interval("1h").start().await;
+    // The watcher's first check (when it starts watching) picks up B, so by the time B serves
+    // the directory is watched; C can then only arrive through an event.
+    let b = next_server(&h, 3);
+    install(&h, &b);
+    assert!(
+        within_10s(async || h.served_leaf().await.as_deref() == Some(b.cert_der.as_ref())).await
+    );
+    let c = next_server(&h, 4);
+    install(&h, &c);
+    assert!(
+        within_10s(async || h.served_leaf().await.as_deref() == Some(c.cert_der.as_ref())).await,
+        "the rotation was not seen without the poll"
+    );
+    assert_eq!(reloads(&h, "serving", "success").await, 2.0);
+}
+
 #[tokio::test]
 async fn a_removed_root_is_refused_and_a_readded_one_trusted() {
     let h = Harness::builder()
