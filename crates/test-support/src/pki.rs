@@ -146,34 +146,32 @@ impl Ca {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<Self, MintError> {
-        let params = ca_params(
-            trust_domain,
-            &format!("{trust_domain} root"),
-            true,
-            not_before,
-            not_after,
-        )?;
-        let key = KeyPair::generate()?;
-        let cert = params.self_signed(&key)?;
-        Ok(Self {
-            trust_domain: trust_domain.to_owned(),
-            params,
-            key,
-            cert,
-            chain: Vec::new(),
-            chain_pem: String::new(),
-        })
+        Self::root(trust_domain, true, not_before, not_after)
     }
 
     /// A root whose key usage lacks keyCertSign (X509-SVID §4.3 says it must not sign).
     pub fn without_key_cert_sign(trust_domain: &str) -> Result<Self, MintError> {
         let now = OffsetDateTime::now_utc();
-        let params = ca_params(
+        Self::root(
             trust_domain,
-            &format!("{trust_domain} root"),
             false,
             now - Duration::hours(1),
             now + Duration::days(1),
+        )
+    }
+
+    fn root(
+        trust_domain: &str,
+        key_cert_sign: bool,
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    ) -> Result<Self, MintError> {
+        let params = ca_params(
+            trust_domain,
+            &format!("{trust_domain} root"),
+            key_cert_sign,
+            not_before,
+            not_after,
         )?;
         let key = KeyPair::generate()?;
         let cert = params.self_signed(&key)?;
