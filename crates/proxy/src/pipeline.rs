@@ -28,7 +28,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use portcullis_core::{Decision, SpiffeId};
-use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
+use portcullis_policy::{AuthzInput, Evaluation, PolicyEngine, PreparedAgent, RequestInfo};
 
 use crate::admission::InflightPermit;
 use crate::audit::{AuditGuard, AuditRecord, AuditResource, AuditUser, rfc3339};
@@ -51,13 +51,25 @@ pub(crate) struct ConnectionIdentity {
     pub client_address: String,
     /// The agent's decision counters, resolved once per connection.
     pub agent_decisions: AgentDecisions,
+    /// The agent's Cedar entity and `context.agent`, built once per connection (it rebuilds
+    /// itself after a policy reload).
+    pub prepared: Arc<PreparedAgent>,
+    /// The agent as the value of the header the upstream receives.
+    agent_header: Option<HeaderValue>,
 }
 
 impl ConnectionIdentity {
-    pub(crate) fn new(agent: SpiffeId, peer: SocketAddr, metrics: &Metrics) -> Self {
+    pub(crate) fn new(
+        agent: SpiffeId,
+        peer: SocketAddr,
+        metrics: &Metrics,
+        policy: &PolicyEngine,
+    ) -> Self {
         Self {
             agent_decisions: metrics.agent_decisions(agent.as_str()),
             client_address: peer.ip().to_string(),
+            prepared: Arc::new(policy.prepare_agent(&agent)),
+            agent_header: HeaderValue::from_str(agent.as_str()).ok(),
             agent,
         }
     }
@@ -217,7 +229,7 @@ async fn authorize_and_forward(
             kind: call.resource.entity_type(),
             id: call.resource.id().to_owned(),
         });
-        let mut evaluation = shared.policy.evaluate(&AuthzInput {
+        let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &AuthzInput {
             agent: &conn.agent,
             user: user.as_ref(),
             action: call.action,
@@ -277,8 +289,8 @@ async fn authorize_and_forward(
             parts.headers.insert(header::HOST, value);
         }
     }
-    if let Ok(agent) = HeaderValue::from_str(conn.agent.as_str()) {
-        parts.headers.insert(AGENT_HEADER, agent);
+    if let Some(agent) = &conn.agent_header {
+        parts.headers.insert(AGENT_HEADER, agent.clone());
     }
     set_request_id(&mut parts.headers, request_id);
     if let Ok(value) = HeaderValue::from_str(&trace.header) {
@@ -330,13 +342,14 @@ fn tool_filter(
 ) -> protocol::filter::ToolFilter {
     let policy = shared.policy.clone();
     let agent = conn.agent.clone();
+    let prepared = conn.prepared.clone();
     let (method, path, host) = (method.to_owned(), path.to_owned(), host.to_owned());
     let client_address = conn.client_address.clone();
     protocol::filter::ToolFilter::new(
         ids,
         Box::new(move |tool| {
             let call = protocol::mcp::listing_call(tool);
-            let evaluation = policy.evaluate(&AuthzInput {
+            let evaluation = policy.evaluate_prepared(&prepared, &AuthzInput {
                 agent: &agent,
                 user: user.as_ref(),
                 action: call.action,
