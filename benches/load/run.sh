@@ -17,7 +17,8 @@
 # LOAD_CORE. Installs what it needs (nginx via apt-get, oha via cargo install).
 #
 # Usage: benches/load/run.sh [--first-byte]   (env: DURATION=10s RATE=2000 CONNECTIONS=16
-#                                              PROXY_CORE=0 LOAD_CORE=1 HOLD=512)
+#                                              PROXY_CORE=0 LOAD_CORE=1 HOLD=512
+#                                              KEEP_WORK=1 keeps the fixtures and results)
 # --first-byte runs only the first-byte table (no oha needed).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -56,7 +57,7 @@ pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    rm -rf "$work"
+    if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
 "$TOOL" fixtures "$work"

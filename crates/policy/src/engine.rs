@@ -1,7 +1,7 @@
 //! Asking Cedar the agent question and, for delegated calls, the user question.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use arc_swap::ArcSwapOption;
 use cedar_policy::{
@@ -101,6 +101,7 @@ pub(crate) struct AgentParts {
 pub struct PreparedAgent {
     id: SpiffeId,
     parts: ArcSwapOption<AgentParts>,
+    entities: EntityCache,
 }
 
 impl PreparedAgent {
@@ -108,6 +109,7 @@ impl PreparedAgent {
         let prepared = Self {
             id,
             parts: ArcSwapOption::empty(),
+            entities: EntityCache::default(),
         };
         // A failure here is reported by the first evaluation, which retries.
         let _ = prepared.parts_for(snapshot);
@@ -131,11 +133,104 @@ impl PreparedAgent {
     }
 }
 
-/// A principal as one question needs it: its entity, and the ancestors the request's
-/// entities must contain.
-struct Principal<'p> {
-    entity: Entity,
-    ancestors: &'p HashSet<EntityUid>,
+/// The request entities of the last few distinct questions one connection asked (which
+/// action, on which resource, for the agent or for which user). Building them runs Cedar's
+/// transitive closure over the principal, resource and action hierarchy: a quarter of a
+/// decision, and the same every time an agent repeats a call. An entry built against another
+/// snapshot is never used; the capacity bounds what a connection holds.
+#[derive(Debug, Default)]
+struct EntityCache(Mutex<VecDeque<Arc<RequestEntities>>>);
+
+/// Distinct questions a connection remembers entities for.
+const ENTITY_CACHE_ENTRIES: usize = 4;
+
+impl EntityCache {
+    fn get(
+        &self,
+        generation: u64,
+        user: Option<&UserClaims>,
+        input: &AuthzInput<'_>,
+    ) -> Option<Arc<RequestEntities>> {
+        let entries = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        entries
+            .iter()
+            .find(|e| {
+                e.generation == generation
+                    && e.action == input.action
+                    && e.resource == *input.resource
+                    && e.user.as_ref() == user
+            })
+            .cloned()
+    }
+
+    fn insert(&self, built: Arc<RequestEntities>) {
+        let mut entries = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        entries.retain(|e| e.generation == built.generation);
+        if entries.len() == ENTITY_CACHE_ENTRIES {
+            entries.pop_front();
+        }
+        entries.push_back(built);
+    }
+}
+
+/// What one question evaluates against, with what it was built from.
+#[derive(Debug)]
+struct RequestEntities {
+    generation: u64,
+    /// `None` for the agent question.
+    user: Option<UserClaims>,
+    action: Action,
+    resource: Resource,
+    entities: Entities,
+    principal: EntityUid,
+    action_uid: EntityUid,
+    resource_uid: EntityUid,
+}
+
+/// Request shapes the schema already accepted. Validating a request against the schema checks
+/// that the principal and resource types apply to the action and that the context has the
+/// action's declared record type: a fifth of a decision. When the context holds only what the
+/// proxy builds itself (strings, a bool, a long, a set of strings; no protocol fields from a
+/// body), that outcome depends on the [`Shape`] alone, never on the values, so a shape that
+/// validated once is not validated again for this snapshot. Requests with protocol fields,
+/// whose types come from the caller's JSON, are validated every time. Bounded: a shape is a
+/// combination of finitely many actions and resource types.
+#[derive(Debug, Default)]
+pub(crate) struct ValidatedShapes(RwLock<HashSet<Shape>>);
+
+impl ValidatedShapes {
+    fn contains(&self, shape: &Shape) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .contains(shape)
+    }
+
+    fn insert(&self, shape: Shape) {
+        self.0
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(shape);
+    }
+}
+
+/// What decides whether a context without protocol fields validates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Shape {
+    action: Action,
+    resource_type: &'static str,
+    /// The principal is the user (else the agent).
+    user_principal: bool,
+    /// `context.user` present, and whether its `scopes` set is empty (an empty set conforms
+    /// to any set type, a set of strings only to `Set<String>`).
+    delegated: Option<bool>,
+}
+
+/// Who one question is asked about: the agent, or the user it acts for.
+#[derive(Clone, Copy)]
+enum Asker<'a> {
+    Agent,
+    User(&'a UserClaims),
 }
 
 impl PolicySnapshot {
@@ -147,12 +242,16 @@ impl PolicySnapshot {
         hash: Arc<str>,
         selection: Selection,
     ) -> Evaluation {
+        // The prepared agent's cache serves only questions about that agent and its users.
+        let cache = prepared
+            .filter(|prepared| prepared.id == *input.agent)
+            .map(|prepared| &prepared.entities);
         let (agent, user) = match self.agent_for(input.agent, prepared) {
             Ok(parts) => (
-                self.ask_agent(input, &parts, selection),
+                self.ask_agent(input, &parts, selection, cache),
                 input
                     .user
-                    .map(|user| self.ask_user(input, user, &parts, selection)),
+                    .map(|user| self.ask_user(input, user, &parts, selection, cache)),
             ),
             // Cannot happen for a parsed SPIFFE ID; if it did, no question can be asked.
             Err(e) => {
@@ -206,12 +305,9 @@ impl PolicySnapshot {
         input: &AuthzInput<'_>,
         agent: &AgentParts,
         selection: Selection,
+        cache: Option<&EntityCache>,
     ) -> QueryOutcome {
-        let principal = Principal {
-            entity: agent.principal.clone(),
-            ancestors: &agent.ancestors,
-        };
-        self.ask(principal, &agent.context, input, selection)
+        self.ask(Asker::Agent, agent, input, selection, cache)
     }
 
     fn ask_user(
@@ -220,26 +316,20 @@ impl PolicySnapshot {
         user: &UserClaims,
         agent: &AgentParts,
         selection: Selection,
+        cache: Option<&EntityCache>,
     ) -> QueryOutcome {
-        let (entity, ancestors) = match self.user_entity(user) {
-            Ok(entity) => entity,
-            Err(e) => return failed(format!("user entity: {e}")),
-        };
-        let principal = Principal {
-            entity,
-            ancestors: &ancestors,
-        };
-        self.ask(principal, &agent.context, input, selection)
+        self.ask(Asker::User(user), agent, input, selection, cache)
     }
 
     fn ask(
         &self,
-        principal: Principal<'_>,
-        agent_context: &RestrictedExpression,
+        asker: Asker<'_>,
+        agent: &AgentParts,
         input: &AuthzInput<'_>,
         selection: Selection,
+        cache: Option<&EntityCache>,
     ) -> QueryOutcome {
-        match self.try_ask(principal, agent_context, input, selection) {
+        match self.try_ask(asker, agent, input, selection, cache) {
             Ok(outcome) => outcome,
             Err(e) => failed(e),
         }
@@ -247,57 +337,147 @@ impl PolicySnapshot {
 
     fn try_ask(
         &self,
-        principal: Principal<'_>,
-        agent_context: &RestrictedExpression,
+        asker: Asker<'_>,
+        agent: &AgentParts,
         input: &AuthzInput<'_>,
         selection: Selection,
+        cache: Option<&EntityCache>,
     ) -> Result<QueryOutcome, String> {
-        let action = self.action_uid(input.action)?;
-        let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
+        let user = match asker {
+            Asker::Agent => None,
+            Asker::User(user) => Some(user),
+        };
+        let built = match cache.and_then(|c| c.get(self.generation, user, input)) {
+            Some(built) => built,
+            None => {
+                let built = Arc::new(self.request_entities(asker, agent, input)?);
+                if let Some(cache) = cache {
+                    cache.insert(built.clone());
+                }
+                built
+            }
+        };
         // Built from Cedar values directly (parsing JSON against the schema costs several
-        // times the whole evaluation); `Request::new` below validates it against the schema.
+        // times the whole evaluation).
         let context = Context::from_pairs(context_pairs(
             input,
-            agent_context.clone(),
+            agent.context.clone(),
             &self.tool_arguments,
         )?)
         .map_err(|e| format!("context: {e}"))?;
-        let principal_uid = principal.entity.uid();
-        let resource_uid = resource.uid();
-        let request = Request::new(
-            principal_uid.clone(),
-            action.clone(),
-            resource_uid.clone(),
-            context,
-            Some(&self.schema),
-        )
-        .map_err(|e| format!("request: {e}"))?;
-        let ancestors = principal.ancestors.union(&resource_ancestors);
-        let entities = self.request_entities(principal.entity, resource, &action, ancestors)?;
+        let request = self.request(&built, user.is_some(), context, input, selection)?;
         let selected: Arc<PolicySet>;
         let policies = match selection {
             Selection::Indexed => {
                 let target = |uid| Target {
                     uid,
-                    entities: &entities,
+                    entities: &built.entities,
                 };
                 selected = self.index.select(ScopeRequest {
-                    principal: target(&principal_uid),
-                    action: target(&action),
-                    resource: target(&resource_uid),
+                    principal: target(&built.principal),
+                    action: target(&built.action_uid),
+                    resource: target(&built.resource_uid),
                 })?;
                 &*selected
             }
             #[cfg(test)]
             Selection::Everything => &self.index.all,
         };
-        let response = Authorizer::new().is_authorized(&request, policies, &entities);
+        let response = Authorizer::new().is_authorized(&request, policies, &built.entities);
         let diagnostics = response.diagnostics();
         let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
         Ok(QueryOutcome {
             allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
             determining: diagnostics.reason().map(ToString::to_string).collect(),
             errors,
+        })
+    }
+
+    /// The Cedar request, validated against the schema unless its shape already was (see
+    /// [`ValidatedShapes`]).
+    fn request(
+        &self,
+        built: &RequestEntities,
+        user_principal: bool,
+        context: Context,
+        input: &AuthzInput<'_>,
+        selection: Selection,
+    ) -> Result<Request, String> {
+        // The reference side of the differential test validates every request.
+        let shape =
+            (input.protocol_context.is_empty() && selection == Selection::Indexed).then(|| Shape {
+                action: input.action,
+                resource_type: input.resource.entity_type(),
+                user_principal,
+                delegated: input.user.map(|user| user.scopes.is_empty()),
+            });
+        let known = shape.is_some_and(|shape| self.validated_shapes.contains(&shape));
+        let request = Request::new(
+            built.principal.clone(),
+            built.action_uid.clone(),
+            built.resource_uid.clone(),
+            context,
+            (!known).then_some(&self.schema),
+        )
+        .map_err(|e| format!("request: {e}"))?;
+        if let Some(shape) = shape
+            && !known
+        {
+            self.validated_shapes.insert(shape);
+        }
+        Ok(request)
+    }
+
+    /// The entities one question needs: its principal and resource, the declared groups
+    /// above them, and the action hierarchy. Built small per request rather than cloning the
+    /// whole entities.json store, so the cost does not grow with the number of declared
+    /// entities.
+    fn request_entities(
+        &self,
+        asker: Asker<'_>,
+        agent: &AgentParts,
+        input: &AuthzInput<'_>,
+    ) -> Result<RequestEntities, String> {
+        let action = self.action_uid(input.action)?;
+        let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
+        let user_entity;
+        let (principal, principal_ancestors) = match asker {
+            Asker::Agent => (agent.principal.clone(), &agent.ancestors),
+            Asker::User(user) => {
+                user_entity = self
+                    .user_entity(user)
+                    .map_err(|e| format!("user entity: {e}"))?;
+                (user_entity.0, &user_entity.1)
+            }
+        };
+        let lineage = self
+            .action_lineage
+            .get(action.id().unescaped())
+            .map_or(&[][..], |(_, lineage)| lineage.as_slice());
+        let (principal_uid, resource_uid) = (principal.uid(), resource.uid());
+        let mut list = Vec::with_capacity(lineage.len() + 4);
+        list.extend(
+            principal_ancestors
+                .union(&resource_ancestors)
+                .filter_map(|uid| self.entities.get(uid))
+                .cloned(),
+        );
+        list.push(principal);
+        list.push(resource);
+        list.extend(lineage.iter().cloned());
+        let entities = Entities::from_entities(list, None).map_err(|e| e.to_string())?;
+        Ok(RequestEntities {
+            generation: self.generation,
+            user: match asker {
+                Asker::Agent => None,
+                Asker::User(user) => Some(user.clone()),
+            },
+            action: input.action,
+            resource: input.resource.clone(),
+            entities,
+            principal: principal_uid,
+            action_uid: action,
+            resource_uid,
         })
     }
 
@@ -380,28 +560,6 @@ impl PolicySnapshot {
             .ancestors(uid)
             .map(|ancestors| ancestors.cloned().collect())
             .unwrap_or_default()
-    }
-
-    /// The entities one request needs: its principal and resource, the declared groups above
-    /// them, and the action hierarchy. Built small per request rather than cloning the whole
-    /// entities.json store, so the cost does not grow with the number of declared entities.
-    fn request_entities<'u>(
-        &self,
-        principal: Entity,
-        resource: Entity,
-        action: &EntityUid,
-        ancestors: impl Iterator<Item = &'u EntityUid>,
-    ) -> Result<Entities, String> {
-        let lineage = self
-            .action_lineage
-            .get(action.id().unescaped())
-            .map_or(&[][..], |(_, lineage)| lineage.as_slice());
-        let mut list = Vec::with_capacity(lineage.len() + 4);
-        list.extend(ancestors.filter_map(|uid| self.entities.get(uid)).cloned());
-        list.push(principal);
-        list.push(resource);
-        list.extend(lineage.iter().cloned());
-        Entities::from_entities(list, None).map_err(|e| e.to_string())
     }
 }
 

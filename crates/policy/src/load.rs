@@ -66,6 +66,8 @@ pub struct PolicySnapshot {
     /// what a [`crate::PreparedAgent`] checks to know it was built against this snapshot.
     pub(crate) generation: u64,
     pub policy_count: usize,
+    /// Request shapes already validated against `schema` (see `engine::ValidatedShapes`).
+    pub(crate) validated_shapes: crate::engine::ValidatedShapes,
 }
 
 impl PolicySnapshot {
@@ -203,6 +205,7 @@ impl PolicySnapshot {
             tool_arguments,
             hash: content_hash(&files),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
+            validated_shapes: crate::engine::ValidatedShapes::default(),
         })
     }
 

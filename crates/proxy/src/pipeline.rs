@@ -229,15 +229,18 @@ async fn authorize_and_forward(
             kind: call.resource.entity_type(),
             id: call.resource.id().to_owned(),
         });
-        let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &AuthzInput {
-            agent: &conn.agent,
-            user: user.as_ref(),
-            action: call.action,
-            resource: &call.resource,
-            request: request_info,
-            protocol_context: call.context.clone(),
-            now: unix_now(),
-        });
+        let mut evaluation = shared.policy.evaluate_prepared(
+            &conn.prepared,
+            &AuthzInput {
+                agent: &conn.agent,
+                user: user.as_ref(),
+                action: call.action,
+                resource: &call.resource,
+                request: request_info,
+                protocol_context: call.context.clone(),
+                now: unix_now(),
+            },
+        );
         let decision_time = decision_started.elapsed();
         shared
             .metrics
@@ -349,20 +352,23 @@ fn tool_filter(
         ids,
         Box::new(move |tool| {
             let call = protocol::mcp::listing_call(tool);
-            let evaluation = policy.evaluate_prepared(&prepared, &AuthzInput {
-                agent: &agent,
-                user: user.as_ref(),
-                action: call.action,
-                resource: &call.resource,
-                request: RequestInfo {
-                    method: &method,
-                    path: &path,
-                    host: &host,
-                    client_address: &client_address,
+            let evaluation = policy.evaluate_prepared(
+                &prepared,
+                &AuthzInput {
+                    agent: &agent,
+                    user: user.as_ref(),
+                    action: call.action,
+                    resource: &call.resource,
+                    request: RequestInfo {
+                        method: &method,
+                        path: &path,
+                        host: &host,
+                        client_address: &client_address,
+                    },
+                    protocol_context: call.context,
+                    now: unix_now(),
                 },
-                protocol_context: call.context,
-                now: unix_now(),
-            });
+            );
             // Listed when a call could go through: allowed, shadow-denied (shadow mode never
             // changes what the caller sees), or allowed subject to approval.
             match evaluation.decision {
