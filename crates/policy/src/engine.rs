@@ -131,6 +131,15 @@ impl PreparedAgent {
     }
 }
 
+/// One question, ready for Cedar.
+struct Built {
+    request: Request,
+    entities: Entities,
+    principal: EntityUid,
+    action: EntityUid,
+    resource: EntityUid,
+}
+
 /// A principal as one question needs it: its entity, and the ancestors the request's
 /// entities must contain.
 struct Principal<'p> {
@@ -252,6 +261,33 @@ impl PolicySnapshot {
         input: &AuthzInput<'_>,
         selection: Selection,
     ) -> Result<QueryOutcome, String> {
+        let built = self.build(principal, agent_context, input)?;
+        let selected: Arc<PolicySet>;
+        let policies = match selection {
+            Selection::Indexed => {
+                selected = self.select(&built)?;
+                &*selected
+            }
+            #[cfg(test)]
+            Selection::Everything => &self.index.all,
+        };
+        let response = Authorizer::new().is_authorized(&built.request, policies, &built.entities);
+        let diagnostics = response.diagnostics();
+        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
+        Ok(QueryOutcome {
+            allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
+            determining: diagnostics.reason().map(ToString::to_string).collect(),
+            errors,
+        })
+    }
+
+    /// The Cedar request of one question and the entities it is evaluated against.
+    fn build(
+        &self,
+        principal: Principal<'_>,
+        agent_context: &RestrictedExpression,
+        input: &AuthzInput<'_>,
+    ) -> Result<Built, String> {
         let action = self.action_uid(input.action)?;
         let (resource, resource_ancestors) = self.resource_entity(input.resource)?;
         // Built from Cedar values directly (parsing JSON against the schema costs several
@@ -274,31 +310,61 @@ impl PolicySnapshot {
         .map_err(|e| format!("request: {e}"))?;
         let ancestors = principal.ancestors.union(&resource_ancestors);
         let entities = self.request_entities(principal.entity, resource, &action, ancestors)?;
-        let selected: Arc<PolicySet>;
-        let policies = match selection {
-            Selection::Indexed => {
-                let target = |uid| Target {
-                    uid,
-                    entities: &entities,
-                };
-                selected = self.index.select(ScopeRequest {
-                    principal: target(&principal_uid),
-                    action: target(&action),
-                    resource: target(&resource_uid),
-                })?;
-                &*selected
-            }
-            #[cfg(test)]
-            Selection::Everything => &self.index.all,
-        };
-        let response = Authorizer::new().is_authorized(&request, policies, &entities);
-        let diagnostics = response.diagnostics();
-        let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
-        Ok(QueryOutcome {
-            allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
-            determining: diagnostics.reason().map(ToString::to_string).collect(),
-            errors,
+        Ok(Built {
+            request,
+            entities,
+            principal: principal_uid,
+            action,
+            resource: resource_uid,
         })
+    }
+
+    /// The policies whose scope matches the built request (the index).
+    fn select(&self, built: &Built) -> Result<Arc<PolicySet>, String> {
+        let target = |uid| Target {
+            uid,
+            entities: &built.entities,
+        };
+        self.index.select(ScopeRequest {
+            principal: target(&built.principal),
+            action: target(&built.action),
+            resource: target(&built.resource),
+        })
+    }
+
+    /// For each question, the `permit` policies whose scope (principal, action, resource)
+    /// matches the request: those whose conditions decide whether it is allowed. What
+    /// `portcullis check --explain` names for a deny. Errors are the evaluation's own.
+    pub(crate) fn scope_matched_permits(
+        &self,
+        input: &AuthzInput<'_>,
+    ) -> Result<(Vec<String>, Option<Vec<String>>), String> {
+        let agent = self.agent_parts(input.agent)?;
+        let permits = |built: Built| -> Result<Vec<String>, String> {
+            Ok(self
+                .select(&built)?
+                .policies()
+                .filter(|p| p.effect() == cedar_policy::Effect::Permit)
+                .map(|p| p.id().to_string())
+                .collect())
+        };
+        let principal = Principal {
+            entity: agent.principal.clone(),
+            ancestors: &agent.ancestors,
+        };
+        let agent_permits = permits(self.build(principal, &agent.context, input)?)?;
+        let user_permits = match input.user {
+            None => None,
+            Some(user) => {
+                let (entity, ancestors) = self.user_entity(user)?;
+                let principal = Principal {
+                    entity,
+                    ancestors: &ancestors,
+                };
+                Some(permits(self.build(principal, &agent.context, input)?)?)
+            }
+        };
+        Ok((agent_permits, user_permits))
     }
 
     fn action_uid(&self, action: Action) -> Result<EntityUid, String> {

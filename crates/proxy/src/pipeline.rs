@@ -229,7 +229,7 @@ async fn authorize_and_forward(
             kind: call.resource.entity_type(),
             id: call.resource.id().to_owned(),
         });
-        let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &AuthzInput {
+        let input = AuthzInput {
             agent: &conn.agent,
             user: user.as_ref(),
             action: call.action,
@@ -237,7 +237,8 @@ async fn authorize_and_forward(
             request: request_info,
             protocol_context: call.context.clone(),
             now: unix_now(),
-        });
+        };
+        let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &input);
         let decision_time = decision_started.elapsed();
         shared
             .metrics
@@ -248,6 +249,17 @@ async fn authorize_and_forward(
             .observe_decision(evaluation.decision, call.action);
         conn.agent_decisions.observe(evaluation.decision);
         record_evaluation(audit, &evaluation, decision_time.as_micros());
+        // After the enforced decision is timed: the candidate set costs the caller nothing
+        // it would not also cost without one, and never changes what happens next.
+        audit.record.input = Some(portcullis_policy::tools::Question::from_input(&input));
+        if let Some(shadow) = &shared.shadow_policy {
+            audit.record.shadow = Some(crate::shadow::decide(
+                shadow,
+                &input,
+                evaluation.decision,
+                &shared.metrics,
+            ));
+        }
         tracing::debug!(
             request_id,
             agent = %conn.agent,
@@ -349,20 +361,23 @@ fn tool_filter(
         ids,
         Box::new(move |tool| {
             let call = protocol::mcp::listing_call(tool);
-            let evaluation = policy.evaluate_prepared(&prepared, &AuthzInput {
-                agent: &agent,
-                user: user.as_ref(),
-                action: call.action,
-                resource: &call.resource,
-                request: RequestInfo {
-                    method: &method,
-                    path: &path,
-                    host: &host,
-                    client_address: &client_address,
+            let evaluation = policy.evaluate_prepared(
+                &prepared,
+                &AuthzInput {
+                    agent: &agent,
+                    user: user.as_ref(),
+                    action: call.action,
+                    resource: &call.resource,
+                    request: RequestInfo {
+                        method: &method,
+                        path: &path,
+                        host: &host,
+                        client_address: &client_address,
+                    },
+                    protocol_context: call.context,
+                    now: unix_now(),
                 },
-                protocol_context: call.context,
-                now: unix_now(),
-            });
+            );
             // Listed when a call could go through: allowed, shadow-denied (shadow mode never
             // changes what the caller sees), or allowed subject to approval.
             match evaluation.decision {
