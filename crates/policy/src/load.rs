@@ -181,11 +181,11 @@ impl PolicySnapshot {
             found
         };
         for e in validation.validation_errors() {
-            errors.push(in_file(&e.policy_id().to_string(), e));
+            errors.push(in_file(e.policy_id().as_ref(), e));
         }
         let mut warnings: Vec<LoadError> = validation
             .validation_warnings()
-            .map(|w| in_file(&w.policy_id().to_string(), w))
+            .map(|w| in_file(w.policy_id().as_ref(), w))
             .collect();
         if policies
             .policies()

@@ -1,12 +1,12 @@
 //! `portcullis validate --policies DIR`: the schema, the policies and entities.json alone,
 //! without a config or certificates (what a policy repository's CI runs).
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::process::ExitCode;
 
 use super::{count, load_policies};
 
-pub fn run(dir: &PathBuf, strict: bool) -> ExitCode {
+pub fn run(dir: &Path, strict: bool) -> ExitCode {
     let engine = match load_policies(dir) {
         Ok(engine) => engine,
         Err(code) => return code,
