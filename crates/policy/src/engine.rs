@@ -369,15 +369,7 @@ impl PolicySnapshot {
         let selected: Arc<PolicySet>;
         let policies = match selection {
             Selection::Indexed => {
-                let target = |uid| Target {
-                    uid,
-                    entities: &built.entities,
-                };
-                selected = self.index.select(ScopeRequest {
-                    principal: target(&built.principal),
-                    action: target(&built.action_uid),
-                    resource: target(&built.resource_uid),
-                })?;
+                selected = self.select(&built)?;
                 &*selected
             }
             #[cfg(test)]
@@ -391,6 +383,44 @@ impl PolicySnapshot {
             determining: diagnostics.reason().map(ToString::to_string).collect(),
             errors,
         })
+    }
+
+    /// The policies whose scope matches the question (the index).
+    fn select(&self, built: &RequestEntities) -> Result<Arc<PolicySet>, String> {
+        let target = |uid| Target {
+            uid,
+            entities: &built.entities,
+        };
+        self.index.select(ScopeRequest {
+            principal: target(&built.principal),
+            action: target(&built.action_uid),
+            resource: target(&built.resource_uid),
+        })
+    }
+
+    /// For each question, the `permit` policies whose scope (principal, action, resource)
+    /// matches the request: those whose conditions decide whether it is allowed. What
+    /// `portcullis check --explain` names for a deny. Errors are the evaluation's own.
+    pub(crate) fn scope_matched_permits(
+        &self,
+        input: &AuthzInput<'_>,
+    ) -> Result<(Vec<String>, Option<Vec<String>>), String> {
+        let agent = self.agent_parts(input.agent)?;
+        let permits = |asker| -> Result<Vec<String>, String> {
+            let built = self.request_entities(asker, &agent, input)?;
+            Ok(self
+                .select(&built)?
+                .policies()
+                .filter(|p| p.effect() == cedar_policy::Effect::Permit)
+                .map(|p| p.id().to_string())
+                .collect())
+        };
+        let agent_permits = permits(Asker::Agent)?;
+        let user_permits = input
+            .user
+            .map(|user| permits(Asker::User(user)))
+            .transpose()?;
+        Ok((agent_permits, user_permits))
     }
 
     /// The Cedar request, validated against the schema unless its shape already was (see

@@ -10,6 +10,7 @@ mod arguments;
 mod engine;
 mod index;
 mod load;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -18,7 +19,9 @@ use arc_swap::ArcSwap;
 use portcullis_core::SpiffeId;
 
 pub use engine::{AuthzInput, Evaluation, PreparedAgent, QueryOutcome, RequestInfo};
-pub use load::{ENTITIES_FILE, LoadError, PolicySnapshot, SCHEMA_FILE};
+pub use load::{
+    BUILTIN_SCHEMA, ENTITIES_FILE, LoadError, PolicySnapshot, SCHEMA_FILE, SchemaSource,
+};
 
 /// `policy.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -96,6 +99,35 @@ impl PolicyEngine {
 
     pub fn policy_count(&self) -> usize {
         self.current.load().snapshot.policy_count
+    }
+
+    /// Validator warnings of the set in force (see [`PolicySnapshot::warnings`]).
+    pub fn warnings(&self) -> Vec<LoadError> {
+        self.current.load().snapshot.warnings.clone()
+    }
+
+    /// Whether the set in force uses the built-in schema.
+    pub fn schema_source(&self) -> SchemaSource {
+        self.current.load().snapshot.schema_source
+    }
+
+    /// Every policy id of the set in force, in file order.
+    pub fn policy_ids(&self) -> Vec<String> {
+        self.current.load().snapshot.policy_ids.clone()
+    }
+
+    /// The file of the set in force that holds policy `id`.
+    pub fn file_of(&self, id: &str) -> Option<String> {
+        self.current.load().snapshot.file_of(id).map(str::to_owned)
+    }
+
+    /// For each question, the permits whose scope matches `input` (see
+    /// `PolicySnapshot::scope_matched_permits`): for explaining a deny.
+    pub(crate) fn scope_matched_permits(
+        &self,
+        input: &AuthzInput<'_>,
+    ) -> Result<(Vec<String>, Option<Vec<String>>), String> {
+        self.current.load().snapshot.scope_matched_permits(input)
     }
 
     /// Re-reads the directory; swaps in the new set only if it loads and validates whole.

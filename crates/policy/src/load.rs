@@ -1,7 +1,8 @@
 //! Reading a policy directory into a validated [`PolicySnapshot`], or every reason it cannot be.
 //!
-//! The directory holds `schema.cedarschema` (required), any number of `*.cedar` files and an
-//! optional `entities.json`. Every policy must carry a unique `@id("...")`; that id, not
+//! The directory holds `schema.cedarschema`, any number of `*.cedar` files and an optional
+//! `entities.json`. Without a schema file the schema built into the binary (the shipped
+//! `policies/schema.cedarschema`) is used, and [`PolicySnapshot::schema_source`] says so. Every policy must carry a unique `@id("...")`; that id, not
 //! Cedar's positional `policy0`, is what audit records and metrics name. Policies are
 //! validated against the schema in strict mode; a set that does not validate is never used.
 
@@ -21,14 +22,28 @@ use sha2::{Digest, Sha256};
 
 pub const SCHEMA_FILE: &str = "schema.cedarschema";
 
+/// The shipped schema, used when a policy directory has no `schema.cedarschema`.
+pub const BUILTIN_SCHEMA: &str = include_str!("../../../policies/schema.cedarschema");
+
+/// Where the schema of a snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemaSource {
+    /// `schema.cedarschema` in the policy directory.
+    File,
+    /// The directory has none: [`BUILTIN_SCHEMA`].
+    BuiltIn,
+}
+
 /// Source of [`PolicySnapshot::generation`].
 static GENERATION: AtomicU64 = AtomicU64::new(0);
 pub const ENTITIES_FILE: &str = "entities.json";
 
-/// One reason a policy directory cannot be loaded, tied to the file it concerns.
+/// One reason a policy directory cannot be loaded (or, as a warning, a reason to doubt it),
+/// tied to the file it concerns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoadError {
-    /// The file, relative to the policy directory (or the directory itself).
+    /// The file, relative to the policy directory (or the directory itself), followed by
+    /// `:line:column` when Cedar located the problem in it.
     pub file: String,
     pub message: String,
 }
@@ -68,6 +83,14 @@ pub struct PolicySnapshot {
     pub policy_count: usize,
     /// Request shapes already validated against `schema` (see `engine::ValidatedShapes`).
     pub(crate) validated_shapes: crate::engine::ValidatedShapes,
+    /// Cedar validator warnings (a policy that can never apply, ...) and an empty set: the
+    /// set loads, but probably does not say what its authors meant.
+    pub warnings: Vec<LoadError>,
+    pub schema_source: SchemaSource,
+    /// Every policy id, in the order of the files (sorted by name) and of each file.
+    pub policy_ids: Vec<String>,
+    /// Policy id → the file it is in.
+    pub(crate) origin: HashMap<String, String>,
 }
 
 impl PolicySnapshot {
@@ -76,26 +99,24 @@ impl PolicySnapshot {
         let files = read_dir(dir)?;
         let mut errors = Vec::new();
 
-        let schema = match files.get(SCHEMA_FILE) {
-            None => {
-                errors.push(error(SCHEMA_FILE, "file not found"));
+        let (schema_src, schema_source) = match files.get(SCHEMA_FILE) {
+            Some(src) => (src.as_str(), SchemaSource::File),
+            None => (BUILTIN_SCHEMA, SchemaSource::BuiltIn),
+        };
+        let schema = match Schema::from_cedarschema_str(schema_src).map(|(schema, _)| {
+            let shapes = crate::arguments::ToolArgumentShapes::from_cedarschema(schema_src)
+                .map_err(|message| error(SCHEMA_FILE, message));
+            (schema, shapes)
+        }) {
+            Ok((schema, Ok(shapes))) => Some((schema, shapes)),
+            Ok((_, Err(e))) => {
+                errors.push(e);
                 None
             }
-            Some(src) => match Schema::from_cedarschema_str(src).map(|(schema, _)| {
-                let shapes = crate::arguments::ToolArgumentShapes::from_cedarschema(src)
-                    .map_err(|message| error(SCHEMA_FILE, message));
-                (schema, shapes)
-            }) {
-                Ok((schema, Ok(shapes))) => Some((schema, shapes)),
-                Ok((_, Err(e))) => {
-                    errors.push(e);
-                    None
-                }
-                Err(e) => {
-                    errors.push(error(SCHEMA_FILE, render(&e)));
-                    None
-                }
-            },
+            Err(e) => {
+                errors.push(located(SCHEMA_FILE, schema_src, &e));
+                None
+            }
         };
 
         let mut policies = PolicySet::new();
@@ -105,7 +126,7 @@ impl PolicySnapshot {
             let parsed = match PolicySet::from_str(src) {
                 Ok(parsed) => parsed,
                 Err(e) => {
-                    errors.push(error(name, render(&e)));
+                    errors.push(located(name, src, &e));
                     continue;
                 }
             };
@@ -155,10 +176,27 @@ impl PolicySnapshot {
         };
 
         let validation = Validator::new(schema.clone()).validate(&policies, ValidationMode::Strict);
+        let in_file = |id: &str, e: &dyn miette::Diagnostic| {
+            let file = origin.get(id).map_or("policies", String::as_str);
+            let mut found = located(file, files.get(file).map_or("", String::as_str), e);
+            found.message = format!("policy {id:?}: {}", found.message);
+            found
+        };
         for e in validation.validation_errors() {
-            let id = e.policy_id().to_string();
-            let file = origin.get(&id).map_or("policies", String::as_str);
-            errors.push(error(file, format!("policy {id:?}: {}", render(e))));
+            errors.push(in_file(e.policy_id().as_ref(), e));
+        }
+        let mut warnings: Vec<LoadError> = validation
+            .validation_warnings()
+            .map(|w| in_file(w.policy_id().as_ref(), w))
+            .collect();
+        if policies
+            .policies()
+            .all(|p| p.effect() == cedar_policy::Effect::Forbid)
+        {
+            warnings.push(error(
+                &dir.display().to_string(),
+                "no permit policies: every request will be denied",
+            ));
         }
 
         let entities = match files.get(ENTITIES_FILE) {
@@ -195,6 +233,16 @@ impl PolicySnapshot {
         let Some(entities) = entities else {
             return Err(errors);
         };
+        let mut policy_ids: Vec<String> = policies.policies().map(|p| p.id().to_string()).collect();
+        policy_ids.sort_by(|a, b| (&origin[a], a).cmp(&(&origin[b], b)));
+        let mut files = files;
+        if schema_source == SchemaSource::BuiltIn {
+            // The hash names what decides: a binary with another built-in schema is another set.
+            files.insert(
+                format!("(built-in) {SCHEMA_FILE}"),
+                BUILTIN_SCHEMA.to_owned(),
+            );
+        }
         Ok(Self {
             schema,
             policy_count: policies.policies().count(),
@@ -206,13 +254,30 @@ impl PolicySnapshot {
             hash: content_hash(&files),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),
             validated_shapes: crate::engine::ValidatedShapes::default(),
+            warnings,
+            schema_source,
+            policy_ids,
+            origin,
         })
+    }
+
+    /// The file (relative to the directory) that holds policy `id`.
+    pub fn file_of(&self, id: &str) -> Option<&str> {
+        self.origin.get(id).map(String::as_str)
     }
 
     /// The hash [`PolicySnapshot::load`] would give `dir`, without parsing anything: a cheap
     /// way to tell whether a reload has anything to do.
     pub fn fingerprint(dir: &Path) -> Result<String, Vec<LoadError>> {
-        read_dir(dir).map(|files| content_hash(&files))
+        read_dir(dir).map(|mut files| {
+            if !files.contains_key(SCHEMA_FILE) {
+                files.insert(
+                    format!("(built-in) {SCHEMA_FILE}"),
+                    BUILTIN_SCHEMA.to_owned(),
+                );
+            }
+            content_hash(&files)
+        })
     }
 
     pub fn schema(&self) -> &Schema {
@@ -390,6 +455,26 @@ fn render<E: miette::Diagnostic + ?Sized>(e: &E) -> String {
         out.push(')');
     }
     out.replace('\n', " ")
+}
+
+/// `render(e)` tied to `file:line:column` when Cedar points at a place in `src`.
+fn located(file: &str, src: &str, e: &(impl miette::Diagnostic + ?Sized)) -> LoadError {
+    let offset = e
+        .labels()
+        .and_then(|mut labels| labels.next())
+        .map(|label| label.offset());
+    match offset.and_then(|offset| line_column(src, offset)) {
+        Some((line, column)) => error(&format!("{file}:{line}:{column}"), render(e)),
+        None => error(file, render(e)),
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset` in `src`.
+pub(crate) fn line_column(src: &str, offset: usize) -> Option<(usize, usize)> {
+    let before = src.get(..offset)?;
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    Some((line, before[line_start..].chars().count() + 1))
 }
 
 fn first_line(s: &str) -> String {

@@ -116,6 +116,8 @@ struct RawUserToken {
 #[derive(Debug, Default, Deserialize)]
 struct RawPolicy {
     dir: Option<String>,
+    /// A candidate set decided beside `dir` on every request, never enforced.
+    shadow_dir: Option<String>,
     mode: Option<String>,
     reload_interval: Option<String>,
 }
@@ -207,6 +209,8 @@ pub struct Config {
     pub identity: IdentitySource,
     pub user_token: Option<UserTokenConfig>,
     pub policy: Arc<PolicyEngine>,
+    /// `policy.shadow_dir`, loaded.
+    pub shadow_policy: Option<Arc<PolicyEngine>>,
     pub policy_reload_interval: Duration,
     pub routes: Vec<RouteRule>,
     pub audit: AuditSink,
@@ -252,8 +256,12 @@ impl Config {
     /// Parses and checks `text`; relative paths are resolved against `base`.
     pub fn from_yaml(text: &str, base: &Path, source: &Path) -> Result<Self, ConfigErrors> {
         let mut errors = Errors::default();
-        let raw = parse(text, &mut errors);
-        let config = check(raw.unwrap_or_default(), base, source, &mut errors);
+        // A file that does not parse has no values to check: reporting them all `required`
+        // too would bury the one true error under untrue ones.
+        let Some(raw) = parse(text, &mut errors) else {
+            return Err(ConfigErrors(errors.0));
+        };
+        let config = check(raw, base, source, &mut errors);
         match config {
             Some(config) if errors.0.is_empty() => Ok(config),
             _ => Err(ConfigErrors(errors.0)),
@@ -288,6 +296,7 @@ impl Config {
             admin_listen: self.admin_listen,
             identity,
             policy: self.policy,
+            shadow_policy: self.shadow_policy,
             policy_reload_interval: self.policy_reload_interval,
             upstream: self.upstream,
             routes: self.routes,
@@ -325,11 +334,17 @@ fn parse(text: &str, errors: &mut Errors) -> Option<RawConfig> {
     let value: serde_yaml::Value = match serde_yaml::from_str(text) {
         Ok(value) => value,
         Err(e) => {
-            let at = e
-                .location()
-                .map(|l| format!("line {} column {}", l.line(), l.column()))
-                .unwrap_or_else(|| "(document)".to_owned());
-            errors.add(at, format!("not valid YAML: {e}"));
+            // The position goes in front, once; serde_yaml repeats it inside its message.
+            let mut message = e.to_string();
+            let at = match e.location() {
+                Some(l) => {
+                    message = message
+                        .replace(&format!(" at line {} column {}", l.line(), l.column()), "");
+                    format!("line {} column {}", l.line(), l.column())
+                }
+                None => "(document)".to_owned(),
+            };
+            errors.add(at, format!("not valid YAML: {message}"));
             return None;
         }
     };
@@ -403,6 +418,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
     let limits = limits(raw.limits.unwrap_or_default(), errors);
     let identity = tls(raw.tls, base, errors);
     let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
+    let shadow_policy = shadow_policy(raw.policy.as_ref(), base, errors);
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
     let routes = routes(raw.routes, errors);
     let audit = audit(raw.audit, base, errors);
@@ -416,6 +432,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         identity: identity?,
         user_token,
         policy: Arc::new(policy?),
+        shadow_policy,
         policy_reload_interval,
         routes: routes?,
         audit: audit?,
@@ -769,6 +786,32 @@ fn policy(
                 errors.add(format!("policy.dir: {}", error.file), error.message);
             }
             (None, interval)
+        }
+    }
+}
+
+/// `policy.shadow_dir`: loaded like `policy.dir`, every error reported at its own path.
+fn shadow_policy(
+    raw: Option<&RawPolicy>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<Arc<PolicyEngine>> {
+    let dir = base.join(raw?.shadow_dir.as_deref()?);
+    if !dir.is_dir() {
+        errors.add(
+            "policy.shadow_dir",
+            format!("directory not found: {}", dir.display()),
+        );
+        return None;
+    }
+    // Evaluated as `enforce` would: the candidate's own verdict, compared with the enforced one.
+    match PolicyEngine::load(&dir, Mode::Enforce) {
+        Ok(engine) => Some(Arc::new(engine)),
+        Err(load_errors) => {
+            for error in load_errors {
+                errors.add(format!("policy.shadow_dir: {}", error.file), error.message);
+            }
+            None
         }
     }
 }

@@ -72,3 +72,27 @@ fn shape_errors_carry_their_path() {
         .0;
     assert!(errors[0].message.contains("not valid YAML"), "{errors:?}");
 }
+
+#[test]
+fn a_wrong_type_or_bad_yaml_reports_only_itself() {
+    let errors = Config::from_yaml(
+        "listen: 0.0.0.0:8443\npolicy:\n  reload_interval: 5\n",
+        Path::new("."),
+        Path::new("c.yaml"),
+    )
+    .unwrap_err()
+    .0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    assert_eq!(errors[0].path, "policy.reload_interval", "{errors:?}");
+
+    let errors = Config::from_yaml("listen: [\n", Path::new("."), Path::new("c.yaml"))
+        .unwrap_err()
+        .0;
+    assert_eq!(errors.len(), 1, "{errors:#?}");
+    let line = errors[0].to_string();
+    assert_eq!(
+        line.matches("line ").count(),
+        1,
+        "position printed once: {line}"
+    );
+}

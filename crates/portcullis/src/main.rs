@@ -37,8 +37,20 @@ enum LogFormat {
 enum Command {
     /// Run the sidecar.
     Run(ConfigArgs),
-    /// Check a configuration and its policies, certificates and bundles; exit 0 or 64.
-    Validate(ConfigArgs),
+    /// Check a configuration and its policies, certificates and bundles, or (with --policies)
+    /// a policy directory alone; exit 0 or 64.
+    Validate(ValidateArgs),
+    /// Would this request be allowed, and why? No certificates or running proxy needed.
+    /// Exit 0 allow, 1 deny or approval required, 64 bad input.
+    Check(portcullis::cmd::check::CheckArgs),
+    /// Run policy test files (YAML `cases:`), report coverage; exit 1 on a failure.
+    Test(portcullis::cmd::test::TestArgs),
+    /// Decide the requests of audit files again against a candidate policy set and list the
+    /// decisions that change.
+    Replay(portcullis::cmd::replay::ReplayArgs),
+    /// Print least-privilege permit policies (one per agent) that allow exactly what audit
+    /// files show was allowed.
+    Suggest(portcullis::cmd::suggest::SuggestArgs),
     /// Run a self-contained demonstration on loopback: ephemeral CA and SVIDs, a streaming
     /// upstream, the example policies, scripted calls, and a table of what was decided.
     Demo(portcullis::demo::DemoArgs),
@@ -47,6 +59,7 @@ enum Command {
     DevCerts(portcullis::cmd::dev_certs::DevCertsArgs),
     /// Run the Kubernetes sidecar injection webhook (AdmissionReview over HTTPS).
     InjectWebhook {
+        /// The webhook's YAML configuration file.
         #[arg(long, short)]
         config: PathBuf,
     },
@@ -64,6 +77,7 @@ enum Command {
 /// Where the config comes from.
 #[derive(Debug, clap::Args)]
 struct ConfigArgs {
+    /// The YAML configuration file.
     #[arg(long, short, required_unless_present = "overrides")]
     config: Option<PathBuf>,
     /// A YAML mapping laid over the config file (mappings merge, other values replace), or the
@@ -71,6 +85,24 @@ struct ConfigArgs {
     /// which cannot change after the pod is created.
     #[arg(long = "override", value_name = "YAML")]
     overrides: Option<String>,
+}
+
+/// `validate`: a whole configuration, or a policy directory alone.
+#[derive(Debug, clap::Args)]
+struct ValidateArgs {
+    /// The YAML configuration file.
+    #[arg(long, short, required_unless_present_any = ["overrides", "policies"], conflicts_with = "policies")]
+    config: Option<PathBuf>,
+    /// A YAML mapping laid over the config file (as for `run`).
+    #[arg(long = "override", value_name = "YAML", conflicts_with = "policies")]
+    overrides: Option<String>,
+    /// Validate this policy directory alone (schema, policies, entities.json): no config or
+    /// certificates needed. Cedar validator warnings are printed.
+    #[arg(long, value_name = "DIR")]
+    policies: Option<PathBuf>,
+    /// With --policies: treat warnings as errors (exit 64).
+    #[arg(long, requires = "policies")]
+    strict: bool,
 }
 
 impl ConfigArgs {
@@ -116,6 +148,7 @@ fn main() -> ExitCode {
                     Ok(options) => options,
                     Err(errors) => return config_failure(&errors),
                 };
+                log_start(&options);
                 match portcullis::run(options, drain).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
@@ -124,7 +157,15 @@ fn main() -> ExitCode {
                     }
                 }
             }
-            Command::Validate(args) => {
+            Command::Validate(ValidateArgs { policies: Some(dir), strict, .. }) => {
+                portcullis::cmd::validate::run(&dir, strict)
+            }
+            Command::Check(args) => portcullis::cmd::check::run(args),
+            Command::Test(args) => portcullis::cmd::test::run(args),
+            Command::Replay(args) => portcullis::cmd::replay::run(args),
+            Command::Suggest(args) => portcullis::cmd::suggest::run(args),
+            Command::Validate(ValidateArgs { config, overrides, .. }) => {
+                let args = ConfigArgs { config, overrides };
                 let config = match args.load() {
                     Ok(config) => config,
                     Err(errors) => return config_failure(&errors),
@@ -235,18 +276,57 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn config_failure(errors: &portcullis::config::ConfigErrors) -> ExitCode {
-    eprintln!("invalid configuration ({} errors):", errors.0.len());
+    eprintln!(
+        "invalid configuration ({}):",
+        portcullis::cmd::count(errors.0.len(), "error")
+    );
     for error in &errors.0 {
         eprintln!("  {error}");
     }
     ExitCode::from(EXIT_CONFIG)
 }
 
+/// What an operator checks first in the logs of a starting sidecar: which policies, which
+/// trust domains, which routes, which mode.
+fn log_start(options: &portcullis_proxy::ProxyOptions) {
+    let identity = options.identity.current.borrow().clone();
+    let routes: Vec<String> = options
+        .routes
+        .iter()
+        .map(|route| match &route.matcher {
+            portcullis_proxy::PathMatch::Exact(path) => format!("{path} {:?}", route.protocol),
+            portcullis_proxy::PathMatch::Prefix(path) => format!("{path}* {:?}", route.protocol),
+        })
+        .collect();
+    tracing::info!(
+        policy_hash = %options.policy.hash(),
+        policies = options.policy.policy_count(),
+        schema = match options.policy.schema_source() {
+            portcullis_policy::SchemaSource::File => "file",
+            portcullis_policy::SchemaSource::BuiltIn => "built-in",
+        },
+        shadow_policy_hash = %options
+            .shadow_policy
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), |s| s.hash().to_string()),
+        trust_domains = %identity.trust_domains.join(","),
+        routes = %routes.join(", "),
+        mode = options.policy.mode().name(),
+        "starting"
+    );
+    for warning in options.policy.warnings() {
+        tracing::warn!(%warning, "policy warning");
+    }
+}
+
 fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal, never in a file or a log pipeline.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),

@@ -73,6 +73,13 @@ pub struct AuditRecord {
     pub completed: bool,
     /// Long-lived credential headers the caller sent (never forwarded), e.g. `x-api-key`.
     pub standing_credentials: Vec<&'static str>,
+    /// The Cedar inputs of the decision (agent, user claims, action, resource, request and
+    /// protocol fields, time), so `portcullis replay` can decide it again.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<portcullis_policy::tools::Question>,
+    /// What the shadow set (`policy.shadow_dir`) decided, when one is configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::shadow::ShadowOutcome>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -18,6 +18,7 @@ pub mod metrics;
 mod pipeline;
 pub mod protocol;
 mod server;
+pub mod shadow;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -107,6 +108,8 @@ pub struct ProxyOptions {
     /// handshake uses the latest; the acceptor never knows where it came from.
     pub identity: IdentityFeed,
     pub policy: Arc<PolicyEngine>,
+    /// `policy.shadow_dir`: a candidate set decided beside `policy`, never enforced.
+    pub shadow_policy: Option<Arc<PolicyEngine>>,
     /// How often the policy directory is checked for changes.
     pub policy_reload_interval: Duration,
     pub upstream: Authority,
@@ -134,6 +137,7 @@ pub struct UserTokens {
 #[derive(Debug)]
 pub(crate) struct Shared {
     policy: Arc<PolicyEngine>,
+    shadow_policy: Option<Arc<PolicyEngine>>,
     routes: Vec<RouteRule>,
     forwarder: Forwarder,
     metrics: Metrics,
@@ -203,6 +207,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
 
     let shared = Arc::new(Shared {
         policy: options.policy.clone(),
+        shadow_policy: options.shadow_policy.clone(),
         routes: options.routes,
         forwarder: Forwarder::new(
             options.upstream,
@@ -232,7 +237,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so `/readyz` can say "draining" meanwhile.
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(server::serve(
             listener,
             identity.clone(),
@@ -251,6 +256,13 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             shutdown_rx,
         )),
     ];
+    if let Some(shadow) = options.shadow_policy {
+        tasks.push(tokio::spawn(shadow::reload(
+            shadow,
+            options.policy_reload_interval,
+            shutdown.subscribe(),
+        )));
+    }
     if let Some(producer) = options.identity.producer {
         // The producer stops by itself once every receiver (the tasks above) is gone.
         drop(producer(Arc::new(metrics.clone())));

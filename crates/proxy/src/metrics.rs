@@ -34,6 +34,9 @@ pub struct Metrics {
     pub policy_count: Gauge,
     pub agents_seen: IntGauge,
     pub standing_credentials: IntCounterVec,
+    /// `portcullis_shadow_disagreements_total{action,kind}`: the shadow set (`policy.shadow_dir`)
+    /// would have decided otherwise (kind `would_allow` or `would_deny`).
+    pub shadow_disagreements: IntCounterVec,
     /// Decisions per agent, behind a cardinality cap (`telemetry.max_agent_labels`).
     pub agent_decisions: IntCounterVec,
     agent_labels: Arc<RwLock<HashSet<String>>>,
@@ -103,6 +106,11 @@ impl Metrics {
                 .expect("unique metric");
             metric
         };
+        let shadow_disagreements = counter_vec(
+            "portcullis_shadow_disagreements_total",
+            "Requests the shadow policy set would have decided otherwise, by Cedar action and kind (would_allow, would_deny).",
+            &["action", "kind"],
+        );
         let decisions = counter_vec(
             "portcullis_decisions_total",
             "Authorization decisions, by outcome and Cedar action.",
@@ -214,6 +222,7 @@ impl Metrics {
             .expect("unique metric");
         Self {
             registry,
+            shadow_disagreements,
             agents_seen,
             standing_credentials,
             agent_decisions,

@@ -229,18 +229,16 @@ async fn authorize_and_forward(
             kind: call.resource.entity_type(),
             id: call.resource.id().to_owned(),
         });
-        let mut evaluation = shared.policy.evaluate_prepared(
-            &conn.prepared,
-            &AuthzInput {
-                agent: &conn.agent,
-                user: user.as_ref(),
-                action: call.action,
-                resource: &call.resource,
-                request: request_info,
-                protocol_context: call.context.clone(),
-                now: unix_now(),
-            },
-        );
+        let input = AuthzInput {
+            agent: &conn.agent,
+            user: user.as_ref(),
+            action: call.action,
+            resource: &call.resource,
+            request: request_info,
+            protocol_context: call.context.clone(),
+            now: unix_now(),
+        };
+        let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &input);
         let decision_time = decision_started.elapsed();
         shared
             .metrics
@@ -251,6 +249,17 @@ async fn authorize_and_forward(
             .observe_decision(evaluation.decision, call.action);
         conn.agent_decisions.observe(evaluation.decision);
         record_evaluation(audit, &evaluation, decision_time.as_micros());
+        // After the enforced decision is timed: the candidate set costs the caller nothing
+        // it would not also cost without one, and never changes what happens next.
+        audit.record.input = Some(portcullis_policy::tools::Question::from_input(&input));
+        if let Some(shadow) = &shared.shadow_policy {
+            audit.record.shadow = Some(crate::shadow::decide(
+                shadow,
+                &input,
+                evaluation.decision,
+                &shared.metrics,
+            ));
+        }
         tracing::debug!(
             request_id,
             agent = %conn.agent,

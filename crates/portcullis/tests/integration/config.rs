@@ -54,8 +54,9 @@ fn invalid_policies_exit_64_with_file_and_policy() {
         example.join("config.yaml").to_str().unwrap(),
     ]);
     assert_eq!(code, 64, "{stderr}");
+    // `file:line:column`, then the policy.
     assert!(
-        stderr.contains("policy.dir: broken.cedar: policy \"typo\""),
+        stderr.contains("policy.dir: broken.cedar:1:") && stderr.contains(": policy \"typo\""),
         "{stderr}"
     );
 }

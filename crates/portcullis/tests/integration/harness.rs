@@ -53,6 +53,8 @@ pub struct Builder {
     server_leaf: Option<LeafSpec>,
     /// `tls.workload_api` instead of files, with the CA the test agent serves SVIDs from.
     workload_api: Option<(String, Ca)>,
+    /// `policy.shadow_dir`: these *.cedar beside the shipped schema and entities.
+    shadow: Option<String>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
@@ -78,6 +80,12 @@ impl Builder {
 
     pub fn shadow(mut self) -> Self {
         self.mode = Some("shadow");
+        self
+    }
+
+    /// A shadow set (`policy.shadow_dir`) of `cedar` with the same schema and entities.
+    pub fn shadow_policies(mut self, cedar: &str) -> Self {
+        self.shadow = Some(cedar.to_owned());
         self
     }
 
@@ -233,6 +241,16 @@ impl Builder {
         if let Some(policies) = &self.policies {
             write(&policy_dir, "test.cedar", policies);
         }
+        let mut shadow_yaml = String::new();
+        if let Some(shadow) = &self.shadow {
+            let shadow_dir = dir.path().join("shadow");
+            std::fs::create_dir(&shadow_dir).unwrap();
+            for name in ["schema.cedarschema", "entities.json"] {
+                let _ = std::fs::copy(policy_dir.join(name), shadow_dir.join(name));
+            }
+            write(&shadow_dir, "candidate.cedar", shadow);
+            shadow_yaml.push_str("  shadow_dir: shadow\n");
+        }
         let upstream = Upstream::start(
             self.pacing
                 .unwrap_or(SsePacing::Delay(Duration::from_millis(1))),
@@ -262,7 +280,7 @@ impl Builder {
              admin_listen: {admin_listen}\n\
              upstream: http://{upstream_addr}\n\
              {tls}\
-             policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n\
+             policy:\n  dir: policies\n  mode: {}\n  reload_interval: 100ms\n{shadow_yaml}\
              audit:\n{}{}",
             self.mode.unwrap_or("enforce"),
             self.audit_yaml

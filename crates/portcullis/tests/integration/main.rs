@@ -13,6 +13,7 @@ mod forwarding;
 mod handshake;
 mod live_identity;
 mod policy;
+mod policy_tools;
 mod protocols;
 mod python_clients;
 mod telemetry;
