@@ -138,32 +138,58 @@ struct Changes {
 const EVENT_SETTLE: Duration = Duration::from_millis(50);
 
 /// Watches the directory of every identity file (not the files: a symlink swap or a rename
-/// over a file replaces the entry in its directory) and wakes `wake` on any event. `None`,
-/// with a warning, where the platform or filesystem has no events: the poll still runs.
+/// over a file replaces the entry in its directory) and wakes `wake` on an event that names
+/// one of the files, or an entry of Kubernetes' atomic writer (`..data`, `..2026_…`: a
+/// mounted Secret's files are symlinks through them). Events for other entries of the same
+/// directory (an audit log written beside the certificates) wake nothing. `None`, with a
+/// warning, where the platform or filesystem has no events: the poll still runs.
 fn watch_directories(
     files: &IdentityFiles,
     wake: Arc<tokio::sync::Notify>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher as _;
+    let watched: std::collections::BTreeSet<PathBuf> = [&files.cert, &files.key]
+        .into_iter()
+        .chain(files.bundles.iter().map(|(_, path)| path))
+        .map(|path| absolute(path))
+        .collect();
+    let directories: std::collections::BTreeSet<PathBuf> = watched
+        .iter()
+        .filter_map(|path| path.parent().map(Path::to_path_buf))
+        .collect();
+    let relevant = move |path: &Path| {
+        watched.contains(path)
+            || path
+                .file_name()
+                .is_some_and(|name| name.as_encoded_bytes().starts_with(b".."))
+    };
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-        // Our own reads are access events; only a change to an entry is worth a check.
-        if event.is_ok_and(|event| !event.kind.is_access()) {
+        let wanted = match event {
+            // Our own reads are access events; only a change to an entry is worth a check.
+            Ok(event) => {
+                !event.kind.is_access()
+                    && (event.paths.is_empty() || event.paths.iter().any(|p| relevant(p)))
+            }
+            // Events may have been lost (a queue overflow): check.
+            Err(_) => true,
+        };
+        if wanted {
             wake.notify_one();
         }
     })
     .map_err(|error| tracing::warn!(%error, "no file events; certificates are polled only"))
     .ok()?;
-    let directories: std::collections::BTreeSet<&Path> = [&files.cert, &files.key]
-        .into_iter()
-        .chain(files.bundles.iter().map(|(_, path)| path))
-        .filter_map(|path| path.parent())
-        .collect();
     for directory in directories {
-        if let Err(error) = watcher.watch(directory, notify::RecursiveMode::NonRecursive) {
+        if let Err(error) = watcher.watch(&directory, notify::RecursiveMode::NonRecursive) {
             tracing::warn!(%error, directory = %directory.display(), "no file events for this directory; it is polled only");
         }
     }
     Some(watcher)
+}
+
+/// `path` made absolute against the working directory, as notify reports event paths.
+fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl Watcher {
