@@ -80,7 +80,9 @@ pub(crate) async fn handle(
     conn: Arc<ConnectionIdentity>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let request_id = random_hex::<16>();
+    // One call to the RNG for every random id of the request: it costs per call, not per byte.
+    let random = RequestRandomness::draw();
+    let request_id = hex::encode(random.request_id());
     let Ok(()) = shared.audit.admit().await else {
         shared
             .metrics
@@ -90,7 +92,7 @@ pub(crate) async fn handle(
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
         return Ok(refusal_response(Refusal::AuditUnavailable, &request_id));
     };
-    let trace = Traceparent::from_request(request.headers());
+    let trace = Traceparent::from_request(request.headers(), &random);
     let record = AuditRecord {
         time: rfc3339(SystemTime::now()),
         request_id: request_id.clone(),
@@ -582,7 +584,7 @@ pub(crate) struct Traceparent {
 }
 
 impl Traceparent {
-    fn from_request(headers: &http::HeaderMap) -> Self {
+    fn from_request(headers: &http::HeaderMap, random: &RequestRandomness) -> Self {
         let valid = headers
             .get(TRACEPARENT_HEADER)
             .and_then(|v| v.to_str().ok())
@@ -592,7 +594,11 @@ impl Traceparent {
                 header: value.to_owned(),
             },
             None => Self {
-                header: format!("00-{}-{}-01", random_hex::<16>(), random_hex::<8>()),
+                header: format!(
+                    "00-{}-{}-01",
+                    hex::encode(random.trace_id()),
+                    hex::encode(random.parent_id())
+                ),
             },
         }
     }
@@ -615,12 +621,30 @@ fn is_valid_traceparent(value: &str) -> bool {
             && hex(flags, 2))
 }
 
-fn random_hex<const N: usize>() -> String {
-    let mut bytes = [0u8; N];
-    // aws-lc's RNG does not fail on supported platforms; a zero id would still be unique
-    // enough to correlate within one record, so this does not fail the request.
-    let _ = aws_lc_rs::rand::fill(&mut bytes);
-    hex::encode(bytes)
+/// The random bytes of one request's ids: its request id, and the trace and parent ids of a
+/// traceparent when the caller sent none.
+struct RequestRandomness([u8; 40]);
+
+impl RequestRandomness {
+    fn draw() -> Self {
+        let mut bytes = [0u8; 40];
+        // aws-lc's RNG does not fail on supported platforms; a zero id would still be unique
+        // enough to correlate within one record, so this does not fail the request.
+        let _ = aws_lc_rs::rand::fill(&mut bytes);
+        Self(bytes)
+    }
+
+    fn request_id(&self) -> &[u8] {
+        &self.0[..16]
+    }
+
+    fn trace_id(&self) -> &[u8] {
+        &self.0[16..32]
+    }
+
+    fn parent_id(&self) -> &[u8] {
+        &self.0[32..]
+    }
 }
 
 fn unix_now() -> i64 {
