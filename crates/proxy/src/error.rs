@@ -57,6 +57,10 @@ pub enum Refusal {
     BodyDeadline,
     /// A JSON-RPC batch of more than `limits.max_batch` messages.
     BatchTooLarge,
+    /// An HTTP/2 request whose header list (RFC 9113 §6.5.2) is over
+    /// `limits.max_header_bytes`. (An HTTP/1.1 head over it gets hyper's 431 before any
+    /// request exists.)
+    HeadTooLarge,
 }
 
 impl Refusal {
@@ -70,6 +74,7 @@ impl Refusal {
             | Refusal::InvalidMessage
             | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge | Refusal::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Refusal::BodyDeadline => StatusCode::REQUEST_TIMEOUT,
             Refusal::AgentBusy => StatusCode::TOO_MANY_REQUESTS,
             Refusal::Overloaded | Refusal::InspectionBudget => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,6 +115,7 @@ impl Refusal {
             Refusal::InspectionBudget => "inspect_memory_limit",
             Refusal::BodyDeadline => "body_deadline",
             Refusal::BatchTooLarge => "batch_too_large",
+            Refusal::HeadTooLarge => "header_too_large",
         }
     }
 
@@ -138,7 +144,8 @@ impl Refusal {
             | Refusal::Overloaded
             | Refusal::InspectionBudget
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => None,
+            | Refusal::BatchTooLarge
+            | Refusal::HeadTooLarge => None,
         }
     }
 
@@ -166,7 +173,8 @@ impl Refusal {
             | Refusal::Overloaded
             | Refusal::InspectionBudget
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => false,
+            | Refusal::BatchTooLarge
+            | Refusal::HeadTooLarge => false,
         }
     }
 
@@ -194,7 +202,8 @@ impl Refusal {
             | Refusal::UpstreamTimeout
             | Refusal::UpstreamProtocol
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => None,
+            | Refusal::BatchTooLarge
+            | Refusal::HeadTooLarge => None,
         }
     }
 }

@@ -169,6 +169,7 @@ async fn authorize_and_forward(
     audit: &mut AuditGuard,
     native: &mut Option<Native>,
 ) -> Result<Response<ResponseBody>, Refusal> {
+    check_head_size(&request, shared.limits.max_header_bytes)?;
     let host = check_framing(&request)?;
     let path = request.uri().path().to_owned();
     check_path(&path)?;
@@ -474,6 +475,42 @@ async fn verify_user(
 /// RFC 9112 §3.2: a request target in absolute form is for proxies that route by it; this
 /// one does not, so it is refused rather than having two hosts in play. §3.2 also requires
 /// exactly one Host in HTTP/1.1. Returns the host (without port, lower-case).
+/// An HTTP/2 header list over the limit, measured as RFC 9113 §6.5.2 does (name and value
+/// octets plus 32 per field, pseudo-headers included). HTTP/1.1 heads are bounded by hyper's
+/// buffer before a request exists.
+fn check_head_size(request: &Request<Incoming>, limit: usize) -> Result<(), Refusal> {
+    if request.version() != Version::HTTP_2 {
+        return Ok(());
+    }
+    let uri = request.uri();
+    let pseudo = [
+        (":method".len(), request.method().as_str().len()),
+        (
+            ":path".len(),
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+        (":scheme".len(), uri.scheme_str().map_or(0, str::len)),
+        (
+            ":authority".len(),
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+    ];
+    let size = pseudo
+        .into_iter()
+        .chain(
+            request
+                .headers()
+                .iter()
+                .map(|(name, value)| (name.as_str().len(), value.len())),
+        )
+        .map(|(name, value)| name + value + 32)
+        .sum::<usize>();
+    if size > limit {
+        return Err(Refusal::HeadTooLarge);
+    }
+    Ok(())
+}
+
 fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
     let hosts = request.headers().get_all(header::HOST).iter().count();
     if hosts > 1 {

@@ -190,7 +190,12 @@ fn builder(limits: &crate::Limits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_h2_streams)
-        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        // Twice the limit: h2 refuses a larger header list itself, with a reset curl and
+        // most clients report as a connection failure; up to twice it, the pipeline answers
+        // with a 431 the client reads (`Refusal::HeadTooLarge`), as ASP.NET Core does.
+        .max_header_list_size(
+            u32::try_from(limits.max_header_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+        )
         .keep_alive_interval(Some(Duration::from_secs(30)));
     builder
 }

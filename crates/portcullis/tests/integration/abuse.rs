@@ -420,13 +420,23 @@ async fn an_oversized_head_gets_a_readable_431() {
     let reply = h.raw(TRIAGE, raw.as_bytes(), Duration::from_secs(5)).await;
     assert!(reply.starts_with("HTTP/1.1 431"), "{reply:.200}");
 
-    // HTTP/2: the stream is answered (431) and the connection stays usable.
+    // HTTP/2: the stream is answered with the proxy's own 431 (a body naming the reason, a
+    // request id: not h2's bare refusal, which curl reports as REFUSED_STREAM), and the
+    // connection stays usable.
     let (mut sender, conn) = h2(&h, TRIAGE, None).await;
     let mut req = h2_request("GET", "/health", TestBody::Full(None));
     req.headers_mut().insert("x-big", big.parse().unwrap());
     sender.ready().await.unwrap();
     match sender.send_request(req).await {
-        Ok(response) => assert_eq!(response.status(), 431),
+        Ok(response) => {
+            assert_eq!(response.status(), 431);
+            assert!(response.headers().contains_key("x-request-id"));
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert!(
+                String::from_utf8_lossy(&body).contains("header_too_large"),
+                "{body:?}"
+            );
+        }
         Err(error) => panic!("HTTP/2 oversized head: {error}"),
     }
     sender.ready().await.unwrap();

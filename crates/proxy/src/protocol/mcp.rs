@@ -291,7 +291,8 @@ pub(crate) fn error_body(refusal: Refusal, ids: &[Value], batch: bool, request_i
         | Refusal::MissingHost
         | Refusal::DuplicateHost
         | Refusal::AmbiguousPath
-        | Refusal::UnsupportedMethod => (-32600, "request refused"),
+        | Refusal::UnsupportedMethod
+        | Refusal::HeadTooLarge => (-32600, "request refused"),
         Refusal::PolicyDenied => (POLICY_DENIED_CODE, "denied by policy"),
         Refusal::ApprovalRequired => (POLICY_DENIED_CODE, "approval required"),
         Refusal::InvalidUserToken(_) => (POLICY_DENIED_CODE, "user token rejected"),

@@ -215,7 +215,8 @@ pub(crate) fn error_body(refusal: Refusal, model: Option<&str>, request_id: &str
         | Refusal::MissingHost
         | Refusal::DuplicateHost
         | Refusal::AmbiguousPath
-        | Refusal::UnsupportedMethod => (
+        | Refusal::UnsupportedMethod
+        | Refusal::HeadTooLarge => (
             "invalid_request_error",
             "the request was refused".to_owned(),
             None,
