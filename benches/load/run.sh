@@ -53,6 +53,8 @@ PORTCULLIS="${PORTCULLIS:-$root/target/release/portcullis}"
 TOOL="$root/target/release/portcullis-bench"
 
 work="$(mktemp -d)"
+# nginx workers run as an unprivileged user when started as root: they must read www/.
+chmod 755 "$work"
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -222,6 +224,10 @@ for line in open(results):
                      ok=ok / total if total else 0, cpu=cpu_us,
                      idle=None if idle == "-" else int(idle) / 1024,
                      held=None if held == "-" else int(held) / 1024))
+bad = [f"{r['name']} ({r['ok']:.1%})" for r in rows if r["ok"] < 0.99]
+if bad:
+    # A proxy relaying errors measures the wrong thing: refuse to print a table of it.
+    sys.exit("responses were not 200 for: " + ", ".join(bad) + f" (kept in {work} with KEEP_WORK=1)")
 base = next((r for r in rows if r["name"] == "nginx-mtls"), None)
 def ratio(value, of):
     return "" if value is None or not of else f" ({value / of:.2f}x)"
