@@ -57,6 +57,16 @@ pub enum Refusal {
     BodyDeadline,
     /// A JSON-RPC batch of more than `limits.max_batch` messages.
     BatchTooLarge,
+    /// MCP `Mcp-Method` / `Mcp-Name` headers that disagree with the body, or are missing
+    /// where `MCP-Protocol-Version: 2026-07-28` requires them: an intermediary routing by
+    /// the header and the server acting on the body would see two different requests.
+    HeaderMismatch,
+    /// An MCP request carrying an `Mcp-Session-Id` that was not issued to the calling agent
+    /// (see `sessions`): 404, as the transport answers an unknown session.
+    ForeignSession,
+    /// An inference request whose path (`/openai/deployments/<model>/…`) and body name
+    /// different models.
+    ModelMismatch,
 }
 
 impl Refusal {
@@ -68,6 +78,8 @@ impl Refusal {
             | Refusal::AmbiguousPath
             | Refusal::MalformedBody
             | Refusal::InvalidMessage
+            | Refusal::HeaderMismatch
+            | Refusal::ModelMismatch
             | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge | Refusal::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyDeadline => StatusCode::REQUEST_TIMEOUT,
@@ -75,6 +87,7 @@ impl Refusal {
             Refusal::Overloaded | Refusal::InspectionBudget => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::ForeignSession => StatusCode::NOT_FOUND,
             Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
             Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
@@ -110,6 +123,9 @@ impl Refusal {
             Refusal::InspectionBudget => "inspect_memory_limit",
             Refusal::BodyDeadline => "body_deadline",
             Refusal::BatchTooLarge => "batch_too_large",
+            Refusal::HeaderMismatch => "mcp_header_mismatch",
+            Refusal::ModelMismatch => "model_mismatch",
+            Refusal::ForeignSession => "session_not_found",
         }
     }
 
@@ -138,7 +154,10 @@ impl Refusal {
             | Refusal::Overloaded
             | Refusal::InspectionBudget
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => None,
+            | Refusal::BatchTooLarge
+            | Refusal::HeaderMismatch
+            | Refusal::ModelMismatch
+            | Refusal::ForeignSession => None,
         }
     }
 
@@ -166,7 +185,10 @@ impl Refusal {
             | Refusal::Overloaded
             | Refusal::InspectionBudget
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => false,
+            | Refusal::BatchTooLarge
+            | Refusal::HeaderMismatch
+            | Refusal::ModelMismatch
+            | Refusal::ForeignSession => false,
         }
     }
 
@@ -194,7 +216,10 @@ impl Refusal {
             | Refusal::UpstreamTimeout
             | Refusal::UpstreamProtocol
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => None,
+            | Refusal::BatchTooLarge
+            | Refusal::HeaderMismatch
+            | Refusal::ModelMismatch
+            | Refusal::ForeignSession => None,
         }
     }
 }
