@@ -213,7 +213,9 @@ impl AuditLog {
             "type": "start",
             "time": rfc3339(SystemTime::now()),
             "version": env!("CARGO_PKG_VERSION"),
-            "sink": if out.file.is_some() { "file" } else { "stdout" },
+            // `stdout` for any sink that cannot be read back (stdout, a pipe): its starts
+            // begin at genesis.
+            "sink": if out.readback { "file" } else { "stdout" },
         });
         if let Some(checkpoints) = &checkpoints {
             start["key_id"] = checkpoints.key.key_id().into();
@@ -466,6 +468,9 @@ struct Output {
     writer: Box<dyn Write + Send>,
     file: Option<FileTarget>,
     written: u64,
+    /// Whether what was written can be read back (a regular file): the next process's
+    /// start line links to it.
+    readback: bool,
 }
 
 struct FileTarget {
@@ -484,6 +489,7 @@ impl Output {
                     writer: Box::new(io::stdout()),
                     file: None,
                     written: 0,
+                    readback: false,
                 },
                 None,
             )),
@@ -492,13 +498,23 @@ impl Output {
                 rotate_bytes,
                 keep,
             } => {
-                let mut last = last_line_hash(path)?;
-                if last.is_none() {
-                    last = last_line_hash(&numbered(path, 1))?;
+                // Only a regular file can be read back (a FIFO or device would block or
+                // hand out someone else's bytes): anything else starts at genesis, like
+                // stdout, and says so in the start line.
+                let regular = match std::fs::metadata(path) {
+                    Ok(metadata) => metadata.is_file(),
+                    Err(_) => true,
+                };
+                let mut last = None;
+                if regular {
+                    last = last_line_hash(path)?;
+                    if last.is_none() {
+                        last = last_line_hash(&numbered(path, 1))?;
+                    }
                 }
                 let mut file = OpenOptions::new().create(true).append(true).open(path)?;
                 let mut written = file.metadata().map(|m| m.len()).unwrap_or(0);
-                if written > 0 && !ends_with_newline(path)? {
+                if regular && written > 0 && !ends_with_newline(path)? {
                     // A torn last line (the process died mid-write) stays, as a line of its
                     // own: it is hashed into the chain, and `verify` reports it.
                     file.write_all(b"\n")?;
@@ -513,6 +529,7 @@ impl Output {
                             keep: (*keep).max(1),
                         }),
                         written,
+                        readback: regular,
                     },
                     last,
                 ))
