@@ -947,3 +947,37 @@ async fn keys_verify_tokens_of_the_issuer_that_published_them_only() {
         200
     );
 }
+
+#[tokio::test]
+async fn forward_user_token_works_with_any_configured_header() {
+    for (header, value) in [
+        ("authorization", "Bearer {token}"),
+        ("x-user-jwt", "{token}"),
+    ] {
+        let h = Harness::builder()
+            .user_tokens()
+            .policies(OPEN_BUT_ADMIN)
+            .user_token_yaml(&format!("  header: {header}\n"))
+            .yaml("routes:\n  - path_prefix: /with-token\n    forward_user_token: true\n")
+            .start()
+            .await;
+        let token = h.token("lee", &[], TRIAGE);
+        let value = value.replace("{token}", &token);
+        for path in ["/with-token/x", "/api/x"] {
+            let mut req = request("GET", HOST, path, Bytes::new());
+            req.headers_mut().insert(
+                http::HeaderName::from_static(header),
+                value.parse().unwrap(),
+            );
+            assert_eq!(
+                h.send(TRIAGE, HttpVersion::Http1, req).await.0,
+                200,
+                "{header}"
+            );
+        }
+        let seen = h.upstream.requests();
+        assert_eq!(seen[0].headers[header], value.as_str(), "{header}");
+        assert!(!seen[1].headers.contains_key(header), "{header}");
+        assert!(seen.iter().all(|r| r.headers["x-portcullis-user"] == "lee"));
+    }
+}
