@@ -753,6 +753,61 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
         raw.jwks_refresh_interval.as_deref(),
         errors,
     );
+    let max_stale = match duration(
+        "user_token.jwks_max_stale",
+        raw.jwks_max_stale.as_deref(),
+        errors,
+    ) {
+        Some(stale)
+            if stale < refresh.unwrap_or(UserTokenSettings::DEFAULT_JWKS_REFRESH_INTERVAL) =>
+        {
+            errors.add(
+                "user_token.jwks_max_stale",
+                "must be at least jwks_refresh_interval",
+            );
+            None
+        }
+        other => other,
+    };
+    if raw
+        .allowed_types
+        .as_ref()
+        .is_some_and(|types| types.is_empty() || types.iter().any(|t| t.trim().is_empty()))
+    {
+        errors.add(
+            "user_token.allowed_types",
+            "list at least one type, none of them empty",
+        );
+    }
+    let mut issuer_sources: Vec<(String, JwksSource)> = Vec::new();
+    for (index, keys) in raw.issuer_keys.iter().enumerate() {
+        let path = format!("user_token.issuer_keys[{index}]");
+        let issuer = keys.issuer.clone().filter(|i| !i.is_empty());
+        match &issuer {
+            None => errors.add(format!("{path}.issuer"), "required"),
+            Some(issuer)
+                if raw.issuers.contains(issuer)
+                    || issuer_sources.iter().any(|(i, _)| i == issuer) =>
+            {
+                errors.add(
+                    format!("{path}.issuer"),
+                    format!("{issuer:?} already has a key set: each issuer has exactly one"),
+                );
+            }
+            Some(_) => {}
+        }
+        let jwks = jwks_source(
+            &path,
+            keys.jwks_file.as_deref(),
+            keys.jwks_url.as_deref(),
+            keys.jwks_ca_file.as_deref(),
+            base,
+            errors,
+        );
+        if let (Some(issuer), Some(jwks)) = (issuer, jwks) {
+            issuer_sources.push((issuer, jwks));
+        }
+    }
     if errors.0.len() != before {
         return None;
     }
@@ -778,66 +833,21 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
     if let Some(depth) = raw.max_actor_depth {
         settings.max_actor_depth = depth;
     }
-    match raw.jwks_max_stale.as_deref() {
-        None => {}
-        Some(value) => match duration("user_token.jwks_max_stale", Some(value), errors) {
-            Some(stale) if stale < settings.jwks_refresh_interval => {
-                errors.add(
-                    "user_token.jwks_max_stale",
-                    "must be at least jwks_refresh_interval",
-                );
-            }
-            Some(stale) => settings.jwks_max_stale = stale,
-            None => {}
-        },
+    if let Some(stale) = max_stale {
+        settings.jwks_max_stale = stale;
     }
-    match raw.allowed_types {
-        Some(types) if types.is_empty() || types.iter().any(|t| t.trim().is_empty()) => {
-            errors.add(
-                "user_token.allowed_types",
-                "list at least one type, none of them empty",
-            );
-            return None;
-        }
-        Some(types) => settings.allowed_types = types,
-        None => {}
+    if let Some(types) = raw.allowed_types {
+        settings.allowed_types = types;
     }
-    let mut issuer_settings = Vec::new();
-    for (index, keys) in raw.issuer_keys.iter().enumerate() {
-        let path = format!("user_token.issuer_keys[{index}]");
-        let Some(issuer) = keys.issuer.clone().filter(|i| !i.is_empty()) else {
-            errors.add(format!("{path}.issuer"), "required");
-            continue;
-        };
-        if settings.issuers.contains(&issuer)
-            || issuer_settings
-                .iter()
-                .any(|s: &UserTokenSettings| s.issuers.contains(&issuer))
-        {
-            errors.add(
-                format!("{path}.issuer"),
-                format!("{issuer:?} already has a key set: each issuer has exactly one"),
-            );
-            continue;
-        }
-        let Some(jwks) = jwks_source(
-            &path,
-            keys.jwks_file.as_deref(),
-            keys.jwks_url.as_deref(),
-            keys.jwks_ca_file.as_deref(),
-            base,
-            errors,
-        ) else {
-            continue;
-        };
-        let mut own = settings.clone();
-        own.jwks = jwks;
-        own.issuers = vec![issuer];
-        issuer_settings.push(own);
-    }
-    if errors.0.len() != before {
-        return None;
-    }
+    let issuer_settings = issuer_sources
+        .into_iter()
+        .map(|(issuer, jwks)| {
+            let mut own = settings.clone();
+            own.jwks = jwks;
+            own.issuers = vec![issuer];
+            own
+        })
+        .collect();
     Some(UserTokenConfig {
         header: header?,
         settings,
