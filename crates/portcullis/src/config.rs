@@ -111,6 +111,22 @@ struct RawUserToken {
     require_actor_binding: Option<bool>,
     max_token_bytes: Option<usize>,
     max_actor_depth: Option<usize>,
+    /// Accepted `typ` header values (default `[JWT, at+jwt]`); a token without `typ` passes.
+    allowed_types: Option<Vec<String>>,
+    /// How long a key set that cannot be refreshed is still trusted (default 1h).
+    jwks_max_stale: Option<String>,
+    /// Issuers with a key set of their own, besides `issuers` (which share `jwks_file` /
+    /// `jwks_url`): a key from one set verifies tokens of its own issuer only.
+    #[serde(default)]
+    issuer_keys: Vec<RawIssuerKeys>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RawIssuerKeys {
+    issuer: Option<String>,
+    jwks_file: Option<String>,
+    jwks_url: Option<String>,
+    jwks_ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -131,6 +147,8 @@ struct RawRoute {
     forward_user_token: bool,
     /// Bytes of a protocol route's body read for inspection (default: limits.body_prefix_bytes).
     body_limit: Option<usize>,
+    /// `sensitive` (default) or `insensitive`.
+    match_case: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -140,6 +158,10 @@ struct RawAudit {
     max_file_bytes: Option<u64>,
     /// Rotated files kept (`audit.jsonl.1` … `.N`).
     max_files: Option<usize>,
+    /// Ed25519 key (PKCS#8 PEM) that signs checkpoints.
+    signing_key: Option<String>,
+    /// How often a signed checkpoint is written while records come (default 60s).
+    checkpoint_interval: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -214,6 +236,8 @@ pub struct Config {
     pub policy_reload_interval: Duration,
     pub routes: Vec<RouteRule>,
     pub audit: AuditSink,
+    /// `audit.signing_key` and `audit.checkpoint_interval`.
+    pub audit_checkpoints: Option<portcullis_proxy::audit::Checkpoints>,
     pub limits: Limits,
     /// `shutdown_grace` (or its older name `limits.drain_timeout`): how long in-flight
     /// requests may take to finish after SIGTERM.
@@ -285,8 +309,20 @@ impl Config {
                         message: e.to_string(),
                     }])
                 })?;
+                let mut by_issuer = Vec::new();
+                for (index, settings) in config.issuer_settings.into_iter().enumerate() {
+                    let issuer = settings.issuers.first().cloned().unwrap_or_default();
+                    let own = UserTokenVerifier::new(settings).await.map_err(|e| {
+                        ConfigErrors(vec![ConfigError {
+                            path: format!("user_token.issuer_keys[{index}]"),
+                            message: e.to_string(),
+                        }])
+                    })?;
+                    by_issuer.push((issuer, own));
+                }
                 Some(portcullis_proxy::UserTokens {
                     verifier,
+                    by_issuer,
                     header: config.header,
                 })
             }
@@ -302,6 +338,7 @@ impl Config {
             routes: self.routes,
             limits: self.limits,
             audit: self.audit,
+            audit_checkpoints: self.audit_checkpoints,
             user_token,
             reject_standing_credentials: self.reject_standing_credentials,
             max_agent_labels: self.max_agent_labels,
@@ -314,6 +351,9 @@ impl Config {
 pub struct UserTokenConfig {
     pub header: http::HeaderName,
     pub settings: UserTokenSettings,
+    /// `user_token.issuer_keys`: one settings per issuer, with its own key set and only that
+    /// issuer accepted (the other knobs as in `settings`).
+    pub issuer_settings: Vec<UserTokenSettings>,
 }
 
 #[derive(Debug, Default)]
@@ -421,6 +461,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
     let shadow_policy = shadow_policy(raw.policy.as_ref(), base, errors);
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
     let routes = routes(raw.routes, errors);
+    let audit_checkpoints = checkpoints(raw.audit.as_ref(), base, errors);
     let audit = audit(raw.audit, base, errors);
     let (limits, drain_timeout) = limits?;
     let drain_timeout = shutdown_grace.unwrap_or(drain_timeout);
@@ -436,6 +477,7 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         policy_reload_interval,
         routes: routes?,
         audit: audit?,
+        audit_checkpoints: audit_checkpoints?,
         limits,
         drain_timeout,
         reject_standing_credentials: raw.reject_standing_credentials.unwrap_or(false),
@@ -646,6 +688,38 @@ fn tls_files(raw: RawTls, base: &Path, errors: &mut Errors) -> Option<IdentityFe
     }
 }
 
+/// `jwks_file` or `jwks_url` (with `jwks_ca_file`) under `path`.
+fn jwks_source(
+    path: &str,
+    jwks_file: Option<&str>,
+    jwks_url: Option<&str>,
+    jwks_ca_file: Option<&str>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<JwksSource> {
+    match (jwks_file, jwks_url) {
+        (Some(_), Some(_)) => {
+            errors.add(path, "set one of jwks_file and jwks_url, not both");
+            None
+        }
+        (None, None) => {
+            errors.add(path, "one of jwks_file or jwks_url is required");
+            None
+        }
+        (Some(file_path), None) => {
+            file(base, &format!("{path}.jwks_file"), Some(file_path), errors).map(JwksSource::File)
+        }
+        (None, Some(url)) => {
+            let ca_file = jwks_ca_file
+                .and_then(|ca| file(base, &format!("{path}.jwks_ca_file"), Some(ca), errors));
+            Some(JwksSource::Url {
+                url: url.to_owned(),
+                ca_file,
+            })
+        }
+    }
+}
+
 fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<UserTokenConfig> {
     let before = errors.0.len();
     let header_name = raw.header.as_deref().unwrap_or("x-portcullis-user-token");
@@ -659,29 +733,14 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
             None
         }
     };
-    let jwks = match (raw.jwks_file.as_deref(), raw.jwks_url.as_deref()) {
-        (Some(_), Some(_)) => {
-            errors.add("user_token", "set one of jwks_file and jwks_url, not both");
-            None
-        }
-        (None, None) => {
-            errors.add("user_token", "one of jwks_file or jwks_url is required");
-            None
-        }
-        (Some(file_path), None) => {
-            file(base, "user_token.jwks_file", Some(file_path), errors).map(JwksSource::File)
-        }
-        (None, Some(url)) => {
-            let ca_file = raw
-                .jwks_ca_file
-                .as_deref()
-                .and_then(|ca| file(base, "user_token.jwks_ca_file", Some(ca), errors));
-            Some(JwksSource::Url {
-                url: url.to_owned(),
-                ca_file,
-            })
-        }
-    };
+    let jwks = jwks_source(
+        "user_token",
+        raw.jwks_file.as_deref(),
+        raw.jwks_url.as_deref(),
+        raw.jwks_ca_file.as_deref(),
+        base,
+        errors,
+    );
     if raw.issuers.is_empty() {
         errors.add("user_token.issuers", "at least one issuer is required");
     }
@@ -711,6 +770,61 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
         raw.jwks_refresh_interval.as_deref(),
         errors,
     );
+    let max_stale = match duration(
+        "user_token.jwks_max_stale",
+        raw.jwks_max_stale.as_deref(),
+        errors,
+    ) {
+        Some(stale)
+            if stale < refresh.unwrap_or(UserTokenSettings::DEFAULT_JWKS_REFRESH_INTERVAL) =>
+        {
+            errors.add(
+                "user_token.jwks_max_stale",
+                "must be at least jwks_refresh_interval",
+            );
+            None
+        }
+        other => other,
+    };
+    if raw
+        .allowed_types
+        .as_ref()
+        .is_some_and(|types| types.is_empty() || types.iter().any(|t| t.trim().is_empty()))
+    {
+        errors.add(
+            "user_token.allowed_types",
+            "list at least one type, none of them empty",
+        );
+    }
+    let mut issuer_sources: Vec<(String, JwksSource)> = Vec::new();
+    for (index, keys) in raw.issuer_keys.iter().enumerate() {
+        let path = format!("user_token.issuer_keys[{index}]");
+        let issuer = keys.issuer.clone().filter(|i| !i.is_empty());
+        match &issuer {
+            None => errors.add(format!("{path}.issuer"), "required"),
+            Some(issuer)
+                if raw.issuers.contains(issuer)
+                    || issuer_sources.iter().any(|(i, _)| i == issuer) =>
+            {
+                errors.add(
+                    format!("{path}.issuer"),
+                    format!("{issuer:?} already has a key set: each issuer has exactly one"),
+                );
+            }
+            Some(_) => {}
+        }
+        let jwks = jwks_source(
+            &path,
+            keys.jwks_file.as_deref(),
+            keys.jwks_url.as_deref(),
+            keys.jwks_ca_file.as_deref(),
+            base,
+            errors,
+        );
+        if let (Some(issuer), Some(jwks)) = (issuer, jwks) {
+            issuer_sources.push((issuer, jwks));
+        }
+    }
     if errors.0.len() != before {
         return None;
     }
@@ -736,9 +850,25 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
     if let Some(depth) = raw.max_actor_depth {
         settings.max_actor_depth = depth;
     }
+    if let Some(stale) = max_stale {
+        settings.jwks_max_stale = stale;
+    }
+    if let Some(types) = raw.allowed_types {
+        settings.allowed_types = types;
+    }
+    let issuer_settings = issuer_sources
+        .into_iter()
+        .map(|(issuer, jwks)| {
+            let mut own = settings.clone();
+            own.jwks = jwks;
+            own.issuers = vec![issuer];
+            own
+        })
+        .collect();
     Some(UserTokenConfig {
         header: header?,
         settings,
+        issuer_settings,
     })
 }
 
@@ -864,14 +994,59 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
             }
             _ => {}
         }
+        let case_insensitive = match route.match_case.as_deref() {
+            None | Some("sensitive") => false,
+            Some("insensitive") => true,
+            Some(other) => {
+                errors.add(
+                    format!("{path}.match_case"),
+                    format!("{other:?} is not one of: sensitive, insensitive"),
+                );
+                continue;
+            }
+        };
         routes.push(RouteRule {
             matcher,
             protocol,
             forward_user_token: route.forward_user_token,
             body_limit: route.body_limit,
+            case_insensitive,
         });
     }
     (errors.0.len() == before).then_some(routes)
+}
+
+/// `audit.signing_key` and `audit.checkpoint_interval`: `Some(None)` without a key.
+fn checkpoints(
+    raw: Option<&RawAudit>,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<Option<portcullis_proxy::audit::Checkpoints>> {
+    let interval = match raw.and_then(|r| r.checkpoint_interval.as_deref()) {
+        None => Some(Duration::from_secs(60)),
+        Some(value) => match duration("audit.checkpoint_interval", Some(value), errors) {
+            Some(d) if d.is_zero() => {
+                errors.add("audit.checkpoint_interval", "must be greater than 0");
+                None
+            }
+            other => other,
+        },
+    };
+    let Some(key) = raw.and_then(|r| r.signing_key.as_deref()) else {
+        return interval.map(|_| None);
+    };
+    let path = file(base, "audit.signing_key", Some(key), errors)?;
+    let key = match portcullis_proxy::audit::SigningKey::from_pem_file(&path) {
+        Ok(key) => key,
+        Err(error) => {
+            errors.add("audit.signing_key", error.to_string());
+            return None;
+        }
+    };
+    Some(Some(portcullis_proxy::audit::Checkpoints {
+        key: Arc::new(key),
+        interval: interval?,
+    }))
 }
 
 fn audit(raw: Option<RawAudit>, base: &Path, errors: &mut Errors) -> Option<AuditSink> {

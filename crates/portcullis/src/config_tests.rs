@@ -96,3 +96,49 @@ fn a_wrong_type_or_bad_yaml_reports_only_itself() {
         "position printed once: {line}"
     );
 }
+
+#[test]
+fn boundary_keys_are_checked_with_their_paths() {
+    let yaml = r#"
+listen: 127.0.0.1:8443
+admin_listen: 127.0.0.1:9901
+upstream: http://127.0.0.1:8080
+routes:
+  - path_prefix: /api
+    match_case: sometimes
+user_token:
+  jwks_file: jwks.json
+  issuers: [https://idp.example.org]
+  audiences: [orders-api]
+  max_lifetime: 1h
+  jwks_max_stale: 1s
+  allowed_types: []
+  issuer_keys:
+    - jwks_file: partner.json
+    - issuer: https://idp.example.org
+      jwks_url: https://idp.example.org/jwks
+    - issuer: https://partner.example.com
+      jwks_file: a.json
+      jwks_url: https://partner.example.com/jwks
+audit:
+  sink: stdout
+  signing_key: no-such-key.pem
+  checkpoint_interval: soon
+"#;
+    let errors = Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
+        .unwrap_err()
+        .0;
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "routes[0].match_case",
+        "user_token.jwks_max_stale",
+        "user_token.allowed_types",
+        "user_token.issuer_keys[0].issuer",
+        "user_token.issuer_keys[1].issuer",
+        "user_token.issuer_keys[2]",
+        "audit.signing_key",
+        "audit.checkpoint_interval",
+    ] {
+        assert!(paths.contains(&want), "missing {want} in {errors:#?}");
+    }
+}

@@ -123,7 +123,92 @@ enum AuditCommand {
         /// Audit files, oldest first; rotated files continue the chain of the one before.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// The checkpoint verifying key (SPKI PEM `PUBLIC KEY`): checks every checkpoint's
+        /// signature and reports how many records follow the last one (the unsigned tail).
+        #[arg(long)]
+        key: Option<PathBuf>,
     },
+    /// Write a new Ed25519 checkpoint key pair: the private key for `audit.signing_key`, the
+    /// public key for `audit verify --key`.
+    Keygen {
+        /// Where the private key goes (PKCS#8 PEM, created with mode 0600).
+        #[arg(long)]
+        private: PathBuf,
+        /// Where the public key goes (SPKI PEM).
+        #[arg(long)]
+        public: PathBuf,
+    },
+}
+
+/// `portcullis audit verify`: exit 0 for an intact trail, 1 for a break, 64 for bad input.
+fn audit_verify(files: &[PathBuf], key: Option<PathBuf>) -> ExitCode {
+    use portcullis_proxy::audit::{VerifyingKey, verify_trail};
+    let key = match key.as_deref().map(VerifyingKey::from_pem_file).transpose() {
+        Ok(key) => key,
+        Err(error) => {
+            eprintln!("error: --key: {error}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    match verify_trail(files, key.as_ref()) {
+        Err(error) => {
+            eprintln!("error: cannot read the audit files: {error}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Ok(Err(broken)) => {
+            eprintln!("{broken}");
+            ExitCode::from(1)
+        }
+        Ok(Ok(summary)) => {
+            let begins = if summary.mid_chain {
+                "starts mid-chain (older files pruned; its first line is taken on trust)"
+            } else {
+                "starts at genesis"
+            };
+            println!(
+                "ok: {} records in an unbroken chain ({} process starts), {begins}",
+                summary.records, summary.starts
+            );
+            match key {
+                Some(_) => println!(
+                    "{} signed checkpoints verified; unsigned tail: {} lines after the last checkpoint",
+                    summary.checkpoints, summary.unsigned_tail
+                ),
+                None => println!(
+                    "{} checkpoints not verified (no --key); unsigned tail: {} lines (all)",
+                    summary.checkpoints, summary.unsigned_tail
+                ),
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// `portcullis audit keygen`.
+fn audit_keygen(private: &std::path::Path, public: &std::path::Path) -> ExitCode {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let (private_pem, public_pem) = match portcullis_proxy::audit::SigningKey::generate() {
+        Ok(pair) => pair,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(private)
+        .and_then(|mut file| file.write_all(private_pem.as_bytes()))
+        .and_then(|()| std::fs::write(public, public_pem));
+    match written {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -194,24 +279,9 @@ fn main() -> ExitCode {
             }
             Command::Demo(args) => portcullis::demo::run(args).await,
             Command::DevCerts(args) => portcullis::cmd::dev_certs::run(args),
-            Command::Audit(AuditCommand::Verify { files }) => {
-                match portcullis_proxy::audit::verify_chain(&files) {
-                    Err(error) => {
-                        eprintln!("error: cannot read the audit files: {error}");
-                        ExitCode::from(EXIT_CONFIG)
-                    }
-                    Ok(Err(broken)) => {
-                        eprintln!("{broken}");
-                        ExitCode::from(1)
-                    }
-                    Ok(Ok(summary)) => {
-                        println!(
-                            "ok: {} records in an unbroken chain ({} process starts)",
-                            summary.records, summary.starts
-                        );
-                        ExitCode::SUCCESS
-                    }
-                }
+            Command::Audit(AuditCommand::Verify { files, key }) => audit_verify(&files, key),
+            Command::Audit(AuditCommand::Keygen { private, public }) => {
+                audit_keygen(&private, &public)
             }
             Command::Inventory { files } => {
                 let inventory = portcullis_proxy::inventory::Inventory::new();

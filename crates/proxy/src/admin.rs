@@ -41,6 +41,8 @@ pub(crate) struct AdminState {
     pub inventory: Arc<crate::inventory::Inventory>,
     /// The identity in force: a serving SVID that cannot serve makes the pod not ready.
     pub identity: watch::Receiver<Arc<LiveIdentity>>,
+    /// The user-token verifier, whose key set past `jwks_max_stale` makes the pod not ready.
+    pub user_tokens: Vec<portcullis_identity::user_token::UserTokenVerifier>,
 }
 
 pub(crate) async fn serve(
@@ -107,6 +109,19 @@ fn route(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: audit sink failed\n",
                 )
+            } else if let Some((stale, max)) = state
+                .user_tokens
+                .iter()
+                .find_map(|v| v.stale_for().map(|stale| (stale, v.max_stale())))
+            {
+                text_owned(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "not ready: a user token key set (jwks) has not been refreshed for {}s, past user_token.jwks_max_stale ({}s); its tokens are refused\n",
+                        stale.as_secs(),
+                        max.as_secs(),
+                    ),
+                )
             } else if let Err(problem) = state.identity.borrow().readiness(SystemTime::now()) {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -150,6 +165,12 @@ fn identity_not_ready(problem: &ServingProblem) -> &'static str {
         | ServingProblem::KeyMismatch
         | ServingProblem::KeyUnusable(_) => "not ready: serving certificate unusable\n",
     }
+}
+
+fn text_owned(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = text(status, "");
+    *response.body_mut() = Full::new(Bytes::from(body));
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

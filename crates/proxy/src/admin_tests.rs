@@ -48,6 +48,7 @@ fn state(dir: &std::path::Path) -> AdminState {
         audit,
         inventory: Arc::new(crate::inventory::Inventory::new()),
         identity: identity(),
+        user_tokens: Vec::new(),
     }
 }
 

@@ -1,8 +1,12 @@
 //! The audit trail: one JSON line per request, on its own sink, hash-chained.
 //!
 //! Each line carries `prev_hash`, the SHA-256 (hex) of the previous line's bytes, so a
-//! deleted, reordered or edited line breaks the chain. A process starts its chain with a
-//! `start` line whose `prev_hash` is a fresh random genesis value.
+//! deleted, reordered or edited line breaks the chain. A process's first line is a `start`
+//! line whose `prev_hash` is the hash of the last line already in the file sink (`genesis`
+//! for an empty file, and for stdout, where nothing can be read back), so a process start is
+//! a link of the chain, not a place where it may begin again. With `audit.signing_key`, a
+//! signed `checkpoint` line is written every `audit.checkpoint_interval` while records come
+//! (and at shutdown), see `audit_seal`.
 //!
 //! Writing is off the request path (a dedicated thread, group commit: one write and flush
 //! per batch, a batch closes at most [`BATCH_WINDOW`] after its first record) but never
@@ -27,6 +31,31 @@ use tokio::sync::{Notify, mpsc};
 
 use crate::inventory::{Inventory, Observation};
 use crate::metrics::Metrics;
+
+#[path = "audit_seal.rs"]
+mod seal;
+pub use seal::{KeyError, SigningKey, VerifyingKey};
+
+/// Signed checkpoints: the key, and how often.
+#[derive(Debug, Clone)]
+pub struct Checkpoints {
+    pub key: Arc<SigningKey>,
+    pub interval: Duration,
+}
+
+/// The `prev_hash` of the first line of a trail that begins with nothing before it.
+pub const GENESIS: &str = "genesis";
+
+/// What flows to the writer thread: records, and the checkpoint clock's ticks.
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "records move by value as they did before checkpoints: boxing would add an allocation per request for a tick that comes once a minute"
+)]
+enum Entry {
+    Record(AuditRecord),
+    Checkpoint,
+}
 
 /// Where audit records go.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +109,19 @@ pub struct AuditRecord {
     /// What the shadow set (`policy.shadow_dir`) decided, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::shadow::ShadowOutcome>,
+    /// Every message of a JSON-RPC batch, in order, each decided on its own (the request is
+    /// allowed only if all are); absent for a request that is one call.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<AuditCall>,
+}
+
+/// One message of a batch, as decided.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditCall {
+    pub action: &'static str,
+    pub resource: AuditResource,
+    pub decision: &'static str,
+    pub policies: AuditPolicies,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -105,7 +147,7 @@ pub struct AuditPolicies {
 /// The sending half of the audit queue.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
-    tx: mpsc::UnboundedSender<AuditRecord>,
+    tx: mpsc::UnboundedSender<Entry>,
     backlog: Arc<Backlog>,
     metrics: Metrics,
     admit_timeout: Duration,
@@ -155,39 +197,71 @@ impl AuditLog {
     /// Fails if the sink cannot be opened or written now: better not to start than to start
     /// unaudited.
     pub fn start(sink: &AuditSink, metrics: Metrics) -> io::Result<(Self, AuditWriter)> {
-        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH)
+        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH, None)
+    }
+
+    /// [`AuditLog::start`], writing signed checkpoints.
+    pub fn start_sealed(
+        sink: &AuditSink,
+        metrics: Metrics,
+        checkpoints: Option<Checkpoints>,
+    ) -> io::Result<(Self, AuditWriter)> {
+        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH, checkpoints)
     }
 
     fn start_with_capacity(
         sink: &AuditSink,
         metrics: Metrics,
         capacity: usize,
+        checkpoints: Option<Checkpoints>,
     ) -> io::Result<(Self, AuditWriter)> {
-        let mut out = Output::open(sink)?;
-        let mut genesis = [0u8; 32];
-        aws_lc_rs::rand::fill(&mut genesis).map_err(|_| io::Error::other("no randomness"))?;
-        let start = serde_json::json!({
+        let (mut out, last) = Output::open(sink)?;
+        let mut start = serde_json::json!({
             "type": "start",
             "time": rfc3339(SystemTime::now()),
             "version": env!("CARGO_PKG_VERSION"),
+            // `stdout` for any sink that cannot be read back (stdout, a pipe): its starts
+            // begin at genesis.
+            "sink": if out.readback { "file" } else { "stdout" },
         });
+        if let Some(checkpoints) = &checkpoints {
+            start["key_id"] = checkpoints.key.key_id().into();
+        }
         let mut chain = Chain {
-            prev: hex::encode(genesis),
+            prev: last.unwrap_or_else(|| GENESIS.to_owned()),
         };
         out.write_lines(&[chain.link(&start)])?;
 
-        let (tx, rx) = mpsc::unbounded_channel::<AuditRecord>();
+        let (tx, rx) = mpsc::unbounded_channel::<Entry>();
         let backlog = Arc::new(Backlog {
             queued: AtomicUsize::new(0),
             capacity,
             drained: Notify::new(),
         });
+        if let Some(checkpoints) = &checkpoints {
+            // The clock holds only a weak handle, so it never keeps the writer alive.
+            let clock = tx.downgrade();
+            let interval = checkpoints.interval;
+            std::thread::Builder::new()
+                .name("portcullis-audit-clock".to_owned())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(interval);
+                        match clock.upgrade() {
+                            Some(tx) if tx.send(Entry::Checkpoint).is_ok() => {}
+                            _ => return,
+                        }
+                    }
+                })?;
+        }
         let writer = Writer {
             rx,
             out,
             chain,
             backlog: backlog.clone(),
             metrics: metrics.clone(),
+            key: checkpoints.map(|c| c.key),
+            unsealed: 1,
         };
         let thread = std::thread::Builder::new()
             .name("portcullis-audit".to_owned())
@@ -238,7 +312,7 @@ impl AuditLog {
     /// room. If the sink has failed the record is lost, and counted as such.
     fn submit(&self, record: AuditRecord) {
         self.backlog.queued.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(record).is_err() {
+        if self.tx.send(Entry::Record(record)).is_err() {
             self.backlog.queued.fetch_sub(1, Ordering::AcqRel);
             self.metrics.audit_write_failures.inc();
             tracing::error!("audit sink failed; the record of a served request is lost");
@@ -252,11 +326,14 @@ impl AuditLog {
 
 /// The writer thread's state: it owns the sink and the chain.
 struct Writer {
-    rx: mpsc::UnboundedReceiver<AuditRecord>,
+    rx: mpsc::UnboundedReceiver<Entry>,
     out: Output,
     chain: Chain,
     backlog: Arc<Backlog>,
     metrics: Metrics,
+    key: Option<Arc<SigningKey>>,
+    /// Lines written since the last checkpoint.
+    unsealed: usize,
 }
 
 impl Writer {
@@ -269,8 +346,18 @@ impl Writer {
                 std::thread::sleep(BATCH_WINDOW);
                 self.gather(&mut batch);
             }
-            let count = batch.len();
-            let lines: Vec<Vec<u8>> = batch.drain(..).map(|r| self.chain.link(&r)).collect();
+            let mut count = 0;
+            let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+            for entry in batch.drain(..) {
+                match entry {
+                    Entry::Record(record) => {
+                        count += 1;
+                        lines.push(self.chain.link(&record));
+                        self.unsealed += 1;
+                    }
+                    Entry::Checkpoint => lines.extend(self.checkpoint()),
+                }
+            }
             let written = self.out.write_lines(&lines);
             self.backlog.queued.fetch_sub(count, Ordering::AcqRel);
             self.backlog.drained.notify_waiters();
@@ -279,12 +366,36 @@ impl Writer {
                 return;
             }
         }
+        // Every handle is gone (shutdown): seal what was written since the last checkpoint.
+        let last: Vec<Vec<u8>> = self.checkpoint().into_iter().collect();
+        if let Err(error) = self.out.write_lines(&last) {
+            tracing::error!(%error, "audit sink failed writing the final checkpoint");
+        }
     }
 
-    fn gather(&mut self, batch: &mut Vec<AuditRecord>) {
+    /// A signed checkpoint line, if there is a key and anything to seal.
+    fn checkpoint(&mut self) -> Option<Vec<u8>> {
+        let key = self.key.as_ref()?;
+        if self.unsealed == 0 {
+            return None;
+        }
+        let time = rfc3339(SystemTime::now());
+        let signature = key.sign(&self.chain.prev, &time);
+        let line = self.chain.link(&serde_json::json!({
+            "type": "checkpoint",
+            "time": time,
+            "key_id": key.key_id(),
+            "sealed": self.unsealed,
+            "signature": signature,
+        }));
+        self.unsealed = 0;
+        Some(line)
+    }
+
+    fn gather(&mut self, batch: &mut Vec<Entry>) {
         while batch.len() < MAX_BATCH {
             match self.rx.try_recv() {
-                Ok(record) => batch.push(record),
+                Ok(entry) => batch.push(entry),
                 Err(_) => break,
             }
         }
@@ -294,7 +405,9 @@ impl Writer {
     /// every record not known to be written is counted as lost, never dropped silently.
     fn fail(&mut self, unconfirmed: usize, error: &io::Error) {
         self.rx.close();
-        let queued = std::iter::from_fn(|| self.rx.try_recv().ok()).count();
+        let queued = std::iter::from_fn(|| self.rx.try_recv().ok())
+            .filter(|entry| matches!(entry, Entry::Record(_)))
+            .count();
         self.backlog.queued.fetch_sub(queued, Ordering::AcqRel);
         self.backlog.drained.notify_waiters();
         let lost = unconfirmed + queued;
@@ -362,6 +475,9 @@ struct Output {
     writer: Box<dyn Write + Send>,
     file: Option<FileTarget>,
     written: u64,
+    /// Whether what was written can be read back (a regular file): the next process's
+    /// start line links to it.
+    readback: bool,
 }
 
 struct FileTarget {
@@ -371,29 +487,59 @@ struct FileTarget {
 }
 
 impl Output {
-    fn open(sink: &AuditSink) -> io::Result<Self> {
+    /// Opens the sink; for a file, also the hash of the last line already in it (or in the
+    /// newest rotated file when it is empty), which the new `start` line links to.
+    fn open(sink: &AuditSink) -> io::Result<(Self, Option<String>)> {
         match sink {
-            AuditSink::Stdout => Ok(Self {
-                writer: Box::new(io::stdout()),
-                file: None,
-                written: 0,
-            }),
+            AuditSink::Stdout => Ok((
+                Self {
+                    writer: Box::new(io::stdout()),
+                    file: None,
+                    written: 0,
+                    readback: false,
+                },
+                None,
+            )),
             AuditSink::File {
                 path,
                 rotate_bytes,
                 keep,
             } => {
-                let file = OpenOptions::new().create(true).append(true).open(path)?;
-                let written = file.metadata().map(|m| m.len()).unwrap_or(0);
-                Ok(Self {
-                    writer: Box::new(file),
-                    file: Some(FileTarget {
-                        path: path.clone(),
-                        rotate_bytes: *rotate_bytes,
-                        keep: (*keep).max(1),
-                    }),
-                    written,
-                })
+                // Only a regular file can be read back (a FIFO or device would block or
+                // hand out someone else's bytes): anything else starts at genesis, like
+                // stdout, and says so in the start line.
+                let regular = match std::fs::metadata(path) {
+                    Ok(metadata) => metadata.is_file(),
+                    Err(_) => true,
+                };
+                let mut last = None;
+                if regular {
+                    last = last_line_hash(path)?;
+                    if last.is_none() {
+                        last = last_line_hash(&numbered(path, 1))?;
+                    }
+                }
+                let mut file = OpenOptions::new().create(true).append(true).open(path)?;
+                let mut written = file.metadata().map(|m| m.len()).unwrap_or(0);
+                if regular && written > 0 && !ends_with_newline(path)? {
+                    // A torn last line (the process died mid-write) stays, as a line of its
+                    // own: it is hashed into the chain, and `verify` reports it.
+                    file.write_all(b"\n")?;
+                    written += 1;
+                }
+                Ok((
+                    Self {
+                        writer: Box::new(file),
+                        file: Some(FileTarget {
+                            path: path.clone(),
+                            rotate_bytes: *rotate_bytes,
+                            keep: (*keep).max(1),
+                        }),
+                        written,
+                        readback: regular,
+                    },
+                    last,
+                ))
             }
         }
     }
@@ -445,32 +591,100 @@ impl Output {
     }
 }
 
+/// The SHA-256 of the last line of `path` (without its newline), read from the end; `None`
+/// when the file is missing or empty.
+fn last_line_hash(path: &std::path::Path) -> io::Result<Option<String>> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = match std::fs::File::open(path) {
+        Ok(file) => file,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error),
+    };
+    let len = file.metadata()?.len();
+    let mut tail = Vec::new();
+    let mut from = len;
+    // Read backwards in growing chunks until the line before the last one ends in view.
+    loop {
+        let chunk = (tail.len() as u64).max(64 * 1024).min(from);
+        from -= chunk;
+        file.seek(SeekFrom::Start(from))?;
+        let mut buf = vec![0; usize::try_from(chunk).unwrap_or(0)];
+        file.read_exact(&mut buf)?;
+        buf.extend_from_slice(&tail);
+        tail = buf;
+        let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
+        if let Some(at) = body.iter().rposition(|&b| b == b'\n') {
+            return Ok(Some(line_hash(&body[at + 1..])));
+        }
+        if from == 0 {
+            return Ok((!body.is_empty()).then(|| line_hash(body)));
+        }
+    }
+}
+
+fn ends_with_newline(path: &std::path::Path) -> io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    if file.metadata()?.len() == 0 {
+        return Ok(true);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8; 1];
+    file.read_exact(&mut last)?;
+    Ok(last[0] == b'\n')
+}
+
 fn numbered(path: &std::path::Path, index: usize) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(format!(".{index}"));
     PathBuf::from(name)
 }
 
-/// The first break found by [`verify_chain`].
+/// The first break found by [`verify_trail`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChainBreak {
     pub file: PathBuf,
-    /// 1-based line number within `file`.
+    /// 1-based line number within `file` (0: the file as a whole).
     pub line: usize,
-    pub expected: String,
-    pub found: String,
+    pub problem: Problem,
+}
+
+/// What is wrong at a [`ChainBreak`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// The line does not carry the hash of the line before it: lines were deleted, edited,
+    /// reordered, or files given out of order.
+    Link { expected: String, found: String },
+    /// A `start` line claiming to begin a new trail (`genesis`) after other lines: a file
+    /// sink's process start links to the line before it, so this one was fabricated or
+    /// what came before it belongs to another trail.
+    Genesis,
+    /// A checkpoint whose signature does not verify with the given key: something before it
+    /// was rewritten (chain hashes recomputed), or the key is not this trail's.
+    Signature,
+    /// A file named on the command line does not exist.
+    MissingFile,
 }
 
 impl std::fmt::Display for ChainBreak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{}:{}: chain broken: prev_hash should be {} (SHA-256 of the line before), found {}",
-            self.file.display(),
-            self.line,
-            self.expected,
-            self.found
-        )
+        let file = self.file.display();
+        let line = self.line;
+        match &self.problem {
+            Problem::Link { expected, found } => write!(
+                f,
+                "{file}:{line}: chain broken: prev_hash should be {expected} (SHA-256 of the line before), found {found}"
+            ),
+            Problem::Genesis => write!(
+                f,
+                "{file}:{line}: chain broken: a start line begins a new chain (genesis) after other records"
+            ),
+            Problem::Signature => write!(
+                f,
+                "{file}:{line}: checkpoint signature does not verify: records before it were changed, or the key is not this trail's"
+            ),
+            Problem::MissingFile => write!(f, "{file}: missing: the file does not exist"),
+        }
     }
 }
 
@@ -478,36 +692,96 @@ impl std::fmt::Display for ChainBreak {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ChainSummary {
     pub records: usize,
-    /// Process starts seen (each begins its chain from a fresh genesis value).
+    /// Process starts seen.
     pub starts: usize,
+    /// Checkpoints seen (verified when a key was given).
+    pub checkpoints: usize,
+    /// Lines after the last verified checkpoint (all lines when no key was given): the part
+    /// a truncation could remove without a trace.
+    pub unsigned_tail: usize,
+    /// The first file does not begin at `genesis` (its older files were pruned): its first
+    /// line is taken on trust.
+    pub mid_chain: bool,
+}
+
+/// [`verify_trail`] without a checkpoint key.
+pub fn verify_chain(files: &[PathBuf]) -> io::Result<Result<ChainSummary, ChainBreak>> {
+    verify_trail(files, None)
 }
 
 /// Checks the hash chain across `files`, given oldest first (rotated files continue the
-/// chain of the file before them). Every line must carry the SHA-256 of the line before it,
-/// except a `start` line, which begins a new process's chain; anything that is not a JSON
-/// object with `prev_hash` is a break.
-pub fn verify_chain(files: &[PathBuf]) -> io::Result<Result<ChainSummary, ChainBreak>> {
+/// chain of the file before them), and with `key` every checkpoint's signature. Every line
+/// must carry the SHA-256 of the line before it, process `start` lines included; only the
+/// very first line may begin the trail (`genesis`), or, when older files were pruned, be
+/// taken as it is (`mid_chain`). On a trail captured from stdout, where a start line cannot
+/// link to what came before, `genesis` starts are accepted after a first stdout start.
+pub fn verify_trail(
+    files: &[PathBuf],
+    key: Option<&VerifyingKey>,
+) -> io::Result<Result<ChainSummary, ChainBreak>> {
     let mut summary = ChainSummary::default();
     let mut prev: Option<String> = None;
+    let mut stdout_trail = false;
     for file in files {
-        let text = std::fs::read_to_string(file)?;
+        let text = match std::fs::read_to_string(file) {
+            Ok(text) => text,
+            Err(error) if error.kind() == io::ErrorKind::NotFound => {
+                return Ok(Err(ChainBreak {
+                    file: file.clone(),
+                    line: 0,
+                    problem: Problem::MissingFile,
+                }));
+            }
+            Err(error) => return Err(error),
+        };
         for (index, line) in text.lines().enumerate() {
+            let broken = |problem| {
+                Ok(Err(ChainBreak {
+                    file: file.clone(),
+                    line: index + 1,
+                    problem,
+                }))
+            };
             let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
             let found = value["prev_hash"].as_str().unwrap_or("(none)").to_owned();
-            let is_start = value["type"] == "start";
+            let kind = value["type"].as_str().unwrap_or("");
+            let stdout_start = kind == "start" && value["sink"] == "stdout";
             match &prev {
-                _ if is_start => summary.starts += 1,
-                Some(expected) if *expected == found => summary.records += 1,
-                expected => {
-                    return Ok(Err(ChainBreak {
-                        file: file.clone(),
-                        line: index + 1,
-                        expected: expected
-                            .clone()
-                            .unwrap_or_else(|| "a start line".to_owned()),
-                        found,
-                    }));
+                None => {
+                    if kind == "start" && found == GENESIS {
+                        stdout_trail = stdout_start;
+                    } else {
+                        summary.mid_chain = true;
+                    }
                 }
+                Some(_) if kind == "start" && found == GENESIS => {
+                    if !(stdout_trail && stdout_start) {
+                        return broken(Problem::Genesis);
+                    }
+                }
+                Some(expected) if *expected != found => {
+                    return broken(Problem::Link {
+                        expected: expected.clone(),
+                        found,
+                    });
+                }
+                Some(_) => {}
+            }
+            summary.unsigned_tail += 1;
+            match kind {
+                "start" => summary.starts += 1,
+                "checkpoint" => {
+                    summary.checkpoints += 1;
+                    if let Some(key) = key {
+                        let time = value["time"].as_str().unwrap_or("");
+                        let signature = value["signature"].as_str().unwrap_or("");
+                        if !key.verifies(&found, time, signature) {
+                            return broken(Problem::Signature);
+                        }
+                        summary.unsigned_tail = 0;
+                    }
+                }
+                _ => summary.records += 1,
             }
             prev = Some(line_hash(line.as_bytes()));
         }

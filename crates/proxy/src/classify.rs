@@ -33,13 +33,25 @@ pub struct RouteRule {
     /// Inspection limit for this route's bodies (`routes[].body_limit`); `None` uses
     /// `limits.body_prefix_bytes`.
     pub body_limit: Option<usize>,
+    /// `routes[].match_case: insensitive`: the path is matched ASCII case-insensitively and
+    /// the Cedar `Route` id is the lower-cased path, for applications that route
+    /// case-insensitively (Express by default), so `/ADMIN` meets the policies on `/admin`.
+    pub case_insensitive: bool,
 }
 
 impl RouteRule {
     fn matches(&self, path: &str) -> bool {
-        match &self.matcher {
-            PathMatch::Exact(exact) => path == exact,
-            PathMatch::Prefix(prefix) => path.starts_with(prefix.as_str()),
+        let (pattern, exact) = match &self.matcher {
+            PathMatch::Exact(exact) => (exact.as_str(), true),
+            PathMatch::Prefix(prefix) => (prefix.as_str(), false),
+        };
+        if exact && path.len() != pattern.len() {
+            return false;
+        }
+        match path.get(..pattern.len()) {
+            Some(head) if self.case_insensitive => head.eq_ignore_ascii_case(pattern),
+            Some(head) => head == pattern,
+            None => false,
         }
     }
 }
@@ -66,6 +78,11 @@ pub fn classify(
     let protocol = route.map_or(Protocol::Http, |route| route.protocol);
     let forward_user_token = route.is_some_and(|route| route.forward_user_token);
     let body_limit = route.and_then(|route| route.body_limit);
+    let path = if route.is_some_and(|route| route.case_insensitive) {
+        path.to_ascii_lowercase()
+    } else {
+        path.to_owned()
+    };
     match protocol {
         // Protocol routes start as the generic call; `protocol::inspect` refines it from the
         // body (and refuses methods their transport does not define).
@@ -74,7 +91,7 @@ pub fn classify(
             Ok(Classified {
                 action,
                 resource: Resource::Route {
-                    path: path.to_owned(),
+                    path,
                     host: host.to_owned(),
                     method: method.to_owned(),
                 },
@@ -93,13 +110,16 @@ pub fn classify(
 /// `/admin`. Rather than guess the application's normalisation, such paths are refused: dot
 /// segments (RFC 3986 §5.2.4), empty segments, backslashes, and percent-encoded unreserved
 /// characters, `/` or `\` (RFC 3986 §6.2.2.2: encoded unreserved characters are equivalent
-/// to the characters themselves).
+/// to the characters themselves). Also a dot segment carrying a `;` parameter (`..;`, `.;x`:
+/// Tomcat and Spring strip path parameters and then resolve the dot segment), and an encoded
+/// NUL or other control character (C servers end the path at a NUL, others strip controls).
 pub fn check_path(path: &str) -> Result<(), Refusal> {
     if !path.starts_with('/') || path.contains('\\') {
         return Err(Refusal::AmbiguousPath);
     }
     for segment in path[1..].split('/') {
-        if segment == "." || segment == ".." {
+        let bare = segment.split(';').next().unwrap_or(segment);
+        if bare == "." || bare == ".." {
             return Err(Refusal::AmbiguousPath);
         }
     }
@@ -115,7 +135,10 @@ pub fn check_path(path: &str) -> Result<(), Refusal> {
                 .and_then(|hex| std::str::from_utf8(hex).ok())
                 .and_then(|hex| u8::from_str_radix(hex, 16).ok())
                 .ok_or(Refusal::AmbiguousPath)?;
-            if decoded.is_ascii_alphanumeric() || b"-._~/\\".contains(&decoded) {
+            if decoded.is_ascii_alphanumeric()
+                || b"-._~/\\".contains(&decoded)
+                || decoded.is_ascii_control()
+            {
                 return Err(Refusal::AmbiguousPath);
             }
             i += 3;
@@ -146,6 +169,13 @@ mod tests {
             "/a%5Cb",
             "/a%zz",
             "/a%4",
+            "/api/..;/admin",
+            "/api/.;/admin",
+            "/api/..;x=1/admin",
+            "/api/%00x",
+            "/api/x%0a",
+            "/api/x%7F",
+            "/api/x%1b",
             "relative",
         ] {
             assert_eq!(check_path(path), Err(Refusal::AmbiguousPath), "{path}");
@@ -157,9 +187,39 @@ mod tests {
             "/a%20b",
             "/v1/chat/completions",
             "/..x/.y",
+            "/admin;x=1",
+            "/a/..x;y",
         ] {
             assert_eq!(check_path(path), Ok(()), "{path}");
         }
+    }
+
+    #[test]
+    fn case_insensitive_routes_fold_the_route_id() {
+        let rule = |matcher, case_insensitive| RouteRule {
+            matcher,
+            protocol: Protocol::Http,
+            forward_user_token: false,
+            body_limit: None,
+            case_insensitive,
+        };
+        let routes = [rule(PathMatch::Prefix("/Admin".to_owned()), true)];
+        let classified = classify(&routes, "GET", "/ADMIN/users", "h").unwrap();
+        assert_eq!(classified.resource.id(), "/admin/users");
+        let exact = [rule(PathMatch::Exact("/admin".to_owned()), true)];
+        assert!(exact[0].matches("/ADMIN"));
+        assert!(!exact[0].matches("/ADMIN/x"));
+        let sensitive = [rule(PathMatch::Prefix("/admin".to_owned()), false)];
+        assert!(!sensitive[0].matches("/ADMIN"));
+        assert_eq!(
+            classify(&sensitive, "GET", "/ADMIN", "h")
+                .unwrap()
+                .resource
+                .id(),
+            "/ADMIN"
+        );
+        // A multi-byte character where the prefix would end is no match, not a panic.
+        assert!(!routes[0].matches("/Adé"));
     }
 
     #[test]

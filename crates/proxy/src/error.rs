@@ -61,6 +61,16 @@ pub enum Refusal {
     /// `limits.max_header_bytes`. (An HTTP/1.1 head over it gets hyper's 431 before any
     /// request exists.)
     HeadTooLarge,
+    /// MCP `Mcp-Method` / `Mcp-Name` headers that disagree with the body, or are missing
+    /// where `MCP-Protocol-Version: 2026-07-28` requires them: an intermediary routing by
+    /// the header and the server acting on the body would see two different requests.
+    HeaderMismatch,
+    /// An MCP request carrying an `Mcp-Session-Id` that was not issued to the calling agent
+    /// (see `sessions`): 404, as the transport answers an unknown session.
+    ForeignSession,
+    /// An inference request whose path (`/openai/deployments/<model>/…`) and body name
+    /// different models.
+    ModelMismatch,
 }
 
 impl Refusal {
@@ -72,6 +82,8 @@ impl Refusal {
             | Refusal::AmbiguousPath
             | Refusal::MalformedBody
             | Refusal::InvalidMessage
+            | Refusal::HeaderMismatch
+            | Refusal::ModelMismatch
             | Refusal::BodyUnreadable => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge | Refusal::BatchTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -80,6 +92,7 @@ impl Refusal {
             Refusal::Overloaded | Refusal::InspectionBudget => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
+            Refusal::ForeignSession => StatusCode::NOT_FOUND,
             Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
             Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
@@ -116,6 +129,9 @@ impl Refusal {
             Refusal::BodyDeadline => "body_deadline",
             Refusal::BatchTooLarge => "batch_too_large",
             Refusal::HeadTooLarge => "header_too_large",
+            Refusal::HeaderMismatch => "mcp_header_mismatch",
+            Refusal::ModelMismatch => "model_mismatch",
+            Refusal::ForeignSession => "session_not_found",
         }
     }
 
@@ -146,6 +162,7 @@ impl Refusal {
             | Refusal::BodyDeadline
             | Refusal::BatchTooLarge
             | Refusal::HeadTooLarge => None,
+            Refusal::HeaderMismatch | Refusal::ModelMismatch | Refusal::ForeignSession => None,
         }
     }
 
@@ -175,6 +192,7 @@ impl Refusal {
             | Refusal::BodyDeadline
             | Refusal::BatchTooLarge
             | Refusal::HeadTooLarge => false,
+            Refusal::HeaderMismatch | Refusal::ModelMismatch | Refusal::ForeignSession => false,
         }
     }
 
@@ -204,6 +222,7 @@ impl Refusal {
             | Refusal::BodyDeadline
             | Refusal::BatchTooLarge
             | Refusal::HeadTooLarge => None,
+            Refusal::HeaderMismatch | Refusal::ModelMismatch | Refusal::ForeignSession => None,
         }
     }
 }

@@ -3,6 +3,11 @@
 //! RFC 9110 §7.6.1: a proxy MUST remove the hop-by-hop fields, including every field named by
 //! `Connection`, before forwarding. Identity fields are the proxy's to set: whatever the caller
 //! sent under those names is removed first, so the application can trust what it receives.
+//!
+//! Names are compared with `_` read as `-`: Django, uvicorn, CGI/PHP-FPM and older Puma map
+//! both to the same variable, so `x_portcullis_user` would otherwise reach the application as
+//! `x-portcullis-user`. Method-override fields are removed (a method the policy never saw),
+//! and forwarding fields are the proxy's own view, never the caller's.
 
 use http::header::{self, HeaderMap, HeaderName};
 
@@ -36,6 +41,46 @@ const FOREIGN_IDENTITY: [&str; 6] = [
     "x-ssl-client-verify",
 ];
 
+/// Method-override fields honoured by common middleware (Express `method-override`, Rails,
+/// Spring `HiddenHttpMethodFilter` variants): the policy decided the request's own method.
+const METHOD_OVERRIDE: [&str; 3] = [
+    "x-http-method-override",
+    "x-method-override",
+    "x-http-method",
+];
+
+/// Forwarding fields (RFC 7239 and the de-facto `X-Forwarded-*`): removed from the caller's
+/// request and replaced by [`set_forwarding`].
+const FORWARDING: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+    "x-real-ip",
+];
+
+/// The field name as applications that map `-` and `_` to one character read it.
+fn folded(name: &HeaderName) -> std::borrow::Cow<'_, str> {
+    let name = name.as_str();
+    if name.contains('_') {
+        std::borrow::Cow::Owned(name.replace('_', "-"))
+    } else {
+        std::borrow::Cow::Borrowed(name)
+    }
+}
+
+/// Removes every field whose folded name satisfies `doomed`.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| doomed(&folded(name)))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// Removes hop-by-hop fields (including `Upgrade`, so no tunnel is ever negotiated) and every
 /// field the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
@@ -56,19 +101,46 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// Removes caller-sent identity fields: everything under `x-portcullis-`, and the
-/// client-certificate headers of other proxies.
+/// client-certificate headers of other proxies, with `_` read as `-`.
 pub fn remove_identity(headers: &mut HeaderMap) {
-    let ours: Vec<HeaderName> = headers
-        .keys()
-        .filter(|name| name.as_str().starts_with("x-portcullis-"))
-        .cloned()
-        .collect();
-    for name in ours {
-        headers.remove(name);
+    remove_where(headers, |name| {
+        name.starts_with("x-portcullis-") || FOREIGN_IDENTITY.contains(&name)
+    });
+}
+
+/// Removes method-override fields and the caller's forwarding fields (with `_` read as `-`).
+pub fn remove_overrides_and_forwarding(headers: &mut HeaderMap) {
+    remove_where(headers, |name| {
+        METHOD_OVERRIDE.contains(&name) || FORWARDING.contains(&name)
+    });
+}
+
+/// The value of `x-portcullis-user` for a user `sub`. A `sub` is any JSON string, and a
+/// header value is not (no control characters, no non-ASCII in practice), so the value is the
+/// `sub` percent-encoded as UTF-8 (RFC 3986 §2.1) wherever it holds a byte outside visible
+/// ASCII, or `%` itself: the application percent-decodes the value and gets the `sub` back
+/// exactly, and a `sub` that needed no encoding arrives as it was. Never absent: a delegated
+/// call must not look autonomous to the application.
+pub fn user_header_value(sub: &str) -> http::HeaderValue {
+    let mut out = String::with_capacity(sub.len());
+    for byte in sub.bytes() {
+        if (0x21..=0x7e).contains(&byte) && byte != b'%' {
+            out.push(char::from(byte));
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
     }
-    for name in FOREIGN_IDENTITY {
-        headers.remove(name);
-    }
+    // Only visible ASCII remains, which is always a valid header value.
+    http::HeaderValue::from_str(&out).unwrap_or_else(|_| http::HeaderValue::from_static("%3F"))
+}
+
+/// The proxy's own view of the connection: the peer's address, and TLS.
+pub fn set_forwarding(headers: &mut HeaderMap, peer: &http::HeaderValue) {
+    headers.insert(HeaderName::from_static("x-forwarded-for"), peer.clone());
+    headers.insert(
+        HeaderName::from_static("x-forwarded-proto"),
+        http::HeaderValue::from_static("https"),
+    );
 }
 
 #[cfg(test)]
@@ -109,5 +181,56 @@ mod tests {
         headers.insert("authorization", HeaderValue::from_static("Bearer t"));
         remove_identity(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
+    }
+
+    #[test]
+    fn underscore_spellings_of_identity_fields_are_removed() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x_portcullis_user", HeaderValue::from_static("admin"));
+        headers.insert(
+            "X_Portcullis-Agent",
+            HeaderValue::from_static("spiffe://x/y"),
+        );
+        headers.insert("x_forwarded_client_cert", HeaderValue::from_static("By=x"));
+        headers.insert("x_request_token", HeaderValue::from_static("kept"));
+        remove_identity(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        assert!(headers.contains_key("x_request_token"));
+    }
+
+    #[test]
+    fn a_sub_that_is_no_header_value_is_percent_encoded() {
+        assert_eq!(user_header_value("lee"), "lee");
+        assert_eq!(user_header_value("josé"), "jos%C3%A9");
+        assert_eq!(user_header_value("a%41 b\n"), "a%2541%20b%0A");
+    }
+
+    #[test]
+    fn overrides_and_forwarding_are_replaced_by_the_proxys_view() {
+        let mut headers = HeaderMap::new();
+        for name in [
+            "x-http-method-override",
+            "x_http_method_override",
+            "x-method-override",
+            "x-http-method",
+            "forwarded",
+            "x-forwarded-for",
+            "x_forwarded_for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-real-ip",
+            "x_real_ip",
+        ] {
+            headers.insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_static("DELETE"),
+            );
+        }
+        headers.insert("accept", HeaderValue::from_static("*/*"));
+        remove_overrides_and_forwarding(&mut headers);
+        assert_eq!(headers.len(), 1, "{headers:?}");
+        set_forwarding(&mut headers, &HeaderValue::from_static("10.0.0.7"));
+        assert_eq!(headers["x-forwarded-for"], "10.0.0.7");
+        assert_eq!(headers["x-forwarded-proto"], "https");
     }
 }

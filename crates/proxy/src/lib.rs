@@ -18,6 +18,7 @@ pub mod metrics;
 mod pipeline;
 pub mod protocol;
 mod server;
+mod sessions;
 pub mod shadow;
 
 use std::net::SocketAddr;
@@ -116,6 +117,8 @@ pub struct ProxyOptions {
     pub routes: Vec<RouteRule>,
     pub limits: Limits,
     pub audit: AuditSink,
+    /// Signed checkpoints in the audit trail (`audit.signing_key`), if configured.
+    pub audit_checkpoints: Option<audit::Checkpoints>,
     /// User-token verification; `None` makes every call autonomous (agent question only).
     pub user_token: Option<UserTokens>,
     /// Refuse (401) requests that carry a long-lived credential header instead of only
@@ -128,9 +131,33 @@ pub struct ProxyOptions {
 /// How user tokens are found and verified.
 #[derive(Debug, Clone)]
 pub struct UserTokens {
+    /// The key set shared by `user_token.issuers`.
     pub verifier: portcullis_identity::user_token::UserTokenVerifier,
+    /// `user_token.issuer_keys`: an issuer's own key set. A token claiming one of these
+    /// issuers is verified with that set only, and a token of another issuer never with it,
+    /// so a key is bound to the issuer that published it.
+    pub by_issuer: Vec<(String, portcullis_identity::user_token::UserTokenVerifier)>,
     /// The header carrying the token. `authorization` means the `Bearer` scheme (RFC 6750).
     pub header: http::HeaderName,
+}
+
+impl UserTokens {
+    /// The verifier for `token`, chosen by its (not yet verified) `iss`: the one that
+    /// verifies it also checks that `iss` is its own.
+    pub fn verifier_for(&self, token: &str) -> &portcullis_identity::user_token::UserTokenVerifier {
+        if self.by_issuer.is_empty() {
+            return &self.verifier;
+        }
+        let issuer = portcullis_identity::user_token::unverified_issuer(token);
+        issuer
+            .and_then(|issuer| self.by_issuer.iter().find(|(i, _)| *i == issuer))
+            .map_or(&self.verifier, |(_, verifier)| verifier)
+    }
+
+    /// Every verifier (the shared set first).
+    pub fn all(&self) -> impl Iterator<Item = &portcullis_identity::user_token::UserTokenVerifier> {
+        std::iter::once(&self.verifier).chain(self.by_issuer.iter().map(|(_, v)| v))
+    }
 }
 
 /// What every request handler shares.
@@ -148,6 +175,8 @@ pub(crate) struct Shared {
     reject_standing_credentials: bool,
     inflight: Arc<admission::Inflight>,
     inspect_budget: admission::InspectBudget,
+    /// Which agent each MCP session id was issued to.
+    sessions: sessions::Sessions,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -196,8 +225,12 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             addr: options.admin_listen,
             source,
         })?;
-    let (audit, audit_writer) =
-        AuditLog::start(&options.audit, metrics.clone()).map_err(StartError::Audit)?;
+    let (audit, audit_writer) = AuditLog::start_sealed(
+        &options.audit,
+        metrics.clone(),
+        options.audit_checkpoints.clone(),
+    )
+    .map_err(StartError::Audit)?;
 
     let identity = options.identity.current.clone();
     metrics.set_certificates(&identity.borrow().certificates);
@@ -225,6 +258,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             options.limits.max_inflight_per_agent,
         ),
         inspect_budget: admission::InspectBudget::new(options.limits.inspect_memory_bytes),
+        sessions: sessions::Sessions::default(),
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
@@ -233,6 +267,11 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         audit,
         inventory,
         identity: identity.clone(),
+        user_tokens: options
+            .user_token
+            .iter()
+            .flat_map(|t| t.all().cloned())
+            .collect(),
     });
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so `/readyz` can say "draining" meanwhile.
@@ -275,7 +314,9 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
     if let Some(tokens) = &options.user_token {
         // The key refresh runs until the last verifier handle is dropped; it is not a task
         // that shutdown must wait for.
-        drop(tokens.verifier.spawn_refresh());
+        for verifier in tokens.all() {
+            drop(verifier.spawn_refresh());
+        }
     }
     // Policies and certificates were loaded before we got here, and both listeners are bound.
     admin_state.ready.store(true, Ordering::Release);

@@ -31,16 +31,19 @@ use portcullis_core::{Decision, SpiffeId};
 use portcullis_policy::{AuthzInput, Evaluation, PolicyEngine, PreparedAgent, RequestInfo};
 
 use crate::admission::InflightPermit;
-use crate::audit::{AuditGuard, AuditRecord, AuditResource, AuditUser, rfc3339};
+use crate::audit::{
+    AuditCall, AuditGuard, AuditPolicies, AuditRecord, AuditResource, AuditUser, rfc3339,
+};
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
-use crate::classify::{check_path, classify};
+use crate::classify::{Protocol, check_path, classify};
 use crate::error::Refusal;
 use crate::headers::{
     AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
-    remove_identity,
+    remove_identity, remove_overrides_and_forwarding, set_forwarding, user_header_value,
 };
 use crate::metrics::{AgentDecisions, Metrics};
 use crate::protocol::{self, Native};
+use crate::sessions::Sessions;
 use crate::{Shared, UserTokens};
 
 /// What the connection established once: who is calling, from where.
@@ -56,6 +59,8 @@ pub(crate) struct ConnectionIdentity {
     pub prepared: Arc<PreparedAgent>,
     /// The agent as the value of the header the upstream receives.
     agent_header: Option<HeaderValue>,
+    /// The peer's IP as the `x-forwarded-for` the upstream receives.
+    forwarded_for: Option<HeaderValue>,
 }
 
 impl ConnectionIdentity {
@@ -70,6 +75,7 @@ impl ConnectionIdentity {
             client_address: peer.ip().to_string(),
             prepared: Arc::new(policy.prepare_agent(&agent)),
             agent_header: HeaderValue::from_str(agent.as_str()).ok(),
+            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
             agent,
         }
     }
@@ -193,6 +199,7 @@ async fn authorize_and_forward(
     if shared.reject_standing_credentials && !audit.record.standing_credentials.is_empty() {
         return Err(Refusal::StandingCredential);
     }
+    let session = mcp_session(shared, conn, &classified, request.headers())?;
     let (mut parts, body) = request.into_parts();
     let body: RequestBody = StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync();
     let bounds = protocol::Bounds {
@@ -224,14 +231,18 @@ async fn authorize_and_forward(
         host: &host,
         client_address: &conn.client_address,
     };
-    // Every call must be allowed: a JSON-RPC batch is denied whole if any message is.
+    // Every call must be allowed: a JSON-RPC batch is denied whole if any message is. Every
+    // message of a batch is decided (and recorded in `calls`) even after one is denied, so
+    // the audit record shows the whole batch; the top-level fields are the first refused
+    // message's, or the last message's when all are allowed.
+    let batch = inspected.calls.len() > 1;
     let mut permit = None;
+    let mut refused = None;
     for call in &inspected.calls {
-        audit.record.action = Some(call.action.name());
-        audit.record.resource = Some(AuditResource {
+        let resource = AuditResource {
             kind: call.resource.entity_type(),
             id: call.resource.id().to_owned(),
-        });
+        };
         let input = AuthzInput {
             agent: &conn.agent,
             user: user.as_ref(),
@@ -251,17 +262,38 @@ async fn authorize_and_forward(
             .metrics
             .observe_decision(evaluation.decision, call.action);
         conn.agent_decisions.observe(evaluation.decision);
-        record_evaluation(audit, &evaluation, decision_time.as_micros());
         // After the enforced decision is timed: the candidate set costs the caller nothing
-        // it would not also cost without one, and never changes what happens next.
-        audit.record.input = Some(portcullis_policy::tools::Question::from_input(&input));
-        if let Some(shadow) = &shared.shadow_policy {
-            audit.record.shadow = Some(crate::shadow::decide(
-                shadow,
-                &input,
-                evaluation.decision,
-                &shared.metrics,
-            ));
+        // it would not also cost without one, and never changes what happens next. Every
+        // message of a batch counts in the disagreement metric.
+        let shadow = shared.shadow_policy.as_ref().map(|shadow| {
+            crate::shadow::decide(shadow, &input, evaluation.decision, &shared.metrics)
+        });
+        if batch {
+            audit.record.calls.push(AuditCall {
+                action: call.action.name(),
+                resource: resource.clone(),
+                decision: evaluation.decision.name(),
+                policies: AuditPolicies {
+                    agent: evaluation.agent.determining.clone(),
+                    user: evaluation.user.as_ref().map(|u| u.determining.clone()),
+                },
+            });
+        }
+        if refused.is_none() {
+            audit.record.action = Some(call.action.name());
+            audit.record.resource = Some(resource);
+            record_evaluation(audit, &evaluation, decision_time.as_micros());
+            audit.record.input = Some(portcullis_policy::tools::Question::from_input(&input));
+            audit.record.shadow = shadow;
+        } else {
+            // The first refusal's record stands; later messages add only their errors.
+            audit
+                .record
+                .errors
+                .extend(evaluation.agent.errors.iter().cloned());
+            if let Some(user) = &evaluation.user {
+                audit.record.errors.extend(user.errors.iter().cloned());
+            }
         }
         tracing::debug!(
             request_id,
@@ -271,32 +303,54 @@ async fn authorize_and_forward(
             decision = evaluation.decision.name(),
             "decided"
         );
-        permit = Some(match (evaluation.decision, evaluation.take_permit()) {
-            (_, Some(permit)) => permit,
-            (Decision::ApprovalRequired, None) => return Err(Refusal::ApprovalRequired),
-            (_, None) => return Err(Refusal::PolicyDenied),
-        });
+        match (evaluation.decision, evaluation.take_permit()) {
+            (_, Some(granted)) => permit = Some(granted),
+            (Decision::ApprovalRequired, None) => {
+                refused.get_or_insert(Refusal::ApprovalRequired);
+            }
+            (_, None) => {
+                refused.get_or_insert(Refusal::PolicyDenied);
+            }
+        }
+    }
+    if let Some(refusal) = refused {
+        return Err(refusal);
     }
     // `inspect` yields at least one call; none would be a bug, and it denies.
     let permit = permit.ok_or(Refusal::PolicyDenied)?;
 
     remove_hop_by_hop(&mut parts.headers);
+    // The verified token survives identity stripping when the route forwards it, whatever
+    // its header is called (the default `x-portcullis-user-token` is an identity name).
+    let forwarded_token = match &shared.user_token {
+        Some(tokens) if classified.forward_user_token && user.is_some() => parts
+            .headers
+            .get(&tokens.header)
+            .cloned()
+            .map(|value| (tokens.header.clone(), value)),
+        _ => None,
+    };
     remove_identity(&mut parts.headers);
+    remove_overrides_and_forwarding(&mut parts.headers);
     // Long-lived credentials never reach the application (flagged above).
     for header in STANDING_CREDENTIAL_HEADERS {
         if token_header.is_none_or(|t| t.as_str() != header) {
             parts.headers.remove(header);
         }
     }
-    if let Some(tokens) = &shared.user_token
-        && !classified.forward_user_token
-    {
+    if let Some(tokens) = &shared.user_token {
         parts.headers.remove(&tokens.header);
     }
-    if let Some(user) = &user
-        && let Ok(value) = HeaderValue::from_str(&user.subject)
-    {
-        parts.headers.insert(USER_HEADER, value);
+    if let Some((name, value)) = forwarded_token {
+        parts.headers.insert(name, value);
+    }
+    if let Some(user) = &user {
+        parts
+            .headers
+            .insert(USER_HEADER, user_header_value(&user.subject));
+    }
+    if let Some(peer) = &conn.forwarded_for {
+        set_forwarding(&mut parts.headers, peer);
     }
     if parts.version == Version::HTTP_2 && parts.uri.authority().is_some() {
         // HTTP/2 carries the host in :authority; the HTTP/1.1 upstream needs a Host header.
@@ -310,6 +364,13 @@ async fn authorize_and_forward(
     set_request_id(&mut parts.headers, request_id);
     if let Ok(value) = HeaderValue::from_str(&trace.header) {
         parts.headers.insert(TRACEPARENT_HEADER, value);
+    }
+    if inspected.listing.is_some() {
+        // The filter reads plaintext only: ask for it rather than meet a compressed listing.
+        parts.headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
     let response = match shared
         .forwarder
@@ -326,23 +387,47 @@ async fn authorize_and_forward(
             return Err(error.refusal);
         }
     };
-    if inspected.tools_list_ids.is_empty() {
-        return Ok(response);
+    if classified.protocol == Protocol::Mcp {
+        match &session {
+            None => shared
+                .sessions
+                .issued(response.headers(), conn.agent.as_str()),
+            Some(id) if method == "DELETE" && response.status().is_success() => {
+                shared.sessions.ended(id);
+            }
+            Some(_) => {}
+        }
     }
-    let filter = tool_filter(
-        shared,
-        conn,
-        user,
-        &method,
-        &path,
-        &host,
-        inspected.tools_list_ids,
-    );
+    let Some(listed) = inspected.listing else {
+        return Ok(response);
+    };
+    let filter = tool_filter(shared, conn, user, &method, &path, &host, listed);
     filter.apply(response).await.map_err(|error| {
         tracing::warn!(request_id, %error, "tools/list response could not be filtered");
-        audit.record.errors.push(error);
+        audit.record.errors.push(error.to_string());
         Refusal::UpstreamProtocol
     })
+}
+
+/// On an MCP route, the session id the request carries, which must have been issued to
+/// this agent (see `sessions`); 404 otherwise.
+fn mcp_session(
+    shared: &Shared,
+    conn: &ConnectionIdentity,
+    classified: &crate::classify::Classified,
+    headers: &http::HeaderMap,
+) -> Result<Option<String>, Refusal> {
+    if classified.protocol != Protocol::Mcp {
+        return Ok(None);
+    }
+    let session = Sessions::requested(headers).map_err(|_| Refusal::ForeignSession)?;
+    if let Some(id) = &session {
+        shared
+            .sessions
+            .check(id, conn.agent.as_str())
+            .map_err(|_| Refusal::ForeignSession)?;
+    }
+    Ok(session)
 }
 
 /// The question asked for each tool of a `tools/list` result: may these principals call it?
@@ -353,7 +438,7 @@ fn tool_filter(
     method: &str,
     path: &str,
     host: &str,
-    ids: Vec<serde_json::Value>,
+    listed: protocol::filter::Listed,
 ) -> protocol::filter::ToolFilter {
     let policy = shared.policy.clone();
     let agent = conn.agent.clone();
@@ -361,7 +446,7 @@ fn tool_filter(
     let (method, path, host) = (method.to_owned(), path.to_owned(), host.to_owned());
     let client_address = conn.client_address.clone();
     protocol::filter::ToolFilter::new(
-        ids,
+        listed,
         Box::new(move |tool| {
             let call = protocol::mcp::listing_call(tool);
             let evaluation = policy.evaluate_prepared(
@@ -459,7 +544,7 @@ async fn verify_user(
     } else {
         value.trim()
     };
-    match tokens.verifier.verify(token, agent).await {
+    match tokens.verifier_for(token).verify(token, agent).await {
         Ok(claims) => {
             audit.record.user = Some(AuditUser {
                 sub: claims.subject.clone(),

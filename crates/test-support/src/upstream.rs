@@ -9,6 +9,8 @@
 //!   tool's name; other requests get an empty result, notifications 202. `/mcp` answers in
 //!   JSON, `/mcp-sse` as one SSE event preceded by a progress notification.
 //! - `GET /slow`: answers after a minute (upstream timeout tests).
+//! - any method on `/scripted`: the reply a test set with [`Upstream::script`] (status,
+//!   headers, body bytes as given), for servers that answer in ways a filter must survive.
 //! - anything else: 200 with a JSON echo of what arrived (method, path, identity headers).
 //!
 //! Every request is recorded with its headers and body, and whether the body ended cleanly.
@@ -51,10 +53,19 @@ pub enum SsePacing {
     Gate(Arc<Semaphore>),
 }
 
+/// A reply for `/scripted`, sent exactly as given.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Bytes,
+}
+
 #[derive(Debug)]
 struct State {
     requests: Mutex<Vec<Recorded>>,
     pacing: SsePacing,
+    scripted: Mutex<Option<Reply>>,
 }
 
 /// A running upstream; stops when dropped.
@@ -82,6 +93,7 @@ impl Upstream {
         let state = Arc::new(State {
             requests: Mutex::new(Vec::new()),
             pacing,
+            scripted: Mutex::new(None),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self { addr, state, task })
@@ -89,6 +101,13 @@ impl Upstream {
 
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// What `/scripted` answers from now on.
+    pub fn script(&self, reply: Reply) {
+        if let Ok(mut scripted) = self.state.scripted.lock() {
+            *scripted = Some(reply);
+        }
     }
 
     /// Everything received so far.
@@ -138,6 +157,21 @@ async fn handle(req: Request<Incoming>, state: Arc<State>) -> Result<Response<Bo
         return Ok(text(StatusCode::BAD_REQUEST, "body aborted"));
     }
     let path = parts.uri.path();
+    if path == "/scripted" {
+        let reply = state.scripted.lock().ok().and_then(|r| r.clone());
+        let Some(reply) = reply else {
+            return Ok(text(StatusCode::INTERNAL_SERVER_ERROR, "nothing scripted"));
+        };
+        let mut response = Response::new(full(reply.body));
+        *response.status_mut() =
+            StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        for (name, value) in reply.headers {
+            if let Ok(value) = http::HeaderValue::from_str(&value) {
+                response.headers_mut().append(name, value);
+            }
+        }
+        return Ok(response);
+    }
     if parts.method == Method::POST && path == "/v1/chat/completions" {
         return Ok(chat_completion(&body, &state.pacing));
     }

@@ -31,6 +31,22 @@ pub(crate) struct ClaimRules {
 pub(crate) struct Header {
     pub(crate) alg: SigningAlgorithm,
     pub(crate) kid: Option<String>,
+    /// `typ` (RFC 7515 §4.1.9), when present; see [`type_allowed`].
+    pub(crate) typ: Option<String>,
+}
+
+/// RFC 8725 §3.11: a token of another kind (an ID token, a logout token, a `dpop+jwt`)
+/// must not be accepted as an access token just because its signature and claims fit. When
+/// `typ` is present it must be one of `allowed`; media type names compare case-insensitively
+/// and the `application/` prefix may be omitted (RFC 7515 §4.1.9).
+pub(crate) fn type_allowed(typ: Option<&str>, allowed: &[String]) -> bool {
+    let bare = |t: &str| -> String {
+        let t = t.trim().to_ascii_lowercase();
+        t.strip_prefix("application/")
+            .map(str::to_owned)
+            .unwrap_or(t)
+    };
+    typ.is_none_or(|typ| allowed.iter().any(|a| bare(a) == bare(typ)))
 }
 
 /// Header members that carry or point at a key. RFC 8725 §3.10 warns against trusting
@@ -69,7 +85,12 @@ pub(crate) fn parse_header(
         Some(Value::String(kid)) => Some(kid.clone()),
         Some(_) => return Err(TokenRejection::Malformed("header kid")),
     };
-    Ok(Header { alg, kid })
+    let typ = match header.get("typ") {
+        None => None,
+        Some(Value::String(typ)) => Some(typ.clone()),
+        Some(_) => return Err(TokenRejection::Malformed("header typ")),
+    };
+    Ok(Header { alg, kid, typ })
 }
 
 /// The claims of a token whose signature verified and whose static checks passed. Cached
@@ -339,6 +360,14 @@ fn numeric_date(
 }
 
 /// base64url without padding (RFC 7515 §2), then a JSON object.
+/// The `iss` of an undecoded payload segment, if it is a string.
+pub(crate) fn claimed_issuer(segment: &str) -> Option<String> {
+    match decode_object(segment)?.remove("iss")? {
+        Value::String(issuer) => Some(issuer),
+        _ => None,
+    }
+}
+
 fn decode_object(segment: &str) -> Option<Map<String, Value>> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
     match serde_json::from_slice(&bytes).ok()? {

@@ -40,6 +40,38 @@ fn caller() -> SpiffeId {
 }
 
 #[test]
+fn only_access_token_types_are_accepted() {
+    let allowed = ["JWT".to_owned(), "at+jwt".to_owned()];
+    for typ in [
+        None,
+        Some("JWT"),
+        Some("jwt"),
+        Some("at+jwt"),
+        Some("application/at+JWT"),
+    ] {
+        assert!(type_allowed(typ, &allowed), "{typ:?}");
+    }
+    for typ in [
+        Some("dpop+jwt"),
+        Some("logout+jwt"),
+        Some("secevent+jwt"),
+        Some(""),
+    ] {
+        assert!(!type_allowed(typ, &allowed), "{typ:?}");
+    }
+    let all = SigningAlgorithm::ALL;
+    let header =
+        parse_header(&encode(&json!({ "alg": "ES256", "typ": "dpop+jwt" })), &all).unwrap();
+    assert_eq!(header.typ.as_deref(), Some("dpop+jwt"));
+    assert_eq!(
+        parse_header(&encode(&json!({ "alg": "ES256", "typ": 1 })), &all)
+            .unwrap_err()
+            .reason(),
+        "malformed"
+    );
+}
+
+#[test]
 fn header_checks_run_in_order() {
     let all = SigningAlgorithm::ALL;
     let ok = parse_header(&encode(&json!({ "alg": "ES256", "kid": "k" })), &all).unwrap();

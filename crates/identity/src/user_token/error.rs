@@ -50,6 +50,10 @@ pub enum TokenRejection {
     MayActDenied,
     #[error("jwks unavailable")]
     JwksUnavailable,
+    #[error("token typ is not one of the accepted types")]
+    WrongType,
+    #[error("the jwks could not be refreshed for longer than jwks_max_stale")]
+    JwksStale,
 }
 
 impl TokenRejection {
@@ -100,6 +104,8 @@ impl TokenRejection {
             TokenRejection::ActorChainTooDeep => "actor_chain_too_deep",
             TokenRejection::MayActDenied => "may_act_denied",
             TokenRejection::JwksUnavailable => "jwks_unavailable",
+            TokenRejection::WrongType => "wrong_type",
+            TokenRejection::JwksStale => "jwks_stale",
         }
     }
 }

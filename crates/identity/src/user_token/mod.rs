@@ -27,6 +27,18 @@ pub use settings::{
 };
 pub use verifier::{JwksStats, UserTokenVerifier};
 
+/// The `iss` a compact JWT claims, read without verifying anything: only for choosing
+/// which key set verifies it (that verification then checks `iss` again). `None` for
+/// anything that is not a plausible token.
+pub fn unverified_issuer(token: &str) -> Option<String> {
+    const MAX: usize = 64 * 1024;
+    if token.len() > MAX {
+        return None;
+    }
+    let payload = token.split('.').nth(1)?;
+    claims::claimed_issuer(payload)
+}
+
 /// Entry point for `fuzz/` (cargo-fuzz lives outside the workspace and sees only public
 /// items): runs the JOSE header and claims checks of a compact JWT on untrusted input, the
 /// way the verifier does before and after the signature check. Not part of the API.

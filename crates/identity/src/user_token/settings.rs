@@ -144,6 +144,12 @@ pub struct UserTokenSettings {
     pub max_jwks_bytes: usize,
     /// Verified tokens remembered so a repeated token skips the signature check.
     pub cache_capacity: usize,
+    /// How long the key set may go without a successful load or refresh before tokens are
+    /// refused (`user_token.jwks_max_stale`): a key the issuer removed must stop working even
+    /// when its JWKS cannot be reached.
+    pub jwks_max_stale: Duration,
+    /// Accepted values of the `typ` header when a token has one (`user_token.allowed_types`).
+    pub allowed_types: Vec<String>,
 }
 
 impl UserTokenSettings {
@@ -158,6 +164,9 @@ impl UserTokenSettings {
     pub const DEFAULT_JWKS_FETCH_TIMEOUT: Duration = Duration::from_secs(10);
     pub const DEFAULT_MAX_JWKS_BYTES: usize = 256 * 1024;
     pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+    pub const DEFAULT_JWKS_MAX_STALE: Duration = Duration::from_secs(3600);
+    /// RFC 7519 §5.1's `JWT` and RFC 9068's `at+jwt`.
+    pub const DEFAULT_ALLOWED_TYPES: [&'static str; 2] = ["JWT", "at+jwt"];
 
     /// Settings with every optional knob at its default; the four values an operator must
     /// decide are the arguments.
@@ -183,6 +192,8 @@ impl UserTokenSettings {
             jwks_fetch_timeout: Self::DEFAULT_JWKS_FETCH_TIMEOUT,
             max_jwks_bytes: Self::DEFAULT_MAX_JWKS_BYTES,
             cache_capacity: Self::DEFAULT_CACHE_CAPACITY,
+            jwks_max_stale: Self::DEFAULT_JWKS_MAX_STALE,
+            allowed_types: Self::DEFAULT_ALLOWED_TYPES.map(str::to_owned).to_vec(),
         }
     }
 }

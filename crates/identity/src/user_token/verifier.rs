@@ -49,6 +49,10 @@ pub struct JwksStats {
 struct Inner {
     rules: ClaimRules,
     algorithms: Vec<SigningAlgorithm>,
+    allowed_types: Vec<String>,
+    max_stale: Duration,
+    /// When the key set was last loaded or refreshed successfully (unchanged content counts).
+    last_success: Mutex<Instant>,
     max_token_bytes: usize,
     max_jwks_bytes: usize,
     refresh_interval: Duration,
@@ -79,6 +83,8 @@ enum Source {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Seen {
     Content([u8; 32]),
+    /// Content that was read but did not parse into a usable key set.
+    Invalid([u8; 32]),
     ReadError,
 }
 
@@ -129,6 +135,9 @@ impl UserTokenVerifier {
             inner: Arc::new(Inner {
                 rules,
                 algorithms: settings.algorithms,
+                allowed_types: settings.allowed_types,
+                max_stale: settings.jwks_max_stale,
+                last_success: Mutex::new(Instant::now()),
                 max_token_bytes: settings.max_token_bytes,
                 max_jwks_bytes: settings.max_jwks_bytes,
                 refresh_interval: settings.jwks_refresh_interval,
@@ -198,6 +207,17 @@ impl UserTokenVerifier {
         result
     }
 
+    /// How long the key set has gone without a successful refresh, when that is longer than
+    /// `jwks_max_stale` (tokens are then refused, and `/readyz` says why).
+    pub fn stale_for(&self) -> Option<Duration> {
+        self.inner.stale_for()
+    }
+
+    /// `user_token.jwks_max_stale`.
+    pub fn max_stale(&self) -> Duration {
+        self.inner.max_stale
+    }
+
     /// Signatures checked so far; a cache hit does not add one.
     pub fn signature_verifications(&self) -> u64 {
         self.inner.signature_verifications.load(Ordering::Relaxed)
@@ -220,6 +240,22 @@ impl UserTokenVerifier {
 }
 
 impl Inner {
+    fn stale_for(&self) -> Option<Duration> {
+        let since = self
+            .last_success
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .elapsed();
+        (since > self.max_stale).then_some(since)
+    }
+
+    fn refreshed(&self) {
+        *self
+            .last_success
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
     async fn verify_at(
         &self,
         token: &str,
@@ -230,6 +266,11 @@ impl Inner {
         // JSON, hashing) an unauthenticated caller can make us do.
         if token.len() > self.max_token_bytes {
             return Err(TokenRejection::TooLarge);
+        }
+        // Checked before the cache: a token verified with a key the issuer has since removed
+        // must stop working once the removal can no longer be learned.
+        if self.stale_for().is_some() {
+            return Err(TokenRejection::JwksStale);
         }
         let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let keys = self.keys.load_full();
@@ -249,6 +290,9 @@ impl Inner {
             return Err(TokenRejection::Malformed("not a compact jws"));
         };
         let header = claims::parse_header(header_b64, &self.algorithms)?;
+        if !claims::type_allowed(header.typ.as_deref(), &self.allowed_types) {
+            return Err(TokenRejection::WrongType);
+        }
 
         let keys = match keys.select(header.kid.as_deref(), header.alg) {
             KeyLookup::Found(_) => keys,
@@ -324,6 +368,7 @@ impl Inner {
         };
         match &result {
             Ok(_) => {
+                self.refreshed();
                 self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
             }
             Err(error) => {
@@ -342,14 +387,26 @@ impl Inner {
         };
         {
             let mut last = last_seen.lock().unwrap_or_else(PoisonError::into_inner);
-            if *last == seen {
-                return;
+            match (*last, seen) {
+                (Seen::Content(a), Seen::Content(b)) if a == b => {
+                    // Read again and unchanged: still current.
+                    self.refreshed();
+                    return;
+                }
+                (Seen::Invalid(a), Seen::Content(b)) if a == b => return,
+                (Seen::ReadError, Seen::ReadError) => return,
+                _ => *last = seen,
             }
-            *last = seen;
         }
         let result = read.and_then(|bytes| self.install(&bytes));
+        if result.is_err()
+            && let Seen::Content(hash) = seen
+        {
+            *last_seen.lock().unwrap_or_else(PoisonError::into_inner) = Seen::Invalid(hash);
+        }
         match result {
             Ok(keys) => {
+                self.refreshed();
                 self.refreshes_ok.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(path = %path.display(), keys = keys.len(), "jwks file reloaded");
             }

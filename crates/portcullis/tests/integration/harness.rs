@@ -43,6 +43,8 @@ pub struct Builder {
     extra_bundles: Vec<(String, Arc<Ca>)>,
     /// Verify user tokens against a JWKS file holding this key.
     idp: Option<SigningKey>,
+    /// Extra keys inside the `user_token:` block (indented two spaces).
+    user_token_yaml: String,
     /// Copy *.cedar and entities.json from this directory instead of the shipped ones.
     policy_dir: Option<PathBuf>,
     /// The `audit:` block (default: `sink: audit.jsonl`).
@@ -106,6 +108,11 @@ impl Builder {
 
     pub fn user_tokens(mut self) -> Self {
         self.idp = Some(SigningKey::es256("idp-1"));
+        self
+    }
+
+    pub fn user_token_yaml(mut self, extra: &str) -> Self {
+        self.user_token_yaml.push_str(extra);
         self
     }
 
@@ -292,7 +299,8 @@ impl Builder {
         if let Some(idp) = &self.idp {
             write(dir.path(), "jwks.json", &jwt::jwks(&[idp]));
             yaml.push_str(&format!(
-                "user_token:\n  jwks_file: jwks.json\n  jwks_refresh_interval: 100ms\n  issuers: [{ISSUER}]\n  audiences: [{AUDIENCE}]\n  max_lifetime: 1h\n"
+                "user_token:\n  jwks_file: jwks.json\n  jwks_refresh_interval: 100ms\n  issuers: [{ISSUER}]\n  audiences: [{AUDIENCE}]\n  max_lifetime: 1h\n{}",
+                self.user_token_yaml
             ));
         }
         write(dir.path(), "config.yaml", &yaml);

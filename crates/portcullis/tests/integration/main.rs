@@ -7,6 +7,7 @@ mod harness;
 
 mod abuse;
 mod audit;
+mod boundary;
 mod config;
 mod delegation;
 mod forwarding;

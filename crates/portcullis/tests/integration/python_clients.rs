@@ -149,6 +149,39 @@ async fn the_mcp_python_sdk_through_the_proxy() {
         ["search_tickets", "refund"],
         "the server saw only allowed calls"
     );
+    // A 2026-07-28 request whose Mcp-Name names a harmless tool while the body calls
+    // another: 400 from the proxy, and the SDK server never sees it.
+    let mut req = portcullis_test_support::client::request(
+        "POST",
+        crate::harness::HOST,
+        "/mcp",
+        serde_json::json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call",
+            "params": {"name": "refund", "arguments": {"refund": {"amount": 5}}}})
+        .to_string(),
+    );
+    for (name, value) in [
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "search_tickets"),
+    ] {
+        req.headers_mut().insert(name, value.parse().unwrap());
+    }
+    let (status, body) = h
+        .send(
+            TRIAGE,
+            portcullis_test_support::client::HttpVersion::Http1,
+            req,
+        )
+        .await;
+    assert_eq!(status, 400, "{body:?}");
+    let after = std::fs::read_to_string(&calls).unwrap_or_default();
+    assert_eq!(
+        after.lines().count(),
+        seen.len(),
+        "the server saw the mismatched call"
+    );
 }
 
 #[tokio::test]

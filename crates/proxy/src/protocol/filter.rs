@@ -5,10 +5,20 @@
 //! The server may answer a POST with one JSON body or with an SSE stream (MCP 2025-06-18,
 //! Streamable HTTP: "either Content-Type: text/event-stream ... or Content-Type:
 //! application/json"). A JSON body is read whole (bounded) and rewritten; an SSE stream is
-//! rewritten event by event, so other events (progress notifications, server requests) still
-//! stream as they come. Only responses whose `id` is one of the listed `tools/list` request
-//! ids are touched. Bodies over the limit fail closed (the response is cut, never passed
-//! unfiltered). This module does not decide: the pipeline gives it the question to ask.
+//! rewritten event by event (WHATWG HTML, "Server-sent events": an event ends at a blank
+//! line, whichever of CRLF, LF or CR ends the lines), so other events (progress
+//! notifications, server requests) still stream as they come. On a POST only responses
+//! whose `id` is one of the listed request ids are touched; on the server's `GET` stream
+//! (where a resumed stream can replay a `tools/list` result) every result that carries
+//! `tools` is.
+//!
+//! Fail closed: what the filter cannot read is never passed on. A compressed body (any
+//! `content-encoding` but identity), a body that is not JSON whatever its media type or
+//! status, a duplicate object key, an SSE event that is not UTF-8 or whose data is not
+//! JSON, a listed response whose `result.tools` is not an array, or anything over the size
+//! limit is an error: before the response head that is a 502; in an SSE stream that already
+//! began, the stream is cut. A leading UTF-8 BOM is read past, as JSON and SSE clients do,
+//! and not sent on. This module does not decide: the pipeline gives it the question to ask.
 
 use std::fmt;
 use std::pin::Pin;
@@ -21,41 +31,73 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
+use super::inspect::check_strict;
 use crate::body::{BoxError, ResponseBody};
 
 /// A JSON response (or one SSE event) larger than this cannot be filtered and is refused.
 pub(crate) const RESPONSE_LIMIT: usize = 8 * 1024 * 1024;
 
+const BOM: &[u8] = b"\xEF\xBB\xBF";
+
 type Allows = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
+/// Which responses are listings.
+#[derive(Debug, Clone)]
+pub(crate) enum Listed {
+    /// The responses to these request ids (`tools/list`, `server/discover`) of a POST.
+    Ids(Vec<Value>),
+    /// Any result carrying `tools` (the server's GET stream, whose ids the proxy never saw).
+    Any,
+}
+
 pub(crate) struct ToolFilter {
-    ids: Vec<Value>,
+    listed: Listed,
     allows: Allows,
 }
 
 impl fmt::Debug for ToolFilter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ToolFilter")
-            .field("ids", &self.ids)
+            .field("listed", &self.listed)
             .finish_non_exhaustive()
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-#[error("tools/list response exceeds the inspection limit")]
-pub(crate) struct TooLarge;
+/// Why a response could not be filtered (for the audit record and log, not the caller).
+#[derive(Debug, Clone, thiserror::Error)]
+pub(crate) enum Unreadable {
+    #[error("tools/list response exceeds the inspection limit")]
+    TooLarge,
+    #[error("tools/list response has content-encoding {0:?}; only identity can be filtered")]
+    Encoded(String),
+    #[error("tools/list response is not JSON")]
+    NotJson,
+    #[error("tools/list response event is not UTF-8")]
+    NotUtf8,
+    #[error("tools/list result has no readable tools array")]
+    BadTools,
+    #[error("tools/list response body failed: {0}")]
+    Body(String),
+}
 
 impl ToolFilter {
-    pub(crate) fn new(ids: Vec<Value>, allows: Allows) -> Self {
-        Self { ids, allows }
+    pub(crate) fn new(listed: Listed, allows: Allows) -> Self {
+        Self { listed, allows }
     }
 
-    /// Rewrites `response` so that `tools/list` results list only allowed tools.
+    /// Rewrites `response` so that listing results list only allowed tools, whatever its
+    /// status; an error when it cannot be read (see the module header).
     pub(crate) async fn apply(
         self,
         response: Response<ResponseBody>,
-    ) -> Result<Response<ResponseBody>, String> {
+    ) -> Result<Response<ResponseBody>, Unreadable> {
         let (mut parts, body) = response.into_parts();
+        for encoding in parts.headers.get_all(header::CONTENT_ENCODING) {
+            let encoding = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+            if !encoding.trim().eq_ignore_ascii_case("identity") {
+                return Err(Unreadable::Encoded(encoding));
+            }
+        }
         let sse = parts
             .headers
             .get(header::CONTENT_TYPE)
@@ -68,22 +110,25 @@ impl ToolFilter {
                 inner: body,
                 buf: BytesMut::new(),
                 scanned: 0,
+                started: false,
                 done: false,
                 filter: self,
             };
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
         let bytes = collect_bounded(body).await?;
-        let bytes = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(mut value) => {
-                if self.filter_value(&mut value) {
-                    Bytes::from(value.to_string())
-                } else {
-                    bytes
-                }
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            // Nothing to list (a 202, an empty error).
+            bytes
+        } else {
+            let json = bytes.strip_prefix(BOM).unwrap_or(&bytes);
+            check_strict(json).map_err(|_| Unreadable::NotJson)?;
+            let mut value: Value = serde_json::from_slice(json).map_err(|_| Unreadable::NotJson)?;
+            if self.filter_value(&mut value)? || json.len() != bytes.len() {
+                Bytes::from(value.to_string())
+            } else {
+                bytes
             }
-            // Not JSON: no JSON-RPC client reads tools from it.
-            Err(_) => bytes,
         };
         parts
             .headers
@@ -95,29 +140,41 @@ impl ToolFilter {
     }
 
     /// Filters a JSON-RPC response or batch of responses in place; true if anything changed.
-    fn filter_value(&self, value: &mut Value) -> bool {
+    fn filter_value(&self, value: &mut Value) -> Result<bool, Unreadable> {
         match value {
-            Value::Array(items) => items
-                .iter_mut()
-                .fold(false, |changed, item| self.filter_message(item) | changed),
+            Value::Array(items) => {
+                let mut changed = false;
+                for item in items {
+                    changed |= self.filter_message(item)?;
+                }
+                Ok(changed)
+            }
             message => self.filter_message(message),
         }
     }
 
-    fn filter_message(&self, message: &mut Value) -> bool {
-        let Some(id) = message.get("id") else {
-            return false;
+    fn filter_message(&self, message: &mut Value) -> Result<bool, Unreadable> {
+        let listed = match &self.listed {
+            Listed::Ids(ids) => message.get("id").is_some_and(|id| ids.contains(id)),
+            Listed::Any => message.pointer("/result/tools").is_some(),
         };
-        if !self.ids.contains(id) {
-            return false;
+        if !listed {
+            return Ok(false);
         }
-        let Some(Value::Array(tools)) = message.pointer_mut("/result/tools") else {
-            return false;
+        let tools = match message.get_mut("result") {
+            // An error response, or a result without tools: nothing is listed.
+            None => return Ok(false),
+            Some(Value::Object(result)) => match result.get_mut("tools") {
+                None => return Ok(false),
+                Some(Value::Array(tools)) => tools,
+                Some(_) => return Err(Unreadable::BadTools),
+            },
+            Some(_) => return Err(Unreadable::BadTools),
         };
         let before = tools.len();
         tools.retain(|tool| {
-            tool["name"]
-                .as_str()
+            tool.get("name")
+                .and_then(Value::as_str)
                 .is_some_and(|name| (self.allows)(name))
         });
         tracing::debug!(
@@ -125,44 +182,42 @@ impl ToolFilter {
             visible = tools.len(),
             "tools/list result filtered"
         );
-        true
+        Ok(true)
     }
 
     /// One SSE event (its bytes including the blank line ending it), rewritten if its data
-    /// is a `tools/list` result (WHATWG HTML, "Server-sent events": data lines are joined
-    /// with LF; the field name is followed by an optional single space).
-    fn rewrite_event(&self, event: Bytes) -> Bytes {
-        let Ok(text) = std::str::from_utf8(&event) else {
-            return event;
-        };
+    /// is a listing result (the data lines are joined with LF; the field name is followed
+    /// by an optional single space).
+    fn rewrite_event(&self, event: Bytes) -> Result<Bytes, Unreadable> {
+        let text = std::str::from_utf8(&event).map_err(|_| Unreadable::NotUtf8)?;
         let lines: Vec<&str> = text
             .split('\n')
             .flat_map(|line| line.split('\r'))
             .filter(|line| !line.is_empty())
             .collect();
-        let data: Vec<&str> = lines
-            .iter()
-            .filter_map(|line| line.strip_prefix("data"))
-            .filter(|rest| rest.is_empty() || rest.starts_with(':'))
-            .map(|rest| rest.strip_prefix(':').unwrap_or(rest))
-            .map(|rest| rest.strip_prefix(' ').unwrap_or(rest))
-            .collect();
-        if data.is_empty() {
-            return event;
-        }
-        let Ok(mut value) = serde_json::from_str::<Value>(&data.join("\n")) else {
-            return event;
+        let data_value = |line: &str| -> Option<String> {
+            let rest = line.strip_prefix("data")?;
+            if rest.is_empty() {
+                return Some(String::new());
+            }
+            let rest = rest.strip_prefix(':')?;
+            Some(rest.strip_prefix(' ').unwrap_or(rest).to_owned())
         };
-        if !self.filter_value(&mut value) {
-            return event;
+        let data: Vec<String> = lines.iter().filter_map(|line| data_value(line)).collect();
+        if data.is_empty() || (data.len() == 1 && data[0].is_empty()) {
+            // No data (a comment, a priming event with an id only): nothing to read.
+            return Ok(event);
+        }
+        let data = data.join("\n");
+        check_strict(data.as_bytes()).map_err(|_| Unreadable::NotJson)?;
+        let mut value: Value = serde_json::from_str(&data).map_err(|_| Unreadable::NotJson)?;
+        if !self.filter_value(&mut value)? {
+            return Ok(event);
         }
         let mut out = String::with_capacity(event.len());
         let mut data_written = false;
         for line in lines {
-            let is_data = line
-                .strip_prefix("data")
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with(':'));
-            if !is_data {
+            if data_value(line).is_none() {
                 out.push_str(line);
                 out.push('\n');
             } else if !data_written {
@@ -173,20 +228,20 @@ impl ToolFilter {
             }
         }
         out.push('\n');
-        Bytes::from(out)
+        Ok(Bytes::from(out))
     }
 }
 
 /// The whole body, or an error past [`RESPONSE_LIMIT`]. (Not `http_body_util::Limited`: its
 /// `Into<BoxError>` bound on an already boxed error is not provable inside this `Send`
 /// future.)
-async fn collect_bounded(mut body: ResponseBody) -> Result<Bytes, String> {
+async fn collect_bounded(mut body: ResponseBody) -> Result<Bytes, Unreadable> {
     let mut out = BytesMut::new();
     while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| e.to_string())?;
+        let frame = frame.map_err(|e| Unreadable::Body(e.to_string()))?;
         if let Some(data) = frame.data_ref() {
             if out.len() + data.len() > RESPONSE_LIMIT {
-                return Err(TooLarge.to_string());
+                return Err(Unreadable::TooLarge);
             }
             out.extend_from_slice(data);
         }
@@ -194,30 +249,48 @@ async fn collect_bounded(mut body: ResponseBody) -> Result<Bytes, String> {
     Ok(out.freeze())
 }
 
-/// A response body that passes SSE events through one at a time, rewriting `tools/list`
-/// results.
+/// A response body that passes SSE events through one at a time, rewriting listing
+/// results; an event it cannot read ends the stream with an error (the caller sees a cut
+/// stream, never the event).
 struct SseFilter {
     inner: ResponseBody,
     buf: BytesMut,
-    /// How much of `buf` is known to hold no event end.
+    /// The start of a line in `buf` before which no event end can be (a resumption point).
     scanned: usize,
+    /// Whether the first bytes of the stream were seen (a leading BOM is dropped).
+    started: bool,
     done: bool,
     filter: ToolFilter,
 }
 
-/// The end (exclusive) of the first complete event: a blank line, with LF, CRLF or CR line
-/// endings.
-fn event_end(buf: &[u8], from: usize) -> Option<usize> {
-    (from..buf.len()).find_map(|i| {
-        let rest = &buf[i..];
-        if rest.starts_with(b"\r\n\r\n") {
-            Some(i + 4)
-        } else if rest.starts_with(b"\n\n") || rest.starts_with(b"\r\r") {
-            Some(i + 2)
-        } else {
-            None
+/// Where the first complete event ends in `buf` (exclusive), reading lines as the WHATWG
+/// parser does: a line ends at CRLF, LF or CR, and an empty line ends the event. `from` must
+/// be the start of a line that follows a non-empty line (or 0). `Err(resume)`: no complete
+/// event yet; `resume` is where to start next time. A CR at the end of `buf` waits for the
+/// next byte, which decides whether it is a CRLF.
+fn event_end(buf: &[u8], from: usize) -> Result<usize, usize> {
+    let mut i = from;
+    let mut line_start = from;
+    while i < buf.len() {
+        let terminator = match buf[i] {
+            b'\n' => 1,
+            b'\r' => match buf.get(i + 1) {
+                Some(b'\n') => 2,
+                Some(_) => 1,
+                None => return Err(line_start),
+            },
+            _ => {
+                i += 1;
+                continue;
+            }
+        };
+        if i == line_start {
+            return Ok(i + terminator);
         }
-    })
+        i += terminator;
+        line_start = i;
+    }
+    Err(line_start)
 }
 
 impl Body for SseFilter {
@@ -230,19 +303,40 @@ impl Body for SseFilter {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         loop {
-            // Back off 3 bytes so a terminator split across frames is still found.
-            if let Some(end) = event_end(&this.buf, this.scanned.saturating_sub(3)) {
-                this.scanned = 0;
-                let event = this.buf.split_to(end).freeze();
-                return Poll::Ready(Some(Ok(Frame::data(this.filter.rewrite_event(event)))));
+            if !this.started && this.buf.len() >= BOM.len() {
+                this.started = true;
+                if this.buf.starts_with(BOM) {
+                    let _ = this.buf.split_to(BOM.len());
+                }
             }
-            this.scanned = this.buf.len();
+            if this.started {
+                match event_end(&this.buf, this.scanned) {
+                    Ok(end) => {
+                        this.scanned = 0;
+                        let event = this.buf.split_to(end).freeze();
+                        return Poll::Ready(Some(
+                            this.filter
+                                .rewrite_event(event)
+                                .map(Frame::data)
+                                .map_err(|e| -> BoxError { Box::new(e) }),
+                        ));
+                    }
+                    Err(resume) => this.scanned = resume,
+                }
+            }
             if this.done {
+                this.started = true;
                 if this.buf.is_empty() {
                     return Poll::Ready(None);
                 }
+                this.scanned = 0;
                 let rest = this.buf.split().freeze();
-                return Poll::Ready(Some(Ok(Frame::data(this.filter.rewrite_event(rest)))));
+                return Poll::Ready(Some(
+                    this.filter
+                        .rewrite_event(rest)
+                        .map(Frame::data)
+                        .map_err(|e| -> BoxError { Box::new(e) }),
+                ));
             }
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
@@ -251,7 +345,7 @@ impl Body for SseFilter {
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
                         if this.buf.len() + data.len() > RESPONSE_LIMIT {
-                            return Poll::Ready(Some(Err(Box::new(TooLarge))));
+                            return Poll::Ready(Some(Err(Box::new(Unreadable::TooLarge))));
                         }
                         this.buf.extend_from_slice(&data);
                     }
@@ -276,12 +370,98 @@ impl Body for SseFilter {
 #[doc(hidden)]
 pub fn fuzz_tools_list(body: &[u8]) {
     let filter = ToolFilter::new(
-        vec![Value::from(1), Value::from("a")],
+        Listed::Ids(vec![Value::from(1), Value::from("a")]),
         Box::new(|name| name.len() % 2 == 0),
     );
     if let Ok(mut value) = serde_json::from_slice::<Value>(body) {
-        filter.filter_value(&mut value);
+        let _ = filter.filter_value(&mut value);
     }
     let _ = event_end(body, 0);
     let _ = filter.rewrite_event(Bytes::copy_from_slice(body));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(listed: Listed) -> ToolFilter {
+        ToolFilter::new(listed, Box::new(|name| name == "ok"))
+    }
+
+    #[test]
+    fn events_end_at_blank_lines_with_any_line_ending() {
+        assert_eq!(event_end(b"data: a\n\ndata: b\n\n", 0), Ok(9));
+        assert_eq!(event_end(b"data: a\r\n\r\nx", 0), Ok(11));
+        assert_eq!(event_end(b"data: a\r\rx", 0), Ok(9));
+        // LF then CRLF: one line ended by LF, then a blank line.
+        assert_eq!(event_end(b"data: a\n\r\ndata: b\n\n", 0), Ok(10));
+        // LF then CR followed by data: the CR alone is the blank line.
+        assert_eq!(event_end(b"data: a\n\rdata: b\n\n", 0), Ok(9));
+        // A CR at the end may be the first half of a CRLF: wait.
+        assert_eq!(event_end(b"data: a\r", 0), Err(0));
+        assert_eq!(event_end(b"data: a\ndata", 0), Err(8));
+        assert_eq!(event_end(b"data: a\ndata: b\n\n", 8), Ok(17));
+    }
+
+    #[test]
+    fn unreadable_events_are_errors_not_passed_through() {
+        let f = filter(Listed::Ids(vec![Value::from(1)]));
+        assert!(matches!(
+            f.rewrite_event(Bytes::from_static(b"data: \xff\xfe\n\n")),
+            Err(Unreadable::NotUtf8)
+        ));
+        assert!(matches!(
+            f.rewrite_event(Bytes::from_static(b"data: {\"id\":1,\n\n")),
+            Err(Unreadable::NotJson)
+        ));
+        assert!(matches!(
+            f.rewrite_event(Bytes::from_static(
+                b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":{\"name\":\"no\"}}}\n\n"
+            )),
+            Err(Unreadable::BadTools)
+        ));
+        // Duplicate keys: one client would read the first `result`, another the last.
+        assert!(matches!(
+            f.rewrite_event(Bytes::from_static(
+                b"data: {\"id\":1,\"result\":{\"tools\":[]},\"result\":{\"tools\":[{\"name\":\"no\"}]}}\n\n"
+            )),
+            Err(Unreadable::NotJson)
+        ));
+        // No data: passed as it is.
+        assert!(f.rewrite_event(Bytes::from_static(b": ping\n\n")).is_ok());
+        assert!(
+            f.rewrite_event(Bytes::from_static(b"id: 3\ndata:\n\n"))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_result_split_over_data_lines_is_filtered_as_one_event() {
+        let f = filter(Listed::Ids(vec![Value::from(1)]));
+        let event = b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"id\":1,\ndata: \"result\":{\"tools\":[{\"name\":\"ok\"},{\"name\":\"no\"}]}}\n\n";
+        let out = f.rewrite_event(Bytes::from_static(event)).unwrap();
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(
+            text.contains("\"ok\"") && !text.contains("\"no\""),
+            "{text}"
+        );
+        assert!(text.starts_with("event: message\n"), "{text}");
+    }
+
+    #[test]
+    fn any_listing_on_a_get_stream_is_filtered_whatever_its_id() {
+        let f = filter(Listed::Any);
+        let mut value: Value = serde_json::from_str(
+            r#"{"jsonrpc":"2.0","id":"replayed","result":{"tools":[{"name":"ok"},{"name":"no"},{"name":["ok"]}]}}"#,
+        )
+        .unwrap();
+        assert!(f.filter_value(&mut value).unwrap());
+        assert_eq!(
+            value["result"]["tools"],
+            serde_json::json!([{"name": "ok"}])
+        );
+        let mut other: Value =
+            serde_json::from_str(r#"{"jsonrpc":"2.0","id":2,"result":{"content":[]}}"#).unwrap();
+        assert!(!f.filter_value(&mut other).unwrap());
+    }
 }

@@ -5,7 +5,7 @@
 //! | message | action | resource |
 //! |---|---|---|
 //! | `tools/call` | `call_tool` | `Tool::"<params.name>"`, `context.tool = {name, arguments}` |
-//! | `tools/list` | `list_tools` | the endpoint's `Route` (results filtered per tool) |
+//! | `tools/list`, `server/discover` (2026-07-28) | `list_tools` | the endpoint's `Route` (results filtered per tool) |
 //! | `resources/read` | `read_resource` | `McpResource::"<params.uri>"` |
 //! | `prompts/get` | `get_prompt` | `Prompt::"<params.name>"` |
 //! | `initialize`, `ping` | `mcp_initialize`, `mcp_ping` | `Route` |
@@ -32,6 +32,10 @@ use crate::error::Refusal;
 /// implementation defines. Portcullis uses this one for "refused by the proxy's policy".
 pub(crate) const POLICY_DENIED_CODE: i64 = -32001;
 
+/// SEP-2243 (MCP 2026-07-28): "HeaderMismatch", for a request whose `Mcp-Method` or
+/// `Mcp-Name` header disagrees with its body.
+pub(crate) const HEADER_MISMATCH_CODE: i64 = -32020;
+
 /// JSON values in all `tools/call` arguments of one body together. Arguments become a
 /// `serde_json::Value` for the Cedar context (about 32 bytes per value plus string bytes),
 /// so this bounds that tree whatever the body's shape; more is 413.
@@ -45,6 +49,10 @@ pub(crate) struct Parsed {
     pub request_ids: Vec<Value>,
     pub tools_list_ids: Vec<Value>,
     pub batch: bool,
+    /// Per message: its method and the name it targets (`params.name`, or `params.uri` for
+    /// `resources/read`), as SEP-2243's `Mcp-Method` / `Mcp-Name` mirror them; `None` for a
+    /// client's JSON-RPC response.
+    pub targets: Vec<Option<(String, Option<String>)>>,
 }
 
 /// One JSON-RPC message, its members borrowed from the body (present `null`s kept).
@@ -95,10 +103,12 @@ pub(crate) fn classify(
         request_ids: Vec::new(),
         tools_list_ids: Vec::new(),
         batch,
+        targets: Vec::new(),
     };
     let mut argument_values = 0;
     let mut add = |message: &RawValue| -> Result<(), Refusal> {
-        let (call, id) = classify_raw(message, endpoint, &mut argument_values)?;
+        let (call, id, target) = classify_raw(message, endpoint, &mut argument_values)?;
+        parsed.targets.push(target);
         if let Some(id) = id {
             if call.action == Action::ListTools {
                 parsed.tools_list_ids.push(id.clone());
@@ -126,11 +136,14 @@ pub(crate) fn classify(
     Ok(parsed)
 }
 
+/// A message's method and the name it targets.
+type Target = Option<(String, Option<String>)>;
+
 fn classify_raw(
     message: &RawValue,
     endpoint: &Resource,
     argument_values: &mut usize,
-) -> Result<(Call, Option<Value>), Refusal> {
+) -> Result<(Call, Option<Value>, Target), Refusal> {
     if !is_object(message) {
         return Err(Refusal::InvalidMessage);
     }
@@ -159,7 +172,7 @@ fn classify_message(
     message: &Message<'_>,
     endpoint: &Resource,
     argument_values: &mut usize,
-) -> Result<(Call, Option<Value>), Refusal> {
+) -> Result<(Call, Option<Value>, Target), Refusal> {
     // JSON-RPC 2.0 §4: "jsonrpc" MUST be exactly "2.0".
     if message.jsonrpc.and_then(as_string).as_deref() != Some("2.0") {
         return Err(Refusal::InvalidMessage);
@@ -174,6 +187,7 @@ fn classify_message(
             (true, Some(id)) => Ok((
                 route_call(Action::McpMethod, "response", endpoint),
                 Some(id),
+                None,
             )),
             _ => Err(Refusal::InvalidMessage),
         };
@@ -193,7 +207,8 @@ fn classify_message(
     let notification = method.starts_with("notifications/");
     match (notification, &id) {
         (true, None) => {
-            return Ok((route_call(Action::McpNotification, &method, endpoint), None));
+            let call = route_call(Action::McpNotification, &method, endpoint);
+            return Ok((call, None, Some((method, None))));
         }
         (false, Some(_)) => {}
         (true, Some(_)) | (false, None) => return Err(Refusal::InvalidMessage),
@@ -206,9 +221,11 @@ fn classify_message(
     };
     let name = params.as_ref().and_then(|p| p.name);
     let uri = params.as_ref().and_then(|p| p.uri);
+    let mut target = None;
     let call = match method.as_str() {
         "tools/call" => {
             let name = param_str(name)?;
+            target = Some(name.clone());
             let arguments = match params.as_ref().and_then(|p| p.arguments) {
                 None => Value::Object(Map::new()),
                 Some(raw) if is_null(raw) => Value::Object(Map::new()),
@@ -227,22 +244,104 @@ fn classify_message(
                 ],
             }
         }
-        "tools/list" => route_call(Action::ListTools, &method, endpoint),
-        "resources/read" => Call {
-            action: Action::ReadResource,
-            resource: Resource::McpResource(param_str(uri)?),
-            context: vec![mcp_context(&method)],
-        },
-        "prompts/get" => Call {
-            action: Action::GetPrompt,
-            resource: Resource::Prompt(param_str(name)?),
-            context: vec![mcp_context(&method)],
-        },
+        // MCP 2026-07-28: `server/discover` describes the server, its tools included, so it
+        // is a listing like `tools/list` and its result is filtered the same way.
+        "tools/list" | "server/discover" => route_call(Action::ListTools, &method, endpoint),
+        "resources/read" => {
+            let uri = param_str(uri)?;
+            target = Some(uri.clone());
+            Call {
+                action: Action::ReadResource,
+                resource: Resource::McpResource(uri),
+                context: vec![mcp_context(&method)],
+            }
+        }
+        "prompts/get" => {
+            let name = param_str(name)?;
+            target = Some(name.clone());
+            Call {
+                action: Action::GetPrompt,
+                resource: Resource::Prompt(name),
+                context: vec![mcp_context(&method)],
+            }
+        }
         "initialize" => route_call(Action::McpInitialize, &method, endpoint),
         "ping" => route_call(Action::McpPing, &method, endpoint),
         _ => route_call(Action::McpMethod, &method, endpoint),
     };
-    Ok((call, id))
+    Ok((call, id, Some((method, target))))
+}
+
+/// The protocol version whose requests must mirror their method and target in headers.
+pub(crate) const HEADER_MIRRORING_VERSION: &str = "2026-07-28";
+
+/// SEP-2243 (MCP 2026-07-28, Streamable HTTP): `Mcp-Method` mirrors the body's `method`,
+/// `Mcp-Name` its `params.name` (`tools/call`, `prompts/get`) or `params.uri`
+/// (`resources/read`), and "servers that process the request body MUST reject requests
+/// where the values specified in the headers do not match the values in the request body".
+/// The proxy is such a reader: whatever sends a header, it must agree with the body, under
+/// any protocol version. Under `MCP-Protocol-Version: 2026-07-28` the headers are required
+/// (a client that omits them is not speaking that version), and a batch, which one header
+/// cannot describe, is refused. `Mcp-Name` may carry the `=?base64?…?=` form for names
+/// outside the header character set.
+pub(crate) fn check_headers(headers: &http::HeaderMap, parsed: &Parsed) -> Result<(), Refusal> {
+    let single = |name: &str| -> Result<Option<String>, Refusal> {
+        let mut values = headers.get_all(name).iter();
+        match (values.next(), values.next()) {
+            (None, _) => Ok(None),
+            (Some(value), None) => value
+                .to_str()
+                .map(|v| Some(v.trim().to_owned()))
+                .map_err(|_| Refusal::HeaderMismatch),
+            (Some(_), Some(_)) => Err(Refusal::HeaderMismatch),
+        }
+    };
+    let version = single("mcp-protocol-version")?;
+    let modern = version.as_deref() == Some(HEADER_MIRRORING_VERSION);
+    let method = single("mcp-method")?;
+    let name = single("mcp-name")?
+        .map(|name| decode_sentinel(&name))
+        .transpose()?;
+    if parsed.batch {
+        return match (modern, &method, &name) {
+            (false, None, None) => Ok(()),
+            _ => Err(Refusal::HeaderMismatch),
+        };
+    }
+    let Some(target) = parsed.targets.first() else {
+        return Err(Refusal::HeaderMismatch);
+    };
+    let (body_method, body_name) = match target {
+        Some((method, name)) => (Some(method.as_str()), name.as_deref()),
+        // A response carries neither header.
+        None => (None, None),
+    };
+    let agrees = |header: &Option<String>, body: Option<&str>| match header {
+        Some(header) => Some(header.as_str()) == body,
+        None => !modern || body.is_none(),
+    };
+    if agrees(&method, body_method) && agrees(&name, body_name) {
+        Ok(())
+    } else {
+        Err(Refusal::HeaderMismatch)
+    }
+}
+
+/// SEP-2243's encoding of a header value outside the visible-ASCII set:
+/// `=?base64?<standard base64 of the UTF-8 bytes>?=`; any other value is itself.
+fn decode_sentinel(value: &str) -> Result<String, Refusal> {
+    use base64::Engine as _;
+    let Some(encoded) = value
+        .strip_prefix("=?base64?")
+        .and_then(|rest| rest.strip_suffix("?="))
+    else {
+        return Ok(value.to_owned());
+    };
+    base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .ok_or(Refusal::HeaderMismatch)
 }
 
 /// `GET` (open the SSE stream) or `DELETE` (terminate the session) on the endpoint.
@@ -287,6 +386,10 @@ pub(crate) fn error_body(refusal: Refusal, ids: &[Value], batch: bool, request_i
         Refusal::BodyUnreadable => (-32600, "request body could not be read"),
         Refusal::BodyDeadline => (-32600, "request body arrived too slowly"),
         Refusal::BatchTooLarge => (-32600, "batch has too many messages"),
+        // SEP-2243 (MCP 2026-07-28): HeaderMismatch.
+        Refusal::HeaderMismatch => (HEADER_MISMATCH_CODE, "mcp headers do not match the body"),
+        Refusal::ModelMismatch => (-32600, "request refused"),
+        Refusal::ForeignSession => (-32600, "session not found"),
         Refusal::AbsoluteFormTarget
         | Refusal::MissingHost
         | Refusal::DuplicateHost

@@ -58,8 +58,9 @@ pub(crate) enum Native {
 pub(crate) struct Inspected {
     pub calls: Vec<Call>,
     pub body: RequestBody,
-    /// JSON-RPC ids of `tools/list` requests: their results are filtered on the way back.
-    pub tools_list_ids: Vec<serde_json::Value>,
+    /// Which responses list tools (`tools/list` and `server/discover` results on a POST,
+    /// any result on the GET stream): they are filtered on the way back.
+    pub listing: Option<filter::Listed>,
 }
 
 /// What bounds the inspection of one body.
@@ -94,7 +95,7 @@ pub(crate) async fn inspect(
             context: Vec::new(),
         }],
         body,
-        tools_list_ids: Vec::new(),
+        listing: None,
     };
     match classified.protocol {
         Protocol::Http => Ok(generic(body)),
@@ -106,14 +107,14 @@ pub(crate) async fn inspect(
             }
             *native = Some(Native::OpenAi { model: None });
             let (bytes, body) = read_json_body(headers, body, bounds).await?;
-            let call = openai::classify(&bytes)?;
+            let call = openai::classify(path, &bytes)?;
             *native = Some(Native::OpenAi {
                 model: Some(call.resource.id().to_owned()),
             });
             Ok(Inspected {
                 calls: vec![call],
                 body,
-                tools_list_ids: Vec::new(),
+                listing: None,
             })
         }
         Protocol::Mcp => {
@@ -123,23 +124,27 @@ pub(crate) async fn inspect(
             });
             match method {
                 // MCP 2025-06-18, Streamable HTTP: GET opens the server-to-client SSE stream,
-                // DELETE terminates the session. Neither carries a JSON-RPC message.
+                // DELETE terminates the session. Neither carries a JSON-RPC message. A GET
+                // stream resumed with `Last-Event-ID` may replay a `tools/list` result, so
+                // everything it carries is filtered.
                 "GET" | "DELETE" => Ok(Inspected {
                     calls: vec![mcp::session_call(method, &classified.resource)],
                     body,
-                    tools_list_ids: Vec::new(),
+                    listing: (method == "GET").then_some(filter::Listed::Any),
                 }),
                 "POST" => {
                     let (bytes, body) = read_json_body(headers, body, bounds).await?;
                     let parsed = mcp::classify(&bytes, &classified.resource, bounds.max_batch)?;
                     *native = Some(Native::Mcp {
-                        ids: parsed.request_ids,
+                        ids: parsed.request_ids.clone(),
                         batch: parsed.batch,
                     });
+                    mcp::check_headers(headers, &parsed)?;
                     Ok(Inspected {
                         calls: parsed.calls,
                         body,
-                        tools_list_ids: parsed.tools_list_ids,
+                        listing: (!parsed.tools_list_ids.is_empty())
+                            .then_some(filter::Listed::Ids(parsed.tools_list_ids)),
                     })
                 }
                 // The transport defines no other method on the MCP endpoint.
@@ -149,7 +154,8 @@ pub(crate) async fn inspect(
     }
 }
 
-/// 415 unless the body is declared JSON; 413 when it is (or turns out) larger than the
+/// 415 unless the body is declared JSON and not content-encoded (the proxy would read one
+/// thing and the application, after decoding, another); 413 when it is (or turns out) larger than the
 /// limit; 503 when the inspection budget cannot hold it; 408 when it does not arrive whole
 /// within the deadline (the per-frame stall timeout alone lets a caller trickle a byte at a
 /// time for ever).
@@ -158,7 +164,7 @@ async fn read_json_body(
     body: RequestBody,
     bounds: &Bounds<'_>,
 ) -> Result<(Bytes, RequestBody), Refusal> {
-    if !is_json(headers) {
+    if !is_json(headers) || !is_identity_encoded(headers) {
         return Err(Refusal::UnsupportedMediaType);
     }
     let declared = headers
@@ -188,6 +194,20 @@ fn is_json(headers: &http::HeaderMap) -> bool {
         .ok()
         .and_then(|v| v.split(';').next())
         .is_some_and(|essence| essence.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// No `content-encoding`, or only `identity` (RFC 9110 §8.4.1).
+fn is_identity_encoded(headers: &http::HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .all(|value| {
+            value.to_str().is_ok_and(|value| {
+                value
+                    .split(',')
+                    .all(|coding| coding.trim().eq_ignore_ascii_case("identity"))
+            })
+        })
 }
 
 /// The caller-facing refusal in the caller's protocol. Carries the stable reason and request
@@ -230,7 +250,7 @@ pub const DEFAULT_MAX_BATCH: usize = 64;
 pub type BodyCalls = Vec<(Action, Resource, Vec<(&'static str, serde_json::Value)>)>;
 
 /// Classifies a complete `POST` body of a protocol route the way the pipeline does (MCP
-/// calls on `endpoint`). Generic HTTP bodies are not inspected: `Ok(vec![])`.
+/// calls on `endpoint`; an OpenAI body as sent to the path `endpoint`). Generic HTTP bodies are not inspected: `Ok(vec![])`.
 pub fn classify_body(
     protocol: Protocol,
     body: &[u8],
@@ -238,7 +258,7 @@ pub fn classify_body(
 ) -> Result<BodyCalls, Refusal> {
     let calls = match protocol {
         Protocol::Http => Vec::new(),
-        Protocol::OpenAi => vec![openai::classify(body)?],
+        Protocol::OpenAi => vec![openai::classify(endpoint, body)?],
         Protocol::Mcp => {
             let route = Resource::Route {
                 path: endpoint.to_owned(),

@@ -15,20 +15,44 @@ use super::Call;
 use super::inspect::{as_string, check_strict, for_each_element, is_null, is_object, present};
 use crate::error::Refusal;
 
-/// The OpenAI API endpoints whose body names a model (API reference: Chat Completions,
-/// Completions (legacy), Embeddings, Responses).
-const ENDPOINTS: [&str; 4] = [
+/// The endpoints whose body names a model: OpenAI's Chat Completions, Completions (legacy),
+/// Responses, Embeddings and Moderations, Anthropic's Messages, each under any prefix (e.g.
+/// `/v1`); and every endpoint under OpenAI's `/images/` and `/audio/` (generations, edits,
+/// variations; speech, transcriptions, translations).
+const ENDPOINTS: [&str; 6] = [
     "/chat/completions",
     "/completions",
-    "/embeddings",
     "/responses",
+    "/embeddings",
+    "/moderations",
+    "/messages",
 ];
+const FAMILIES: [&str; 2] = ["/images/", "/audio/"];
 
-/// Whether `path` is one of the inference endpoints (under any prefix, e.g. `/v1`). One
-/// trailing slash is ignored, so `/v1/chat/completions/` is not a way around inspection.
+/// Azure OpenAI names the model (its deployment) in the path:
+/// `/openai/deployments/<deployment>/chat/completions?api-version=…`.
+const AZURE_DEPLOYMENTS: &str = "/openai/deployments/";
+
+/// Whether `path` is one of the inference endpoints. One trailing slash is ignored, so
+/// `/v1/chat/completions/` is not a way around inspection.
 pub(crate) fn is_inference_endpoint(path: &str) -> bool {
     let path = path.strip_suffix('/').unwrap_or(path);
     ENDPOINTS.iter().any(|endpoint| path.ends_with(endpoint))
+        || FAMILIES.iter().any(|family| {
+            path.rfind(family).is_some_and(|at| {
+                let rest = &path[at + family.len()..];
+                !rest.is_empty() && !rest.contains('/')
+            })
+        })
+        || path_model(path).is_some()
+}
+
+/// The model an Azure-style path names (`/openai/deployments/<model>/<endpoint>`), if any.
+pub(crate) fn path_model(path: &str) -> Option<&str> {
+    let at = path.find(AZURE_DEPLOYMENTS)?;
+    let rest = &path[at + AZURE_DEPLOYMENTS.len()..];
+    let (model, endpoint) = rest.split_once('/')?;
+    (!model.is_empty() && !endpoint.is_empty()).then_some(model)
 }
 
 /// The members policies read, borrowed from the body; everything else (messages, input)
@@ -71,7 +95,9 @@ struct Function<'a> {
     name: Option<&'a RawValue>,
 }
 
-pub(crate) fn classify(bytes: &[u8]) -> Result<Call, Refusal> {
+/// Classifies an inference request on `path`: the model comes from the body, or from an
+/// Azure-style path; when both name one, they must agree ([`Refusal::ModelMismatch`]).
+pub(crate) fn classify(path: &str, bytes: &[u8]) -> Result<Call, Refusal> {
     check_strict(bytes)?;
     let text = std::str::from_utf8(bytes).map_err(|_| Refusal::MalformedBody)?;
     // A struct also deserializes from an array; only an object is a request.
@@ -79,11 +105,20 @@ pub(crate) fn classify(bytes: &[u8]) -> Result<Call, Refusal> {
         return Err(Refusal::InvalidMessage);
     }
     let body: Request<'_> = serde_json::from_str(text).map_err(|_| Refusal::InvalidMessage)?;
-    let model = body
-        .model
-        .and_then(as_string)
-        .filter(|m| !m.is_empty())
-        .ok_or(Refusal::InvalidMessage)?;
+    let body_model = match body.model {
+        None => None,
+        Some(raw) => Some(
+            as_string(raw)
+                .filter(|m| !m.is_empty())
+                .ok_or(Refusal::InvalidMessage)?,
+        ),
+    };
+    let model = match (body_model, path_model(path)) {
+        (Some(body), Some(path)) if body != path => return Err(Refusal::ModelMismatch),
+        (Some(model), _) => model,
+        (None, Some(path)) => path.to_owned(),
+        (None, None) => return Err(Refusal::InvalidMessage),
+    };
     let stream = match body.stream {
         None => false,
         Some(raw) if is_null(raw) => false,
@@ -229,6 +264,16 @@ pub(crate) fn error_body(refusal: Refusal, model: Option<&str>, request_id: &str
         Refusal::BatchTooLarge => (
             "invalid_request_error",
             "the request carries too many messages".to_owned(),
+            None,
+        ),
+        Refusal::ModelMismatch => (
+            "invalid_request_error",
+            "the path and the body name different models".to_owned(),
+            Some("model"),
+        ),
+        Refusal::HeaderMismatch | Refusal::ForeignSession => (
+            "invalid_request_error",
+            "the request was refused".to_owned(),
             None,
         ),
         Refusal::AgentBusy => (

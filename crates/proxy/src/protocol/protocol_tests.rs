@@ -112,3 +112,119 @@ fn openai_bodies_are_classified_or_refused_as_before() {
         assert_eq!(openai(body), Err(refusal), "{body}");
     }
 }
+
+#[test]
+fn model_endpoints_and_azure_paths() {
+    use super::openai::{is_inference_endpoint, path_model};
+    for path in [
+        "/v1/chat/completions",
+        "/v1/embeddings/",
+        "/v1/images/generations",
+        "/v1/audio/speech",
+        "/v1/moderations",
+        "/v1/messages",
+        "/openai/deployments/gpt-4o/chat/completions",
+    ] {
+        assert!(is_inference_endpoint(path), "{path}");
+    }
+    for path in [
+        "/v1/models",
+        "/v1/images",
+        "/v1/images/",
+        "/v1/files/x",
+        "/openai/deployments/x",
+    ] {
+        assert!(!is_inference_endpoint(path), "{path}");
+    }
+    assert_eq!(
+        path_model("/openai/deployments/gpt-4o/embeddings"),
+        Some("gpt-4o")
+    );
+    let azure = |path: &str, body: &str| {
+        classify_body(Protocol::OpenAi, body.as_bytes(), path).map(|c| c[0].1.id().to_owned())
+    };
+    let path = "/openai/deployments/gpt-4o/chat/completions";
+    assert_eq!(azure(path, r#"{"messages":[]}"#), Ok("gpt-4o".to_owned()));
+    assert_eq!(
+        azure(path, r#"{"model":"gpt-4o"}"#),
+        Ok("gpt-4o".to_owned())
+    );
+    assert_eq!(
+        azure(path, r#"{"model":"o3"}"#),
+        Err(Refusal::ModelMismatch)
+    );
+    assert_eq!(azure(path, r#"{"model":7}"#), Err(Refusal::InvalidMessage));
+    assert_eq!(openai(r#"{"messages":[]}"#), Err(Refusal::InvalidMessage));
+}
+
+#[test]
+fn mcp_headers_must_agree_with_the_body() {
+    use super::mcp::{check_headers, classify};
+    let endpoint = portcullis_core::Resource::Route {
+        path: "/mcp".to_owned(),
+        host: String::new(),
+        method: "POST".to_owned(),
+    };
+    let parsed = |body: &str| classify(body.as_bytes(), &endpoint, 8).unwrap();
+    let headers = |pairs: &[(&'static str, &str)]| {
+        let mut map = http::HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, value.parse().unwrap());
+        }
+        map
+    };
+    let call = parsed(
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///a"}}"#,
+    );
+    let modern = ("mcp-protocol-version", "2026-07-28");
+    assert_eq!(
+        check_headers(
+            &headers(&[
+                modern,
+                ("mcp-method", "resources/read"),
+                ("mcp-name", "file:///a")
+            ]),
+            &call
+        ),
+        Ok(())
+    );
+    // Older versions: no headers is fine, a disagreeing one is not.
+    assert_eq!(check_headers(&headers(&[]), &call), Ok(()));
+    assert_eq!(
+        check_headers(&headers(&[("mcp-name", "file:///b")]), &call),
+        Err(Refusal::HeaderMismatch)
+    );
+    assert_eq!(
+        check_headers(&headers(&[modern, ("mcp-method", "resources/read")]), &call),
+        Err(Refusal::HeaderMismatch)
+    );
+    assert_eq!(
+        check_headers(
+            &headers(&[("mcp-method", "resources/read"), ("mcp-method", "ping")]),
+            &call
+        ),
+        Err(Refusal::HeaderMismatch)
+    );
+    // A notification has a method and no name; a response has neither.
+    let note = parsed(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
+    assert_eq!(
+        check_headers(
+            &headers(&[modern, ("mcp-method", "notifications/initialized")]),
+            &note
+        ),
+        Ok(())
+    );
+    let response = parsed(r#"{"jsonrpc":"2.0","id":4,"result":{}}"#);
+    assert_eq!(check_headers(&headers(&[modern]), &response), Ok(()));
+    // A batch cannot be described by one header.
+    let batch = parsed(
+        r#"[{"jsonrpc":"2.0","id":1,"method":"ping"},{"jsonrpc":"2.0","id":2,"method":"ping"}]"#,
+    );
+    assert_eq!(check_headers(&headers(&[]), &batch), Ok(()));
+    assert_eq!(
+        check_headers(&headers(&[modern, ("mcp-method", "ping")]), &batch),
+        Err(Refusal::HeaderMismatch)
+    );
+    let discover = parsed(r#"{"jsonrpc":"2.0","id":1,"method":"server/discover"}"#);
+    assert_eq!(discover.tools_list_ids, vec![json!(1)]);
+}
