@@ -350,16 +350,21 @@ fn to_question(env: &Env, context: &serde_json::Value) -> Option<Question> {
                         .collect::<BTreeSet<_>>()
                 })
                 .unwrap_or_default();
-            let scopes = match env.entities.get(principal).and_then(|e| e.attr("scopes")) {
-                Some(Ok(EvalResult::Set(set))) => set
-                    .iter()
-                    .filter_map(|v| match v {
-                        EvalResult::String(s) => Some(s.clone()),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
+            // The proxy gives the token's scopes to both `principal.scopes` and
+            // `context.user.scopes`; the solver may not have: take both.
+            let mut scopes: BTreeSet<String> =
+                string_set(context.get("user").and_then(|u| u.get("scopes")))
+                    .into_iter()
+                    .collect();
+            if let Some(Ok(EvalResult::Set(set))) =
+                env.entities.get(principal).and_then(|e| e.attr("scopes"))
+            {
+                scopes.extend(set.iter().filter_map(|v| match v {
+                    EvalResult::String(s) => Some(s.clone()),
+                    _ => None,
+                }));
+            }
+            let scopes: Vec<String> = scopes.into_iter().collect();
             let user = UserSpec {
                 sub: principal.id().unescaped().to_owned(),
                 iss: string_attr(principal, "issuer").unwrap_or_default(),
@@ -381,10 +386,26 @@ fn to_question(env: &Env, context: &serde_json::Value) -> Option<Question> {
         ),
         _ => resource.to_string(),
     };
-    let protocol: serde_json::Map<String, serde_json::Value> = ["model", "mcp", "tool"]
+    // What the classifier sends: `model.name` and `tool.name` are the resource id, and
+    // `tool.arguments` is the call's raw arguments, which the engine projects onto the
+    // record declared for the tool (`context.tool.arguments.<tool>` in Cedar).
+    let resource_id = resource.id().unescaped().to_owned();
+    let mut protocol: serde_json::Map<String, serde_json::Value> = ["model", "mcp", "tool"]
         .into_iter()
         .filter_map(|key| Some((key.to_owned(), context.get(key)?.clone())))
         .collect();
+    if let Some(model) = protocol.get_mut("model").and_then(|m| m.as_object_mut()) {
+        model.insert("name".into(), resource_id.clone().into());
+    }
+    if let Some(tool) = protocol.get_mut("tool").and_then(|t| t.as_object_mut()) {
+        let arguments = tool
+            .get("arguments")
+            .and_then(|a| a.get(&resource_id))
+            .cloned()
+            .unwrap_or_else(|| serde_json::json!({}));
+        tool.insert("name".into(), resource_id.clone().into());
+        tool.insert("arguments".into(), arguments);
+    }
     let host = match resource.type_name().to_string().as_str() {
         "Route" => string_attr(resource, "host"),
         _ => context_str(&["request", "host"]),

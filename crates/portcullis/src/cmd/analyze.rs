@@ -127,15 +127,28 @@ fn counterexample(cex: &Counterexample, dir: &str) -> String {
                     "      (not reproduced by check: the solver's entity store, below, differs \
                      from entities.json or from what the proxy builds)\n",
                 );
-                out.push_str(&format!("      entities: {}\n", cex.entities));
+                out.push_str(&format!("      entities: {}\n", entities(&cex.entities)));
             }
         }
         None => out.push_str(&format!(
             "      context: {}\n      entities: {}\n",
-            cex.context, cex.entities
+            cex.context,
+            entities(&cex.entities)
         )),
     }
     out
+}
+
+/// The solver's entities without the schema's actions (every store has those); the JSON
+/// output keeps them all.
+fn entities(all: &serde_json::Value) -> serde_json::Value {
+    let kept: Vec<&serde_json::Value> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["uid"]["type"] != "Action")
+        .collect();
+    serde_json::json!(kept)
 }
 
 /// `question` as a `portcullis check` command line (bash quoting).
@@ -159,7 +172,7 @@ pub fn check_command(dir: &str, question: &Question) -> String {
         words.push(format!("--host {}", quote(host)));
     }
     if let Some(now) = question.now {
-        words.push(format!("--now {now}"));
+        words.push(format!("--now={now}"));
     }
     if let Some(context) = &question.context {
         let json = serde_json::to_string(context).unwrap_or_default();

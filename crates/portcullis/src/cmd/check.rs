@@ -39,7 +39,7 @@ pub struct CheckArgs {
     #[arg(long)]
     pub host: Option<String>,
     /// Unix seconds of the decision (context.now; default: now).
-    #[arg(long, value_name = "UNIX_SECONDS")]
+    #[arg(long, value_name = "UNIX_SECONDS", allow_hyphen_values = true)]
     pub now: Option<i64>,
     /// For a deny: name the permits whose scope matched but whose condition was false.
     #[arg(long)]

@@ -129,7 +129,7 @@ fn a_widened_set_yields_a_counterexample_that_check_confirms() {
         args.extend(["--host".into(), host.into()]);
     }
     if let Some(now) = question["now"].as_i64() {
-        args.extend(["--now".into(), now.to_string()]);
+        args.push(format!("--now={now}"));
     }
     if question["context"].is_object() {
         args.extend(["--context".into(), question["context"].to_string()]);
