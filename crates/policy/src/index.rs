@@ -122,6 +122,11 @@ pub(crate) struct ScopeRequest<'a> {
 
 impl PolicyIndex {
     /// Indexes `set`, which must hold static policies only (the loader guarantees it).
+    /// Every policy, in the order of the full set (what `analyze` reasons about).
+    pub(crate) fn policies(&self) -> &[Policy] {
+        &self.policies
+    }
+
     pub(crate) fn new(set: &PolicySet) -> Self {
         let policies: Vec<Policy> = set.policies().cloned().collect();
         let scopes: Vec<Scope> = policies.iter().map(Scope::of).collect();

@@ -51,6 +51,10 @@ enum Command {
     /// Print least-privilege permit policies (one per agent) that allow exactly what audit
     /// files show was allowed.
     Suggest(portcullis::cmd::suggest::SuggestArgs),
+    /// Prove with Cedar's symbolic compiler and cvc5 that each policy never errors and (with
+    /// --baseline) that the set only narrows the baseline; counterexamples as `check` commands.
+    /// Exit 0 proved, 1 a property fails, 64 bad input, 69 no solver.
+    Analyze(portcullis::cmd::analyze::AnalyzeArgs),
     /// Run a self-contained demonstration on loopback: ephemeral CA and SVIDs, a streaming
     /// upstream, the example policies, scripted calls, and a table of what was decided.
     Demo(portcullis::demo::DemoArgs),
@@ -249,6 +253,7 @@ fn main() -> ExitCode {
             Command::Test(args) => portcullis::cmd::test::run(args),
             Command::Replay(args) => portcullis::cmd::replay::run(args),
             Command::Suggest(args) => portcullis::cmd::suggest::run(args),
+            Command::Analyze(args) => portcullis::cmd::analyze::run(args).await,
             Command::Validate(ValidateArgs { config, overrides, .. }) => {
                 let args = ConfigArgs { config, overrides };
                 let config = match args.load() {

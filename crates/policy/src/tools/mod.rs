@@ -1,4 +1,4 @@
-//! Policy tooling for security teams: `check`, `test`, `replay` and `suggest` as library
+//! Policy tooling for security teams: `check`, `test`, `replay`, `suggest` and `analyze` as library
 //! functions over one input type, [`Question`]. Every answer comes from
 //! [`crate::PolicyEngine::evaluate`], the function the proxy calls, so "check agrees with the
 //! proxy" holds by construction. The binary only parses flags and prints.
@@ -6,11 +6,16 @@
 //! A [`Question`] is also what the proxy records in each audit record's `input` field: a
 //! recorded request can be decided again, against another policy set, exactly as it was.
 
+mod analyze;
 mod question;
 mod replay;
 mod suggest;
 mod test;
 
+pub use analyze::{
+    AnalysisReport, AnalyzeError, Counterexample, Narrowing, NeverErrors, SOLVER_TIME_LIMIT_MS,
+    analyze,
+};
 pub use question::{Question, QuestionError, UserSpec};
 pub use replay::{Change, ReplayReport, replay};
 pub use suggest::suggest;

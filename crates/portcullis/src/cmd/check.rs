@@ -38,6 +38,9 @@ pub struct CheckArgs {
     /// The request's Host (default localhost).
     #[arg(long)]
     pub host: Option<String>,
+    /// Unix seconds of the decision (context.now; default: now).
+    #[arg(long, value_name = "UNIX_SECONDS", allow_hyphen_values = true)]
+    pub now: Option<i64>,
     /// For a deny: name the permits whose scope matched but whose condition was false.
     #[arg(long)]
     pub explain: bool,
@@ -84,7 +87,7 @@ pub fn run(args: CheckArgs) -> ExitCode {
         resource: args.resource.clone(),
         host: args.host.clone(),
         context,
-        now: None,
+        now: args.now,
         client_address: None,
     };
     let engine = match load_policies(&args.policies) {

@@ -1,5 +1,6 @@
 //! One file per subcommand that is more than a few lines.
 
+pub mod analyze;
 pub mod check;
 pub mod dev_certs;
 pub mod replay;

@@ -6,6 +6,7 @@
 mod harness;
 
 mod abuse;
+mod analyze;
 mod audit;
 mod boundary;
 mod config;
