@@ -68,6 +68,19 @@ impl Evaluation {
     pub fn take_permit(&mut self) -> Option<Permit> {
         self.permit.take()
     }
+
+    /// Turns an approval-required decision into [`Decision::Approved`] with its permit. Only
+    /// for the caller that verified a grant for exactly this call (the proxy's approval
+    /// step); any other decision is left as it is. Whether the permits applied is Cedar's
+    /// answer, unchanged: a grant never opens what the policies deny.
+    pub fn approve(&mut self) -> bool {
+        if self.decision != Decision::ApprovalRequired {
+            return false;
+        }
+        self.decision = Decision::Approved;
+        self.permit = Some(Permit { _sealed: () });
+        true
+    }
 }
 
 /// Which policies a query hands to Cedar.

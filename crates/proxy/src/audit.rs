@@ -80,6 +80,28 @@ pub struct AuditRecord {
     /// What the shadow set (`policy.shadow_dir`) decided, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::shadow::ShadowOutcome>,
+    /// A call that needed approval: its challenge digest, and who approved it when a grant
+    /// was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<AuditApproval>,
+    /// The upstream credential attached after the permit (`file` or `token_exchange`), never
+    /// its value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<&'static str>,
+}
+
+/// The approval side of a decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditApproval {
+    /// `sha256:<hex>` of the call (see `approval::digest`).
+    pub digest: String,
+    /// The grant's `sub`, when one was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

@@ -57,6 +57,16 @@ pub enum Refusal {
     BodyDeadline,
     /// A JSON-RPC batch of more than `limits.max_batch` messages.
     BatchTooLarge,
+    /// An approval grant (`x-portcullis-approval`) was present and failed verification (its
+    /// reason label inside): signature, issuer, `aud`, lifetime, expiry, claims.
+    InvalidApproval(&'static str),
+    /// A valid grant whose `jti` was already used: a grant approves one call, once.
+    ApprovalReplayed,
+    /// Over a `limits.rate` bucket; seconds until a token is back inside.
+    RateLimited(u32),
+    /// The route's upstream credential could not be had (key file unreadable, token
+    /// service unreachable or refusing): nothing is forwarded without it.
+    CredentialUnavailable,
 }
 
 impl Refusal {
@@ -75,7 +85,12 @@ impl Refusal {
             Refusal::Overloaded | Refusal::InspectionBudget => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
-            Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
+            Refusal::InvalidUserToken(_)
+            | Refusal::StandingCredential
+            | Refusal::InvalidApproval(_)
+            | Refusal::ApprovalReplayed => StatusCode::UNAUTHORIZED,
+            Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::CredentialUnavailable => StatusCode::BAD_GATEWAY,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
             Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -110,13 +125,17 @@ impl Refusal {
             Refusal::InspectionBudget => "inspect_memory_limit",
             Refusal::BodyDeadline => "body_deadline",
             Refusal::BatchTooLarge => "batch_too_large",
+            Refusal::InvalidApproval(_) => "invalid_approval",
+            Refusal::ApprovalReplayed => "approval_replayed",
+            Refusal::RateLimited(_) => "rate_limited",
+            Refusal::CredentialUnavailable => "credential_unavailable",
         }
     }
 
     /// A finer reason the caller may see (the token rejection reason), if any.
     pub fn detail(self) -> Option<&'static str> {
         match self {
-            Refusal::InvalidUserToken(reason) => Some(reason),
+            Refusal::InvalidUserToken(reason) | Refusal::InvalidApproval(reason) => Some(reason),
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
@@ -138,7 +157,10 @@ impl Refusal {
             | Refusal::Overloaded
             | Refusal::InspectionBudget
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => None,
+            | Refusal::BatchTooLarge
+            | Refusal::ApprovalReplayed
+            | Refusal::RateLimited(_)
+            | Refusal::CredentialUnavailable => None,
         }
     }
 
@@ -146,7 +168,10 @@ impl Refusal {
     /// rather than a refusal of the request (`portcullis_request_rejections_total`).
     pub fn is_upstream(self) -> bool {
         match self {
-            Refusal::UpstreamConnect | Refusal::UpstreamTimeout | Refusal::UpstreamProtocol => true,
+            Refusal::UpstreamConnect
+            | Refusal::UpstreamTimeout
+            | Refusal::UpstreamProtocol
+            | Refusal::CredentialUnavailable => true,
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
@@ -166,7 +191,10 @@ impl Refusal {
             | Refusal::Overloaded
             | Refusal::InspectionBudget
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => false,
+            | Refusal::BatchTooLarge
+            | Refusal::InvalidApproval(_)
+            | Refusal::ApprovalReplayed
+            | Refusal::RateLimited(_) => false,
         }
     }
 
@@ -176,6 +204,7 @@ impl Refusal {
         match self {
             Refusal::AgentBusy | Refusal::Overloaded | Refusal::InspectionBudget => Some(1),
             Refusal::AuditUnavailable => Some(5),
+            Refusal::RateLimited(seconds) => Some(seconds.max(1)),
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
@@ -194,7 +223,10 @@ impl Refusal {
             | Refusal::UpstreamTimeout
             | Refusal::UpstreamProtocol
             | Refusal::BodyDeadline
-            | Refusal::BatchTooLarge => None,
+            | Refusal::BatchTooLarge
+            | Refusal::InvalidApproval(_)
+            | Refusal::ApprovalReplayed
+            | Refusal::CredentialUnavailable => None,
         }
     }
 }

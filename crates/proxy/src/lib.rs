@@ -7,6 +7,7 @@
 
 mod admin;
 mod admission;
+pub mod approval;
 pub mod audit;
 mod body;
 pub mod classify;
@@ -17,6 +18,7 @@ pub mod inventory;
 pub mod metrics;
 mod pipeline;
 pub mod protocol;
+pub mod rate;
 mod server;
 pub mod shadow;
 
@@ -123,6 +125,11 @@ pub struct ProxyOptions {
     pub reject_standing_credentials: bool,
     /// Agents given their own label in `portcullis_agent_decisions_total` before `other`.
     pub max_agent_labels: usize,
+    /// `approval:`: how grants for `@approval("required")` calls are verified; `None`
+    /// answers every such call 428 with its challenge and accepts no grant.
+    pub approval: Option<approval::ApprovalOptions>,
+    /// `limits.rate`: token buckets per agent, user and tool.
+    pub rate: Vec<rate::RateRule>,
 }
 
 /// How user tokens are found and verified.
@@ -148,6 +155,8 @@ pub(crate) struct Shared {
     reject_standing_credentials: bool,
     inflight: Arc<admission::Inflight>,
     inspect_budget: admission::InspectBudget,
+    approvals: approval::Approvals,
+    rates: rate::RateLimits,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +234,8 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             options.limits.max_inflight_per_agent,
         ),
         inspect_budget: admission::InspectBudget::new(options.limits.inspect_memory_bytes),
+        approvals: approval::Approvals::new(options.approval.clone()),
+        rates: rate::RateLimits::new(options.rate.clone()),
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
@@ -272,6 +283,10 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         admin_state.clone(),
         admin_shutdown_rx,
     ));
+    if let Some(approval) = &options.approval {
+        // As for user tokens: the grant keys' poll ends with the last verifier handle.
+        drop(approval.verifier.spawn_refresh());
+    }
     if let Some(tokens) = &options.user_token {
         // The key refresh runs until the last verifier handle is dropped; it is not a task
         // that shutdown must wait for.

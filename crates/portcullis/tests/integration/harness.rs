@@ -55,9 +55,12 @@ pub struct Builder {
     workload_api: Option<(String, Ca)>,
     /// `policy.shadow_dir`: these *.cedar beside the shipped schema and entities.
     shadow: Option<String>,
+    /// Verify approval grants signed by this key (`approval:` block).
+    approver: Option<Arc<SigningKey>>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
+pub const APPROVER_ISSUER: &str = "https://approvals.example.org";
 pub const AUDIENCE: &str = "orders-api";
 
 pub struct Harness {
@@ -70,6 +73,8 @@ pub struct Harness {
     pub idp: Option<SigningKey>,
     /// The proxy's own token verifier (a shared handle), for its counters.
     pub verifier: Option<portcullis_identity::user_token::UserTokenVerifier>,
+    /// The key approval grants are signed with, when built with `approvals()`.
+    pub approver: Option<Arc<SigningKey>>,
 }
 
 impl Builder {
@@ -101,6 +106,12 @@ impl Builder {
 
     pub fn upstream(mut self, addr: SocketAddr) -> Self {
         self.upstream = Some(addr);
+        self
+    }
+
+    /// `approval:` trusting grants from [`APPROVER_ISSUER`] signed by a new key.
+    pub fn approvals(mut self) -> Self {
+        self.approver = Some(Arc::new(SigningKey::es256("approver-1")));
         self
     }
 
@@ -142,6 +153,7 @@ impl Builder {
     }
 
     pub async fn start(self) -> Harness {
+        let approver = self.approver.clone();
         let (dir, ca, upstream, idp) = self.write_config("127.0.0.1:0", "127.0.0.1:0").await;
         let config =
             Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
@@ -154,6 +166,7 @@ impl Builder {
             _running: Some(running),
             idp,
             verifier,
+            approver,
             dir,
             ca,
             upstream,
@@ -191,6 +204,7 @@ impl Builder {
                 _running: None,
                 idp: None,
                 verifier: None,
+                approver: None,
             },
             child,
         };
@@ -293,6 +307,16 @@ impl Builder {
             write(dir.path(), "jwks.json", &jwt::jwks(&[idp]));
             yaml.push_str(&format!(
                 "user_token:\n  jwks_file: jwks.json\n  jwks_refresh_interval: 100ms\n  issuers: [{ISSUER}]\n  audiences: [{AUDIENCE}]\n  max_lifetime: 1h\n"
+            ));
+        }
+        if let Some(approver) = &self.approver {
+            write(
+                dir.path(),
+                "approval-jwks.json",
+                &jwt::jwks(&[approver.as_ref()]),
+            );
+            yaml.push_str(&format!(
+                "approval:\n  jwks_file: approval-jwks.json\n  issuers: [{APPROVER_ISSUER}]\n  max_lifetime: 5m\n"
             ));
         }
         write(dir.path(), "config.yaml", &yaml);

@@ -6,6 +6,7 @@
 mod harness;
 
 mod abuse;
+mod approval;
 mod audit;
 mod config;
 mod delegation;
