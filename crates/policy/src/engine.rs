@@ -60,6 +60,8 @@ pub struct Evaluation {
     pub user: Option<QueryOutcome>,
     pub policy_hash: Arc<str>,
     pub mode: Mode,
+    /// What the determining permits' `@scope` annotations allow (see `scopes`).
+    pub scopes: crate::GrantedScopes,
     permit: Option<Permit>,
 }
 
@@ -291,12 +293,14 @@ impl PolicySnapshot {
             (Mode::Shadow, _) => Decision::ShadowDeny,
             (Mode::Enforce, other) => other,
         };
+        let scopes = self.granted_scopes(&agent, user.as_ref());
         Evaluation {
             decision,
             agent,
             user,
             policy_hash: hash,
             mode,
+            scopes,
             permit: decision.forwards().then_some(Permit { _sealed: () }),
         }
     }

@@ -136,6 +136,8 @@ struct RawRoute {
     forward_user_token: bool,
     /// Bytes of a protocol route's body read for inspection (default: limits.body_prefix_bytes).
     body_limit: Option<usize>,
+    /// What the sidecar attaches upstream after a permit.
+    credential: Option<consequential::RawCredential>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -461,7 +463,24 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
     let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
     let shadow_policy = shadow_policy(raw.policy.as_ref(), base, errors);
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
-    let routes = routes(raw.routes, errors);
+    let routes = routes(raw.routes, base, errors);
+    if user_token.is_none() {
+        // An exchange's subject is the user's token: without tokens there is nothing to
+        // exchange, and every call on the route would fail.
+        for (index, route) in routes.iter().flatten().enumerate() {
+            if matches!(
+                route.credential,
+                Some(portcullis_proxy::credential::CredentialSpec::TokenExchange(
+                    _
+                ))
+            ) {
+                errors.add(
+                    format!("routes[{index}].credential.token_exchange"),
+                    "needs user_token: the user's token is what is exchanged",
+                );
+            }
+        }
+    }
     let audit = audit(raw.audit, base, errors);
     let (limits, drain_timeout) = limits?;
     let drain_timeout = shutdown_grace.unwrap_or(drain_timeout);
@@ -859,7 +878,7 @@ fn shadow_policy(
     }
 }
 
-fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
+fn routes(raw: Vec<RawRoute>, base: &Path, errors: &mut Errors) -> Option<Vec<RouteRule>> {
     let mut routes = Vec::new();
     let before = errors.0.len();
     for (index, route) in raw.into_iter().enumerate() {
@@ -907,11 +926,22 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
             }
             _ => {}
         }
+        let credential = match route.credential {
+            None => None,
+            Some(raw) => {
+                let credential_path = format!("{path}.credential");
+                match consequential::credential(raw, &credential_path, base, errors) {
+                    Some(credential) => Some(credential),
+                    None => continue,
+                }
+            }
+        };
         routes.push(RouteRule {
             matcher,
             protocol,
             forward_user_token: route.forward_user_token,
             body_limit: route.body_limit,
+            credential,
         });
     }
     (errors.0.len() == before).then_some(routes)

@@ -33,6 +33,8 @@ pub struct RouteRule {
     /// Inspection limit for this route's bodies (`routes[].body_limit`); `None` uses
     /// `limits.body_prefix_bytes`.
     pub body_limit: Option<usize>,
+    /// What the sidecar attaches upstream after a permit (`routes[].credential`).
+    pub credential: Option<crate::credential::CredentialSpec>,
 }
 
 impl RouteRule {
@@ -52,6 +54,8 @@ pub struct Classified {
     pub protocol: Protocol,
     pub forward_user_token: bool,
     pub body_limit: Option<usize>,
+    /// Index of the matched entry of `routes`, if any.
+    pub route: Option<usize>,
 }
 
 /// Classifies a request whose path already passed [`check_path`]. Unmatched paths are generic
@@ -62,7 +66,8 @@ pub fn classify(
     path: &str,
     host: &str,
 ) -> Result<Classified, Refusal> {
-    let route = routes.iter().find(|route| route.matches(path));
+    let index = routes.iter().position(|route| route.matches(path));
+    let route = index.and_then(|index| routes.get(index));
     let protocol = route.map_or(Protocol::Http, |route| route.protocol);
     let forward_user_token = route.is_some_and(|route| route.forward_user_token);
     let body_limit = route.and_then(|route| route.body_limit);
@@ -81,6 +86,7 @@ pub fn classify(
                 protocol,
                 forward_user_token,
                 body_limit,
+                route: index,
             })
         }
     }

@@ -11,6 +11,7 @@ pub mod approval;
 pub mod audit;
 mod body;
 pub mod classify;
+pub mod credential;
 pub mod error;
 mod forward;
 pub mod headers;
@@ -157,6 +158,8 @@ pub(crate) struct Shared {
     inspect_budget: admission::InspectBudget,
     approvals: approval::Approvals,
     rates: rate::RateLimits,
+    /// `routes[].credential`, by route index.
+    credentials: Vec<Option<credential::Credential>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -168,6 +171,11 @@ pub enum StartError {
     },
     #[error("cannot open the audit sink: {0}")]
     Audit(std::io::Error),
+    #[error("routes[{index}].credential: {source}")]
+    Credential {
+        index: usize,
+        source: credential::CredentialError,
+    },
 }
 
 /// A running proxy. Dropping it does not stop it; call [`Running::shutdown`].
@@ -214,6 +222,25 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         .policy_count
         .set(options.policy.policy_count() as f64);
 
+    let credentials = options
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(index, route)| {
+            route
+                .credential
+                .as_ref()
+                .map(|spec| credential::Credential::new(spec, identity.clone()))
+                .transpose()
+                .map_err(|source| StartError::Credential { index, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let file_credentials = options.routes.iter().any(|route| {
+        matches!(
+            route.credential,
+            Some(credential::CredentialSpec::File { .. })
+        )
+    });
     let shared = Arc::new(Shared {
         policy: options.policy.clone(),
         shadow_policy: options.shadow_policy.clone(),
@@ -236,6 +263,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         inspect_budget: admission::InspectBudget::new(options.limits.inspect_memory_bytes),
         approvals: approval::Approvals::new(options.approval.clone()),
         rates: rate::RateLimits::new(options.rate.clone()),
+        credentials,
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
@@ -248,7 +276,16 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so `/readyz` can say "draining" meanwhile.
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
-    let mut tasks = vec![
+    let mut tasks = Vec::new();
+    if file_credentials {
+        // Re-read as often as policies: both are mounted files that change together.
+        tasks.push(tokio::spawn(credential::reload_files(
+            shared.clone(),
+            options.policy_reload_interval,
+            shutdown_rx.clone(),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(server::serve(
             listener,
             identity.clone(),
@@ -266,7 +303,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             metrics.clone(),
             shutdown_rx,
         )),
-    ];
+    ]);
     if let Some(shadow) = options.shadow_policy {
         tasks.push(tokio::spawn(shadow::reload(
             shadow,

@@ -17,6 +17,8 @@
 //!    permitted subject to approval passes only with a grant for exactly it (`approval`),
 //!    else 428 with its challenge; then the tool's rate bucket, for permitted tool calls
 //! 5. rewrite headers: strip hop-by-hop and caller identity, then set ours
+//!    and, last, the route's upstream credential (`credential`: a key file, or an RFC 8693
+//!    token exchange; failure is 502 and nothing is forwarded)
 //! 6. forward: needs the `Permit`; streams both ways
 //! 7. filter: MCP `tools/list` results list only the tools the caller may call
 //! 8. audit: written when the response body ends or is dropped
@@ -38,6 +40,7 @@ use crate::admission::InflightPermit;
 use crate::audit::{AuditGuard, AuditRecord, AuditResource, AuditUser, rfc3339};
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{check_path, classify};
+use crate::credential;
 use crate::error::Refusal;
 use crate::headers::{
     AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
@@ -246,6 +249,7 @@ async fn authorize_and_forward(
     };
     // Every call must be allowed: a JSON-RPC batch is denied whole if any message is.
     let mut permit = None;
+    let mut scopes = portcullis_policy::GrantedScopes::Unrestricted;
     for call in &inspected.calls {
         audit.record.action = Some(call.action.name());
         audit.record.resource = Some(AuditResource {
@@ -306,6 +310,7 @@ async fn authorize_and_forward(
             "decided"
         );
         approval?;
+        scopes = scopes.and(&evaluation.scopes);
         permit = Some(match (evaluation.decision, evaluation.take_permit()) {
             (_, Some(permit)) => permit,
             (Decision::ApprovalRequired, None) => return Err(Refusal::ApprovalRequired),
@@ -320,6 +325,8 @@ async fn authorize_and_forward(
         }
     }
 
+    // The user's token as presented, kept for a token exchange before the rewrite drops it.
+    let subject_token = credential::subject_token(shared, classified.route, &parts.headers);
     remove_hop_by_hop(&mut parts.headers);
     remove_identity(&mut parts.headers);
     // Long-lived credentials never reach the application (flagged above).
@@ -351,6 +358,22 @@ async fn authorize_and_forward(
     if let Ok(value) = HeaderValue::from_str(&trace.header) {
         parts.headers.insert(TRACEPARENT_HEADER, value);
     }
+    // Last before forwarding: the upstream credential replaces whatever the caller sent.
+    credential::step(
+        shared,
+        classified.route,
+        credential::Subject {
+            agent: conn.agent.as_str(),
+            user: user
+                .as_ref()
+                .zip(subject_token.as_deref())
+                .map(|(user, token)| (user.subject.as_str(), token)),
+            scopes: &scopes,
+        },
+        &mut parts.headers,
+        audit,
+    )
+    .await?;
     let response = match shared
         .forwarder
         .forward(Request::from_parts(parts, inspected.body), permit)

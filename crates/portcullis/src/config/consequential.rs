@@ -1,11 +1,12 @@
 //! The config sections of consequential actions (DESIGN, "Approval and upstream
-//! credentials"): `approval`, `limits.rate`. Raw → checked, every error with its YAML path,
+//! credentials"): `approval`, `limits.rate`, `routes[].credential`. Raw → checked, every error with its YAML path,
 //! like the rest of [`super`].
 
 use std::path::Path;
 use std::time::Duration;
 
 use portcullis_identity::user_token::{JwksSource, UserTokenSettings, parse_algorithm};
+use portcullis_proxy::credential::{CredentialSpec, TokenExchangeSpec};
 use portcullis_proxy::rate::{RatePer, RateRule};
 use serde::Deserialize;
 
@@ -131,4 +132,133 @@ pub(super) fn rates(raw: Vec<RawRate>, errors: &mut Errors) -> Vec<RateRule> {
         }
     }
     rules
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawCredential {
+    file: Option<String>,
+    header: Option<String>,
+    prefix: Option<String>,
+    token_exchange: Option<RawTokenExchange>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct RawTokenExchange {
+    endpoint: Option<String>,
+    audience: Option<String>,
+    /// Space-separated, as in RFC 6749 §3.3.
+    scope: Option<String>,
+    /// PEM roots of the token service's certificate.
+    ca_file: Option<String>,
+    timeout: Option<String>,
+}
+
+/// `routes[i].credential`.
+pub(super) fn credential(
+    raw: RawCredential,
+    path: &str,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<CredentialSpec> {
+    match (raw.file.as_deref(), raw.token_exchange) {
+        (Some(_), Some(_)) => {
+            errors.add(path, "set one of file and token_exchange, not both");
+            None
+        }
+        (None, None) => {
+            errors.add(path, "one of file or token_exchange is required");
+            None
+        }
+        (Some(file_path), None) => {
+            let header_name = raw.header.as_deref().unwrap_or("authorization");
+            let header = match http::HeaderName::from_bytes(header_name.as_bytes()) {
+                Ok(header) => Some(header),
+                Err(_) => {
+                    errors.add(
+                        format!("{path}.header"),
+                        format!("{header_name:?} is not a header name"),
+                    );
+                    None
+                }
+            };
+            let prefix = raw.prefix.unwrap_or_else(|| {
+                if header_name.eq_ignore_ascii_case("authorization") {
+                    "Bearer ".to_owned()
+                } else {
+                    String::new()
+                }
+            });
+            let file = file(base, &format!("{path}.file"), Some(file_path), errors);
+            Some(CredentialSpec::File {
+                path: file?,
+                header: header?,
+                prefix,
+            })
+        }
+        (None, Some(exchange)) => {
+            for (key, set) in [
+                ("header", raw.header.is_some()),
+                ("prefix", raw.prefix.is_some()),
+            ] {
+                if set {
+                    errors.add(
+                        format!("{path}.{key}"),
+                        "applies to file credentials only (an exchanged token goes in authorization)",
+                    );
+                }
+            }
+            token_exchange(exchange, &format!("{path}.token_exchange"), base, errors)
+                .map(CredentialSpec::TokenExchange)
+        }
+    }
+}
+
+fn token_exchange(
+    raw: RawTokenExchange,
+    path: &str,
+    base: &Path,
+    errors: &mut Errors,
+) -> Option<TokenExchangeSpec> {
+    let endpoint_path = format!("{path}.endpoint");
+    let endpoint = match raw.endpoint.as_deref().map(str::parse::<http::Uri>) {
+        None => {
+            errors.add(&endpoint_path, "required");
+            None
+        }
+        Some(Ok(uri)) if uri.scheme_str() == Some("https") && uri.host().is_some() => Some(uri),
+        Some(_) => {
+            errors.add(
+                &endpoint_path,
+                "must be an https:// URL (the sidecar authenticates with its SVID over mTLS)",
+            );
+            None
+        }
+    };
+    let audience = match raw.audience {
+        Some(audience) if !audience.trim().is_empty() => Some(audience),
+        _ => {
+            errors.add(format!("{path}.audience"), "required");
+            None
+        }
+    };
+    let ca_file = file(
+        base,
+        &format!("{path}.ca_file"),
+        raw.ca_file.as_deref(),
+        errors,
+    );
+    let timeout = duration(&format!("{path}.timeout"), raw.timeout.as_deref(), errors)
+        .unwrap_or(Duration::from_secs(5));
+    Some(TokenExchangeSpec {
+        endpoint: endpoint?,
+        audience: audience?,
+        scope: raw
+            .scope
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect(),
+        ca_file: ca_file?,
+        timeout,
+    })
 }

@@ -57,6 +57,10 @@ pub struct Builder {
     shadow: Option<String>,
     /// Verify approval grants signed by this key (`approval:` block).
     approver: Option<Arc<SigningKey>>,
+    /// Files written beside config.yaml before it is loaded: name → contents.
+    files: Vec<(String, String)>,
+    /// The CA to mint the serving SVID and agents from (default: a new one).
+    ca: Option<Ca>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
@@ -112,6 +116,18 @@ impl Builder {
     /// `approval:` trusting grants from [`APPROVER_ISSUER`] signed by a new key.
     pub fn approvals(mut self) -> Self {
         self.approver = Some(Arc::new(SigningKey::es256("approver-1")));
+        self
+    }
+
+    /// Writes `name` beside config.yaml before the config is loaded.
+    pub fn file(mut self, name: &str, contents: &str) -> Self {
+        self.files.push((name.to_owned(), contents.to_owned()));
+        self
+    }
+
+    /// Mints the serving SVID and agents from `ca` (so a test service can trust it too).
+    pub fn ca(mut self, ca: Ca) -> Self {
+        self.ca = Some(ca);
         self
     }
 
@@ -226,8 +242,14 @@ impl Builder {
         let dir = tempfile::tempdir().unwrap();
         let (workload_api, ca) = match self.workload_api {
             Some((endpoint, ca)) => (Some(endpoint), ca),
-            None => (None, Ca::new(TRUST_DOMAIN).unwrap()),
+            None => (
+                None,
+                self.ca.unwrap_or_else(|| Ca::new(TRUST_DOMAIN).unwrap()),
+            ),
         };
+        for (name, contents) in &self.files {
+            write(dir.path(), name, contents);
+        }
         let server = ca
             .leaf(
                 self.server_leaf

@@ -9,6 +9,7 @@ mod abuse;
 mod approval;
 mod audit;
 mod config;
+mod credentials;
 mod delegation;
 mod forwarding;
 mod handshake;
