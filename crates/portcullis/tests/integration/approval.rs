@@ -262,3 +262,62 @@ async fn an_agent_over_its_rate_gets_429_and_another_agent_is_unaffected() {
         1.0
     );
 }
+
+/// `examples/approval/approver.py` (Python with `cryptography`) signs a grant the sidecar
+/// accepts: the example's approver works against the real verifier.
+#[tokio::test]
+async fn the_example_approver_script_signs_a_grant_the_sidecar_accepts() {
+    let script = crate::harness::repo_root().join("examples/approval/approver.py");
+    let keys = tempfile::tempdir().unwrap();
+    let (key, jwks) = (keys.path().join("key.pem"), keys.path().join("jwks.json"));
+    let keygen = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["keygen", "--key"])
+        .arg(&key)
+        .arg("--jwks")
+        .arg(&jwks)
+        .output();
+    match keygen {
+        Ok(out) if out.status.success() => {}
+        other => {
+            eprintln!("NOTICE: skipping: python3 with `cryptography` unavailable ({other:?})");
+            return;
+        }
+    }
+    let h = Harness::builder()
+        .policies(POLICIES)
+        .yaml(ROUTES)
+        .file(
+            "approval-jwks.json",
+            &std::fs::read_to_string(&jwks).unwrap(),
+        )
+        .yaml(&format!(
+            "approval:\n  jwks_file: approval-jwks.json\n  issuers: [{APPROVER_ISSUER}]\n"
+        ))
+        .start()
+        .await;
+    let (status, reply) = call(&h, TRIAGE, &refund(40), None).await;
+    assert_eq!(status, 428);
+    let mut sign = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["sign", "--key"])
+        .arg(&key)
+        .args(["--aud", SERVER_ID, "--iss", APPROVER_ISSUER, "--sub", "bob"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    sign.stdin
+        .take()
+        .unwrap()
+        .write_all(reply.to_string().as_bytes())
+        .unwrap();
+    let out = sign.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let grant = String::from_utf8(out.stdout).unwrap();
+    let (status, reply) = call(&h, TRIAGE, &refund(40), Some(grant.trim())).await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, _) = call(&h, TRIAGE, &refund(40), Some(grant.trim())).await;
+    assert_eq!(status, 401);
+}
