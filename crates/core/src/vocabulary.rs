@@ -189,6 +189,9 @@ pub enum Decision {
     ShadowDeny,
     /// A permit marked `@approval("required")` applied, and no approval was presented.
     ApprovalRequired,
+    /// A permit marked `@approval("required")` applied, and a valid grant for exactly this
+    /// call was presented: forwarded once.
+    Approved,
 }
 
 impl Decision {
@@ -198,13 +201,14 @@ impl Decision {
             Decision::Deny => "deny",
             Decision::ShadowDeny => "shadow_deny",
             Decision::ApprovalRequired => "approval_required",
+            Decision::Approved => "approved",
         }
     }
 
     /// Whether the request may reach the upstream.
     pub fn forwards(self) -> bool {
         match self {
-            Decision::Allow | Decision::ShadowDeny => true,
+            Decision::Allow | Decision::ShadowDeny | Decision::Approved => true,
             Decision::Deny | Decision::ApprovalRequired => false,
         }
     }

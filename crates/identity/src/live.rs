@@ -45,6 +45,9 @@ pub struct CertificateExpiry {
 #[derive(Debug)]
 pub struct LiveIdentity {
     pub tls: Arc<ServerConfig>,
+    /// The same SVID and key as a client certificate: what the sidecar presents when it
+    /// authenticates itself (RFC 8705 mTLS client authentication to a token service).
+    pub client_key: Arc<rustls::sign::CertifiedKey>,
     pub serving: ServingLeaf,
     /// Set when the serving chain does not verify against its own trust domain's bundle.
     /// Serving goes on (the bundle may be mid-rotation) but the sidecar is not ready.
@@ -59,6 +62,8 @@ pub enum LiveIdentityError {
     Serving(#[from] ServingProblem),
     #[error(transparent)]
     Tls(#[from] ServerIdentityError),
+    #[error("serving key as a client certificate: {0}")]
+    Client(String),
 }
 
 impl LiveIdentity {
@@ -102,9 +107,18 @@ impl LiveIdentity {
                 });
             }
         }
+        let client_key = Arc::new(
+            rustls::sign::CertifiedKey::from_der(
+                snapshot.identity.cert_chain.clone(),
+                snapshot.identity.key.clone_key(),
+                &provider,
+            )
+            .map_err(|e| LiveIdentityError::Client(e.to_string()))?,
+        );
         let tls = server_config(snapshot.identity, &snapshot.bundles)?;
         Ok(Self {
             tls,
+            client_key,
             serving,
             chain_problem,
             certificates,

@@ -60,6 +60,8 @@ pub struct Evaluation {
     pub user: Option<QueryOutcome>,
     pub policy_hash: Arc<str>,
     pub mode: Mode,
+    /// What the determining permits' `@scope` annotations allow (see `scopes`).
+    pub scopes: crate::GrantedScopes,
     permit: Option<Permit>,
 }
 
@@ -67,6 +69,19 @@ impl Evaluation {
     /// The permit to forward, present exactly when the decision lets the request through.
     pub fn take_permit(&mut self) -> Option<Permit> {
         self.permit.take()
+    }
+
+    /// Turns an approval-required decision into [`Decision::Approved`] with its permit. Only
+    /// for the caller that verified a grant for exactly this call (the proxy's approval
+    /// step); any other decision is left as it is. Whether the permits applied is Cedar's
+    /// answer, unchanged: a grant never opens what the policies deny.
+    pub fn approve(&mut self) -> bool {
+        if self.decision != Decision::ApprovalRequired {
+            return false;
+        }
+        self.decision = Decision::Approved;
+        self.permit = Some(Permit { _sealed: () });
+        true
     }
 }
 
@@ -278,12 +293,14 @@ impl PolicySnapshot {
             (Mode::Shadow, _) => Decision::ShadowDeny,
             (Mode::Enforce, other) => other,
         };
+        let scopes = self.granted_scopes(&agent, user.as_ref());
         Evaluation {
             decision,
             agent,
             user,
             policy_hash: hash,
             mode,
+            scopes,
             permit: decision.forwards().then_some(Permit { _sealed: () }),
         }
     }

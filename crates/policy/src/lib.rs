@@ -10,6 +10,7 @@ mod arguments;
 mod engine;
 mod index;
 mod load;
+mod scopes;
 pub mod tools;
 
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ pub use engine::{AuthzInput, Evaluation, PreparedAgent, QueryOutcome, RequestInf
 pub use load::{
     BUILTIN_SCHEMA, ENTITIES_FILE, LoadError, PolicySnapshot, SCHEMA_FILE, SchemaSource,
 };
+pub use scopes::GrantedScopes;
 
 /// `policy.mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -72,6 +72,8 @@ pub struct PolicySnapshot {
     pub(crate) action_lineage: HashMap<String, (EntityUid, Vec<Entity>)>,
     /// Policy ids annotated `@approval("required")`.
     pub(crate) approval_required: HashSet<String>,
+    /// `@scope("a b")` of each policy that has one: the upstream scopes its permit grants.
+    pub(crate) scopes: HashMap<String, Vec<String>>,
     /// The per-tool argument records of `ToolArguments`, for projecting `tools/call`
     /// arguments.
     pub(crate) tool_arguments: crate::arguments::ToolArgumentShapes,
@@ -122,6 +124,7 @@ impl PolicySnapshot {
         let mut policies = PolicySet::new();
         let mut origin: HashMap<String, String> = HashMap::new();
         let mut approval_required = HashSet::new();
+        let mut scopes = HashMap::new();
         for (name, src) in files.iter().filter(|(name, _)| name.ends_with(".cedar")) {
             let parsed = match PolicySet::from_str(src) {
                 Ok(parsed) => parsed,
@@ -163,6 +166,16 @@ impl PolicySnapshot {
                         name,
                         format!("policy {id:?}: @approval must be \"required\", not {other:?}"),
                     )),
+                }
+                if let Some(scope) = policy.annotation("scope") {
+                    let list: Vec<String> = scope.split_whitespace().map(str::to_owned).collect();
+                    if list.is_empty() || policy.effect() != cedar_policy::Effect::Permit {
+                        errors.push(error(
+                            name,
+                            format!("policy {id:?}: @scope names scopes, on a permit"),
+                        ));
+                    }
+                    scopes.insert(id.clone(), list);
                 }
                 origin.insert(id.clone(), name.clone());
                 if let Err(e) = policies.add(policy.new_id(PolicyId::new(&id))) {
@@ -250,6 +263,7 @@ impl PolicySnapshot {
             entities,
             action_lineage,
             approval_required,
+            scopes,
             tool_arguments,
             hash: content_hash(&files),
             generation: GENERATION.fetch_add(1, Ordering::Relaxed),

@@ -25,6 +25,9 @@ use portcullis_policy::{Mode, PolicyEngine};
 use portcullis_proxy::{AuditSink, Limits, PathMatch, Protocol, RouteRule};
 use serde::Deserialize;
 
+mod consequential;
+pub use consequential::ApprovalConfig;
+
 /// One configuration problem: where, and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
@@ -77,6 +80,8 @@ struct RawConfig {
     shutdown_grace: Option<String>,
     telemetry: Option<RawTelemetry>,
     reject_standing_credentials: Option<bool>,
+    /// Grants for `@approval("required")` calls.
+    approval: Option<consequential::RawApproval>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -149,6 +154,8 @@ struct RawRoute {
     body_limit: Option<usize>,
     /// `sensitive` (default) or `insensitive`.
     match_case: Option<String>,
+    /// What the sidecar attaches upstream after a permit.
+    credential: Option<consequential::RawCredential>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -187,6 +194,9 @@ struct RawLimits {
     inspect_memory_bytes: Option<usize>,
     inspect_timeout: Option<String>,
     max_batch: Option<usize>,
+    /// Token buckets per agent, user or tool.
+    #[serde(default)]
+    rate: Vec<consequential::RawRate>,
 }
 
 // ---- the checked result -------------------------------------------------------------------
@@ -244,6 +254,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     pub reject_standing_credentials: bool,
     pub max_agent_labels: usize,
+    pub approval: Option<ApprovalConfig>,
+    /// `limits.rate`.
+    pub rate: Vec<portcullis_proxy::rate::RateRule>,
 }
 
 impl Config {
@@ -327,6 +340,29 @@ impl Config {
                 })
             }
         };
+        let approval = match self.approval {
+            None => None,
+            Some(config) => {
+                // `aud` of a grant is this sidecar: a grant for another sidecar's call is
+                // useless here even if the digest matched.
+                let mut settings = config.settings;
+                settings.audiences = vec![identity.current.borrow().serving.id.to_string()];
+                let clock_skew = settings.clock_skew;
+                let max_lifetime = settings.max_lifetime;
+                let verifier = UserTokenVerifier::new(settings).await.map_err(|e| {
+                    ConfigErrors(vec![ConfigError {
+                        path: "approval.jwks_file".to_owned(),
+                        message: e.to_string(),
+                    }])
+                })?;
+                Some(portcullis_proxy::approval::ApprovalOptions {
+                    verifier,
+                    max_lifetime,
+                    clock_skew,
+                    max_tracked_grants: config.max_tracked_grants,
+                })
+            }
+        };
         Ok(portcullis_proxy::ProxyOptions {
             listen: self.listen,
             admin_listen: self.admin_listen,
@@ -342,6 +378,8 @@ impl Config {
             user_token,
             reject_standing_credentials: self.reject_standing_credentials,
             max_agent_labels: self.max_agent_labels,
+            approval,
+            rate: self.rate,
         })
     }
 }
@@ -455,13 +493,35 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
             "set either shutdown_grace or limits.drain_timeout (its older name), not both",
         );
     }
-    let limits = limits(raw.limits.unwrap_or_default(), errors);
+    let mut raw_limits = raw.limits.unwrap_or_default();
+    let rate = consequential::rates(std::mem::take(&mut raw_limits.rate), errors);
+    let limits = limits(raw_limits, errors);
+    let approval = raw
+        .approval
+        .and_then(|raw| consequential::approval(raw, base, errors));
     let identity = tls(raw.tls, base, errors);
     let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
     let shadow_policy = shadow_policy(raw.policy.as_ref(), base, errors);
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
-    let routes = routes(raw.routes, errors);
+    let routes = routes(raw.routes, base, errors);
     let audit_checkpoints = checkpoints(raw.audit.as_ref(), base, errors);
+    if user_token.is_none() {
+        // An exchange's subject is the user's token: without tokens there is nothing to
+        // exchange, and every call on the route would fail.
+        for (index, route) in routes.iter().flatten().enumerate() {
+            if matches!(
+                route.credential,
+                Some(portcullis_proxy::credential::CredentialSpec::TokenExchange(
+                    _
+                ))
+            ) {
+                errors.add(
+                    format!("routes[{index}].credential.token_exchange"),
+                    "needs user_token: the user's token is what is exchanged",
+                );
+            }
+        }
+    }
     let audit = audit(raw.audit, base, errors);
     let (limits, drain_timeout) = limits?;
     let drain_timeout = shutdown_grace.unwrap_or(drain_timeout);
@@ -485,6 +545,8 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
             .telemetry
             .and_then(|t| t.max_agent_labels)
             .unwrap_or(100),
+        approval,
+        rate,
     })
 }
 
@@ -946,7 +1008,7 @@ fn shadow_policy(
     }
 }
 
-fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
+fn routes(raw: Vec<RawRoute>, base: &Path, errors: &mut Errors) -> Option<Vec<RouteRule>> {
     let mut routes = Vec::new();
     let before = errors.0.len();
     for (index, route) in raw.into_iter().enumerate() {
@@ -1005,12 +1067,23 @@ fn routes(raw: Vec<RawRoute>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
                 continue;
             }
         };
+        let credential = match route.credential {
+            None => None,
+            Some(raw) => {
+                let credential_path = format!("{path}.credential");
+                match consequential::credential(raw, &credential_path, base, errors) {
+                    Some(credential) => Some(credential),
+                    None => continue,
+                }
+            }
+        };
         routes.push(RouteRule {
             matcher,
             protocol,
             forward_user_token: route.forward_user_token,
             body_limit: route.body_limit,
             case_insensitive,
+            credential,
         });
     }
     (errors.0.len() == before).then_some(routes)

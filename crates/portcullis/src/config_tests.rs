@@ -142,3 +142,40 @@ audit:
         assert!(paths.contains(&want), "missing {want} in {errors:#?}");
     }
 }
+
+#[test]
+fn approval_and_rate_errors_carry_their_paths() {
+    let yaml = r#"
+listen: 127.0.0.1:8443
+admin_listen: 127.0.0.1:9901
+upstream: http://127.0.0.1:8080
+approval:
+  jwks_file: missing.json
+  max_lifetime: soon
+  max_tracked_grants: 0
+limits:
+  rate:
+    - per: planet
+      requests_per_minute: 10
+    - per: agent
+      burst: 0
+    - per: tool
+      requests_per_minute: 0
+"#;
+    let errors = Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
+        .unwrap_err()
+        .0;
+    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in [
+        "approval.jwks_file",
+        "approval.issuers",
+        "approval.max_lifetime",
+        "approval.max_tracked_grants",
+        "limits.rate[0].per",
+        "limits.rate[1].requests_per_minute",
+        "limits.rate[1].burst",
+        "limits.rate[2].requests_per_minute",
+    ] {
+        assert!(paths.contains(&want), "{want} missing from {paths:?}");
+    }
+}

@@ -113,6 +113,14 @@ pub struct AuditRecord {
     /// allowed only if all are); absent for a request that is one call.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<AuditCall>,
+    /// A call that needed approval: its challenge digest, and who approved it when a grant
+    /// was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<AuditApproval>,
+    /// The upstream credential attached after the permit (`file` or `token_exchange`), never
+    /// its value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential: Option<&'static str>,
 }
 
 /// One message of a batch, as decided.
@@ -122,6 +130,20 @@ pub struct AuditCall {
     pub resource: AuditResource,
     pub decision: &'static str,
     pub policies: AuditPolicies,
+}
+
+/// The approval side of a decision.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditApproval {
+    /// `sha256:<hex>` of the call (see `approval::digest`).
+    pub digest: String,
+    /// The grant's `sub`, when one was accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approver: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]

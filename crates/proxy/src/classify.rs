@@ -37,6 +37,8 @@ pub struct RouteRule {
     /// the Cedar `Route` id is the lower-cased path, for applications that route
     /// case-insensitively (Express by default), so `/ADMIN` meets the policies on `/admin`.
     pub case_insensitive: bool,
+    /// What the sidecar attaches upstream after a permit (`routes[].credential`).
+    pub credential: Option<crate::credential::CredentialSpec>,
 }
 
 impl RouteRule {
@@ -64,6 +66,8 @@ pub struct Classified {
     pub protocol: Protocol,
     pub forward_user_token: bool,
     pub body_limit: Option<usize>,
+    /// Index of the matched entry of `routes`, if any.
+    pub route: Option<usize>,
 }
 
 /// Classifies a request whose path already passed [`check_path`]. Unmatched paths are generic
@@ -74,7 +78,8 @@ pub fn classify(
     path: &str,
     host: &str,
 ) -> Result<Classified, Refusal> {
-    let route = routes.iter().find(|route| route.matches(path));
+    let index = routes.iter().position(|route| route.matches(path));
+    let route = index.and_then(|index| routes.get(index));
     let protocol = route.map_or(Protocol::Http, |route| route.protocol);
     let forward_user_token = route.is_some_and(|route| route.forward_user_token);
     let body_limit = route.and_then(|route| route.body_limit);
@@ -98,6 +103,7 @@ pub fn classify(
                 protocol,
                 forward_user_token,
                 body_limit,
+                route: index,
             })
         }
     }
@@ -202,6 +208,7 @@ mod tests {
             forward_user_token: false,
             body_limit: None,
             case_insensitive,
+            credential: None,
         };
         let routes = [rule(PathMatch::Prefix("/Admin".to_owned()), true)];
         let classified = classify(&routes, "GET", "/ADMIN/users", "h").unwrap();

@@ -71,6 +71,16 @@ pub enum Refusal {
     /// An inference request whose path (`/openai/deployments/<model>/…`) and body name
     /// different models.
     ModelMismatch,
+    /// An approval grant (`x-portcullis-approval`) was present and failed verification (its
+    /// reason label inside): signature, issuer, `aud`, lifetime, expiry, claims.
+    InvalidApproval(&'static str),
+    /// A valid grant whose `jti` was already used: a grant approves one call, once.
+    ApprovalReplayed,
+    /// Over a `limits.rate` bucket; seconds until a token is back inside.
+    RateLimited(u32),
+    /// The route's upstream credential could not be had (key file unreadable, token
+    /// service unreachable or refusing): nothing is forwarded without it.
+    CredentialUnavailable,
 }
 
 impl Refusal {
@@ -93,7 +103,12 @@ impl Refusal {
             Refusal::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Refusal::UnsupportedMethod => StatusCode::METHOD_NOT_ALLOWED,
             Refusal::ForeignSession => StatusCode::NOT_FOUND,
-            Refusal::InvalidUserToken(_) | Refusal::StandingCredential => StatusCode::UNAUTHORIZED,
+            Refusal::InvalidUserToken(_)
+            | Refusal::StandingCredential
+            | Refusal::InvalidApproval(_)
+            | Refusal::ApprovalReplayed => StatusCode::UNAUTHORIZED,
+            Refusal::RateLimited(_) => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::CredentialUnavailable => StatusCode::BAD_GATEWAY,
             Refusal::PolicyDenied => StatusCode::FORBIDDEN,
             Refusal::ApprovalRequired => StatusCode::PRECONDITION_REQUIRED,
             Refusal::AuditUnavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -132,13 +147,17 @@ impl Refusal {
             Refusal::HeaderMismatch => "mcp_header_mismatch",
             Refusal::ModelMismatch => "model_mismatch",
             Refusal::ForeignSession => "session_not_found",
+            Refusal::InvalidApproval(_) => "invalid_approval",
+            Refusal::ApprovalReplayed => "approval_replayed",
+            Refusal::RateLimited(_) => "rate_limited",
+            Refusal::CredentialUnavailable => "credential_unavailable",
         }
     }
 
     /// A finer reason the caller may see (the token rejection reason), if any.
     pub fn detail(self) -> Option<&'static str> {
         match self {
-            Refusal::InvalidUserToken(reason) => Some(reason),
+            Refusal::InvalidUserToken(reason) | Refusal::InvalidApproval(reason) => Some(reason),
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
@@ -163,6 +182,9 @@ impl Refusal {
             | Refusal::BatchTooLarge
             | Refusal::HeadTooLarge => None,
             Refusal::HeaderMismatch | Refusal::ModelMismatch | Refusal::ForeignSession => None,
+            Refusal::ApprovalReplayed
+            | Refusal::RateLimited(_)
+            | Refusal::CredentialUnavailable => None,
         }
     }
 
@@ -170,7 +192,10 @@ impl Refusal {
     /// rather than a refusal of the request (`portcullis_request_rejections_total`).
     pub fn is_upstream(self) -> bool {
         match self {
-            Refusal::UpstreamConnect | Refusal::UpstreamTimeout | Refusal::UpstreamProtocol => true,
+            Refusal::UpstreamConnect
+            | Refusal::UpstreamTimeout
+            | Refusal::UpstreamProtocol
+            | Refusal::CredentialUnavailable => true,
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
@@ -193,6 +218,9 @@ impl Refusal {
             | Refusal::BatchTooLarge
             | Refusal::HeadTooLarge => false,
             Refusal::HeaderMismatch | Refusal::ModelMismatch | Refusal::ForeignSession => false,
+            Refusal::InvalidApproval(_) | Refusal::ApprovalReplayed | Refusal::RateLimited(_) => {
+                false
+            }
         }
     }
 
@@ -202,6 +230,7 @@ impl Refusal {
         match self {
             Refusal::AgentBusy | Refusal::Overloaded | Refusal::InspectionBudget => Some(1),
             Refusal::AuditUnavailable => Some(5),
+            Refusal::RateLimited(seconds) => Some(seconds.max(1)),
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
@@ -223,6 +252,9 @@ impl Refusal {
             | Refusal::BatchTooLarge
             | Refusal::HeadTooLarge => None,
             Refusal::HeaderMismatch | Refusal::ModelMismatch | Refusal::ForeignSession => None,
+            Refusal::InvalidApproval(_)
+            | Refusal::ApprovalReplayed
+            | Refusal::CredentialUnavailable => None,
         }
     }
 }

@@ -7,9 +7,11 @@
 
 mod admin;
 mod admission;
+pub mod approval;
 pub mod audit;
 mod body;
 pub mod classify;
+pub mod credential;
 pub mod error;
 mod forward;
 pub mod headers;
@@ -17,6 +19,7 @@ pub mod inventory;
 pub mod metrics;
 mod pipeline;
 pub mod protocol;
+pub mod rate;
 mod server;
 mod sessions;
 pub mod shadow;
@@ -126,6 +129,11 @@ pub struct ProxyOptions {
     pub reject_standing_credentials: bool,
     /// Agents given their own label in `portcullis_agent_decisions_total` before `other`.
     pub max_agent_labels: usize,
+    /// `approval:`: how grants for `@approval("required")` calls are verified; `None`
+    /// answers every such call 428 with its challenge and accepts no grant.
+    pub approval: Option<approval::ApprovalOptions>,
+    /// `limits.rate`: token buckets per agent, user and tool.
+    pub rate: Vec<rate::RateRule>,
 }
 
 /// How user tokens are found and verified.
@@ -177,6 +185,10 @@ pub(crate) struct Shared {
     inspect_budget: admission::InspectBudget,
     /// Which agent each MCP session id was issued to.
     sessions: sessions::Sessions,
+    approvals: approval::Approvals,
+    rates: rate::RateLimits,
+    /// `routes[].credential`, by route index.
+    credentials: Vec<Option<credential::Credential>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -188,6 +200,11 @@ pub enum StartError {
     },
     #[error("cannot open the audit sink: {0}")]
     Audit(std::io::Error),
+    #[error("routes[{index}].credential: {source}")]
+    Credential {
+        index: usize,
+        source: credential::CredentialError,
+    },
 }
 
 /// A running proxy. Dropping it does not stop it; call [`Running::shutdown`].
@@ -238,6 +255,25 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         .policy_count
         .set(options.policy.policy_count() as f64);
 
+    let credentials = options
+        .routes
+        .iter()
+        .enumerate()
+        .map(|(index, route)| {
+            route
+                .credential
+                .as_ref()
+                .map(|spec| credential::Credential::new(spec, identity.clone()))
+                .transpose()
+                .map_err(|source| StartError::Credential { index, source })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let file_credentials = options.routes.iter().any(|route| {
+        matches!(
+            route.credential,
+            Some(credential::CredentialSpec::File { .. })
+        )
+    });
     let shared = Arc::new(Shared {
         policy: options.policy.clone(),
         shadow_policy: options.shadow_policy.clone(),
@@ -259,6 +295,9 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         ),
         inspect_budget: admission::InspectBudget::new(options.limits.inspect_memory_bytes),
         sessions: sessions::Sessions::default(),
+        approvals: approval::Approvals::new(options.approval.clone()),
+        rates: rate::RateLimits::new(options.rate.clone()),
+        credentials,
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),
@@ -276,7 +315,16 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
     let (shutdown, shutdown_rx) = watch::channel(false);
     // The admin listener outlives the drain, so `/readyz` can say "draining" meanwhile.
     let (admin_shutdown, admin_shutdown_rx) = watch::channel(false);
-    let mut tasks = vec![
+    let mut tasks = Vec::new();
+    if file_credentials {
+        // Re-read as often as policies: both are mounted files that change together.
+        tasks.push(tokio::spawn(credential::reload_files(
+            shared.clone(),
+            options.policy_reload_interval,
+            shutdown_rx.clone(),
+        )));
+    }
+    tasks.extend([
         tokio::spawn(server::serve(
             listener,
             identity.clone(),
@@ -294,7 +342,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             metrics.clone(),
             shutdown_rx,
         )),
-    ];
+    ]);
     if let Some(shadow) = options.shadow_policy {
         tasks.push(tokio::spawn(shadow::reload(
             shadow,
@@ -311,6 +359,10 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         admin_state.clone(),
         admin_shutdown_rx,
     ));
+    if let Some(approval) = &options.approval {
+        // As for user tokens: the grant keys' poll ends with the last verifier handle.
+        drop(approval.verifier.spawn_refresh());
+    }
     if let Some(tokens) = &options.user_token {
         // The key refresh runs until the last verifier handle is dropped; it is not a task
         // that shutdown must wait for.

@@ -34,6 +34,14 @@ pub struct Metrics {
     pub policy_count: Gauge,
     pub agents_seen: IntGauge,
     pub standing_credentials: IntCounterVec,
+    /// `portcullis_rate_limited_total{per}`: requests refused by a `limits.rate` bucket.
+    pub rate_limited: IntCounterVec,
+    /// `portcullis_approval_grants_total{result}`: grants presented (`approved`, `replayed`,
+    /// `invalid`, `other_call`).
+    pub approval_grants: IntCounterVec,
+    /// `portcullis_token_exchanges_total{result}`: RFC 8693 exchanges (`ok`, `cached`,
+    /// `failed`).
+    pub token_exchanges: IntCounterVec,
     /// `portcullis_shadow_disagreements_total{action,kind}`: the shadow set (`policy.shadow_dir`)
     /// would have decided otherwise (kind `would_allow` or `would_deny`).
     pub shadow_disagreements: IntCounterVec,
@@ -46,11 +54,12 @@ pub struct Metrics {
     decision_handles: Arc<DecisionHandles>,
 }
 
-const DECISIONS: [Decision; 4] = [
+const DECISIONS: [Decision; 5] = [
     Decision::Allow,
     Decision::Deny,
     Decision::ShadowDeny,
     Decision::ApprovalRequired,
+    Decision::Approved,
 ];
 
 /// One lazily resolved counter per (decision, action). Series still appear only once used.
@@ -208,6 +217,21 @@ impl Metrics {
             "Requests carrying a long-lived credential header (removed, flagged in audit).",
             &["header"],
         );
+        let rate_limited = counter_vec(
+            "portcullis_rate_limited_total",
+            "Requests refused with 429 by a limits.rate token bucket, by what the bucket is kept per (agent, user, tool).",
+            &["per"],
+        );
+        let approval_grants = counter_vec(
+            "portcullis_approval_grants_total",
+            "Approval grants presented, by result (approved, replayed, invalid, other_call).",
+            &["result"],
+        );
+        let token_exchanges = counter_vec(
+            "portcullis_token_exchanges_total",
+            "Upstream credentials by RFC 8693 token exchange, by result (ok, cached, failed).",
+            &["result"],
+        );
         let agent_decisions = counter_vec(
             "portcullis_agent_decisions_total",
             "Decisions per agent SPIFFE ID; agents beyond the label cap are counted as \"other\".",
@@ -225,6 +249,9 @@ impl Metrics {
             shadow_disagreements,
             agents_seen,
             standing_credentials,
+            rate_limited,
+            approval_grants,
+            token_exchanges,
             agent_decisions,
             agent_labels: Arc::new(RwLock::new(HashSet::new())),
             max_agent_labels,

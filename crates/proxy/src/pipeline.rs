@@ -11,8 +11,14 @@
 //! 3. classify: route → Cedar action + resource; on protocol routes (`openai`, `mcp`) the
 //!    body is read (bounded in size, in time and by the shared inspection budget) and
 //!    parsed into one Cedar call per message, at most `limits.max_batch` (`protocol`)
-//! 4. authorize: Cedar, every call; yields a `Permit` only when the request may pass
+//!    (`limits.rate`: the agent's bucket is taken first of all, the user's once the token
+//!    verified; see `rate`)
+//! 4. authorize: Cedar, every call; yields a `Permit` only when the request may pass; a call
+//!    permitted subject to approval passes only with a grant for exactly it (`approval`),
+//!    else 428 with its challenge; then the tool's rate bucket, for permitted tool calls
 //! 5. rewrite headers: strip hop-by-hop and caller identity, then set ours
+//!    and, last, the route's upstream credential (`credential`: a key file, or an RFC 8693
+//!    token exchange; failure is 502 and nothing is forwarded)
 //! 6. forward: needs the `Permit`; streams both ways
 //! 7. filter: MCP `tools/list` results list only the tools the caller may call
 //! 8. audit: written when the response body ends or is dropped
@@ -36,6 +42,7 @@ use crate::audit::{
 };
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{Protocol, check_path, classify};
+use crate::credential;
 use crate::error::Refusal;
 use crate::headers::{
     AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
@@ -43,6 +50,7 @@ use crate::headers::{
 };
 use crate::metrics::{AgentDecisions, Metrics};
 use crate::protocol::{self, Native};
+use crate::rate::{self, RatePer};
 use crate::sessions::Sessions;
 use crate::{Shared, UserTokens};
 
@@ -111,7 +119,7 @@ pub(crate) async fn handle(
         ..AuditRecord::default()
     };
     let mut audit = AuditGuard::new(shared.audit.clone(), shared.inventory.clone(), record);
-    let mut native = None;
+    let mut answer = RefusalForm::default();
 
     let outcome = match admit(&shared, &conn) {
         Ok(permit) => authorize_and_forward(
@@ -121,7 +129,7 @@ pub(crate) async fn handle(
             &request_id,
             &trace,
             &mut audit,
-            &mut native,
+            &mut answer,
         )
         .await
         .map(|response| (response, permit)),
@@ -147,17 +155,31 @@ pub(crate) async fn handle(
             audit.record.reason = Some(refusal.reason());
             audit.record.completed = true;
             drop(audit);
-            Ok(match &native {
+            Ok(match (&answer.native, &answer.challenge) {
+                (_, Some(challenge)) if refusal == Refusal::ApprovalRequired => {
+                    let mut response = crate::approval::challenge_response(challenge, &request_id);
+                    set_request_id(response.headers_mut(), &request_id);
+                    response
+                }
                 // A refusal before the body was looked at is not in the protocol's terms yet.
-                Some(native) => {
+                (Some(native), _) => {
                     let mut response = protocol::native_refusal(native, refusal, &request_id);
                     set_request_id(response.headers_mut(), &request_id);
                     response
                 }
-                None => refusal_response(refusal, &request_id),
+                (None, _) => refusal_response(refusal, &request_id),
             })
         }
     }
+}
+
+/// What a refusal is answered with besides its status and reason, learnt on the way.
+#[derive(Debug, Default)]
+struct RefusalForm {
+    /// The protocol's own error shape, once the body was looked at.
+    native: Option<Native>,
+    /// The challenge of a call that needs approval (the 428 body).
+    challenge: Option<crate::approval::Challenge>,
 }
 
 /// Stage 1b: a place among the requests in flight. Taken before anything is read or
@@ -173,9 +195,10 @@ async fn authorize_and_forward(
     request_id: &str,
     trace: &Traceparent,
     audit: &mut AuditGuard,
-    native: &mut Option<Native>,
+    answer: &mut RefusalForm,
 ) -> Result<Response<ResponseBody>, Refusal> {
     check_head_size(&request, shared.limits.max_header_bytes)?;
+    rate::step(shared, RatePer::Agent, conn.agent.as_str(), audit)?;
     let host = check_framing(&request)?;
     let path = request.uri().path().to_owned();
     check_path(&path)?;
@@ -187,6 +210,9 @@ async fn authorize_and_forward(
         None => None,
         Some(tokens) => verify_user(shared, tokens, &conn.agent, request.headers(), audit).await?,
     };
+    if let Some(user) = &user {
+        rate::step(shared, RatePer::User, &user.subject, audit)?;
+    }
     let token_header = shared.user_token.as_ref().map(|t| &t.header);
     audit.record.standing_credentials = standing_credentials(request.headers(), token_header);
     for header in &audit.record.standing_credentials {
@@ -219,7 +245,7 @@ async fn authorize_and_forward(
         &parts.headers,
         body,
         &bounds,
-        native,
+        &mut answer.native,
     )
     .await?;
     let decision_started = Instant::now()
@@ -238,6 +264,7 @@ async fn authorize_and_forward(
     let batch = inspected.calls.len() > 1;
     let mut permit = None;
     let mut refused = None;
+    let mut scopes = portcullis_policy::GrantedScopes::Unrestricted;
     for call in &inspected.calls {
         let resource = AuditResource {
             kind: call.resource.entity_type(),
@@ -253,6 +280,20 @@ async fn authorize_and_forward(
             now: unix_now(),
         };
         let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &input);
+        let approval = match evaluation.decision {
+            Decision::ApprovalRequired => {
+                crate::approval::step(
+                    shared,
+                    &input,
+                    &mut evaluation,
+                    &parts.headers,
+                    audit,
+                    &mut answer.challenge,
+                )
+                .await
+            }
+            Decision::Allow | Decision::Deny | Decision::ShadowDeny | Decision::Approved => Ok(()),
+        };
         let decision_time = decision_started.elapsed();
         shared
             .metrics
@@ -303,8 +344,15 @@ async fn authorize_and_forward(
             decision = evaluation.decision.name(),
             "decided"
         );
+        if let Err(refusal) = approval {
+            refused.get_or_insert(refusal);
+            continue;
+        }
         match (evaluation.decision, evaluation.take_permit()) {
-            (_, Some(granted)) => permit = Some(granted),
+            (_, Some(granted)) => {
+                scopes = scopes.and(&evaluation.scopes);
+                permit = Some(granted);
+            }
             (Decision::ApprovalRequired, None) => {
                 refused.get_or_insert(Refusal::ApprovalRequired);
             }
@@ -318,7 +366,14 @@ async fn authorize_and_forward(
     }
     // `inspect` yields at least one call; none would be a bug, and it denies.
     let permit = permit.ok_or(Refusal::PolicyDenied)?;
+    for call in &inspected.calls {
+        if call.action == portcullis_core::Action::CallTool {
+            rate::step(shared, RatePer::Tool, call.resource.id(), audit)?;
+        }
+    }
 
+    // The user's token as presented, kept for a token exchange before the rewrite drops it.
+    let subject_token = credential::subject_token(shared, classified.route, &parts.headers);
     remove_hop_by_hop(&mut parts.headers);
     // The verified token survives identity stripping when the route forwards it, whatever
     // its header is called (the default `x-portcullis-user-token` is an identity name).
@@ -372,6 +427,22 @@ async fn authorize_and_forward(
             HeaderValue::from_static("identity"),
         );
     }
+    // Last before forwarding: the upstream credential replaces whatever the caller sent.
+    credential::step(
+        shared,
+        classified.route,
+        credential::Subject {
+            agent: conn.agent.as_str(),
+            user: user
+                .as_ref()
+                .zip(subject_token.as_deref())
+                .map(|(user, token)| (user.subject.as_str(), token)),
+            scopes: &scopes,
+        },
+        &mut parts.headers,
+        audit,
+    )
+    .await?;
     let response = match shared
         .forwarder
         .forward(Request::from_parts(parts, inspected.body), permit)
@@ -469,7 +540,10 @@ fn tool_filter(
             // Listed when a call could go through: allowed, shadow-denied (shadow mode never
             // changes what the caller sees), or allowed subject to approval.
             match evaluation.decision {
-                Decision::Allow | Decision::ShadowDeny | Decision::ApprovalRequired => true,
+                Decision::Allow
+                | Decision::ShadowDeny
+                | Decision::ApprovalRequired
+                | Decision::Approved => true,
                 Decision::Deny => false,
             }
         }),

@@ -8,5 +8,6 @@
 pub mod client;
 pub mod jwt;
 pub mod pki;
+pub mod token_exchange;
 pub mod upstream;
 pub mod workload_api;

@@ -97,8 +97,8 @@ pub(crate) fn parse_header(
 /// by token hash; [`check_per_call`] turns it into [`UserClaims`] for one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CheckedToken {
-    subject: String,
-    issuer: String,
+    pub(crate) subject: String,
+    pub(crate) issuer: String,
     scopes: Vec<String>,
     email: Option<String>,
     groups: Vec<String>,
@@ -199,23 +199,7 @@ pub(crate) fn check_per_call(
     caller: &SpiffeId,
     now: u64,
 ) -> Result<UserClaims, TokenRejection> {
-    let skew = rules.skew_secs;
-    // RFC 7519 §4.1.4: the current time must be before `exp` (plus the allowed leeway).
-    if now >= token.expires_at.saturating_add(skew) {
-        return Err(TokenRejection::Expired);
-    }
-    // RFC 7519 §4.1.5: not accepted before `nbf`; checked, never skipped.
-    if token
-        .not_before
-        .is_some_and(|nbf| now.saturating_add(skew) < nbf)
-    {
-        return Err(TokenRejection::NotYetValid);
-    }
-    // RFC 7519 §4.1.6 leaves `iat` informational; a token minted in the future is an
-    // issuer clock fault or a forgery attempt at the lifetime cap, so it is refused.
-    if token.issued_at > now.saturating_add(skew) {
-        return Err(TokenRejection::IssuedInFuture);
-    }
+    check_times(token, rules, now)?;
 
     // RFC 8693 §4.1: the outermost `act` is the current actor, which must be the workload
     // presenting the token; a token lifted by another workload is then useless.
@@ -242,6 +226,32 @@ pub(crate) fn check_per_call(
         actor_chain: token.actor_chain.clone(),
         expires_at: token.expires_at,
     })
+}
+
+/// `exp`, `nbf` and `iat` against the clock, with the configured skew.
+pub(crate) fn check_times(
+    token: &CheckedToken,
+    rules: &ClaimRules,
+    now: u64,
+) -> Result<(), TokenRejection> {
+    let skew = rules.skew_secs;
+    // RFC 7519 §4.1.4: the current time must be before `exp` (plus the allowed leeway).
+    if now >= token.expires_at.saturating_add(skew) {
+        return Err(TokenRejection::Expired);
+    }
+    // RFC 7519 §4.1.5: not accepted before `nbf`; checked, never skipped.
+    if token
+        .not_before
+        .is_some_and(|nbf| now.saturating_add(skew) < nbf)
+    {
+        return Err(TokenRejection::NotYetValid);
+    }
+    // RFC 7519 §4.1.6 leaves `iat` informational; a token minted in the future is an
+    // issuer clock fault or a forgery attempt at the lifetime cap, so it is refused.
+    if token.issued_at > now.saturating_add(skew) {
+        return Err(TokenRejection::IssuedInFuture);
+    }
+    Ok(())
 }
 
 /// RFC 8693 §4.1: `act` is an object whose `sub` names the actor, nesting the prior actors
@@ -368,7 +378,7 @@ pub(crate) fn claimed_issuer(segment: &str) -> Option<String> {
     }
 }
 
-fn decode_object(segment: &str) -> Option<Map<String, Value>> {
+pub(crate) fn decode_object(segment: &str) -> Option<Map<String, Value>> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
     match serde_json::from_slice(&bytes).ok()? {
         Value::Object(map) => Some(map),

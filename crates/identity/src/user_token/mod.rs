@@ -17,11 +17,13 @@ mod cache;
 mod claims;
 mod error;
 mod fetch;
+mod grant;
 mod jwks;
 mod settings;
 mod verifier;
 
 pub use error::{JwksError, TokenRejection};
+pub use grant::ApprovalGrant;
 pub use settings::{
     AlgorithmError, JwksSource, SigningAlgorithm, UserTokenSettings, parse_algorithm,
 };

@@ -239,6 +239,27 @@ impl UserTokenVerifier {
     }
 }
 
+impl UserTokenVerifier {
+    /// Signature, header and every claim check that does not depend on the caller: the
+    /// common part of user tokens and approval grants ([`super::grant`]). Not cached.
+    pub(super) async fn verified_claims<'t>(
+        &self,
+        token: &'t str,
+        now: u64,
+    ) -> Result<(claims::CheckedToken, &'t str), TokenRejection> {
+        let inner = &self.inner;
+        if token.len() > inner.max_token_bytes {
+            return Err(TokenRejection::TooLarge);
+        }
+        let (payload, _) = inner
+            .verified_payload(token, inner.keys.load_full())
+            .await?;
+        let checked = claims::parse_claims(payload, &inner.rules)?;
+        claims::check_times(&checked, &inner.rules, now)?;
+        Ok((checked, payload))
+    }
+}
+
 impl Inner {
     fn stale_for(&self) -> Option<Duration> {
         let since = self
@@ -278,6 +299,22 @@ impl Inner {
             return claims::check_per_call(&checked, &self.rules, caller, now);
         }
 
+        let (payload_b64, keys) = self.verified_payload(token, keys).await?;
+        let checked = Arc::new(claims::parse_claims(payload_b64, &self.rules)?);
+        let expires = checked.expires_at.saturating_add(self.rules.skew_secs);
+        self.cache
+            .insert(hash, Arc::clone(&checked), keys.generation(), expires, now);
+        claims::check_per_call(&checked, &self.rules, caller, now)
+    }
+
+    /// Checks the compact form, the JOSE header, finds the key and verifies the signature;
+    /// the payload segment (not yet decoded) and the key set it verified against. Shared by
+    /// user tokens and approval grants, so both follow the same RFC 8725 rules.
+    pub(super) async fn verified_payload<'t>(
+        &self,
+        token: &'t str,
+        keys: Arc<KeySet>,
+    ) -> Result<(&'t str, Arc<KeySet>), TokenRejection> {
         // RFC 7515 §7.1 compact serialization: exactly three base64url segments. Five
         // segments would be a JWE, which is not accepted here.
         let mut segments = token.split('.');
@@ -315,11 +352,7 @@ impl Inner {
         key.verify_sig(signing_input.as_bytes(), &signature)
             .map_err(|_| TokenRejection::BadSignature)?;
 
-        let checked = Arc::new(claims::parse_claims(payload_b64, &self.rules)?);
-        let expires = checked.expires_at.saturating_add(self.rules.skew_secs);
-        self.cache
-            .insert(hash, Arc::clone(&checked), keys.generation(), expires, now);
-        claims::check_per_call(&checked, &self.rules, caller, now)
+        Ok((payload_b64, keys))
     }
 
     /// An unknown `kid` may mean the issuer rotated keys: refetch the URL, at most once per

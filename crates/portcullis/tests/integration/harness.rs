@@ -57,9 +57,16 @@ pub struct Builder {
     workload_api: Option<(String, Ca)>,
     /// `policy.shadow_dir`: these *.cedar beside the shipped schema and entities.
     shadow: Option<String>,
+    /// Verify approval grants signed by this key (`approval:` block).
+    approver: Option<Arc<SigningKey>>,
+    /// Files written beside config.yaml before it is loaded: name → contents.
+    files: Vec<(String, String)>,
+    /// The CA to mint the serving SVID and agents from (default: a new one).
+    ca: Option<Ca>,
 }
 
 pub const ISSUER: &str = "https://idp.example.org";
+pub const APPROVER_ISSUER: &str = "https://approvals.example.org";
 pub const AUDIENCE: &str = "orders-api";
 
 pub struct Harness {
@@ -72,6 +79,8 @@ pub struct Harness {
     pub idp: Option<SigningKey>,
     /// The proxy's own token verifier (a shared handle), for its counters.
     pub verifier: Option<portcullis_identity::user_token::UserTokenVerifier>,
+    /// The key approval grants are signed with, when built with `approvals()`.
+    pub approver: Option<Arc<SigningKey>>,
 }
 
 impl Builder {
@@ -103,6 +112,24 @@ impl Builder {
 
     pub fn upstream(mut self, addr: SocketAddr) -> Self {
         self.upstream = Some(addr);
+        self
+    }
+
+    /// `approval:` trusting grants from [`APPROVER_ISSUER`] signed by a new key.
+    pub fn approvals(mut self) -> Self {
+        self.approver = Some(Arc::new(SigningKey::es256("approver-1")));
+        self
+    }
+
+    /// Writes `name` beside config.yaml before the config is loaded.
+    pub fn file(mut self, name: &str, contents: &str) -> Self {
+        self.files.push((name.to_owned(), contents.to_owned()));
+        self
+    }
+
+    /// Mints the serving SVID and agents from `ca` (so a test service can trust it too).
+    pub fn ca(mut self, ca: Ca) -> Self {
+        self.ca = Some(ca);
         self
     }
 
@@ -149,6 +176,7 @@ impl Builder {
     }
 
     pub async fn start(self) -> Harness {
+        let approver = self.approver.clone();
         let (dir, ca, upstream, idp) = self.write_config("127.0.0.1:0", "127.0.0.1:0").await;
         let config =
             Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
@@ -161,6 +189,7 @@ impl Builder {
             _running: Some(running),
             idp,
             verifier,
+            approver,
             dir,
             ca,
             upstream,
@@ -198,6 +227,7 @@ impl Builder {
                 _running: None,
                 idp: None,
                 verifier: None,
+                approver: None,
             },
             child,
         };
@@ -219,8 +249,14 @@ impl Builder {
         let dir = tempfile::tempdir().unwrap();
         let (workload_api, ca) = match self.workload_api {
             Some((endpoint, ca)) => (Some(endpoint), ca),
-            None => (None, Ca::new(TRUST_DOMAIN).unwrap()),
+            None => (
+                None,
+                self.ca.unwrap_or_else(|| Ca::new(TRUST_DOMAIN).unwrap()),
+            ),
         };
+        for (name, contents) in &self.files {
+            write(dir.path(), name, contents);
+        }
         let server = ca
             .leaf(
                 self.server_leaf
@@ -301,6 +337,16 @@ impl Builder {
             yaml.push_str(&format!(
                 "user_token:\n  jwks_file: jwks.json\n  jwks_refresh_interval: 100ms\n  issuers: [{ISSUER}]\n  audiences: [{AUDIENCE}]\n  max_lifetime: 1h\n{}",
                 self.user_token_yaml
+            ));
+        }
+        if let Some(approver) = &self.approver {
+            write(
+                dir.path(),
+                "approval-jwks.json",
+                &jwt::jwks(&[approver.as_ref()]),
+            );
+            yaml.push_str(&format!(
+                "approval:\n  jwks_file: approval-jwks.json\n  issuers: [{APPROVER_ISSUER}]\n  max_lifetime: 5m\n"
             ));
         }
         write(dir.path(), "config.yaml", &yaml);

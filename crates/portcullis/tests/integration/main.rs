@@ -7,9 +7,11 @@ mod harness;
 
 mod abuse;
 mod analyze;
+mod approval;
 mod audit;
 mod boundary;
 mod config;
+mod credentials;
 mod delegation;
 mod forwarding;
 mod handshake;

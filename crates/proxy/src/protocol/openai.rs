@@ -276,6 +276,21 @@ pub(crate) fn error_body(refusal: Refusal, model: Option<&str>, request_id: &str
             "the request was refused".to_owned(),
             None,
         ),
+        Refusal::InvalidApproval(_) => (
+            "authentication_error",
+            "the approval grant was rejected".to_owned(),
+            None,
+        ),
+        Refusal::ApprovalReplayed => (
+            "authentication_error",
+            "the approval grant was already used".to_owned(),
+            None,
+        ),
+        Refusal::RateLimited(_) => (
+            "rate_limit_error",
+            "rate limit exceeded; retry later".to_owned(),
+            None,
+        ),
         Refusal::AgentBusy => (
             "rate_limit_error",
             "too many requests in flight from this caller".to_owned(),
@@ -289,7 +304,8 @@ pub(crate) fn error_body(refusal: Refusal, model: Option<&str>, request_id: &str
         Refusal::AuditUnavailable
         | Refusal::UpstreamConnect
         | Refusal::UpstreamTimeout
-        | Refusal::UpstreamProtocol => (
+        | Refusal::UpstreamProtocol
+        | Refusal::CredentialUnavailable => (
             "server_error",
             "the model server is unavailable".to_owned(),
             None,

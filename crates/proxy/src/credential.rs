@@ -1,0 +1,552 @@
+//! `routes[].credential`: what the sidecar attaches to the upstream request after a permit, so
+//! the agent never holds an upstream credential (DESIGN principle 2; "Approval and upstream
+//! credentials").
+//!
+//! - `file`: a key in a file (a mounted Secret), re-read when its content changes; the
+//!   caller's own value of that header is removed and ours set.
+//! - `token_exchange`: RFC 8693. The verified user token is the `subject_token`; the sidecar
+//!   authenticates to the token service with its SVID over mTLS (RFC 8705 §2); the requested
+//!   scope is the route's, narrowed by the determining policies' `@scope` annotations. The
+//!   issued token is cached per (user, agent, audience, scope) until shortly before it
+//!   expires, and goes to the upstream as `authorization: Bearer …`, never to the agent.
+//!
+//! Failure denies: a token service that cannot be reached, refuses, or answers something
+//! unusable is 502 `credential_unavailable`, audited, and nothing is forwarded.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use portcullis_identity::LiveIdentity;
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, ServerName};
+use sha2::{Digest as _, Sha256};
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::audit::AuditGuard;
+use crate::error::Refusal;
+
+/// One route's credential, as configured.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialSpec {
+    /// `{file, header, prefix}`.
+    File {
+        path: PathBuf,
+        header: HeaderName,
+        /// Put in front of the file's content (e.g. `Bearer `).
+        prefix: String,
+    },
+    /// `{token_exchange: {endpoint, audience, scope, ca_file, timeout}}`.
+    TokenExchange(TokenExchangeSpec),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenExchangeSpec {
+    /// The token service's `https` endpoint.
+    pub endpoint: Uri,
+    /// RFC 8693 §2.1 `audience`: the upstream the token is for.
+    pub audience: String,
+    /// The widest scope requested; `@scope` annotations narrow it.
+    pub scope: Vec<String>,
+    /// Roots the token service's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// Connect, exchange and read, all together.
+    pub timeout: Duration,
+}
+
+/// Why a credential could not be set up at start (a config error).
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is empty or not a valid header value")]
+    Value(PathBuf),
+    #[error("ca_file {path}: {message}")]
+    CaFile { path: PathBuf, message: String },
+}
+
+/// A route's credential, ready to attach.
+#[derive(Debug)]
+pub(crate) enum Credential {
+    File(FileCredential),
+    Exchange(Exchanger),
+}
+
+impl Credential {
+    pub(crate) fn new(
+        spec: &CredentialSpec,
+        identity: watch::Receiver<Arc<LiveIdentity>>,
+    ) -> Result<Self, CredentialError> {
+        match spec {
+            CredentialSpec::File {
+                path,
+                header,
+                prefix,
+            } => FileCredential::load(path.clone(), header.clone(), prefix.clone()).map(Self::File),
+            CredentialSpec::TokenExchange(spec) => {
+                Exchanger::new(spec.clone(), identity).map(Self::Exchange)
+            }
+        }
+    }
+
+    /// The audit record's `credential` value.
+    fn kind(&self) -> &'static str {
+        match self {
+            Credential::File(_) => "file",
+            Credential::Exchange(_) => "token_exchange",
+        }
+    }
+}
+
+/// What the credential step needs to know about the call.
+#[derive(Debug)]
+pub(crate) struct Subject<'a> {
+    pub agent: &'a str,
+    /// `sub` and the token as presented, for a delegated call.
+    pub user: Option<(&'a str, &'a str)>,
+    pub scopes: &'a portcullis_policy::GrantedScopes,
+}
+
+/// Pipeline stage 5b, after the headers were rewritten and before forwarding: sets the
+/// route's credential on `headers`. Refusals are audited by the caller; the detail is here.
+pub(crate) async fn step(
+    shared: &Shared,
+    route: Option<usize>,
+    subject: Subject<'_>,
+    headers: &mut http::HeaderMap,
+    audit: &mut AuditGuard,
+) -> Result<(), Refusal> {
+    let Some(credential) = route.and_then(|index| shared.credentials.get(index)?.as_ref()) else {
+        return Ok(());
+    };
+    audit.record.credential = Some(credential.kind());
+    match credential {
+        Credential::File(file) => {
+            let (header, value) = file.current();
+            headers.remove(header);
+            headers.insert(header.clone(), value);
+            Ok(())
+        }
+        Credential::Exchange(exchanger) => {
+            let Some((user, token)) = subject.user else {
+                audit
+                    .record
+                    .errors
+                    .push("token exchange needs the user's token; none was presented".to_owned());
+                return Err(Refusal::InvalidUserToken("missing"));
+            };
+            let scope = subject.scopes.narrow(&exchanger.spec.scope);
+            if scope.is_empty() && !exchanger.spec.scope.is_empty() {
+                audit.record.errors.push(
+                    "no scope of the route is allowed by the determining policies' @scope"
+                        .to_owned(),
+                );
+                return Err(Refusal::PolicyDenied);
+            }
+            let count = |result: &str| {
+                shared
+                    .metrics
+                    .token_exchanges
+                    .with_label_values(&[result])
+                    .inc();
+            };
+            match exchanger
+                .credential(user, subject.agent, token, &scope.join(" "))
+                .await
+            {
+                Ok((value, cached)) => {
+                    count(if cached { "cached" } else { "ok" });
+                    headers.remove(http::header::AUTHORIZATION);
+                    headers.insert(http::header::AUTHORIZATION, value);
+                    Ok(())
+                }
+                Err(detail) => {
+                    count("failed");
+                    tracing::warn!(error = %detail, "token exchange failed");
+                    audit
+                        .record
+                        .errors
+                        .push(format!("token exchange: {detail}"));
+                    Err(Refusal::CredentialUnavailable)
+                }
+            }
+        }
+    }
+}
+
+/// The user's token as presented, when `route` exchanges it (else nothing is copied).
+pub(crate) fn subject_token(
+    shared: &Shared,
+    route: Option<usize>,
+    headers: &http::HeaderMap,
+) -> Option<String> {
+    let exchanges = matches!(
+        route.and_then(|index| shared.credentials.get(index)?.as_ref()),
+        Some(Credential::Exchange(_))
+    );
+    let tokens = shared.user_token.as_ref().filter(|_| exchanges)?;
+    presented_token(headers, &tokens.header).map(str::to_owned)
+}
+
+/// The caller's token as sent in `header` (without the `Bearer ` scheme).
+fn presented_token<'h>(headers: &'h http::HeaderMap, header: &HeaderName) -> Option<&'h str> {
+    let value = headers.get(header)?.to_str().ok()?;
+    if *header == http::header::AUTHORIZATION {
+        let (scheme, token) = value.split_once(' ')?;
+        return scheme.eq_ignore_ascii_case("bearer").then(|| token.trim());
+    }
+    Some(value.trim())
+}
+
+// ---- file -------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub(crate) struct FileCredential {
+    path: PathBuf,
+    header: HeaderName,
+    prefix: String,
+    current: ArcSwap<(HeaderValue, [u8; 32])>,
+}
+
+impl FileCredential {
+    fn load(path: PathBuf, header: HeaderName, prefix: String) -> Result<Self, CredentialError> {
+        let (value, hash) = read_value(&path, &prefix)?;
+        Ok(Self {
+            path,
+            header,
+            prefix,
+            current: ArcSwap::from_pointee((value, hash)),
+        })
+    }
+
+    fn current(&self) -> (&HeaderName, HeaderValue) {
+        (&self.header, self.current.load().0.clone())
+    }
+
+    /// Re-reads the file; a changed, valid content replaces the value in use. A file that is
+    /// missing or invalid keeps the last good value (a Secret mid-update), and says so.
+    pub(crate) fn reload(&self) {
+        match read_value(&self.path, &self.prefix) {
+            Ok((value, hash)) if hash != self.current.load().1 => {
+                self.current.store(Arc::new((value, hash)));
+                tracing::info!(path = %self.path.display(), "upstream credential reloaded");
+            }
+            Ok(_) => {}
+            Err(error) => {
+                tracing::warn!(%error, "upstream credential not reloaded; keeping the last good one");
+            }
+        }
+    }
+}
+
+fn read_value(path: &PathBuf, prefix: &str) -> Result<(HeaderValue, [u8; 32]), CredentialError> {
+    let bytes = std::fs::read(path).map_err(|source| CredentialError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let hash: [u8; 32] = Sha256::digest(&bytes).into();
+    let text = String::from_utf8_lossy(&bytes);
+    let key = text.trim();
+    if key.is_empty() {
+        return Err(CredentialError::Value(path.clone()));
+    }
+    let mut value = HeaderValue::from_str(&format!("{prefix}{key}"))
+        .map_err(|_| CredentialError::Value(path.clone()))?;
+    value.set_sensitive(true);
+    Ok((value, hash))
+}
+
+/// Keeps every file credential current until shutdown.
+pub(crate) async fn reload_files(
+    shared: Arc<Shared>,
+    interval: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => return,
+        }
+        for credential in shared.credentials.iter().flatten() {
+            if let Credential::File(file) = credential {
+                file.reload();
+            }
+        }
+    }
+}
+
+// ---- token exchange ---------------------------------------------------------------------
+
+/// RFC 8693 §2.1.
+const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 §3: the user token is a JWT.
+const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// Cached tokens at once; past it, tokens are still exchanged, just not remembered.
+const MAX_CACHED: usize = 10_000;
+/// Largest token service answer read.
+const MAX_RESPONSE_BYTES: usize = 64 * 1024;
+
+#[derive(Debug)]
+pub(crate) struct Exchanger {
+    spec: TokenExchangeSpec,
+    tls: Arc<rustls::ClientConfig>,
+    /// The sidecar's identity: its SVID is the client certificate, its id the `client_id`.
+    identity: watch::Receiver<Arc<LiveIdentity>>,
+    cache: Mutex<HashMap<CacheKey, Cached>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    user: String,
+    agent: String,
+    scope: String,
+}
+
+#[derive(Debug, Clone)]
+struct Cached {
+    value: HeaderValue,
+    /// Shortly before the token expires: after this it is exchanged again.
+    refresh_at: Instant,
+}
+
+/// Presents the SVID in force at each handshake (rotations are picked up).
+#[derive(Debug)]
+struct SvidClientCert(watch::Receiver<Arc<LiveIdentity>>);
+
+impl rustls::client::ResolvesClientCert for SvidClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.borrow().client_key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+impl Exchanger {
+    fn new(
+        spec: TokenExchangeSpec,
+        identity: watch::Receiver<Arc<LiveIdentity>>,
+    ) -> Result<Self, CredentialError> {
+        let ca_error = |message: String| CredentialError::CaFile {
+            path: spec.ca_file.clone(),
+            message,
+        };
+        let certs = CertificateDer::pem_file_iter(&spec.ca_file)
+            .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| ca_error(e.to_string()))?;
+        let mut roots = rustls::RootCertStore::empty();
+        let (added, _) = roots.add_parsable_certificates(certs);
+        if added == 0 {
+            return Err(ca_error("no CA certificate in it".to_owned()));
+        }
+        let config =
+            rustls::ClientConfig::builder_with_provider(portcullis_identity::crypto_provider())
+                .with_safe_default_protocol_versions()
+                .map_err(|e| ca_error(e.to_string()))?
+                .with_root_certificates(roots)
+                .with_client_cert_resolver(Arc::new(SvidClientCert(identity.clone())));
+        Ok(Self {
+            spec,
+            identity,
+            tls: Arc::new(config),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The `authorization` value for this call, and whether it came from the cache.
+    async fn credential(
+        &self,
+        user: &str,
+        agent: &str,
+        subject_token: &str,
+        scope: &str,
+    ) -> Result<(HeaderValue, bool), String> {
+        let key = CacheKey {
+            user: user.to_owned(),
+            agent: agent.to_owned(),
+            scope: scope.to_owned(),
+        };
+        let now = Instant::now();
+        if let Ok(cache) = self.cache.lock()
+            && let Some(cached) = cache.get(&key)
+            && now < cached.refresh_at
+        {
+            return Ok((cached.value.clone(), true));
+        }
+        let (value, lifetime) =
+            tokio::time::timeout(self.spec.timeout, self.exchange(subject_token, scope))
+                .await
+                .map_err(|_| "token service did not answer in time".to_owned())??;
+        if let Some(lifetime) = lifetime
+            && let Ok(mut cache) = self.cache.lock()
+        {
+            // Refresh a tenth of the lifetime early (at least 5s, at most a minute), so a
+            // token never reaches the upstream in its last moments.
+            let margin = (lifetime / 10).clamp(Duration::from_secs(5), Duration::from_secs(60));
+            if let Some(usable) = lifetime.checked_sub(margin) {
+                if cache.len() >= MAX_CACHED {
+                    cache.retain(|_, cached| now < cached.refresh_at);
+                }
+                if cache.len() < MAX_CACHED {
+                    cache.insert(
+                        key,
+                        Cached {
+                            value: value.clone(),
+                            refresh_at: now + usable,
+                        },
+                    );
+                }
+            }
+        }
+        Ok((value, false))
+    }
+
+    /// One RFC 8693 exchange over mTLS: the header value and the token's lifetime.
+    async fn exchange(
+        &self,
+        subject_token: &str,
+        scope: &str,
+    ) -> Result<(HeaderValue, Option<Duration>), String> {
+        let endpoint = &self.spec.endpoint;
+        let client_id = self.identity.borrow().serving.id.to_string();
+        let host = endpoint.host().ok_or("endpoint has no host")?;
+        let port = endpoint.port_u16().unwrap_or(443);
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port))
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_owned())
+            .map_err(|e| format!("server name: {e}"))?;
+        let tls = tokio_rustls::TlsConnector::from(self.tls.clone())
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("tls: {e}"))?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .map_err(|e| format!("http: {e}"))?;
+        tokio::spawn(connection);
+        let mut form = vec![
+            ("grant_type", GRANT_TYPE),
+            ("subject_token", subject_token),
+            ("subject_token_type", JWT_TOKEN_TYPE),
+            ("audience", self.spec.audience.as_str()),
+            // RFC 8705 §2: with mTLS client authentication the client still names itself;
+            // the certificate, not this value, is what authenticates.
+            ("client_id", client_id.as_str()),
+        ];
+        if !scope.is_empty() {
+            form.push(("scope", scope));
+        }
+        let body = form
+            .iter()
+            .map(|(k, v)| format!("{}={}", form_encode(k), form_encode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let request = Request::post(endpoint.clone())
+            .header(
+                http::header::HOST,
+                endpoint.authority().map_or(host, |a| a.as_str()),
+            )
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("exchange: {e}"))?;
+        let status = response.status();
+        let body = Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?
+            .to_bytes();
+        if !status.is_success() {
+            // RFC 8693 §2.2.2: an OAuth error object; its code is safe to record.
+            let code = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+                .unwrap_or_default();
+            return Err(format!("token service answered {status} {code}"));
+        }
+        parse_answer(&body)
+    }
+}
+
+/// RFC 8693 §2.2.1: `access_token`, `issued_token_type`, `token_type`, `expires_in`.
+fn parse_answer(body: &[u8]) -> Result<(HeaderValue, Option<Duration>), String> {
+    let answer: serde_json::Value =
+        serde_json::from_slice(body).map_err(|_| "answer is not JSON".to_owned())?;
+    let token = answer
+        .get("access_token")
+        .and_then(|v| v.as_str())
+        .filter(|t| !t.is_empty())
+        .ok_or("answer has no access_token")?;
+    match answer.get("token_type").and_then(|v| v.as_str()) {
+        Some(kind) if kind.eq_ignore_ascii_case("bearer") || kind.eq_ignore_ascii_case("n_a") => {}
+        _ => return Err("answer's token_type is not Bearer".to_owned()),
+    }
+    let lifetime = answer
+        .get("expires_in")
+        .and_then(serde_json::Value::as_u64)
+        .map(Duration::from_secs);
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}"))
+        .map_err(|_| "access_token is not a valid header value".to_owned())?;
+    value.set_sensitive(true);
+    Ok((value, lifetime))
+}
+
+/// `application/x-www-form-urlencoded` (WHATWG URL §5.2): unreserved bytes as they are,
+/// space as `+`, everything else percent-encoded.
+fn form_encode(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'*' | b'-' | b'.' | b'_' => {
+                out.push(char::from(byte));
+            }
+            b' ' => out.push('+'),
+            other => out.push_str(&format!("%{other:02X}")),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_encoding_escapes_what_it_must() {
+        assert_eq!(form_encode("a b+c/d=é"), "a+b%2Bc%2Fd%3D%C3%A9");
+        assert_eq!(form_encode("orders:read"), "orders%3Aread");
+    }
+
+    #[test]
+    fn answers_without_a_usable_bearer_token_are_refused() {
+        assert!(parse_answer(br#"{"token_type":"Bearer"}"#).is_err());
+        assert!(parse_answer(br#"{"access_token":"t","token_type":"DPoP"}"#).is_err());
+        assert!(parse_answer(b"not json").is_err());
+        let (value, lifetime) =
+            parse_answer(br#"{"access_token":"t","token_type":"Bearer","expires_in":60}"#).unwrap();
+        assert_eq!(value, "Bearer t");
+        assert_eq!(lifetime, Some(Duration::from_secs(60)));
+    }
+}
