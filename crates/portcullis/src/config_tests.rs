@@ -38,27 +38,24 @@ limits:
   idle_timeout: forever
   shredder: 1
 "#;
-    let errors = Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
-        .unwrap_err()
-        .0;
-    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-    for want in [
-        "colour",
-        "limits.shredder",
-        "listen",
-        "upstream",
-        "tls.cert",
-        "tls.key",
-        "tls.trust_bundles.Bad.Domain",
-        "policy.mode",
-        "policy.dir",
-        "routes[0]",
-        "routes[1].protocol",
-        "routes[1].weight",
-        "limits.idle_timeout",
-    ] {
-        assert!(paths.contains(&want), "missing {want} in {errors:#?}");
-    }
+    assert_errors_at(
+        yaml,
+        &[
+            "colour",
+            "limits.shredder",
+            "listen",
+            "upstream",
+            "tls.cert",
+            "tls.key",
+            "tls.trust_bundles.Bad.Domain",
+            "policy.mode",
+            "policy.dir",
+            "routes[0]",
+            "routes[1].protocol",
+            "routes[1].weight",
+            "limits.idle_timeout",
+        ],
+    );
 }
 
 #[test]
@@ -125,22 +122,19 @@ audit:
   signing_key: no-such-key.pem
   checkpoint_interval: soon
 "#;
-    let errors = Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
-        .unwrap_err()
-        .0;
-    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-    for want in [
-        "routes[0].match_case",
-        "user_token.jwks_max_stale",
-        "user_token.allowed_types",
-        "user_token.issuer_keys[0].issuer",
-        "user_token.issuer_keys[1].issuer",
-        "user_token.issuer_keys[2]",
-        "audit.signing_key",
-        "audit.checkpoint_interval",
-    ] {
-        assert!(paths.contains(&want), "missing {want} in {errors:#?}");
-    }
+    assert_errors_at(
+        yaml,
+        &[
+            "routes[0].match_case",
+            "user_token.jwks_max_stale",
+            "user_token.allowed_types",
+            "user_token.issuer_keys[0].issuer",
+            "user_token.issuer_keys[1].issuer",
+            "user_token.issuer_keys[2]",
+            "audit.signing_key",
+            "audit.checkpoint_interval",
+        ],
+    );
 }
 
 #[test]
@@ -162,20 +156,28 @@ limits:
     - per: tool
       requests_per_minute: 0
 "#;
+    assert_errors_at(
+        yaml,
+        &[
+            "approval.jwks_file",
+            "approval.issuers",
+            "approval.max_lifetime",
+            "approval.max_tracked_grants",
+            "limits.rate[0].per",
+            "limits.rate[1].requests_per_minute",
+            "limits.rate[1].burst",
+            "limits.rate[2].requests_per_minute",
+        ],
+    );
+}
+
+/// Loading `yaml` fails with an error at each of `paths` (among others).
+fn assert_errors_at(yaml: &str, paths: &[&str]) {
     let errors = Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
         .unwrap_err()
         .0;
-    let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
-    for want in [
-        "approval.jwks_file",
-        "approval.issuers",
-        "approval.max_lifetime",
-        "approval.max_tracked_grants",
-        "limits.rate[0].per",
-        "limits.rate[1].requests_per_minute",
-        "limits.rate[1].burst",
-        "limits.rate[2].requests_per_minute",
-    ] {
-        assert!(paths.contains(&want), "{want} missing from {paths:?}");
+    let found: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    for want in paths {
+        assert!(found.contains(want), "missing {want} in {errors:#?}");
     }
 }

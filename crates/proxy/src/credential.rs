@@ -271,11 +271,7 @@ pub(crate) async fn reload_files(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => return,
-        }
+    while crate::beat(interval, &mut shutdown).await {
         for credential in shared.credentials.iter().flatten() {
             if let Credential::File(file) = credential {
                 file.reload();

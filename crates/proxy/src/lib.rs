@@ -467,6 +467,14 @@ async fn follow_identity(
     }
 }
 
+/// The beat of every reload loop: true after `interval`, false once shutdown begins.
+pub(crate) async fn beat(interval: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(interval) => true,
+        _ = shutdown.changed() => false,
+    }
+}
+
 fn now_unix() -> i64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
@@ -482,11 +490,7 @@ async fn reload_policies(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut failing_hash: Option<String> = None;
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => return,
-        }
+    while crate::beat(interval, &mut shutdown).await {
         let engine = policy.clone();
         let Ok(outcome) = tokio::task::spawn_blocking(move || engine.reload()).await else {
             continue;

@@ -76,11 +76,7 @@ pub(crate) async fn reload(
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        tokio::select! {
-            () = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => return,
-        }
+    while crate::beat(interval, &mut shutdown).await {
         let engine = shadow.clone();
         let Ok(outcome) = tokio::task::spawn_blocking(move || engine.reload()).await else {
             continue;
