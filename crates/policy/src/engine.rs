@@ -263,10 +263,10 @@ impl PolicySnapshot {
             .map(|prepared| &prepared.entities);
         let (agent, user) = match self.agent_for(input.agent, prepared) {
             Ok(parts) => (
-                self.ask_agent(input, &parts, selection, cache),
+                self.ask(Asker::Agent, &parts, input, selection, cache),
                 input
                     .user
-                    .map(|user| self.ask_user(input, user, &parts, selection, cache)),
+                    .map(|user| self.ask(Asker::User(user), &parts, input, selection, cache)),
             ),
             // Cannot happen for a parsed SPIFFE ID; if it did, no question can be asked.
             Err(e) => {
@@ -315,27 +315,6 @@ impl PolicySnapshot {
             Some(prepared) if prepared.id == *agent => prepared.parts_for(self),
             _ => self.agent_parts(agent).map(Arc::new),
         }
-    }
-
-    fn ask_agent(
-        &self,
-        input: &AuthzInput<'_>,
-        agent: &AgentParts,
-        selection: Selection,
-        cache: Option<&EntityCache>,
-    ) -> QueryOutcome {
-        self.ask(Asker::Agent, agent, input, selection, cache)
-    }
-
-    fn ask_user(
-        &self,
-        input: &AuthzInput<'_>,
-        user: &UserClaims,
-        agent: &AgentParts,
-        selection: Selection,
-        cache: Option<&EntityCache>,
-    ) -> QueryOutcome {
-        self.ask(Asker::User(user), agent, input, selection, cache)
     }
 
     fn ask(
