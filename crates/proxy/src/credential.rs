@@ -7,8 +7,9 @@
 //! - `token_exchange`: RFC 8693. The verified user token is the `subject_token`; the sidecar
 //!   authenticates to the token service with its SVID over mTLS (RFC 8705 §2); the requested
 //!   scope is the route's, narrowed by the determining policies' `@scope` annotations. The
-//!   issued token is cached per (user, agent, audience, scope) until shortly before it
-//!   expires, and goes to the upstream as `authorization: Bearer …`, never to the agent.
+//!   issued token is cached per (user's issuer and subject, agent, audience, scope) until
+//!   shortly before it expires, and goes to the upstream as `authorization: Bearer …`,
+//!   never to the agent.
 //!
 //! Failure denies: a token service that cannot be reached, refuses, or answers something
 //! unusable is 502 `credential_unavailable`, audited, and nothing is forwarded.
@@ -111,8 +112,9 @@ impl Credential {
 #[derive(Debug)]
 pub(crate) struct Subject<'a> {
     pub agent: &'a str,
-    /// `sub` and the token as presented, for a delegated call.
-    pub user: Option<(&'a str, &'a str)>,
+    /// The verified user (`iss` and `sub`: the same `sub` at two issuers is two users) and
+    /// the token as presented, for a delegated call.
+    pub user: Option<(&'a portcullis_core::UserClaims, &'a str)>,
     pub scopes: &'a portcullis_policy::GrantedScopes,
 }
 
@@ -160,7 +162,12 @@ pub(crate) async fn step(
                     .inc();
             };
             match exchanger
-                .credential(user, subject.agent, token, &scope.join(" "))
+                .credential(
+                    (&user.issuer, &user.subject),
+                    subject.agent,
+                    token,
+                    &scope.join(" "),
+                )
                 .await
             {
                 Ok((value, cached)) => {
@@ -302,6 +309,7 @@ pub(crate) struct Exchanger {
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
+    issuer: String,
     user: String,
     agent: String,
     scope: String,
@@ -366,12 +374,13 @@ impl Exchanger {
     /// The `authorization` value for this call, and whether it came from the cache.
     async fn credential(
         &self,
-        user: &str,
+        (issuer, user): (&str, &str),
         agent: &str,
         subject_token: &str,
         scope: &str,
     ) -> Result<(HeaderValue, bool), String> {
         let key = CacheKey {
+            issuer: issuer.to_owned(),
             user: user.to_owned(),
             agent: agent.to_owned(),
             scope: scope.to_owned(),

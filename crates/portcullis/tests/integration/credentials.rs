@@ -123,6 +123,48 @@ async fn the_user_token_is_exchanged_over_mtls_for_a_narrowed_scope_once_per_lif
 }
 
 #[tokio::test]
+async fn the_same_subject_at_another_issuer_is_another_user_with_its_own_token() {
+    use portcullis_test_support::jwt;
+    const PARTNER: &str = "https://partner.example.com";
+    let partner = jwt::SigningKey::es256("partner-1");
+    let ca = Ca::new(TRUST_DOMAIN).unwrap();
+    let service = TokenService::start(&ca, 600).await;
+    let h = Harness::builder()
+        .ca(ca)
+        .policies(POLICIES)
+        .user_tokens()
+        .file("partner.json", &jwt::jwks(&[&partner]))
+        .user_token_yaml(&format!(
+            "  issuer_keys:\n    - issuer: {PARTNER}\n      jwks_file: partner.json\n"
+        ))
+        .yaml(&format!(
+            "routes:\n  - path_prefix: /api\n    credential:\n      token_exchange:\n        endpoint: {}\n        audience: orders-backend\n        scope: orders:read\n        ca_file: ca.pem\n",
+            service.endpoint()
+        ))
+        .start()
+        .await;
+    let alice_at_partner = partner.token(&jwt::claims(
+        PARTNER,
+        crate::harness::AUDIENCE,
+        "alice",
+        TRIAGE,
+        jwt::now(),
+    ));
+    assert_eq!(call(&h, &h.token("alice", &["staff"], TRIAGE)).await, 200);
+    assert_eq!(call(&h, &alice_at_partner).await, 200);
+    let exchanges = service.exchanges();
+    assert_eq!(
+        exchanges.len(),
+        2,
+        "the partner's alice got the IdP alice's token"
+    );
+    assert_eq!(exchanges[1].form["subject_token"], alice_at_partner);
+    let seen = h.upstream.requests();
+    assert_eq!(seen[0].headers["authorization"], "Bearer exchanged-1");
+    assert_eq!(seen[1].headers["authorization"], "Bearer exchanged-2");
+}
+
+#[tokio::test]
 async fn a_failing_or_unreachable_token_service_is_502_and_nothing_is_forwarded() {
     let ca = Ca::new(TRUST_DOMAIN).unwrap();
     let service = TokenService::start(&ca, 600).await;
