@@ -4,8 +4,9 @@
 #   upstream      nginx serving 1 KiB (and a raw-socket SSE server for the first-byte rows)
 #   direct        oha → upstream
 #   nginx-mtls    oha → nginx (TLS 1.3, client certificate verified) → upstream: the baseline
-#   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, and with a
-#                 user token (10 policies)
+#   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, with a
+#                 user token (10 policies), and with that token exchanged for the upstream's
+#                 credential (RFC 8693, served from the cache after the first call)
 #
 # For each: p50 and p99 at a fixed rate (oha -q, latency correction on), max rps (unlimited),
 # CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
@@ -195,6 +196,15 @@ if "$LOAD"; then
     measure "portcullis-token" "https://127.0.0.1:19443/bench/1k" "$pid" \
         -H "x-portcullis-user-token: $(cat "$work/token.txt")"
     stop "$pid"
+    # The same, with the token exchanged for an upstream credential (RFC 8693, cached).
+    coproc STS { taskset -c "$LOAD_CORE" "$TOOL" token-service "$work"; }
+    read -r _ready <&"${STS[0]}"
+    portcullis exchange
+    measure "portcullis-exchange" "https://127.0.0.1:19443/bench/1k" "$pid" \
+        -H "x-portcullis-user-token: $(cat "$work/token.txt")"
+    stop "$pid"
+    exec {STS[1]}>&-
+    wait "$STS_PID" 2>/dev/null || true
 fi
 
 log "first byte"

@@ -11,6 +11,10 @@
 //!   line of results per measurement.
 //! - `hold ADDR DIR N`: opens N mTLS connections (one request each) and keeps them open until
 //!   stdin closes, for the memory measurement.
+//! - `token-service DIR`: an RFC 8693 token service (test-support's, accepting the fixtures'
+//!   SVIDs as clients) and `portcullis-exchange.yaml`, the user-token variant whose route
+//!   exchanges the token upstream; prints `ready` and serves until stdin closes. With one user
+//!   the exchanged token is cached after the first call: the row measures the cached path.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -60,10 +64,11 @@ fn main() {
             Path::new(&args[2]),
             args[3].parse().unwrap(),
         )),
+        Some("token-service") => runtime.block_on(token_service(Path::new(&args[1]))),
         _ => {
             eprintln!(
                 "usage: portcullis-bench fixtures DIR | sse-upstream ADDR GAP_MS EVENTS | \
-                 firstbyte (http|https)://ADDR DIR | hold ADDR DIR N"
+                 firstbyte (http|https)://ADDR DIR | hold ADDR DIR N | token-service DIR"
             );
             std::process::exit(64);
         }
@@ -106,6 +111,36 @@ fn fixtures(dir: &Path) {
         .replace("http://127.0.0.1:18080", "http://127.0.0.1:18081")
         .replace("audit-10.jsonl", "audit-firstbyte.jsonl");
     write("portcullis-firstbyte.yaml", &streaming);
+}
+
+async fn token_service(dir: &Path) {
+    use rustls::pki_types::pem::PemObject as _;
+    let fixtures_ca = CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap();
+    let ca = Ca::new("sts.example.org").unwrap();
+    // Tokens for an hour: the whole run is served from the cache after the first call.
+    let service = portcullis_test_support::token_exchange::TokenService::start_trusting(
+        &ca,
+        &[fixtures_ca],
+        3_600,
+    )
+    .await;
+    std::fs::write(dir.join("sts-ca.pem"), ca.cert_pem()).unwrap();
+    let yaml = config(dir, 10, true).replace("audit-token.jsonl", "audit-exchange.jsonl")
+        + &format!(
+            "routes:\n  - path_prefix: /bench\n    credential:\n      token_exchange:\n        \
+             endpoint: {}\n        audience: bench-backend\n        scope: bench:read\n        \
+             ca_file: sts-ca.pem\n",
+            service.endpoint()
+        );
+    std::fs::write(dir.join("portcullis-exchange.yaml"), yaml).unwrap();
+    println!("ready");
+    // Serves (on this runtime) until the script closes our stdin.
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut sink = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)
+    })
+    .await;
+    eprintln!("token service: {} exchanges", service.issued());
 }
 
 /// One permit per agent (a security team's policy per workload), a forbid every tenth, and

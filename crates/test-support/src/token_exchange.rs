@@ -54,11 +54,23 @@ impl TokenService {
     /// Serves with a certificate for `localhost` from `ca`, and accepts only clients whose
     /// certificate chains to `ca`. Issued tokens say `expires_in: lifetime_secs`.
     pub async fn start(ca: &Ca, lifetime_secs: u64) -> Self {
+        Self::start_trusting(ca, &[ca.cert_der()], lifetime_secs).await
+    }
+
+    /// Serves with a certificate from `ca`, and accepts clients whose certificate chains to
+    /// one of `client_roots`.
+    pub async fn start_trusting(
+        ca: &Ca,
+        client_roots: &[CertificateDer<'static>],
+        lifetime_secs: u64,
+    ) -> Self {
         let leaf = ca
             .leaf(&LeafSpec::server("spiffe://prod.example.org/token-service"))
             .expect("token service certificate");
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.cert_der()).expect("ca root");
+        for root in client_roots {
+            roots.add(root.clone()).expect("client root");
+        }
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
             Arc::new(roots),
