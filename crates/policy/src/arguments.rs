@@ -14,6 +14,11 @@
 //! - a tool the schema does not declare gets `{}`, as does every tool while a `tools/list`
 //!   result is filtered (the proxy then sends no `arguments` at all).
 //!
+//! The server's tool annotations (`context.tool.annotations`, which the proxy remembers from
+//! the `tools/list` results it filtered) are projected the same way onto the record the
+//! schema's `ToolCall.annotations` declares, and removed when the schema declares none, so
+//! a schema written before annotations existed keeps validating.
+//!
 //! This module does not decide anything and does not read the arguments' meaning.
 
 use std::collections::BTreeMap;
@@ -22,6 +27,10 @@ use serde_json::{Map, Value};
 
 /// The common type holding the per-tool argument records.
 pub(crate) const TOOL_ARGUMENTS_TYPE: &str = "ToolArguments";
+
+/// The common type of `context.tool`, whose optional `annotations` attribute declares the
+/// tool annotations policies may read.
+pub(crate) const TOOL_CALL_TYPE: &str = "ToolCall";
 
 /// Declared shape of a value: a record whose attributes are known, or anything else (which
 /// Cedar checks itself).
@@ -36,6 +45,8 @@ pub(crate) enum Shape {
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ToolArgumentShapes {
     tools: BTreeMap<String, Shape>,
+    /// The shape of `ToolCall.annotations`; `None` when the schema declares no annotations.
+    annotations: Option<Shape>,
 }
 
 /// Nested common-type references deeper than this are treated as leaves (Cedar checks them);
@@ -54,7 +65,11 @@ impl ToolArgumentShapes {
             Shape::Record(tools) => tools,
             Shape::Leaf => BTreeMap::new(),
         };
-        Ok(Self { tools })
+        let annotations = match shape(common, &common[TOOL_CALL_TYPE], 0) {
+            Shape::Record(mut attrs) => attrs.remove("annotations"),
+            Shape::Leaf => None,
+        };
+        Ok(Self { tools, annotations })
     }
 
     /// Replaces `tool.arguments` (the raw JSON the caller sent, or absent) with its
@@ -67,6 +82,13 @@ impl ToolArgumentShapes {
             projected.insert(name, project(shape, &raw));
         }
         tool["arguments"] = Value::Object(projected);
+        // Removed, and put back projected only when the schema declares annotations.
+        if let Some(object) = tool.as_object_mut()
+            && let Some(given) = object.remove("annotations")
+            && let Some(shape) = &self.annotations
+        {
+            object.insert("annotations".to_owned(), project(shape, &given));
+        }
     }
 }
 
@@ -156,6 +178,32 @@ mod tests {
         assert_eq!(tool["arguments"], json!({}));
         let mut tool = json!({"name": "refund"});
         shapes.project_into(&mut tool);
+        assert_eq!(tool["arguments"], json!({}));
+    }
+
+    #[test]
+    fn annotations_are_projected_or_dropped_by_the_schema() {
+        let declared = format!(
+            "{SCHEMA}
+            type Hints = {{ readOnlyHint?: Bool, destructiveHint?: Bool }};
+            type ToolCall = {{ name: String, arguments: ToolArguments, annotations?: Hints }};"
+        );
+        let shapes = ToolArgumentShapes::from_cedarschema(&declared).unwrap();
+        let mut tool = json!({
+            "name": "refund",
+            "annotations": {"destructiveHint": true, "openWorldHint": false},
+        });
+        shapes.project_into(&mut tool);
+        assert_eq!(tool["annotations"], json!({"destructiveHint": true}));
+        let mut tool = json!({"name": "refund"});
+        shapes.project_into(&mut tool);
+        assert_eq!(tool.get("annotations"), None);
+
+        // A schema from before annotations: the key goes, so the context still validates.
+        let shapes = ToolArgumentShapes::from_cedarschema(SCHEMA).unwrap();
+        let mut tool = json!({"name": "refund", "annotations": {"readOnlyHint": true}});
+        shapes.project_into(&mut tool);
+        assert_eq!(tool.get("annotations"), None);
         assert_eq!(tool["arguments"], json!({}));
     }
 

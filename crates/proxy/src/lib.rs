@@ -189,6 +189,8 @@ pub(crate) struct Shared {
     rates: rate::RateLimits,
     /// `routes[].credential`, by route index.
     credentials: Vec<Option<credential::Credential>>,
+    /// What the listings filtered on each route said about its tools.
+    tool_annotations: Arc<protocol::annotations::ToolAnnotations>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -274,6 +276,9 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             Some(credential::CredentialSpec::File { .. })
         )
     });
+    let tool_annotations = Arc::new(protocol::annotations::ToolAnnotations::new(
+        options.routes.len(),
+    ));
     let shared = Arc::new(Shared {
         policy: options.policy.clone(),
         shadow_policy: options.shadow_policy.clone(),
@@ -298,6 +303,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         approvals: approval::Approvals::new(options.approval.clone()),
         rates: rate::RateLimits::new(options.rate.clone()),
         credentials,
+        tool_annotations,
     });
     let admin_state = Arc::new(admin::AdminState {
         metrics: metrics.clone(),

@@ -238,7 +238,7 @@ async fn authorize_and_forward(
     };
     // Waiting for the caller's body is not decision time.
     let before_body = decision_started.elapsed();
-    let inspected = protocol::inspect(
+    let mut inspected = protocol::inspect(
         &classified,
         &method,
         &path,
@@ -251,6 +251,9 @@ async fn authorize_and_forward(
     let decision_started = Instant::now()
         .checked_sub(before_body)
         .unwrap_or_else(Instant::now);
+    if let Some(route) = classified.route {
+        annotate_tool_calls(shared, route, &mut inspected.calls);
+    }
     let request_info = RequestInfo {
         method: &method,
         path: &path,
@@ -433,10 +436,7 @@ async fn authorize_and_forward(
         classified.route,
         credential::Subject {
             agent: conn.agent.as_str(),
-            user: user
-                .as_ref()
-                .zip(subject_token.as_deref())
-                .map(|(user, token)| (user.subject.as_str(), token)),
+            user: user.as_ref().zip(subject_token.as_deref()),
             scopes: &scopes,
         },
         &mut parts.headers,
@@ -472,12 +472,32 @@ async fn authorize_and_forward(
     let Some(listed) = inspected.listing else {
         return Ok(response);
     };
-    let filter = tool_filter(shared, conn, user, &method, &path, &host, listed);
+    let filter = tool_filter(
+        shared,
+        conn,
+        user,
+        (&method, &path, &host),
+        listed,
+        classified.route,
+    );
     filter.apply(response).await.map_err(|error| {
         tracing::warn!(request_id, %error, "tools/list response could not be filtered");
         audit.record.errors.push(error.to_string());
         Refusal::UpstreamProtocol
     })
+}
+
+/// Gives each `tools/call` the annotations the server last listed for its tool on this
+/// route (`context.tool.annotations`; absent when it never listed any).
+fn annotate_tool_calls(shared: &Shared, route: usize, calls: &mut [protocol::Call]) {
+    for call in calls {
+        if let (portcullis_core::Action::CallTool, portcullis_core::Resource::Tool(tool)) =
+            (call.action, &call.resource)
+            && let Some(hints) = shared.tool_annotations.get(route, tool)
+        {
+            protocol::mcp::annotate(call, hints);
+        }
+    }
 }
 
 /// On an MCP route, the session id the request carries, which must have been issued to
@@ -506,10 +526,9 @@ fn tool_filter(
     shared: &Shared,
     conn: &ConnectionIdentity,
     user: Option<portcullis_core::UserClaims>,
-    method: &str,
-    path: &str,
-    host: &str,
+    (method, path, host): (&str, &str, &str),
     listed: protocol::filter::Listed,
+    route: Option<usize>,
 ) -> protocol::filter::ToolFilter {
     let policy = shared.policy.clone();
     let agent = conn.agent.clone();
@@ -518,8 +537,8 @@ fn tool_filter(
     let client_address = conn.client_address.clone();
     protocol::filter::ToolFilter::new(
         listed,
-        Box::new(move |tool| {
-            let call = protocol::mcp::listing_call(tool);
+        Box::new(move |tool, hints| {
+            let call = protocol::mcp::listing_call(tool, hints);
             let evaluation = policy.evaluate_prepared(
                 &prepared,
                 &AuthzInput {
@@ -547,6 +566,7 @@ fn tool_filter(
                 Decision::Deny => false,
             }
         }),
+        route.map(|route| (shared.tool_annotations.clone(), route)),
     )
 }
 

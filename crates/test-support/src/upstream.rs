@@ -5,7 +5,8 @@
 //!   SSE pacing is either a fixed delay (the demo) or a gate a test opens event by event, so a
 //!   test can prove each event crossed the proxy before the next one existed.
 //! - `POST /mcp` and `POST /mcp-sse`: a minimal MCP server (JSON-RPC 2.0): `tools/list`
-//!   lists `search_tickets`, `refund` and `delete_everything`; `tools/call` answers with the
+//!   lists `search_tickets` (annotated read-only), `refund` and `delete_everything` (both
+//!   annotated destructive); `tools/call` answers with the
 //!   tool's name; other requests get an empty result, notifications 202. `/mcp` answers in
 //!   JSON, `/mcp-sse` as one SSE event preceded by a progress notification.
 //! - `GET /slow`: answers after a minute (upstream timeout tests).
@@ -272,9 +273,12 @@ fn mcp(body: &[u8], sse: bool) -> Response<Body> {
         let id = message.get("id")?;
         let result = match message["method"].as_str() {
             Some("tools/list") => serde_json::json!({"tools": [
-                {"name": "search_tickets", "inputSchema": {"type": "object"}},
-                {"name": "refund", "inputSchema": {"type": "object"}},
-                {"name": "delete_everything", "inputSchema": {"type": "object"}},
+                {"name": "search_tickets", "inputSchema": {"type": "object"},
+                 "annotations": {"title": "Search tickets", "readOnlyHint": true, "openWorldHint": false}},
+                {"name": "refund", "inputSchema": {"type": "object"},
+                 "annotations": {"destructiveHint": true, "idempotentHint": false}},
+                {"name": "delete_everything", "inputSchema": {"type": "object"},
+                 "annotations": {"destructiveHint": true}},
             ]}),
             Some("tools/call") => serde_json::json!({
                 "content": [{"type": "text", "text": format!("called {}", message["params"]["name"])}],

@@ -321,3 +321,134 @@ async fn the_example_approver_script_signs_a_grant_the_sidecar_accepts() {
     let (status, _) = call(&h, TRIAGE, &refund(40), Some(grant.trim())).await;
     assert_eq!(status, 401);
 }
+
+/// "Only read-only tools run without approval", written once for every tool: the hints come
+/// from the server's own `tools/list` result, per route, never from the agent.
+const BY_ANNOTATION: &str = r#"
+@id("mcp-lifecycle") permit (principal, action in [Action::"mcp_initialize", Action::"list_tools"], resource);
+@id("read-only-tools") permit (principal, action == Action::"call_tool", resource)
+when { context.tool has annotations.readOnlyHint && context.tool.annotations.readOnlyHint };
+@id("other-tools-need-approval") @approval("required")
+permit (principal, action == Action::"call_tool", resource)
+unless { context.tool has annotations.readOnlyHint && context.tool.annotations.readOnlyHint };
+"#;
+
+fn tool_call(name: &str, extra_params: Value) -> String {
+    let mut params = json!({"name": name, "arguments": {}});
+    for (key, value) in extra_params.as_object().unwrap() {
+        params[key] = value.clone();
+    }
+    json!({"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": params}).to_string()
+}
+
+async fn post(h: &Harness, path: &str, body: &str) -> (u16, Value) {
+    let mut req = request("POST", HOST, path, Bytes::from(body.to_owned()));
+    req.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    let (status, body) = h.send(TRIAGE, HttpVersion::Http1, req).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn tool_annotations_from_the_servers_listing_reach_policies() {
+    use portcullis_test_support::upstream::Reply;
+
+    let h = Harness::builder()
+        .policies(BY_ANNOTATION)
+        .yaml(
+            "routes:\n  - path: /mcp\n    protocol: mcp\n  - path: /scripted\n    protocol: mcp\n",
+        )
+        .approvals()
+        .start()
+        .await;
+    let list = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
+    let search = tool_call("search_tickets", json!({}));
+
+    // Before the server listed anything the hints are unknown, and the policy fails safe.
+    let (status, reply) = post(&h, "/mcp", &search).await;
+    assert_eq!(status, 428, "{reply}");
+
+    let (status, reply) = post(&h, "/mcp", list).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["result"]["tools"].as_array().unwrap().len(), 3);
+    // The caller sees the server's annotations as sent (title included).
+    assert_eq!(
+        reply["result"]["tools"][0]["annotations"]["title"],
+        "Search tickets"
+    );
+
+    let (status, reply) = post(&h, "/mcp", &search).await;
+    assert_eq!(status, 200, "read-only once listed: {reply}");
+    let (status, reply) = post(&h, "/mcp", &tool_call("delete_everything", json!({}))).await;
+    assert_eq!(status, 428, "destructive: {reply}");
+    // The agent cannot claim hints: annotations in its own call are not the server's.
+    let (status, reply) = post(
+        &h,
+        "/mcp",
+        &tool_call(
+            "delete_everything",
+            json!({"annotations": {"readOnlyHint": true}, "_meta": {"annotations": {"readOnlyHint": true}}}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 428, "{reply}");
+    assert_eq!(
+        h.upstream
+            .requests()
+            .iter()
+            .filter(|r| r.uri == "/mcp" && r.body.windows(9).any(|w| w == b"tools/cal"))
+            .count(),
+        1,
+        "only the read-only call reached the server"
+    );
+
+    // The audit record keeps the hints the decision saw, so `replay` re-decides alike.
+    let records = h.audit(6).await;
+    let allowed = records
+        .iter()
+        .find(|r| r["decision"] == "allow" && r["resource"]["id"] == "search_tickets")
+        .expect("the allowed call's record");
+    assert_eq!(
+        allowed["input"]["context"]["tool"]["annotations"],
+        json!({"readOnlyHint": true, "openWorldHint": false}),
+        "{allowed}"
+    );
+
+    // Hints are per route (each route may front another server), and a later listing that
+    // says otherwise replaces them.
+    let scripted = |tools: Value| Reply {
+        status: 200,
+        headers: vec![("content-type", "application/json".to_owned())],
+        body: Bytes::from(
+            json!({"jsonrpc": "2.0", "id": 3, "result": {"tools": tools}}).to_string(),
+        ),
+    };
+    h.upstream.script(scripted(json!([
+        {"name": "search_tickets", "annotations": {"readOnlyHint": false}},
+    ])));
+    let (status, _) = post(&h, "/scripted", list).await;
+    assert_eq!(status, 200);
+    let (status, reply) = post(&h, "/mcp", &search).await;
+    assert_eq!(
+        status, 200,
+        "another route's listing changes nothing here: {reply}"
+    );
+    let (status, reply) = post(&h, "/scripted", &search).await;
+    assert_eq!(status, 428, "{reply}");
+    h.upstream.script(scripted(json!([
+        {"name": "search_tickets", "annotations": {"readOnlyHint": true}},
+    ])));
+    let (status, _) = post(&h, "/scripted", list).await;
+    assert_eq!(status, 200);
+    let (status, reply) = post(&h, "/scripted", &search).await;
+    assert_eq!(status, 200, "{reply}");
+    h.upstream
+        .script(scripted(json!([{"name": "search_tickets"}])));
+    let (status, _) = post(&h, "/scripted", list).await;
+    assert_eq!(status, 200);
+    let (status, reply) = post(&h, "/scripted", &search).await;
+    assert_eq!(
+        status, 428,
+        "a listing without hints forgets the old ones: {reply}"
+    );
+}

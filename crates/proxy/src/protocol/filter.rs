@@ -19,6 +19,9 @@
 //! limit is an error: before the response head that is a 502; in an SSE stream that already
 //! began, the stream is cut. A leading UTF-8 BOM is read past, as JSON and SSE clients do,
 //! and not sent on. This module does not decide: the pipeline gives it the question to ask.
+//!
+//! Every listed tool's annotations, allowed or not, are remembered for the route (see
+//! `annotations`) before the caller's question is asked with them.
 
 use std::fmt;
 use std::pin::Pin;
@@ -31,6 +34,7 @@ use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use serde_json::Value;
 
+use super::annotations::{Hints, ToolAnnotations};
 use super::inspect::check_strict;
 use crate::body::{BoxError, ResponseBody};
 
@@ -39,7 +43,8 @@ pub(crate) const RESPONSE_LIMIT: usize = 8 * 1024 * 1024;
 
 const BOM: &[u8] = b"\xEF\xBB\xBF";
 
-type Allows = Box<dyn Fn(&str) -> bool + Send + Sync>;
+/// May the caller call this listed tool (given the hints the listing gave it)?
+type Allows = Box<dyn Fn(&str, Option<Hints>) -> bool + Send + Sync>;
 
 /// Which responses are listings.
 #[derive(Debug, Clone)]
@@ -53,6 +58,8 @@ pub(crate) enum Listed {
 pub(crate) struct ToolFilter {
     listed: Listed,
     allows: Allows,
+    /// Where the listed tools' annotations are remembered: the store and the route index.
+    remember: Option<(std::sync::Arc<ToolAnnotations>, usize)>,
 }
 
 impl fmt::Debug for ToolFilter {
@@ -81,8 +88,16 @@ pub(crate) enum Unreadable {
 }
 
 impl ToolFilter {
-    pub(crate) fn new(listed: Listed, allows: Allows) -> Self {
-        Self { listed, allows }
+    pub(crate) fn new(
+        listed: Listed,
+        allows: Allows,
+        remember: Option<(std::sync::Arc<ToolAnnotations>, usize)>,
+    ) -> Self {
+        Self {
+            listed,
+            allows,
+            remember,
+        }
     }
 
     /// Rewrites `response` so that listing results list only allowed tools, whatever its
@@ -172,10 +187,19 @@ impl ToolFilter {
             Some(_) => return Err(Unreadable::BadTools),
         };
         let before = tools.len();
+        if let Some((store, route)) = &self.remember {
+            store.remember(
+                *route,
+                tools.iter().filter_map(|tool| {
+                    let name = tool.get("name").and_then(Value::as_str)?;
+                    Some((name, Hints::of_tool(tool)))
+                }),
+            );
+        }
         tools.retain(|tool| {
             tool.get("name")
                 .and_then(Value::as_str)
-                .is_some_and(|name| (self.allows)(name))
+                .is_some_and(|name| (self.allows)(name, Hints::of_tool(tool)))
         });
         tracing::debug!(
             listed = before,
@@ -371,7 +395,8 @@ impl Body for SseFilter {
 pub fn fuzz_tools_list(body: &[u8]) {
     let filter = ToolFilter::new(
         Listed::Ids(vec![Value::from(1), Value::from("a")]),
-        Box::new(|name| name.len() % 2 == 0),
+        Box::new(|name, _| name.len() % 2 == 0),
+        Some((std::sync::Arc::new(ToolAnnotations::new(1)), 0)),
     );
     if let Ok(mut value) = serde_json::from_slice::<Value>(body) {
         let _ = filter.filter_value(&mut value);
@@ -385,7 +410,7 @@ mod tests {
     use super::*;
 
     fn filter(listed: Listed) -> ToolFilter {
-        ToolFilter::new(listed, Box::new(|name| name == "ok"))
+        ToolFilter::new(listed, Box::new(|name, _| name == "ok"), None)
     }
 
     #[test]

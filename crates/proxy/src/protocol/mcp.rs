@@ -23,6 +23,7 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::Call;
+use super::annotations::Hints;
 use super::inspect::{
     as_string, check_strict, count_values, for_each_element, is_null, is_object, present,
 };
@@ -363,12 +364,29 @@ fn mcp_context(method: &str) -> (&'static str, Value) {
 }
 
 /// The `call_tool` question asked for each tool of a `tools/list` result: no arguments (the
-/// projection then shows none), `mcp.method` = `tools/list`.
-pub(crate) fn listing_call(tool: &str) -> Call {
-    Call {
+/// projection then shows none), the annotations the listing gives it, `mcp.method` =
+/// `tools/list`.
+pub(crate) fn listing_call(tool: &str, hints: Option<Hints>) -> Call {
+    let mut call = Call {
         action: Action::CallTool,
         resource: Resource::Tool(tool.to_owned()),
         context: vec![mcp_context("tools/list"), ("tool", json!({ "name": tool }))],
+    };
+    if let Some(hints) = hints {
+        annotate(&mut call, hints);
+    }
+    call
+}
+
+/// Gives a `call_tool` question the server's annotations of its tool
+/// (`context.tool.annotations`).
+pub(crate) fn annotate(call: &mut Call, hints: Hints) {
+    for (key, value) in &mut call.context {
+        if *key == "tool"
+            && let Some(tool) = value.as_object_mut()
+        {
+            tool.insert("annotations".to_owned(), hints.to_json());
+        }
     }
 }
 

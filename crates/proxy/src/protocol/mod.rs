@@ -8,6 +8,7 @@
 //! and hands back a body that replays exactly the bytes read, followed by the rest of the
 //! stream. What it does not: decide (the pipeline asks Cedar for every call) or forward.
 
+pub(crate) mod annotations;
 pub(crate) mod filter;
 mod inspect;
 pub(crate) mod mcp;
