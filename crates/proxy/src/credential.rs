@@ -305,7 +305,14 @@ pub(crate) struct Exchanger {
     /// The sidecar's identity: its SVID is the client certificate, its id the `client_id`.
     identity: watch::Receiver<Arc<LiveIdentity>>,
     cache: Mutex<HashMap<CacheKey, Cached>>,
+    /// The exchange in flight per key: concurrent misses for one key (a burst of calls for
+    /// the same user, or every call at once when a token nears expiry) wait for it and share
+    /// its answer, failure included, instead of each asking the token service.
+    pending: Mutex<HashMap<CacheKey, Arc<Pending>>>,
 }
+
+type Exchanged = Result<(HeaderValue, Option<Duration>), String>;
+type Pending = tokio::sync::OnceCell<Exchanged>;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
@@ -368,10 +375,12 @@ impl Exchanger {
             identity,
             tls: Arc::new(config),
             cache: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The `authorization` value for this call, and whether it came from the cache.
+    /// The `authorization` value for this call, and whether it came from the cache (or from
+    /// another call's exchange in flight) rather than from an exchange of its own.
     async fn credential(
         &self,
         (issuer, user): (&str, &str),
@@ -392,10 +401,40 @@ impl Exchanger {
         {
             return Ok((cached.value.clone(), true));
         }
-        let (value, lifetime) =
-            tokio::time::timeout(self.spec.timeout, self.exchange(subject_token, scope))
-                .await
-                .map_err(|_| "token service did not answer in time".to_owned())??;
+        let pending = match self.pending.lock() {
+            Ok(mut pending) => pending.entry(key.clone()).or_default().clone(),
+            // A poisoned map only loses the sharing, not the exchange.
+            Err(_) => Arc::default(),
+        };
+        // The first caller exchanges; if it goes away mid-exchange, a waiting one takes over.
+        let exchanged = std::sync::atomic::AtomicBool::new(false);
+        let answer = pending
+            .get_or_init(|| async {
+                exchanged.store(true, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::timeout(self.spec.timeout, self.exchange(subject_token, scope))
+                    .await
+                    .map_err(|_| "token service did not answer in time".to_owned())
+                    .and_then(|answer| answer)
+            })
+            .await
+            .clone();
+        let shared = !exchanged.load(std::sync::atomic::Ordering::Relaxed);
+        let finished = || {
+            // Cached (or failed) first, then no longer pending: no window in which a new
+            // caller finds neither and exchanges again.
+            if let Ok(mut map) = self.pending.lock()
+                && map.get(&key).is_some_and(|p| Arc::ptr_eq(p, &pending))
+            {
+                map.remove(&key);
+            }
+        };
+        let (value, lifetime) = match answer {
+            Ok(answer) => answer,
+            Err(error) => {
+                finished();
+                return Err(error);
+            }
+        };
         if let Some(lifetime) = lifetime
             && let Ok(mut cache) = self.cache.lock()
         {
@@ -408,7 +447,7 @@ impl Exchanger {
                 }
                 if cache.len() < MAX_CACHED {
                     cache.insert(
-                        key,
+                        key.clone(),
                         Cached {
                             value: value.clone(),
                             refresh_at: now + usable,
@@ -417,7 +456,8 @@ impl Exchanger {
                 }
             }
         }
-        Ok((value, false))
+        finished();
+        Ok((value, shared))
     }
 
     /// One RFC 8693 exchange over mTLS: the header value and the token's lifetime.

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -41,6 +41,8 @@ pub struct TokenService {
     exchanges: Arc<Mutex<Vec<Exchange>>>,
     failing: Arc<AtomicBool>,
     issued: Arc<AtomicUsize>,
+    /// Milliseconds each answer waits (a slow token service).
+    delay_ms: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -90,8 +92,13 @@ impl TokenService {
         let exchanges = Arc::new(Mutex::new(Vec::new()));
         let failing = Arc::new(AtomicBool::new(false));
         let issued = Arc::new(AtomicUsize::new(0));
-        let (task_exchanges, task_failing, task_issued) =
-            (exchanges.clone(), failing.clone(), issued.clone());
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (task_exchanges, task_failing, task_issued, task_delay) = (
+            exchanges.clone(),
+            failing.clone(),
+            issued.clone(),
+            delay_ms.clone(),
+        );
         let task = tokio::spawn(async move {
             let mut connections = tokio::task::JoinSet::new();
             loop {
@@ -100,10 +107,11 @@ impl TokenService {
                 };
                 while connections.try_join_next().is_some() {}
                 let acceptor = acceptor.clone();
-                let (exchanges, failing, issued) = (
+                let (exchanges, failing, issued, delay) = (
                     task_exchanges.clone(),
                     task_failing.clone(),
                     task_issued.clone(),
+                    task_delay.clone(),
                 );
                 connections.spawn(async move {
                     let Ok(stream) = acceptor.accept(stream).await else {
@@ -115,13 +123,18 @@ impl TokenService {
                         .peer_certificates()
                         .and_then(|certs| certs.first().cloned());
                     let service = service_fn(move |request: Request<Incoming>| {
-                        let (exchanges, failing, issued, client_cert) = (
+                        let (exchanges, failing, issued, delay, client_cert) = (
                             exchanges.clone(),
                             failing.clone(),
                             issued.clone(),
+                            delay.clone(),
                             client_cert.clone(),
                         );
                         async move {
+                            let delay = delay.load(Ordering::SeqCst);
+                            if delay > 0 {
+                                tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
+                            }
                             let body = request
                                 .into_body()
                                 .collect()
@@ -167,6 +180,7 @@ impl TokenService {
             exchanges,
             failing,
             issued,
+            delay_ms,
             task,
         }
     }
@@ -184,6 +198,14 @@ impl TokenService {
     /// Tokens issued so far.
     pub fn issued(&self) -> usize {
         self.issued.load(Ordering::SeqCst)
+    }
+
+    /// From now on, take this long to answer each exchange.
+    pub fn set_delay(&self, delay: std::time::Duration) {
+        self.delay_ms.store(
+            u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+            Ordering::SeqCst,
+        );
     }
 
     /// From now on, answer 503 `temporarily_unavailable` (or recover).

@@ -165,6 +165,56 @@ async fn the_same_subject_at_another_issuer_is_another_user_with_its_own_token()
 }
 
 #[tokio::test]
+async fn concurrent_calls_for_one_user_share_one_exchange_and_its_failure() {
+    let ca = Ca::new(TRUST_DOMAIN).unwrap();
+    let service = TokenService::start(&ca, 600).await;
+    // Slow enough that every call below misses the cache while the first exchange runs.
+    service.set_delay(std::time::Duration::from_millis(300));
+    let h = exchange_harness(&service, ca).await;
+    let token = h.token("dana", &["staff"], TRIAGE);
+    let statuses = futures_join(&h, &token, 8).await;
+    assert_eq!(statuses, vec![200; 8]);
+    assert_eq!(service.exchanges().len(), 1, "one exchange for eight calls");
+    assert!(
+        h.upstream
+            .requests()
+            .iter()
+            .all(|r| r.headers["authorization"] == "Bearer exchanged-1")
+    );
+    let metrics = h.metrics().await;
+    assert_eq!(
+        crate::harness::sample(&metrics, "portcullis_token_exchanges_total{result=\"ok\"}"),
+        1.0,
+        "{metrics}"
+    );
+
+    // A failure is shared too: eight waiting calls cost the token service one request.
+    service.set_failing(true);
+    let token = h.token("erin", &["staff"], TRIAGE);
+    assert_eq!(futures_join(&h, &token, 8).await, vec![502; 8]);
+    assert_eq!(service.exchanges().len(), 2);
+}
+
+/// `n` calls with `token` at once, each on its own connection; their statuses.
+async fn futures_join(h: &Harness, token: &str, n: usize) -> Vec<u16> {
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (addr, caller, token) = (
+            h.addr,
+            h.caller(&h.svid(TRIAGE), HttpVersion::Http1),
+            token.to_owned(),
+        );
+        calls.spawn(async move {
+            let mut req = request("GET", HOST, "/api/orders/1", Bytes::new());
+            req.headers_mut()
+                .insert("x-portcullis-user-token", token.parse().unwrap());
+            caller.call(addr, req).await.unwrap().status().as_u16()
+        });
+    }
+    calls.join_all().await
+}
+
+#[tokio::test]
 async fn a_failing_or_unreachable_token_service_is_502_and_nothing_is_forwarded() {
     let ca = Ca::new(TRUST_DOMAIN).unwrap();
     let service = TokenService::start(&ca, 600).await;
