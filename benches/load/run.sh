@@ -197,14 +197,18 @@ if "$LOAD"; then
         -H "x-portcullis-user-token: $(cat "$work/token.txt")"
     stop "$pid"
     # The same, with the token exchanged for an upstream credential (RFC 8693, cached).
-    coproc STS { taskset -c "$LOAD_CORE" "$TOOL" token-service "$work"; }
-    read -r _ready <&"${STS[0]}"
+    # (Not a coproc: bash keeps one at a time, and `measure` holds connections with one.)
+    mkfifo "$work/sts.stdin"
+    taskset -c "$LOAD_CORE" "$TOOL" token-service "$work" < "$work/sts.stdin" > "$work/sts.out" &
+    sts_pid=$!
+    exec {sts_stdin}>"$work/sts.stdin"
+    until grep -q ready "$work/sts.out" 2>/dev/null; do sleep 0.1; done
     portcullis exchange
     measure "portcullis-exchange" "https://127.0.0.1:19443/bench/1k" "$pid" \
         -H "x-portcullis-user-token: $(cat "$work/token.txt")"
     stop "$pid"
-    exec {STS[1]}>&-
-    wait "$STS_PID" 2>/dev/null || true
+    exec {sts_stdin}>&-
+    wait "$sts_pid" 2>/dev/null || true
 fi
 
 log "first byte"
