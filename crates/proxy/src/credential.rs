@@ -79,7 +79,7 @@ pub enum CredentialError {
 #[derive(Debug)]
 pub(crate) enum Credential {
     File(FileCredential),
-    Exchange(Exchanger),
+    Exchange(Box<Exchanger>),
 }
 
 impl Credential {
@@ -94,7 +94,7 @@ impl Credential {
                 prefix,
             } => FileCredential::load(path.clone(), header.clone(), prefix.clone()).map(Self::File),
             CredentialSpec::TokenExchange(spec) => {
-                Exchanger::new(spec.clone(), identity).map(Self::Exchange)
+                Exchanger::new(spec.clone(), identity).map(|e| Self::Exchange(Box::new(e)))
             }
         }
     }
