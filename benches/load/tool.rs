@@ -77,6 +77,10 @@ fn main() {
 
 fn fixtures(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
+    // The audit files get a directory of their own, as on a log volume (injected pods
+    // audit to stdout): in the directory of the certificates, every audit write would wake
+    // the file watcher that follows them.
+    std::fs::create_dir_all(dir.join("audit")).unwrap();
     let write = |name: &str, contents: &str| std::fs::write(dir.join(name), contents).unwrap();
     let ca = Ca::new(TRUST_DOMAIN).unwrap();
     let server = ca.leaf(&LeafSpec::server(SERVER_ID)).unwrap();
@@ -175,7 +179,7 @@ fn config(dir: &Path, size: usize, token: bool) -> String {
          tls:\n  cert: server.pem\n  key: server-key.pem\n  trust_bundles:\n    {TRUST_DOMAIN}: ca.pem\n\
          policy:\n  dir: policies-{size}\n\
          audit:\n  sink: {}\n",
-        dir.join(format!("audit-{name}.jsonl")).display()
+        dir.join("audit").join(format!("audit-{name}.jsonl")).display()
     );
     if token {
         yaml.push_str(&format!(
