@@ -179,7 +179,9 @@ fn config(dir: &Path, size: usize, token: bool) -> String {
          tls:\n  cert: server.pem\n  key: server-key.pem\n  trust_bundles:\n    {TRUST_DOMAIN}: ca.pem\n\
          policy:\n  dir: policies-{size}\n\
          audit:\n  sink: {}\n",
-        dir.join("audit").join(format!("audit-{name}.jsonl")).display()
+        dir.join("audit")
+            .join(format!("audit-{name}.jsonl"))
+            .display()
     );
     if token {
         yaml.push_str(&format!(

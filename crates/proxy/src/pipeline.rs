@@ -12,7 +12,8 @@
 //!    body is read (bounded in size, in time and by the shared inspection budget) and
 //!    parsed into one Cedar call per message, at most `limits.max_batch` (`protocol`)
 //!    (`limits.rate`: the agent's bucket is taken first of all, the user's once the token
-//!    verified; see `rate`)
+//!    verified; see `rate`); a `tools/call` gets the annotations the route's last filtered
+//!    listing gave its tool
 //! 4. authorize: Cedar, every call; yields a `Permit` only when the request may pass; a call
 //!    permitted subject to approval passes only with a grant for exactly it (`approval`),
 //!    else 428 with its challenge; then the tool's rate bucket, for permitted tool calls
@@ -20,7 +21,8 @@
 //!    and, last, the route's upstream credential (`credential`: a key file, or an RFC 8693
 //!    token exchange; failure is 502 and nothing is forwarded)
 //! 6. forward: needs the `Permit`; streams both ways
-//! 7. filter: MCP `tools/list` results list only the tools the caller may call
+//! 7. filter: MCP `tools/list` results list only the tools the caller may call, and the
+//!    listed tools' annotations are remembered for the route (`protocol::annotations`)
 //! 8. audit: written when the response body ends or is dropped
 
 use std::convert::Infallible;
