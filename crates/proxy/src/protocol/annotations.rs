@@ -15,7 +15,7 @@
 //! kept across restarts: until a tool is listed, its calls carry no `annotations`, and
 //! policies are written to fail safe on absence (see `policies/schema.cedarschema`).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{PoisonError, RwLock};
 
 use serde_json::{Map, Value};
@@ -80,6 +80,9 @@ pub(crate) struct ToolAnnotations {
 struct Remembered {
     /// Name → hints and when it was last listed (a counter).
     tools: HashMap<String, (Hints, u64)>,
+    /// When → name: the oldest-listed name is the first (eviction in O(log n), so a server
+    /// listing far more tools than are kept costs little while the lock is held).
+    order: BTreeMap<u64, String>,
     clock: u64,
 }
 
@@ -119,7 +122,9 @@ impl ToolAnnotations {
 impl Remembered {
     fn listed(&mut self, name: &str, hints: Option<Hints>) {
         let Some(hints) = hints else {
-            self.tools.remove(name);
+            if let Some((_, listed)) = self.tools.remove(name) {
+                self.order.remove(&listed);
+            }
             return;
         };
         if name.len() > MAX_NAME_BYTES {
@@ -127,20 +132,21 @@ impl Remembered {
         }
         self.clock += 1;
         if let Some(entry) = self.tools.get_mut(name) {
+            let name = self
+                .order
+                .remove(&entry.1)
+                .unwrap_or_else(|| name.to_owned());
             *entry = (hints, self.clock);
+            self.order.insert(self.clock, name);
             return;
         }
-        if self.tools.len() >= MAX_TOOLS_PER_ROUTE {
-            let oldest = self
-                .tools
-                .iter()
-                .min_by_key(|(_, (_, listed))| *listed)
-                .map(|(name, _)| name.clone());
-            if let Some(oldest) = oldest {
-                self.tools.remove(&oldest);
-            }
+        if self.tools.len() >= MAX_TOOLS_PER_ROUTE
+            && let Some((_, oldest)) = self.order.pop_first()
+        {
+            self.tools.remove(&oldest);
         }
         self.tools.insert(name.to_owned(), (hints, self.clock));
+        self.order.insert(self.clock, name.to_owned());
     }
 }
 
@@ -210,5 +216,12 @@ mod tests {
         store.remember(0, [(long.as_str(), hints)]);
         assert_eq!(store.get(0, &long), None);
         assert_eq!(store.get(0, "t1"), hints, "a refused name evicts nothing");
+        // Listing t1 again makes it the newest: the next newcomer evicts t2, not t1.
+        store.remember(0, [("t1", hints), ("new", hints)]);
+        assert_eq!(store.get(0, "t1"), hints);
+        assert_eq!(store.get(0, "t2"), None);
+        let remembered = store.routes[0].read().unwrap();
+        assert_eq!(remembered.tools.len(), MAX_TOOLS_PER_ROUTE);
+        assert_eq!(remembered.order.len(), MAX_TOOLS_PER_ROUTE);
     }
 }
