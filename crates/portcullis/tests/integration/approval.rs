@@ -423,30 +423,28 @@ async fn tool_annotations_from_the_servers_listing_reach_policies() {
             json!({"jsonrpc": "2.0", "id": 3, "result": {"tools": tools}}).to_string(),
         ),
     };
-    h.upstream.script(scripted(json!([
-        {"name": "search_tickets", "annotations": {"readOnlyHint": false}},
-    ])));
-    let (status, _) = post(&h, "/scripted", list).await;
-    assert_eq!(status, 200);
+    // The server lists `tools` on /scripted; then search_tickets is called there.
+    let relist_then_search = async |tools: Value| {
+        h.upstream.script(scripted(tools));
+        assert_eq!(post(&h, "/scripted", list).await.0, 200);
+        post(&h, "/scripted", &search).await
+    };
+    let (status, reply) = relist_then_search(
+        json!([{"name": "search_tickets", "annotations": {"readOnlyHint": false}}]),
+    )
+    .await;
+    assert_eq!(status, 428, "{reply}");
     let (status, reply) = post(&h, "/mcp", &search).await;
     assert_eq!(
         status, 200,
         "another route's listing changes nothing here: {reply}"
     );
-    let (status, reply) = post(&h, "/scripted", &search).await;
-    assert_eq!(status, 428, "{reply}");
-    h.upstream.script(scripted(json!([
-        {"name": "search_tickets", "annotations": {"readOnlyHint": true}},
-    ])));
-    let (status, _) = post(&h, "/scripted", list).await;
-    assert_eq!(status, 200);
-    let (status, reply) = post(&h, "/scripted", &search).await;
+    let (status, reply) = relist_then_search(
+        json!([{"name": "search_tickets", "annotations": {"readOnlyHint": true}}]),
+    )
+    .await;
     assert_eq!(status, 200, "{reply}");
-    h.upstream
-        .script(scripted(json!([{"name": "search_tickets"}])));
-    let (status, _) = post(&h, "/scripted", list).await;
-    assert_eq!(status, 200);
-    let (status, reply) = post(&h, "/scripted", &search).await;
+    let (status, reply) = relist_then_search(json!([{"name": "search_tickets"}])).await;
     assert_eq!(
         status, 428,
         "a listing without hints forgets the old ones: {reply}"
