@@ -147,7 +147,10 @@ async fn connection(
         let (shared, state) = (shared.clone(), state.clone());
         move |request: hyper::Request<hyper::body::Incoming>| {
             let in_progress = state.begin(request.version());
-            let response = handle(shared.clone(), conn.clone(), request);
+            // Boxed at once: the pipeline's future is large (about 14 KiB: every stage's
+            // state), and hyper moves the service future it is given; a box moves as a
+            // pointer and keeps the connection's own state small while it is idle.
+            let response = Box::pin(handle(shared.clone(), conn.clone(), request));
             async move {
                 let response = response.await?;
                 Ok::<_, Infallible>(response.map(|body| Holding::new(body, in_progress)))
@@ -166,7 +169,8 @@ async fn connection(
         && state.head_started().is_some()
         && let Ok(io) = returned.await
     {
-        linger(io, LINGER).await;
+        // Boxed: its buffer would otherwise be part of every connection's state.
+        Box::pin(linger(io, LINGER)).await;
     }
 }
 
