@@ -422,9 +422,9 @@ async fn authorize_and_forward(
         parts.headers.insert(AGENT_HEADER, agent.clone());
     }
     set_request_id(&mut parts.headers, request_id);
-    if let Ok(value) = HeaderValue::from_str(&trace.header) {
-        parts.headers.insert(TRACEPARENT_HEADER, value);
-    }
+    parts
+        .headers
+        .insert(TRACEPARENT_HEADER, trace.header.clone());
     if inspected.listing.is_some() {
         // The filter reads plaintext only: ask for it rather than meet a compressed listing.
         parts.headers.insert(
@@ -798,31 +798,46 @@ pub(crate) fn set_retry_after(headers: &mut http::HeaderMap, refusal: Refusal) {
 /// the upstream and the audit record always share a trace id.
 #[derive(Debug)]
 pub(crate) struct Traceparent {
-    header: String,
+    /// Valid by construction: the caller's (shares its bytes) or one made here.
+    header: HeaderValue,
 }
 
 impl Traceparent {
     fn from_request(headers: &http::HeaderMap, random: &RequestRandomness) -> Self {
         let valid = headers
             .get(TRACEPARENT_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| is_valid_traceparent(v));
-        match valid {
-            Some(value) => Self {
-                header: value.to_owned(),
-            },
-            None => Self {
-                header: format!(
-                    "00-{}-{}-01",
-                    hex::encode(random.trace_id()),
-                    hex::encode(random.parent_id())
-                ),
-            },
+            .filter(|v| v.to_str().is_ok_and(is_valid_traceparent));
+        if let Some(value) = valid {
+            return Self {
+                header: value.clone(),
+            };
+        }
+        let mut header = String::with_capacity(55);
+        header.push_str("00-");
+        push_hex(&mut header, random.trace_id());
+        header.push('-');
+        push_hex(&mut header, random.parent_id());
+        header.push_str("-01");
+        Self {
+            // Lowercase hex and dashes: always a valid header value.
+            header: HeaderValue::try_from(header).unwrap_or_else(|_| HeaderValue::from_static("")),
         }
     }
 
     fn trace_id(&self) -> &str {
-        &self.header[3..35]
+        self.header
+            .to_str()
+            .ok()
+            .and_then(|value| value.get(3..35))
+            .unwrap_or_default()
+    }
+}
+
+fn push_hex(out: &mut String, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for byte in bytes {
+        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
     }
 }
 

@@ -223,13 +223,28 @@ where
     // the drain deadline (`shutdown_grace`) bounds it.
     let mut closing = false;
     let mut hard_stop: Option<Instant> = None;
+    // The timer and the shutdown signal live across iterations: the loop turns a few times per
+    // request (head started, request began, response ended), and registering a new timer and
+    // watch waiter each turn, then dropping them, cost more than the rest of this loop. The
+    // timer is armed only while there is a deadline (none while an HTTP/1 request runs) and
+    // re-armed only when the deadline moves.
+    let timer = tokio::time::sleep_until(Instant::now() + limits.idle_timeout);
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
+    let shutdown_signal = shutdown.changed();
+    tokio::pin!(shutdown_signal);
     loop {
         let deadline = if closing {
             hard_stop
         } else {
             state.deadline(limits.idle_timeout, limits.header_read_timeout)
         };
-        let far = Instant::now() + limits.idle_timeout;
+        if let Some(at) = deadline
+            && armed != Some(at)
+        {
+            timer.as_mut().reset(at);
+            armed = Some(at);
+        }
         tokio::select! {
             result = connection.as_mut() => {
                 return match result {
@@ -241,7 +256,9 @@ where
                 };
             }
             () = state.changed.notified() => {}
-            () = tokio::time::sleep_until(deadline.unwrap_or(far)) => {
+            () = &mut timer, if deadline.is_some() => {
+                // Fired: the next turn re-arms it, whatever the deadline is then.
+                armed = None;
                 let now = Instant::now();
                 if hard_stop.is_some_and(|at| at <= now) {
                     return false;
@@ -258,7 +275,7 @@ where
                     hard_stop = Some(now + CLOSE_GRACE);
                 }
             }
-            _ = shutdown.changed(), if !closing => {
+            _ = &mut shutdown_signal, if !closing => {
                 // In-flight requests finish; idle connections close at once.
                 connection.as_mut().graceful();
                 closing = true;

@@ -412,6 +412,23 @@ async fn an_idle_keep_alive_connection_outlives_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn an_idle_http1_connection_is_closed_after_its_last_response() {
+    let h = builder().yaml(SHORT).start().await;
+    let mut stream = tls(&h, TRIAGE, b"http/1.1").await;
+    let get = format!("GET /health HTTP/1.1\r\nhost: {HOST}\r\n\r\n");
+    stream.write_all(get.as_bytes()).await.unwrap();
+    // Within the idle timeout (3 s) of the first response, a second request is served...
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    stream.write_all(get.as_bytes()).await.unwrap();
+    // ...and the connection then closes by itself, with both responses delivered.
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    assert!(read.is_ok(), "idle HTTP/1.1 connection still open");
+    let out = String::from_utf8_lossy(&out);
+    assert_eq!(out.matches("HTTP/1.1 200").count(), 2, "{out}");
+}
+
+#[tokio::test]
 async fn an_oversized_head_gets_a_readable_431() {
     let h = builder().start().await;
     let big = "a".repeat(70 * 1024);

@@ -33,6 +33,24 @@ async fn an_allowed_agent_reaches_the_upstream_with_its_identity() {
         assert_eq!(request.headers["x-request-id"].len(), 32);
         assert!(request.headers.contains_key("traceparent"));
     }
+    // The caller sent no traceparent: each request gets a new, well-formed one, and its audit
+    // record carries the same trace id.
+    let audit = h.audit(2).await;
+    for (request, record) in seen.iter().zip(&audit[1..]) {
+        let traceparent = request.headers["traceparent"].to_str().unwrap();
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        let hex = |s: &str, len| {
+            s.len() == len
+                && s.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        };
+        assert!(
+            matches!(parts.as_slice(), ["00", trace, parent, "01"] if hex(trace, 32) && hex(parent, 16)),
+            "{traceparent}"
+        );
+        assert_eq!(record["trace_id"], parts[1], "{record}");
+    }
+    assert_ne!(audit[1]["trace_id"], audit[2]["trace_id"]);
 }
 
 #[tokio::test]
