@@ -1,7 +1,7 @@
 //! Asking Cedar the agent question and, for delegated calls, the user question.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 
 use arc_swap::ArcSwapOption;
 use cedar_policy::{
@@ -200,6 +200,9 @@ struct RequestEntities {
     principal: EntityUid,
     action_uid: EntityUid,
     resource_uid: EntityUid,
+    /// The index's policies for this principal, action and resource, once selected: the
+    /// selection depends on nothing else, so a connection repeating a call reuses it.
+    selected: OnceLock<Arc<PolicySet>>,
 }
 
 /// Request shapes the schema already accepted. Validating a request against the schema checks
@@ -383,15 +386,19 @@ impl PolicySnapshot {
 
     /// The policies whose scope matches the question (the index).
     fn select(&self, built: &RequestEntities) -> Result<Arc<PolicySet>, String> {
+        if let Some(selected) = built.selected.get() {
+            return Ok(selected.clone());
+        }
         let target = |uid| Target {
             uid,
             entities: &built.entities,
         };
-        self.index.select(ScopeRequest {
+        let selected = self.index.select(ScopeRequest {
             principal: target(&built.principal),
             action: target(&built.action_uid),
             resource: target(&built.resource_uid),
-        })
+        })?;
+        Ok(built.selected.get_or_init(|| selected).clone())
     }
 
     /// For each question, the `permit` policies whose scope (principal, action, resource)
@@ -504,6 +511,7 @@ impl PolicySnapshot {
             principal: principal_uid,
             action_uid: action,
             resource_uid,
+            selected: OnceLock::new(),
         })
     }
 
