@@ -187,19 +187,25 @@ impl ToolFilter {
             Some(_) => return Err(Unreadable::BadTools),
         };
         let before = tools.len();
+        // Read once per tool: remembered for the route, and given to the decision.
+        let hints: Vec<Option<Hints>> = tools.iter().map(Hints::of_tool).collect();
+        fn name(tool: &Value) -> Option<&str> {
+            tool.get("name").and_then(Value::as_str)
+        }
         if let Some((store, route)) = &self.remember {
             store.remember(
                 *route,
-                tools.iter().filter_map(|tool| {
-                    let name = tool.get("name").and_then(Value::as_str)?;
-                    Some((name, Hints::of_tool(tool)))
-                }),
+                tools
+                    .iter()
+                    .zip(&hints)
+                    .filter_map(|(tool, hints)| Some((name(tool)?, *hints))),
             );
         }
+        // `retain` visits every tool once, in order: the hints line up.
+        let mut hints = hints.into_iter();
         tools.retain(|tool| {
-            tool.get("name")
-                .and_then(Value::as_str)
-                .is_some_and(|name| (self.allows)(name, Hints::of_tool(tool)))
+            let hints = hints.next().flatten();
+            name(tool).is_some_and(|name| (self.allows)(name, hints))
         });
         tracing::debug!(
             listed = before,
