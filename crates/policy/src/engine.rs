@@ -107,8 +107,9 @@ pub(crate) struct AgentParts {
     context: RestrictedExpression,
 }
 
-/// The agent of one connection, prepared once for all its requests (identity is fixed per
-/// connection, DESIGN: "Identity is computed once per connection"): its Cedar entity, its
+/// One agent, prepared once for all its requests (identity is fixed per connection, DESIGN:
+/// "Identity is computed once per connection"; the proxy shares it between the agent's
+/// connections): its Cedar entity, its
 /// parents from entities.json and its `context.agent` record. After a policy reload it
 /// rebuilds itself on the next request, so it never carries parents of a set no longer in
 /// force. Get one from [`crate::PolicyEngine::prepare_agent`].
@@ -148,16 +149,16 @@ impl PreparedAgent {
     }
 }
 
-/// The request entities of the last few distinct questions one connection asked (which
+/// The request entities of the last few distinct questions one agent asked (which
 /// action, on which resource, for the agent or for which user). Building them runs Cedar's
 /// transitive closure over the principal, resource and action hierarchy: a quarter of a
 /// decision, and the same every time an agent repeats a call. An entry built against another
-/// snapshot is never used; the capacity bounds what a connection holds.
+/// snapshot is never used; the capacity bounds what an agent holds.
 #[derive(Debug, Default)]
 struct EntityCache(Mutex<VecDeque<Arc<RequestEntities>>>);
 
-/// Distinct questions a connection remembers entities for.
-const ENTITY_CACHE_ENTRIES: usize = 4;
+/// Distinct questions an agent remembers entities for.
+const ENTITY_CACHE_ENTRIES: usize = 8;
 
 impl EntityCache {
     fn get(
@@ -201,7 +202,7 @@ struct RequestEntities {
     action_uid: EntityUid,
     resource_uid: EntityUid,
     /// The index's policies for this principal, action and resource, once selected: the
-    /// selection depends on nothing else, so a connection repeating a call reuses it.
+    /// selection depends on nothing else, so an agent repeating a call reuses it.
     selected: OnceLock<Arc<PolicySet>>,
 }
 

@@ -156,8 +156,8 @@ impl PolicyEngine {
         self.decide(input, None)
     }
 
-    /// Prepares `agent` for [`PolicyEngine::evaluate_prepared`]: build it once per
-    /// connection, when the peer's SPIFFE ID is known, rather than once per request.
+    /// Prepares `agent` for [`PolicyEngine::evaluate_prepared`]: build it once per agent
+    /// (or connection), when the peer's SPIFFE ID is known, rather than once per request.
     pub fn prepare_agent(&self, agent: &SpiffeId) -> PreparedAgent {
         PreparedAgent::new(agent.clone(), &self.current.load().snapshot)
     }

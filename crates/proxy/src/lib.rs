@@ -7,6 +7,7 @@
 
 mod admin;
 mod admission;
+mod agents;
 pub mod approval;
 pub mod audit;
 mod body;
@@ -187,6 +188,8 @@ pub(crate) struct Shared {
     sessions: sessions::Sessions,
     approvals: approval::Approvals,
     rates: rate::RateLimits,
+    /// What each agent's connections share.
+    agents: agents::KnownAgents,
     /// `routes[].credential`, by route index.
     credentials: Vec<Option<credential::Credential>>,
     /// What the listings filtered on each route said about its tools.
@@ -302,6 +305,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         sessions: sessions::Sessions::default(),
         approvals: approval::Approvals::new(options.approval.clone()),
         rates: rate::RateLimits::new(options.rate.clone()),
+        agents: agents::KnownAgents::default(),
         credentials,
         tool_annotations,
     });

@@ -36,9 +36,10 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use portcullis_core::{Decision, SpiffeId};
-use portcullis_policy::{AuthzInput, Evaluation, PolicyEngine, PreparedAgent, RequestInfo};
+use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 
 use crate::admission::InflightPermit;
+use crate::agents::KnownAgent;
 use crate::audit::{
     AuditCall, AuditGuard, AuditPolicies, AuditRecord, AuditResource, AuditUser, rfc3339,
 };
@@ -50,7 +51,6 @@ use crate::headers::{
     AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
     remove_identity, remove_overrides_and_forwarding, set_forwarding, user_header_value,
 };
-use crate::metrics::{AgentDecisions, Metrics};
 use crate::protocol::{self, Native};
 use crate::rate::{self, RatePer};
 use crate::sessions::Sessions;
@@ -62,30 +62,20 @@ pub(crate) struct ConnectionIdentity {
     pub agent: SpiffeId,
     /// The peer's IP as text, formatted once per connection rather than per request.
     pub client_address: String,
-    /// The agent's decision counters, resolved once per connection.
-    pub agent_decisions: AgentDecisions,
-    /// The agent's Cedar entity and `context.agent`, built once per connection (it rebuilds
-    /// itself after a policy reload).
-    pub prepared: Arc<PreparedAgent>,
-    /// The agent as the value of the header the upstream receives.
-    agent_header: Option<HeaderValue>,
+    /// What the agent's connections share: its Cedar entity, `context.agent` and recent
+    /// questions' entities (rebuilt after a policy reload), its decision counters, its header.
+    pub known: Arc<KnownAgent>,
     /// The peer's IP as the `x-forwarded-for` the upstream receives.
     forwarded_for: Option<HeaderValue>,
 }
 
 impl ConnectionIdentity {
-    pub(crate) fn new(
-        agent: SpiffeId,
-        peer: SocketAddr,
-        metrics: &Metrics,
-        policy: &PolicyEngine,
-    ) -> Self {
+    pub(crate) fn new(agent: SpiffeId, peer: SocketAddr, shared: &Shared) -> Self {
+        let client_address = peer.ip().to_string();
         Self {
-            agent_decisions: metrics.agent_decisions(agent.as_str()),
-            client_address: peer.ip().to_string(),
-            prepared: Arc::new(policy.prepare_agent(&agent)),
-            agent_header: HeaderValue::from_str(agent.as_str()).ok(),
-            forwarded_for: HeaderValue::from_str(&peer.ip().to_string()).ok(),
+            known: shared.agents.get(&agent, &shared.metrics, &shared.policy),
+            forwarded_for: HeaderValue::from_str(&client_address).ok(),
+            client_address,
             agent,
         }
     }
@@ -284,7 +274,9 @@ async fn authorize_and_forward(
             protocol_context: call.context.clone(),
             now: unix_now(),
         };
-        let mut evaluation = shared.policy.evaluate_prepared(&conn.prepared, &input);
+        let mut evaluation = shared
+            .policy
+            .evaluate_prepared(&conn.known.prepared, &input);
         let approval = match evaluation.decision {
             Decision::ApprovalRequired => {
                 crate::approval::step(
@@ -307,7 +299,7 @@ async fn authorize_and_forward(
         shared
             .metrics
             .observe_decision(evaluation.decision, call.action);
-        conn.agent_decisions.observe(evaluation.decision);
+        conn.known.decisions.observe(evaluation.decision);
         // After the enforced decision is timed: the candidate set costs the caller nothing
         // it would not also cost without one, and never changes what happens next. Every
         // message of a batch counts in the disagreement metric.
@@ -418,7 +410,7 @@ async fn authorize_and_forward(
             parts.headers.insert(header::HOST, value);
         }
     }
-    if let Some(agent) = &conn.agent_header {
+    if let Some(agent) = &conn.known.header {
         parts.headers.insert(AGENT_HEADER, agent.clone());
     }
     set_request_id(&mut parts.headers, request_id);
@@ -534,7 +526,7 @@ fn tool_filter(
 ) -> protocol::filter::ToolFilter {
     let policy = shared.policy.clone();
     let agent = conn.agent.clone();
-    let prepared = conn.prepared.clone();
+    let known = conn.known.clone();
     let (method, path, host) = (method.to_owned(), path.to_owned(), host.to_owned());
     let client_address = conn.client_address.clone();
     protocol::filter::ToolFilter::new(
@@ -542,7 +534,7 @@ fn tool_filter(
         Box::new(move |tool, hints| {
             let call = protocol::mcp::listing_call(tool, hints);
             let evaluation = policy.evaluate_prepared(
-                &prepared,
+                &known.prepared,
                 &AuthzInput {
                     agent: &agent,
                     user: user.as_ref(),

@@ -128,12 +128,7 @@ async fn connection(
             .inc();
         return;
     };
-    let conn = Arc::new(ConnectionIdentity::new(
-        agent,
-        peer,
-        &shared.metrics,
-        &shared.policy,
-    ));
+    let conn = Arc::new(ConnectionIdentity::new(agent, peer, &shared));
     // ALPN tells HTTP/2 from the first byte; without it the first request does.
     let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
     let state = Arc::new(ConnState::new(http2));

@@ -79,6 +79,8 @@ async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
         ) == 1.0)
         .await
     );
+    // Each request is a new connection of an agent seen before: what its connections share
+    // (its entity, its questions' entities) was built against the old set and is rebuilt.
     assert_eq!(h.get(REPORT, "/x").await.0, 403);
     assert_eq!(h.get(TRIAGE, "/x").await.0, 200);
 }
