@@ -56,11 +56,16 @@ impl KnownAgents {
         metrics: &Metrics,
         policy: &PolicyEngine,
     ) -> Arc<KnownAgent> {
-        let mut known = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(parts) = known.get(agent) {
+        if let Some(parts) = self.lock().get(agent) {
             return parts.clone();
         }
+        // Built without the lock, so other agents' connections do not wait on it; a
+        // connection of the same agent that got there first wins.
         let parts = Arc::new(KnownAgent::new(agent, metrics, policy));
+        let mut known = self.lock();
+        if let Some(first) = known.get(agent) {
+            return first.clone();
+        }
         if known.len() >= REMEMBERED_AGENTS {
             known.retain(|_, parts| Arc::strong_count(parts) > 1);
         }
@@ -70,9 +75,13 @@ impl KnownAgents {
         parts
     }
 
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<SpiffeId, Arc<KnownAgent>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.0.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.lock().len()
     }
 }
 
