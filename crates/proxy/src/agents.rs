@@ -98,23 +98,15 @@ mod tests {
         .unwrap()
     }
 
-    fn engine(name: &str) -> PolicyEngine {
-        let dir =
-            std::env::temp_dir().join(format!("portcullis-agents-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("agents.cedar"),
-            "@id(\"all\") permit(principal, action, resource);",
-        )
-        .unwrap();
-        let engine = PolicyEngine::load(&dir, Mode::Enforce).unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-        engine
+    /// The policy set the repository ships.
+    fn engine() -> PolicyEngine {
+        let shipped = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../policies");
+        PolicyEngine::load(&shipped, Mode::Enforce).unwrap()
     }
 
     #[test]
     fn an_agents_connections_share_its_parts() {
-        let (known, metrics, policy) = (KnownAgents::default(), Metrics::new(), engine("share"));
+        let (known, metrics, policy) = (KnownAgents::default(), Metrics::new(), engine());
         let first = known.get(&agent(1), &metrics, &policy);
         let second = known.get(&agent(1), &metrics, &policy);
         let other = known.get(&agent(2), &metrics, &policy);
@@ -126,7 +118,7 @@ mod tests {
 
     #[test]
     fn the_table_is_bounded_and_forgets_only_agents_without_connections() {
-        let (known, metrics, policy) = (KnownAgents::default(), Metrics::new(), engine("bound"));
+        let (known, metrics, policy) = (KnownAgents::default(), Metrics::new(), engine());
         // Every remembered agent keeps a connection open.
         let open: Vec<_> = (0..REMEMBERED_AGENTS)
             .map(|i| known.get(&agent(i), &metrics, &policy))
