@@ -1,25 +1,46 @@
-//! Forwarding to the application in the pod, over a pooled HTTP/1.1 client.
+//! Forwarding to the application in the pod, over kept-alive HTTP/1.1 connections.
+//!
+//! The pool is a stack of idle connections to the one upstream rather than hyper-util's
+//! general client: with a single origin there is no pool key to hash and no absolute URI to
+//! build, and a connection goes back to the stack when its response body ends, noticed by the
+//! task already serving the caller, instead of by a task spawned for every response to wait
+//! for the connection to become idle.
 
-use std::time::Duration;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
-use http::uri::{Authority, PathAndQuery, Scheme};
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
 use portcullis_policy::Permit;
+use tokio::net::TcpStream;
 
 use crate::body::RequestBody;
 use crate::error::Refusal;
 
+/// How long an idle upstream connection is kept for reuse.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// At most this many idle upstream connections are kept; more are closed once their response
+/// ends (a burst's connections beyond it are not held for the quiet that follows).
+const MAX_IDLE: usize = 512;
+
 /// Sends authorized requests upstream. The only way in is [`Forwarder::forward`], which takes
 /// a [`Permit`]: a request that skipped authorization cannot be forwarded.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub(crate) struct Forwarder {
-    client: Client<HttpConnector, RequestBody>,
     upstream: Authority,
+    /// The `Host` a request without one is given (an HTTP/2 caller's may be absent).
+    host: HeaderValue,
+    connect_timeout: Duration,
     response_timeout: Duration,
+    pool: Arc<Pool>,
 }
 
 /// Why forwarding failed, with detail for the audit record and log (never for the caller).
@@ -29,27 +50,36 @@ pub(crate) struct ForwardError {
     pub detail: String,
 }
 
+impl ForwardError {
+    fn connect(detail: String) -> Self {
+        Self {
+            refusal: Refusal::UpstreamConnect,
+            detail,
+        }
+    }
+
+    fn protocol(error: &hyper::Error) -> Self {
+        Self {
+            refusal: Refusal::UpstreamProtocol,
+            detail: error_chain(error),
+        }
+    }
+}
+
 impl Forwarder {
     pub(crate) fn new(
         upstream: Authority,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(connect_timeout));
-        connector.set_nodelay(true);
-        // The upstream is plain HTTP on localhost; refusing other schemes keeps a mistaken
-        // absolute URI from ever leaving the pod.
-        connector.enforce_http(true);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let host = HeaderValue::from_str(upstream.as_str())
+            .unwrap_or_else(|_| HeaderValue::from_static("localhost"));
         Self {
-            client,
             upstream,
+            host,
+            connect_timeout,
             response_timeout,
+            pool: Arc::new(Pool::default()),
         }
     }
 
@@ -58,44 +88,31 @@ impl Forwarder {
         &self,
         mut request: Request<RequestBody>,
         _permit: Permit,
-    ) -> Result<Response<Incoming>, ForwardError> {
-        let path = request
-            .uri()
-            .path_and_query()
-            .cloned()
-            .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(self.upstream.clone())
-            .path_and_query(path)
-            .build()
-            .map_err(|e| ForwardError {
-                refusal: Refusal::UpstreamProtocol,
-                detail: e.to_string(),
-            })?;
-        *request.uri_mut() = uri;
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
+        // Origin-form always: whatever authority the caller named, the request goes to the
+        // configured upstream, and an absolute URI is never passed on.
+        if request.uri().scheme().is_some() || request.uri().authority().is_some() {
+            let path = request
+                .uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"));
+            *request.uri_mut() = Uri::from(path);
+        }
         *request.version_mut() = Version::HTTP_11;
-        let response =
-            match tokio::time::timeout(self.response_timeout, self.client.request(request)).await {
-                Err(_) => {
-                    return Err(ForwardError {
-                        refusal: Refusal::UpstreamTimeout,
-                        detail: format!("no response within {:?}", self.response_timeout),
-                    });
-                }
-                Ok(Err(error)) => {
-                    let refusal = if error.is_connect() {
-                        Refusal::UpstreamConnect
-                    } else {
-                        Refusal::UpstreamProtocol
-                    };
-                    return Err(ForwardError {
-                        refusal,
-                        detail: error_chain(&error),
-                    });
-                }
-                Ok(Ok(response)) => response,
-            };
+        request
+            .headers_mut()
+            .entry(header::HOST)
+            .or_insert_with(|| self.host.clone());
+        let response = match tokio::time::timeout(self.response_timeout, self.send(request)).await {
+            Err(_) => {
+                return Err(ForwardError {
+                    refusal: Refusal::UpstreamTimeout,
+                    detail: format!("no response within {:?}", self.response_timeout),
+                });
+            }
+            Ok(result) => result?,
+        };
         // No tunnels: the caller's Upgrade was stripped, so a 101 here is the upstream's error.
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             return Err(ForwardError {
@@ -104,6 +121,186 @@ impl Forwarder {
             });
         }
         Ok(response)
+    }
+
+    /// On an idle connection if one takes the request, else on a new one. A request an idle
+    /// connection could not take (the upstream closed it as it was handed over) was never
+    /// sent, so it goes on the next connection; one that was sent is never sent twice.
+    async fn send(
+        &self,
+        mut request: Request<RequestBody>,
+    ) -> Result<Response<UpstreamBody>, ForwardError> {
+        while let Some(mut sender) = self.pool.checkout() {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.pool.lend(response, sender)),
+                Err(mut error) => match error.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => return Err(ForwardError::protocol(error.error())),
+                },
+            }
+        }
+        let mut sender = self.connect().await?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(self.pool.lend(response, sender)),
+            Err(error) => Err(ForwardError::protocol(&error)),
+        }
+    }
+
+    async fn connect(&self) -> Result<SendRequest<RequestBody>, ForwardError> {
+        let host = self.upstream.host();
+        // An IPv6 literal is bracketed in an authority, not in an address.
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        let port = self.upstream.port_u16().unwrap_or(80);
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect((host, port)),
+        )
+        .await
+        {
+            Err(_) => {
+                return Err(ForwardError::connect(format!(
+                    "connect to {} timed out after {:?}",
+                    self.upstream, self.connect_timeout
+                )));
+            }
+            Ok(Err(error)) => {
+                return Err(ForwardError::connect(format!(
+                    "connect to {}: {error}",
+                    self.upstream
+                )));
+            }
+            Ok(Ok(stream)) => stream,
+        };
+        // Requests and response heads are small and latency-bound.
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!(%error, "TCP_NODELAY not set on the upstream connection");
+        }
+        let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ForwardError::protocol(&e))?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(error = %error_chain(&error), "upstream connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
+
+/// Idle connections, most recently used last: reuse takes the warmest, expiry the oldest.
+#[derive(Debug, Default)]
+struct Pool {
+    idle: Mutex<Vec<Idle>>,
+}
+
+#[derive(Debug)]
+struct Idle {
+    sender: SendRequest<RequestBody>,
+    since: Instant,
+}
+
+impl Pool {
+    fn lock(&self) -> MutexGuard<'_, Vec<Idle>> {
+        self.idle.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
+        let now = Instant::now();
+        let mut idle = self.lock();
+        while let Some(entry) = idle.pop() {
+            if now.duration_since(entry.since) > IDLE_TIMEOUT {
+                // The newest has expired, so all have.
+                idle.clear();
+                return None;
+            }
+            if !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn checkin(&self, sender: SendRequest<RequestBody>) {
+        if sender.is_closed() {
+            return;
+        }
+        let now = Instant::now();
+        let mut idle = self.lock();
+        let expired = idle
+            .iter()
+            .take_while(|entry| now.duration_since(entry.since) > IDLE_TIMEOUT)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < MAX_IDLE {
+            idle.push(Idle { sender, since: now });
+        }
+    }
+
+    /// The response, holding its connection until the body ends (at once if it has none).
+    fn lend(
+        self: &Arc<Self>,
+        response: Response<Incoming>,
+        sender: SendRequest<RequestBody>,
+    ) -> Response<UpstreamBody> {
+        response.map(|inner| {
+            let giveback = if inner.is_end_stream() {
+                self.checkin(sender);
+                None
+            } else {
+                Some((sender, self.clone()))
+            };
+            UpstreamBody { inner, giveback }
+        })
+    }
+}
+
+/// An upstream response body. When it has been read to the end its connection is idle again
+/// and goes back to the pool; dropped or failed before that, the connection is closed (HTTP/1.1
+/// cannot abandon a response and keep the connection).
+#[derive(Debug)]
+pub(crate) struct UpstreamBody {
+    inner: Incoming,
+    giveback: Option<(SendRequest<RequestBody>, Arc<Pool>)>,
+}
+
+impl UpstreamBody {
+    fn give_back(&mut self) {
+        if let Some((sender, pool)) = self.giveback.take() {
+            pool.checkin(sender);
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            None => self.give_back(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
+            Some(Ok(_)) => {}
+            Some(Err(_)) => self.giveback = None,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

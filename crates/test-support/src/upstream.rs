@@ -19,6 +19,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,6 +68,7 @@ struct State {
     requests: Mutex<Vec<Recorded>>,
     pacing: SsePacing,
     scripted: Mutex<Option<Reply>>,
+    connections: AtomicUsize,
 }
 
 /// A running upstream; stops when dropped.
@@ -95,6 +97,7 @@ impl Upstream {
             requests: Mutex::new(Vec::new()),
             pacing,
             scripted: Mutex::new(None),
+            connections: AtomicUsize::new(0),
         });
         let task = tokio::spawn(accept_loop(listener, state.clone()));
         Ok(Self { addr, state, task })
@@ -109,6 +112,11 @@ impl Upstream {
         if let Ok(mut scripted) = self.state.scripted.lock() {
             *scripted = Some(reply);
         }
+    }
+
+    /// How many connections were accepted so far.
+    pub fn connections(&self) -> usize {
+        self.state.connections.load(Ordering::Relaxed)
     }
 
     /// Everything received so far.
@@ -126,6 +134,7 @@ async fn accept_loop(listener: TcpListener, state: Arc<State>) {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
+        state.connections.fetch_add(1, Ordering::Relaxed);
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |req| handle(req, state.clone()));

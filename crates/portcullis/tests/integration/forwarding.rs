@@ -230,6 +230,76 @@ async fn each_sse_event_reaches_the_caller_before_the_next_is_produced() {
     }
 }
 
+/// Upstream connections outlive the request: sequential callers, over HTTP/1.1 and HTTP/2, on
+/// connections of their own, are served over the one kept-alive upstream connection.
+#[tokio::test]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let h = Harness::start().await;
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        for _ in 0..5 {
+            let (status, body) = h
+                .send(
+                    TRIAGE,
+                    version,
+                    request("GET", HOST, "/api/orders/1", Bytes::new()),
+                )
+                .await;
+            assert_eq!(status, 200, "{version:?} {body:?}");
+        }
+    }
+    // A streamed response read to its end gives its connection back too.
+    let caller = h.caller(&h.svid(TRIAGE), HttpVersion::Http1);
+    let chat = r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let response = caller
+        .call(h.addr, request("POST", HOST, "/v1/chat/completions", chat))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let streamed = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&streamed).contains("[DONE]"));
+    let (status, _) = h.get(TRIAGE, "/api/orders/2").await;
+    assert_eq!(status, 200);
+    assert_eq!(h.upstream.requests().len(), 12);
+    assert_eq!(h.upstream.connections(), 1);
+}
+
+/// An upstream that closes each connection after one response, without saying so: the
+/// proxy notices the closed connection and opens a new one, and no caller sees an error.
+#[tokio::test]
+async fn an_upstream_that_closes_idle_connections_costs_callers_nothing() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let mut head = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            // Closed with no `connection: close`: the next request must not be sent here.
+        }
+    });
+    let h = Harness::builder().upstream(addr).start().await;
+    for _ in 0..10 {
+        let (status, body) = h.get(TRIAGE, "/api/orders/1").await;
+        assert_eq!(status, 200, "{body:?}");
+        assert_eq!(body, "ok");
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 10);
+    server.abort();
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_and_timeout_is_504() {
     let closed = {
