@@ -86,7 +86,7 @@ pub(crate) async fn handle(
     conn: Arc<ConnectionIdentity>,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    // One call to the RNG for every random id of the request: it costs per call, not per byte.
+    // Every random id of the request from one draw (see `RequestRandomness`).
     let random = RequestRandomness::draw();
     let request_id = hex::encode(random.request_id());
     let Ok(()) = shared.audit.admit().await else {
@@ -850,13 +850,33 @@ fn is_valid_traceparent(value: &str) -> bool {
 /// traceparent when the caller sent none.
 struct RequestRandomness([u8; 40]);
 
+/// How many requests' random bytes one call to the RNG draws: aws-lc's RNG costs per call
+/// far more than per byte, so each thread draws for 64 requests at a time.
+const RANDOM_BATCH: usize = 64;
+
+thread_local! {
+    /// Drawn and not yet handed out; what is handed out is zeroed, so no id is given twice.
+    static RANDOM: std::cell::RefCell<([u8; 40 * RANDOM_BATCH], usize)> =
+        const { std::cell::RefCell::new(([0; 40 * RANDOM_BATCH], 40 * RANDOM_BATCH)) };
+}
+
 impl RequestRandomness {
     fn draw() -> Self {
-        let mut bytes = [0u8; 40];
-        // aws-lc's RNG does not fail on supported platforms; a zero id would still be unique
-        // enough to correlate within one record, so this does not fail the request.
-        let _ = aws_lc_rs::rand::fill(&mut bytes);
-        Self(bytes)
+        RANDOM.with_borrow_mut(|(pool, next)| {
+            if *next == pool.len() {
+                // aws-lc's RNG does not fail on supported platforms; a zero id would still be
+                // unique enough to correlate within one record, so this does not fail the
+                // request.
+                let _ = aws_lc_rs::rand::fill(pool);
+                *next = 0;
+            }
+            let mut bytes = [0u8; 40];
+            let drawn = &mut pool[*next..*next + 40];
+            bytes.copy_from_slice(drawn);
+            drawn.fill(0);
+            *next += 40;
+            Self(bytes)
+        })
     }
 
     fn request_id(&self) -> &[u8] {
@@ -881,6 +901,17 @@ fn unix_now() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::is_valid_traceparent;
+
+    /// Ids drawn from the per-thread batch are never handed out twice, across refills.
+    #[test]
+    fn request_randomness_is_never_repeated() {
+        let drawn: Vec<[u8; 40]> = (0..3 * super::RANDOM_BATCH + 7)
+            .map(|_| super::RequestRandomness::draw().0)
+            .collect();
+        let distinct: std::collections::HashSet<_> = drawn.iter().collect();
+        assert_eq!(distinct.len(), drawn.len());
+        assert!(drawn.iter().all(|bytes| bytes.iter().any(|&b| b != 0)));
+    }
 
     #[test]
     fn traceparent_validation() {
