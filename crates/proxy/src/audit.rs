@@ -171,7 +171,9 @@ pub struct AuditPolicies {
 pub struct AuditLog {
     tx: mpsc::UnboundedSender<Entry>,
     backlog: Arc<Backlog>,
-    metrics: Metrics,
+    /// Shared rather than cloned: every request's guard holds the log, and a `Metrics` clone
+    /// is one reference count per metric.
+    metrics: Arc<Metrics>,
     admit_timeout: Duration,
 }
 
@@ -252,7 +254,9 @@ impl AuditLog {
         let mut chain = Chain {
             prev: last.unwrap_or_else(|| GENESIS.to_owned()),
         };
-        out.write_lines(&[chain.link(&start)])?;
+        let mut first = Lines::default();
+        chain.link(&start, &mut first);
+        out.write_lines(&first)?;
 
         let (tx, rx) = mpsc::unbounded_channel::<Entry>();
         let backlog = Arc::new(Backlog {
@@ -292,7 +296,7 @@ impl AuditLog {
             Self {
                 tx,
                 backlog,
-                metrics,
+                metrics: Arc::new(metrics),
                 admit_timeout: Duration::from_secs(10),
             },
             AuditWriter { thread },
@@ -361,6 +365,9 @@ struct Writer {
 impl Writer {
     fn run(mut self) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
+        // One buffer for every batch's lines, kept: serializing into it costs no allocation
+        // once it has grown to a batch's size.
+        let mut lines = Lines::default();
         while let Some(first) = self.rx.blocking_recv() {
             batch.push(first);
             self.gather(&mut batch);
@@ -369,15 +376,15 @@ impl Writer {
                 self.gather(&mut batch);
             }
             let mut count = 0;
-            let mut lines: Vec<Vec<u8>> = Vec::with_capacity(batch.len());
+            lines.clear();
             for entry in batch.drain(..) {
                 match entry {
                     Entry::Record(record) => {
                         count += 1;
-                        lines.push(self.chain.link(&record));
+                        self.chain.link(&record, &mut lines);
                         self.unsealed += 1;
                     }
-                    Entry::Checkpoint => lines.extend(self.checkpoint()),
+                    Entry::Checkpoint => self.checkpoint(&mut lines),
                 }
             }
             let written = self.out.write_lines(&lines);
@@ -389,29 +396,34 @@ impl Writer {
             }
         }
         // Every handle is gone (shutdown): seal what was written since the last checkpoint.
-        let last: Vec<Vec<u8>> = self.checkpoint().into_iter().collect();
-        if let Err(error) = self.out.write_lines(&last) {
+        lines.clear();
+        self.checkpoint(&mut lines);
+        if let Err(error) = self.out.write_lines(&lines) {
             tracing::error!(%error, "audit sink failed writing the final checkpoint");
         }
     }
 
     /// A signed checkpoint line, if there is a key and anything to seal.
-    fn checkpoint(&mut self) -> Option<Vec<u8>> {
-        let key = self.key.as_ref()?;
+    fn checkpoint(&mut self, lines: &mut Lines) {
+        let Some(key) = self.key.as_ref() else {
+            return;
+        };
         if self.unsealed == 0 {
-            return None;
+            return;
         }
         let time = rfc3339(SystemTime::now());
         let signature = key.sign(&self.chain.prev, &time);
-        let line = self.chain.link(&serde_json::json!({
-            "type": "checkpoint",
-            "time": time,
-            "key_id": key.key_id(),
-            "sealed": self.unsealed,
-            "signature": signature,
-        }));
+        self.chain.link(
+            &serde_json::json!({
+                "type": "checkpoint",
+                "time": time,
+                "key_id": key.key_id(),
+                "sealed": self.unsealed,
+                "signature": signature,
+            }),
+            lines,
+        );
         self.unsealed = 0;
-        Some(line)
     }
 
     fn gather(&mut self, batch: &mut Vec<Entry>) {
@@ -569,19 +581,20 @@ impl Output {
     /// Writes `lines` (each with its newline) and flushes once, rotating first whenever the
     /// next line would not fit. A record is never split across files, and the chain simply
     /// continues in the new file.
-    fn write_lines(&mut self, lines: &[Vec<u8>]) -> io::Result<()> {
-        let mut pending: Vec<u8> = Vec::new();
-        for line in lines {
-            let len = line.len() as u64;
+    /// Writes `lines` in one write, or one per file when a line must go to the next file.
+    fn write_lines(&mut self, lines: &Lines) -> io::Result<()> {
+        let (mut unwritten, mut line_start) = (0, 0);
+        for &end in &lines.ends {
+            let len = (end - line_start) as u64;
             if self.must_rotate(len) {
-                self.writer.write_all(&pending)?;
-                pending.clear();
+                self.writer.write_all(&lines.buf[unwritten..line_start])?;
+                unwritten = line_start;
                 self.rotate()?;
             }
-            pending.extend_from_slice(line);
             self.written += len;
+            line_start = end;
         }
-        self.writer.write_all(&pending)?;
+        self.writer.write_all(&lines.buf[unwritten..line_start])?;
         self.writer.flush()
     }
 
@@ -820,20 +833,39 @@ struct Chain {
 impl Chain {
     /// `value` (a JSON object) with `prev_hash` added last, serialized as one line (with its
     /// newline). Appending to the serialized object saves building a JSON tree per record.
-    fn link(&mut self, value: &impl Serialize) -> Vec<u8> {
-        let mut line = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
-        if line.last() == Some(&b'}') {
-            line.pop();
-            if line.len() > 1 {
-                line.push(b',');
-            }
-            line.extend_from_slice(b"\"prev_hash\":\"");
-            line.extend_from_slice(self.prev.as_bytes());
-            line.extend_from_slice(b"\"}");
+    fn link(&mut self, value: &impl Serialize, lines: &mut Lines) {
+        let start = lines.buf.len();
+        let buf = &mut lines.buf;
+        if serde_json::to_writer(&mut *buf, value).is_err() {
+            buf.truncate(start);
+            buf.extend_from_slice(b"{}");
         }
-        self.prev = line_hash(&line);
-        line.push(b'\n');
-        line
+        if buf.len() > start && buf.last() == Some(&b'}') {
+            buf.pop();
+            if buf.len() - start > 1 {
+                buf.push(b',');
+            }
+            buf.extend_from_slice(b"\"prev_hash\":\"");
+            buf.extend_from_slice(self.prev.as_bytes());
+            buf.extend_from_slice(b"\"}");
+        }
+        self.prev = line_hash(&buf[start..]);
+        buf.push(b'\n');
+        lines.ends.push(buf.len());
+    }
+}
+
+/// Lines to write together: their bytes, newlines included, and where each ends.
+#[derive(Debug, Default)]
+struct Lines {
+    buf: Vec<u8>,
+    ends: Vec<usize>,
+}
+
+impl Lines {
+    fn clear(&mut self) {
+        self.buf.clear();
+        self.ends.clear();
     }
 }
 
