@@ -130,7 +130,15 @@ async fn connection(
     };
     let conn = Arc::new(ConnectionIdentity::new(agent, peer, &shared));
     // ALPN tells HTTP/2 from the first byte; without it the first request does.
-    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let alpn = tls.get_ref().1.alpn_protocol();
+    let http2 = alpn == Some(b"h2");
+    // A protocol agreed in the handshake is served as such, without reading the connection's
+    // first bytes to tell which it is.
+    let builder = match alpn {
+        Some(b"h2") => builder(limits).http2_only(),
+        Some(b"http/1.1") => builder(limits).http1_only(),
+        _ => builder(limits),
+    };
     let state = Arc::new(ConnState::new(http2));
     let (give_back, returned) = oneshot::channel();
     let io = TokioIo::new(Tracked {
@@ -152,7 +160,6 @@ async fn connection(
             }
         }
     });
-    let builder = builder(limits);
     let connection = Box::pin(builder.serve_connection(io, service));
     let ended_in_error = drive(connection, &state, limits, &mut shutdown, peer).await;
     // The connection (and the I/O it owned) is dropped by now. An HTTP/1 connection that
