@@ -99,11 +99,12 @@ fn fixtures(dir: &Path) {
     claims["exp"] = (now + 3_000).into();
     write("token.txt", &idp.token(&claims));
 
-    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/schema.cedarschema");
+    // Embedded, so the tool does not depend on the checkout it was built from still existing.
+    let schema = include_str!("../../policies/schema.cedarschema");
     for size in POLICY_SIZES {
         let policies = dir.join(format!("policies-{size}"));
         std::fs::create_dir_all(&policies).unwrap();
-        std::fs::copy(&schema, policies.join("schema.cedarschema")).unwrap();
+        std::fs::write(policies.join("schema.cedarschema"), schema).unwrap();
         std::fs::write(policies.join("agents.cedar"), policy_set(size)).unwrap();
         write(
             &format!("portcullis-{size}.yaml"),
