@@ -11,10 +11,10 @@
 
 use http::header::{self, HeaderMap, HeaderName};
 
-pub const AGENT_HEADER: &str = "x-portcullis-agent";
-pub const USER_HEADER: &str = "x-portcullis-user";
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
-pub const TRACEPARENT_HEADER: &str = "traceparent";
+pub const AGENT_HEADER: HeaderName = HeaderName::from_static("x-portcullis-agent");
+pub const USER_HEADER: HeaderName = HeaderName::from_static("x-portcullis-user");
+pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+pub const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
 
 /// Fields that are hop-by-hop whether or not `Connection` names them (RFC 9110 §7.6.1 and
 /// the de-facto `Proxy-Connection` and `Keep-Alive`). `TE` is removed as a whole: the proxy
@@ -84,12 +84,16 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
 /// Removes hop-by-hop fields (including `Upgrade`, so no tunnel is ever negotiated) and every
 /// field the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Only the named fields present are made names of (an allocation each): the usual
+    // `Connection: keep-alive` or `close` names none.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|name| !name.is_empty() && headers.contains_key(*name))
+        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);

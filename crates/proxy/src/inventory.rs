@@ -67,14 +67,22 @@ impl Inventory {
         let Ok(mut agents) = self.agents.lock() else {
             return;
         };
-        let entry = agents
-            .entry(seen.agent.to_owned())
-            .or_insert_with(|| AgentEntry {
-                spiffe_id: seen.agent.to_owned(),
-                first_seen: seen.time.to_owned(),
-                ..AgentEntry::default()
-            });
-        entry.last_seen = seen.time.to_owned();
+        // Looked up by `&str` first: an agent seen before costs no allocation.
+        if !agents.contains_key(seen.agent) {
+            agents.insert(
+                seen.agent.to_owned(),
+                AgentEntry {
+                    spiffe_id: seen.agent.to_owned(),
+                    first_seen: seen.time.to_owned(),
+                    ..AgentEntry::default()
+                },
+            );
+        }
+        let Some(entry) = agents.get_mut(seen.agent) else {
+            return;
+        };
+        entry.last_seen.clear();
+        entry.last_seen.push_str(seen.time);
         entry.requests += 1;
         match seen.decision {
             Some("allow") => entry.allowed += 1,
@@ -101,10 +109,12 @@ impl Inventory {
             None if seen.decision.is_some() => entry.called_without_user = true,
             None => {}
             Some(user) => {
-                if entry.users.len() < MAX_USERS {
-                    entry.users.insert(user.to_owned());
-                } else if !entry.users.contains(user) {
-                    entry.distinct_users_capped = true;
+                if !entry.users.contains(user) {
+                    if entry.users.len() < MAX_USERS {
+                        entry.users.insert(user.to_owned());
+                    } else {
+                        entry.distinct_users_capped = true;
+                    }
                 }
                 entry.distinct_users = entry.users.len();
             }

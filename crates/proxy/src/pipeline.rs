@@ -715,7 +715,10 @@ fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
         }
     };
     match host {
-        Some(host) if !host.is_empty() => Ok(host.to_ascii_lowercase()),
+        Some(mut host) if !host.is_empty() => {
+            host.make_ascii_lowercase();
+            Ok(host)
+        }
         _ => Err(Refusal::MissingHost),
     }
 }
