@@ -411,7 +411,10 @@ impl Exchanger {
         let answer = pending
             .get_or_init(|| async {
                 exchanged.store(true, std::sync::atomic::Ordering::Relaxed);
-                tokio::time::timeout(self.spec.timeout, self.exchange(subject_token, scope))
+                // Boxed: the HTTP exchange's future is large, and held inline it would make
+                // every request's future larger, cached or not.
+                let exchange = Box::pin(self.exchange(subject_token, scope));
+                tokio::time::timeout(self.spec.timeout, exchange)
                     .await
                     .map_err(|_| "token service did not answer in time".to_owned())
                     .and_then(|answer| answer)

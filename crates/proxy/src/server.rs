@@ -150,8 +150,8 @@ async fn connection(
         let (shared, state) = (shared.clone(), state.clone());
         move |request: hyper::Request<hyper::body::Incoming>| {
             let in_progress = state.begin(request.version());
-            // Boxed at once: the pipeline's future is large (about 14 KiB: every stage's
-            // state), and hyper moves the service future it is given; a box moves as a
+            // Boxed at once: the pipeline's future is large (5.5 KiB in a release build: every
+            // stage's state), and hyper moves the service future it is given; a box moves as a
             // pointer and keeps the connection's own state small while it is idle.
             let response = Box::pin(handle(shared.clone(), conn.clone(), request));
             async move {
