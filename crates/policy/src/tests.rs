@@ -355,3 +355,59 @@ fn a_prepared_agent_decides_as_evaluate_and_follows_reloads() {
         Decision::Allow
     );
 }
+
+/// A prepared agent remembers the context of its last question; the context still follows
+/// every input it was built from: the caller's address, the second, whether a user delegated.
+#[test]
+fn a_remembered_context_follows_what_it_was_built_from() {
+    let dir = policy_dir(
+        r#"@id("office-hours") permit (principal is Agent, action, resource)
+        when { context.request.client_address == "10.0.0.1" && context.now < 1700000100
+               && !context.delegated };
+        @id("users") permit (principal is User, action, resource);"#,
+        None,
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let agent = SpiffeId::parse(TRIAGE).unwrap();
+    let prepared = engine.prepare_agent(&agent);
+    let resource = route("/x", "GET");
+    let alice = UserClaims {
+        subject: "alice".to_owned(),
+        issuer: "https://idp.example.org".to_owned(),
+        scopes: Vec::new(),
+        email: None,
+        groups: Vec::new(),
+        actor_chain: vec![TRIAGE.to_owned()],
+        expires_at: 0,
+    };
+    let ask = |client_address: &str, now: i64, user: Option<&UserClaims>| {
+        engine
+            .evaluate_prepared(
+                &prepared,
+                &AuthzInput {
+                    agent: &agent,
+                    user,
+                    action: Action::Get,
+                    resource: &resource,
+                    request: RequestInfo {
+                        method: "GET",
+                        path: "/x",
+                        host: "orders.internal",
+                        client_address,
+                    },
+                    protocol_context: Vec::new(),
+                    now,
+                },
+            )
+            .agent
+            .allowed
+    };
+    let now = 1_700_000_000;
+    assert!(ask("10.0.0.1", now, None));
+    assert!(ask("10.0.0.1", now, None), "the same question again");
+    assert!(!ask("10.0.0.2", now, None), "another address");
+    assert!(ask("10.0.0.1", now, None));
+    assert!(!ask("10.0.0.1", now + 100, None), "a later second");
+    assert!(!ask("10.0.0.1", now, Some(&alice)), "delegated");
+    assert!(ask("10.0.0.1", now, None));
+}
