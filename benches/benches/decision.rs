@@ -3,8 +3,11 @@
 //! agent (the shape a security team writing a policy per workload reaches).
 //!
 //! `allow` and `deny` use an agent prepared once, as a connection does
-//! ([`PolicyEngine::prepare_agent`]); `allow_unprepared` builds the agent per request, as
-//! [`PolicyEngine::evaluate`] does; `delegated` adds the user question.
+//! ([`PolicyEngine::prepare_agent`]), and ask the same question within one second, so the
+//! Cedar context is the one remembered from the last call; `allow_new_context` asks it at a
+//! new second each time, so the context is built (what a repeated call pays once a second,
+//! and any call from a new address or for a new user); `allow_unprepared` builds the agent
+//! per request, as [`PolicyEngine::evaluate`] does; `delegated` adds the user question.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -16,12 +19,16 @@ use portcullis_core::{Decision, SpiffeId, UserClaims};
 use portcullis_policy::{AuthzInput, Mode, PolicyEngine, PreparedAgent, RequestInfo};
 use portcullis_proxy::classify::classify;
 
+/// The second every question but `allow_new_context`'s is asked at.
+const NOW: i64 = 1_700_000_000;
+
 fn decide(
     engine: &PolicyEngine,
     agent: &SpiffeId,
     prepared: Option<&PreparedAgent>,
     user: Option<&UserClaims>,
     path: &str,
+    now: i64,
 ) -> Decision {
     let classified = classify(&[], "GET", path, "orders.internal").unwrap();
     let input = AuthzInput {
@@ -36,7 +43,7 @@ fn decide(
             client_address: "10.0.0.7",
         },
         protocol_context: Vec::new(),
-        now: 1_700_000_000,
+        now,
     };
     match prepared {
         Some(prepared) => engine.evaluate_prepared(prepared, &input).decision,
@@ -65,29 +72,42 @@ fn decision_path(c: &mut Criterion) {
         };
         let allowed = format!("/api/team{team}/orders/17");
         let p = Some(&prepared);
-        assert_eq!(decide(&engine, &agent, p, None, &allowed), Decision::Allow);
         assert_eq!(
-            decide(&engine, &agent, None, None, &allowed),
+            decide(&engine, &agent, p, None, &allowed, NOW),
             Decision::Allow
         );
-        assert_eq!(decide(&engine, &agent, p, None, "/other"), Decision::Deny);
+        assert_eq!(
+            decide(&engine, &agent, None, None, &allowed, NOW),
+            Decision::Allow
+        );
+        assert_eq!(
+            decide(&engine, &agent, p, None, "/other", NOW),
+            Decision::Deny
+        );
         // The generated set has no user policies: the user question denies, after both
         // questions were asked.
         assert_eq!(
-            decide(&engine, &agent, p, Some(&user), &allowed),
+            decide(&engine, &agent, p, Some(&user), &allowed, NOW),
             Decision::Deny
         );
         group.bench_with_input(BenchmarkId::new("allow", n), &n, |b, _| {
-            b.iter(|| decide(&engine, &agent, p, None, &allowed));
+            b.iter(|| decide(&engine, &agent, p, None, &allowed, NOW));
         });
         group.bench_with_input(BenchmarkId::new("deny", n), &n, |b, _| {
-            b.iter(|| decide(&engine, &agent, p, None, "/other"));
+            b.iter(|| decide(&engine, &agent, p, None, "/other", NOW));
+        });
+        group.bench_with_input(BenchmarkId::new("allow_new_context", n), &n, |b, _| {
+            let mut now = NOW;
+            b.iter(|| {
+                now += 1;
+                decide(&engine, &agent, p, None, &allowed, now)
+            });
         });
         group.bench_with_input(BenchmarkId::new("allow_unprepared", n), &n, |b, _| {
-            b.iter(|| decide(&engine, &agent, None, None, &allowed));
+            b.iter(|| decide(&engine, &agent, None, None, &allowed, NOW));
         });
         group.bench_with_input(BenchmarkId::new("delegated", n), &n, |b, _| {
-            b.iter(|| decide(&engine, &agent, p, Some(&user), &allowed));
+            b.iter(|| decide(&engine, &agent, p, Some(&user), &allowed, NOW));
         });
     }
     group.finish();
