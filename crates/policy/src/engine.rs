@@ -239,6 +239,23 @@ impl ContextKey {
         }
     }
 
+    /// Now built from `input`, reusing the strings' buffers (a new second allocates nothing).
+    fn update(&mut self, input: &AuthzInput<'_>) {
+        self.now = input.now;
+        for (field, value) in [
+            (&mut self.method, input.request.method),
+            (&mut self.path, input.request.path),
+            (&mut self.host, input.request.host),
+            (&mut self.client_address, input.request.client_address),
+        ] {
+            field.clear();
+            field.push_str(value);
+        }
+        if self.user.as_ref() != input.user {
+            self.user = input.user.cloned();
+        }
+    }
+
     fn matches(&self, input: &AuthzInput<'_>) -> bool {
         self.now == input.now
             && self.method == input.request.method
@@ -265,7 +282,13 @@ impl LastContext {
             return Ok(context.clone());
         }
         let context = build()?;
-        *last = Some((ContextKey::new(input), context.clone()));
+        match last.as_mut() {
+            Some((key, kept)) => {
+                key.update(input);
+                *kept = context.clone();
+            }
+            None => *last = Some((ContextKey::new(input), context.clone())),
+        }
         Ok(context)
     }
 }
