@@ -315,20 +315,7 @@ fn a_prepared_agent_decides_as_evaluate_and_follows_reloads() {
     let prepared = engine.prepare_agent(&agent);
     assert_eq!(prepared.agent(), &agent);
     let resource = route("/x", "GET");
-    let input = |agent| AuthzInput {
-        agent,
-        user: None,
-        action: Action::Get,
-        resource: &resource,
-        request: RequestInfo {
-            method: "GET",
-            path: "/x",
-            host: "orders.internal",
-            client_address: "127.0.0.1",
-        },
-        protocol_context: Vec::new(),
-        now: 1_700_000_000,
-    };
+    let input = |agent| get_x(agent, &resource, None, "127.0.0.1", 1_700_000_000);
     assert_eq!(
         engine.evaluate_prepared(&prepared, &input(&agent)).decision,
         Decision::Deny
@@ -384,20 +371,7 @@ fn a_remembered_context_follows_what_it_was_built_from() {
         engine
             .evaluate_prepared(
                 &prepared,
-                &AuthzInput {
-                    agent: &agent,
-                    user,
-                    action: Action::Get,
-                    resource: &resource,
-                    request: RequestInfo {
-                        method: "GET",
-                        path: "/x",
-                        host: "orders.internal",
-                        client_address,
-                    },
-                    protocol_context: Vec::new(),
-                    now,
-                },
+                &get_x(&agent, &resource, user, client_address, now),
             )
             .agent
             .allowed
@@ -410,4 +384,28 @@ fn a_remembered_context_follows_what_it_was_built_from() {
     assert!(!ask("10.0.0.1", now + 100, None), "a later second");
     assert!(!ask("10.0.0.1", now, Some(&alice)), "delegated");
     assert!(ask("10.0.0.1", now, None));
+}
+
+/// `GET /x` on `orders.internal`, as `agent` (for `user`) from `client_address` at `now`.
+fn get_x<'a>(
+    agent: &'a SpiffeId,
+    resource: &'a Resource,
+    user: Option<&'a UserClaims>,
+    client_address: &'a str,
+    now: i64,
+) -> AuthzInput<'a> {
+    AuthzInput {
+        agent,
+        user,
+        action: Action::Get,
+        resource,
+        request: RequestInfo {
+            method: "GET",
+            path: "/x",
+            host: "orders.internal",
+            client_address,
+        },
+        protocol_context: Vec::new(),
+        now,
+    }
 }
