@@ -581,7 +581,6 @@ impl Output {
     /// Writes `lines` (each with its newline) and flushes once, rotating first whenever the
     /// next line would not fit. A record is never split across files, and the chain simply
     /// continues in the new file.
-    /// Writes `lines` in one write, or one per file when a line must go to the next file.
     fn write_lines(&mut self, lines: &Lines) -> io::Result<()> {
         let (mut unwritten, mut line_start) = (0, 0);
         for &end in &lines.ends {
