@@ -131,9 +131,6 @@ impl Forwarder {
         mut request: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ForwardError> {
         while let Some(mut sender) = self.pool.checkout() {
-            if sender.ready().await.is_err() {
-                continue;
-            }
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pool.lend(response, sender)),
                 Err(mut error) => match error.take_message() {
@@ -219,17 +216,34 @@ impl Pool {
                 idle.clear();
                 return None;
             }
-            if !entry.sender.is_closed() {
+            // Only a connection ready for a request: one still busy (its request body still
+            // going out after the response ended, say) must not hold this request up.
+            if entry.sender.is_ready() {
                 return Some(entry.sender);
             }
         }
         None
     }
 
-    fn checkin(&self, sender: SendRequest<RequestBody>) {
+    /// Back to the stack once it can take a request: at once when it can (the usual case), else
+    /// when it becomes ready, by a task of its own; a connection that closes is dropped.
+    fn checkin(self: &Arc<Self>, mut sender: SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
+        if !sender.is_ready() {
+            let pool = self.clone();
+            tokio::spawn(async move {
+                if sender.ready().await.is_ok() {
+                    pool.keep(sender);
+                }
+            });
+            return;
+        }
+        self.keep(sender);
+    }
+
+    fn keep(&self, sender: SendRequest<RequestBody>) {
         let now = Instant::now();
         let mut idle = self.lock();
         let expired = idle

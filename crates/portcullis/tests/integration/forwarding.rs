@@ -300,6 +300,57 @@ async fn an_upstream_that_closes_idle_connections_costs_callers_nothing() {
     server.abort();
 }
 
+/// An upstream may answer before it has read the whole request body. The connection is still
+/// sending that body, so it is not idle: another caller's request goes on a new connection
+/// rather than waiting behind the first caller's upload (here, until its own timeout).
+#[tokio::test]
+async fn a_connection_still_sending_a_body_is_not_lent_to_another_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    // Answers each head at once, whatever body follows, and keeps reading.
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let h = Harness::builder()
+        .policies(r#"@id("all") permit (principal, action, resource);"#)
+        .upstream(addr)
+        .yaml("limits:\n  request_timeout: 2s\n")
+        .start()
+        .await;
+    // Half of a 10-byte body, then nothing for longer than the request timeout.
+    let upload =
+        format!("POST /api/orders HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 10\r\n\r\nhello");
+    let (uploading, (status, body)) = tokio::join!(
+        h.raw(TRIAGE, upload.as_bytes(), Duration::from_secs(3)),
+        async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            h.get(TRIAGE, "/api/orders/1").await
+        }
+    );
+    assert!(uploading.starts_with("HTTP/1.1 200"), "{uploading}");
+    assert_eq!(status, 200, "{body:?}");
+    server.abort();
+}
+
 #[tokio::test]
 async fn upstream_down_is_502_and_timeout_is_504() {
     let closed = {
