@@ -217,7 +217,7 @@ struct RequestEntities {
 #[derive(Debug, Default)]
 struct LastContext(Mutex<Option<(ContextKey, Context)>>);
 
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct ContextKey {
     now: i64,
     method: String,
@@ -228,18 +228,7 @@ struct ContextKey {
 }
 
 impl ContextKey {
-    fn new(input: &AuthzInput<'_>) -> Self {
-        Self {
-            now: input.now,
-            method: input.request.method.to_owned(),
-            path: input.request.path.to_owned(),
-            host: input.request.host.to_owned(),
-            client_address: input.request.client_address.to_owned(),
-            user: input.user.cloned(),
-        }
-    }
-
-    /// Now built from `input`, reusing the strings' buffers (a new second allocates nothing).
+    /// Now `input`'s, reusing the strings' buffers (a new second allocates nothing).
     fn update(&mut self, input: &AuthzInput<'_>) {
         self.now = input.now;
         for (field, value) in [
@@ -282,13 +271,9 @@ impl LastContext {
             return Ok(context.clone());
         }
         let context = build()?;
-        match last.as_mut() {
-            Some((key, kept)) => {
-                key.update(input);
-                *kept = context.clone();
-            }
-            None => *last = Some((ContextKey::new(input), context.clone())),
-        }
+        let (key, kept) = last.get_or_insert_with(|| (ContextKey::default(), context.clone()));
+        key.update(input);
+        *kept = context.clone();
         Ok(context)
     }
 }
