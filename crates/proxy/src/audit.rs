@@ -21,8 +21,8 @@
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
@@ -53,7 +53,9 @@ pub const GENESIS: &str = "genesis";
     reason = "records move by value as they did before checkpoints: boxing would add an allocation per request for a tick that comes once a minute"
 )]
 enum Entry {
-    Record(AuditRecord),
+    /// A finished record, serialized as a JSON object by the request that made it (see
+    /// [`AuditLog::submit`]); the writer adds `prev_hash`.
+    Record(Vec<u8>),
     Checkpoint,
 }
 
@@ -186,6 +188,11 @@ struct Backlog {
     capacity: usize,
     /// Signalled by the writer after each batch, and when the sink fails.
     drained: Notify,
+    /// Serialization buffers the writer is done with, for the next records. Each request
+    /// serializes its own record into one (so the record's many strings are freed by the
+    /// thread that allocated them, and the writer frees nothing); the writer gives them back
+    /// after each batch.
+    spare: Mutex<Vec<Vec<u8>>>,
 }
 
 /// The audit queue is closed: the sink failed. Requests must fail closed.
@@ -215,6 +222,10 @@ const QUEUE_DEPTH: usize = 1024;
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
 /// A batch never holds more than this many records.
 const MAX_BATCH: usize = 256;
+/// Serialization buffers kept for reuse (one batch's worth), and the largest kept: a record
+/// with a large input (a long tool call) is not worth holding its buffer for.
+const SPARE_BUFFERS: usize = MAX_BATCH;
+const SPARE_BUFFER_BYTES: usize = 16 * 1024;
 
 impl AuditLog {
     /// Opens the sink, writes the chain's `start` line, and starts the writer thread.
@@ -263,6 +274,7 @@ impl AuditLog {
             queued: AtomicUsize::new(0),
             capacity,
             drained: Notify::new(),
+            spare: Mutex::new(Vec::new()),
         });
         if let Some(checkpoints) = &checkpoints {
             // The clock holds only a weak handle, so it never keeps the writer alive.
@@ -336,9 +348,26 @@ impl AuditLog {
     /// Hands a finished record to the writer. Never waits: the request was admitted when it
     /// started, and the record of a request that was served must not be dropped for lack of
     /// room. If the sink has failed the record is lost, and counted as such.
-    fn submit(&self, record: AuditRecord) {
+    ///
+    /// The record is serialized here, by the request's own thread: handing the writer the
+    /// record itself made it free some twenty strings allocated on another thread per
+    /// request, which cost glibc's allocator more than the serializing does.
+    fn submit(&self, record: &AuditRecord) {
+        let mut object = self
+            .backlog
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop()
+            .unwrap_or_default();
+        if serde_json::to_writer(&mut object, record).is_err() {
+            // Not expected (the record has no map with non-string keys), but a line must be
+            // written for every request: an empty object still links into the chain.
+            object.clear();
+            object.extend_from_slice(b"{}");
+        }
         self.backlog.queued.fetch_add(1, Ordering::AcqRel);
-        if self.tx.send(Entry::Record(record)).is_err() {
+        if self.tx.send(Entry::Record(object)).is_err() {
             self.backlog.queued.fetch_sub(1, Ordering::AcqRel);
             self.metrics.audit_write_failures.inc();
             tracing::error!("audit sink failed; the record of a served request is lost");
@@ -368,6 +397,7 @@ impl Writer {
         // One buffer for every batch's lines, kept: serializing into it costs no allocation
         // once it has grown to a batch's size.
         let mut lines = Lines::default();
+        let mut done = Vec::with_capacity(MAX_BATCH);
         while let Some(first) = self.rx.blocking_recv() {
             batch.push(first);
             self.gather(&mut batch);
@@ -379,14 +409,19 @@ impl Writer {
             lines.clear();
             for entry in batch.drain(..) {
                 match entry {
-                    Entry::Record(record) => {
+                    Entry::Record(mut object) => {
                         count += 1;
-                        self.chain.link(&record, &mut lines);
+                        self.chain.link_object(&object, &mut lines);
                         self.unsealed += 1;
+                        if object.capacity() <= SPARE_BUFFER_BYTES {
+                            object.clear();
+                            done.push(object);
+                        }
                     }
                     Entry::Checkpoint => self.checkpoint(&mut lines),
                 }
             }
+            self.give_back(&mut done);
             let written = self.out.write_lines(&lines);
             self.backlog.queued.fetch_sub(count, Ordering::AcqRel);
             self.backlog.drained.notify_waiters();
@@ -424,6 +459,20 @@ impl Writer {
             lines,
         );
         self.unsealed = 0;
+    }
+
+    /// Returns a batch's serialization buffers to the spares, up to [`SPARE_BUFFERS`].
+    fn give_back(&self, done: &mut Vec<Vec<u8>>) {
+        let mut spare = self
+            .backlog
+            .spare
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let room = SPARE_BUFFERS.saturating_sub(spare.len());
+        spare.extend(done.drain(..).take(room));
+        // What did not fit is dropped here, outside the lock.
+        drop(spare);
+        done.clear();
     }
 
     fn gather(&mut self, batch: &mut Vec<Entry>) {
@@ -500,7 +549,7 @@ impl Drop for AuditGuard {
             });
             metrics.agents_seen.set(self.inventory.len() as i64);
         }
-        self.log.submit(std::mem::take(&mut self.record));
+        self.log.submit(&self.record);
     }
 }
 
@@ -834,11 +883,23 @@ impl Chain {
     /// newline). Appending to the serialized object saves building a JSON tree per record.
     fn link(&mut self, value: &impl Serialize, lines: &mut Lines) {
         let start = lines.buf.len();
-        let buf = &mut lines.buf;
-        if serde_json::to_writer(&mut *buf, value).is_err() {
-            buf.truncate(start);
-            buf.extend_from_slice(b"{}");
+        if serde_json::to_writer(&mut lines.buf, value).is_err() {
+            lines.buf.truncate(start);
+            lines.buf.extend_from_slice(b"{}");
         }
+        self.close(start, lines);
+    }
+
+    /// [`Chain::link`] for an object already serialized (a record, see [`AuditLog::submit`]).
+    fn link_object(&mut self, object: &[u8], lines: &mut Lines) {
+        let start = lines.buf.len();
+        lines.buf.extend_from_slice(object);
+        self.close(start, lines);
+    }
+
+    /// Adds `prev_hash` to the object from `start` on, ends the line, and moves the chain on.
+    fn close(&mut self, start: usize, lines: &mut Lines) {
+        let buf = &mut lines.buf;
         if buf.len() > start && buf.last() == Some(&b'}') {
             buf.pop();
             if buf.len() - start > 1 {
@@ -880,4 +941,54 @@ pub fn rfc3339(at: SystemTime) -> String {
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
     at.format(&format).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each request serializes its record into a buffer the writer gave back: every line
+    /// must still be exactly its own record, whatever the record before it in that buffer.
+    #[test]
+    fn reused_buffers_carry_nothing_from_earlier_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let sink = AuditSink::File {
+            path: path.clone(),
+            rotate_bytes: None,
+            keep: 1,
+        };
+        let (log, writer) = AuditLog::start(&sink, Metrics::new()).unwrap();
+        // Long paths first, then shorter ones: a buffer not emptied before reuse would show.
+        let paths: Vec<String> = (0..40)
+            .map(|i| format!("/{}", "x".repeat(200 - i * 5)))
+            .collect();
+        for (index, request_path) in paths.iter().enumerate() {
+            log.submit(&AuditRecord {
+                request_id: index.to_string(),
+                path: request_path.clone(),
+                ..AuditRecord::default()
+            });
+            // Written before the next is submitted: one record per batch, so every record
+            // after the first is serialized into a buffer an earlier one used.
+            while log.backlog.queued.load(Ordering::Acquire) > 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let spares = log.backlog.spare.lock().unwrap().len();
+        assert!(spares >= 1, "no buffer was given back");
+        drop(log);
+        writer.join();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + paths.len());
+        for (index, line) in lines[1..].iter().enumerate() {
+            let record: serde_json::Value = serde_json::from_str(line).unwrap();
+            assert_eq!(record["request_id"], index.to_string());
+            assert_eq!(record["path"], paths[index].as_str());
+        }
+        let summary = verify_chain(&[path]).unwrap().unwrap();
+        assert_eq!(summary.records, paths.len());
+    }
 }
