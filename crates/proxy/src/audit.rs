@@ -48,10 +48,6 @@ pub const GENESIS: &str = "genesis";
 
 /// What flows to the writer thread: records, and the checkpoint clock's ticks.
 #[derive(Debug)]
-#[allow(
-    clippy::large_enum_variant,
-    reason = "records move by value as they did before checkpoints: boxing would add an allocation per request for a tick that comes once a minute"
-)]
 enum Entry {
     /// A finished record, serialized as a JSON object by the request that made it (see
     /// [`AuditLog::submit`]); the writer adds `prev_hash`.
@@ -468,10 +464,10 @@ impl Writer {
             .spare
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let room = SPARE_BUFFERS.saturating_sub(spare.len());
-        spare.extend(done.drain(..).take(room));
-        // What did not fit is dropped here, outside the lock.
+        let keep = done.len().min(SPARE_BUFFERS.saturating_sub(spare.len()));
+        spare.extend(done.drain(..keep));
         drop(spare);
+        // What did not fit is freed outside the lock.
         done.clear();
     }
 
