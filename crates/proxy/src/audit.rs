@@ -356,12 +356,7 @@ impl AuditLog {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        if serde_json::to_writer(&mut object, record).is_err() {
-            // Not expected (the record has no map with non-string keys), but a line must be
-            // written for every request: an empty object still links into the chain.
-            object.clear();
-            object.extend_from_slice(b"{}");
-        }
+        write_object(&mut object, record);
         self.backlog.queued.fetch_add(1, Ordering::AcqRel);
         if self.tx.send(Entry::Record(object)).is_err() {
             self.backlog.queued.fetch_sub(1, Ordering::AcqRel);
@@ -879,10 +874,7 @@ impl Chain {
     /// newline). Appending to the serialized object saves building a JSON tree per record.
     fn link(&mut self, value: &impl Serialize, lines: &mut Lines) {
         let start = lines.buf.len();
-        if serde_json::to_writer(&mut lines.buf, value).is_err() {
-            lines.buf.truncate(start);
-            lines.buf.extend_from_slice(b"{}");
-        }
+        write_object(&mut lines.buf, value);
         self.close(start, lines);
     }
 
@@ -908,6 +900,17 @@ impl Chain {
         self.prev = line_hash(&buf[start..]);
         buf.push(b'\n');
         lines.ends.push(buf.len());
+    }
+}
+
+/// Appends `value` (a JSON object) to `buf`. A value that fails to serialize (not expected:
+/// nothing audited has a map with non-string keys) is written as `{}`: every request gets a
+/// line, and an empty object still links into the chain.
+fn write_object(buf: &mut Vec<u8>, value: &impl Serialize) {
+    let start = buf.len();
+    if serde_json::to_writer(&mut *buf, value).is_err() {
+        buf.truncate(start);
+        buf.extend_from_slice(b"{}");
     }
 }
 
