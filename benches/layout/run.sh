@@ -15,11 +15,38 @@
 # toolchain: rerun this after a toolchain or dependency update (build.rs says how to check
 # how much of the list still matches). Needs valgrind (installed if missing) and curl.
 #
-# Usage: benches/layout/run.sh   (SKIP_BUILD=1 uses the existing target/dist build)
+# Usage: benches/layout/run.sh           regenerate the list
+#        benches/layout/run.sh --check   how much of the list the dist build still has, and
+#                                        whether its code is laid out in that order (exit 1
+#                                        under 90%: time to regenerate)
+#        (SKIP_BUILD=1 uses the existing target/dist build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
 log() { printf '== %s\n' "$*" >&2; }
+ORDER="$root/crates/portcullis/symbol-order.txt"
+
+if [ "${1:-}" = "--check" ]; then
+    [ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis --bin portcullis >&2
+    python3 - "$root/target/dist/portcullis" "$ORDER" <<'PY'
+import subprocess, sys
+binary, order = sys.argv[1:3]
+address = {}
+for line in subprocess.run(["nm", "--defined-only", binary], capture_output=True, text=True,
+                           check=True).stdout.splitlines():
+    fields = line.split()
+    if len(fields) == 3 and fields[1] in "tTwW":
+        address.setdefault(fields[2], int(fields[0], 16))
+listed = [n for n in open(order).read().split() if n]
+present = [n for n in listed if n in address]
+in_order = sum(1 for a, b in zip(present, present[1:]) if address[a] < address[b])
+share = len(present) / max(len(listed), 1)
+print(f"{len(present)} of {len(listed)} listed functions are in {binary} ({share:.0%}); "
+      f"{in_order + 1 if present else 0} of them laid out in the list's order")
+sys.exit(0 if share >= 0.9 and in_order + 1 >= 0.9 * len(present) else 1)
+PY
+    exit
+fi
 
 if ! command -v valgrind >/dev/null; then
     log "installing valgrind"
@@ -96,7 +123,7 @@ workload() {
 profile firstbyte
 profile token
 
-python3 - "$work" "$BIN" "$root/crates/portcullis/symbol-order.txt" <<'PY'
+python3 - "$work" "$BIN" "$ORDER" <<'PY'
 import collections, glob, re, subprocess, sys
 work, binary, out = sys.argv[1:4]
 
