@@ -18,8 +18,7 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=symbol-order.txt");
     if env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu") {
-        let manifest_dir = env::var("CARGO_MANIFEST_DIR").expect("set by cargo");
-        let order = Path::new(&manifest_dir).join("symbol-order.txt");
+        let order = Path::new(env!("CARGO_MANIFEST_DIR")).join("symbol-order.txt");
         println!(
             "cargo:rustc-link-arg-bin=portcullis=-Wl,--symbol-ordering-file={}",
             order.display()
