@@ -17,6 +17,7 @@ pub mod error;
 mod forward;
 pub mod headers;
 pub mod inventory;
+mod memory;
 pub mod metrics;
 mod pipeline;
 pub mod protocol;
@@ -381,6 +382,8 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         }
     }
     // Policies and certificates were loaded before we got here, and both listeners are bound.
+    // What loading them freed goes back to the system before the first request.
+    memory::release_freed();
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(%local_addr, %admin_addr, "portcullis serving");
     Ok(Running {
@@ -491,6 +494,16 @@ fn now_unix() -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
+/// Reloads `engine`; a set that was read and parsed (swapped in or not) leaves its
+/// temporaries freed, and those go back to the system.
+pub(crate) fn reload_and_release(engine: &PolicyEngine) -> ReloadOutcome {
+    let outcome = engine.reload();
+    if !matches!(outcome, ReloadOutcome::Unchanged) {
+        memory::release_freed();
+    }
+    outcome
+}
+
 /// Polls the policy directory. A change that loads is swapped in; one that does not is
 /// logged and counted, and the last good set stays in force (`/readyz` stays ready).
 async fn reload_policies(
@@ -502,7 +515,8 @@ async fn reload_policies(
     let mut failing_hash: Option<String> = None;
     while crate::beat(interval, &mut shutdown).await {
         let engine = policy.clone();
-        let Ok(outcome) = tokio::task::spawn_blocking(move || engine.reload()).await else {
+        let Ok(outcome) = tokio::task::spawn_blocking(move || reload_and_release(&engine)).await
+        else {
             continue;
         };
         match outcome {

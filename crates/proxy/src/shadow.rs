@@ -78,7 +78,9 @@ pub(crate) async fn reload(
 ) {
     while crate::beat(interval, &mut shutdown).await {
         let engine = shadow.clone();
-        let Ok(outcome) = tokio::task::spawn_blocking(move || engine.reload()).await else {
+        let Ok(outcome) =
+            tokio::task::spawn_blocking(move || crate::reload_and_release(&engine)).await
+        else {
             continue;
         };
         match outcome {

@@ -372,10 +372,19 @@ impl Spawned {
 
     /// Peak resident set size of the child (kB), from `/proc/<pid>/status`.
     pub fn vm_hwm_kb(&self) -> u64 {
+        self.status_kb("VmHWM:")
+    }
+
+    /// Resident set size of the child now (kB).
+    pub fn vm_rss_kb(&self) -> u64 {
+        self.status_kb("VmRSS:")
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
         std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .unwrap_or_default()
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .find_map(|l| l.strip_prefix(field))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
     }

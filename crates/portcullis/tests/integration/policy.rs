@@ -1,6 +1,8 @@
 //! Policy behaviour through the running proxy: erroring policies deny, shadow mode forwards,
 //! reloads swap in valid sets and keep the last good one otherwise.
 
+use std::time::Duration;
+
 use crate::harness::{Harness, REPORT, TRIAGE, admin_get, eventually, sample};
 
 #[tokio::test]
@@ -83,6 +85,51 @@ async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
     // (its entity, its questions' entities) was built against the old set and is rebuilt.
     assert_eq!(h.get(REPORT, "/x").await.0, 403);
     assert_eq!(h.get(TRIAGE, "/x").await.0, 200);
+}
+
+/// `count` per-agent permits (a security team's policy per workload), ids prefixed `tag`.
+fn per_agent_set(tag: &str, count: usize) -> String {
+    (0..count)
+        .map(|i| {
+            format!(
+                "@id(\"{tag}-{i}\")\npermit (principal == Agent::\"spiffe://prod.example.org/ns/team{i}/sa/agent\", action in Action::\"read\", resource is Route)\n  when {{ resource.path like \"/{tag}/*\" }};\n"
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn loading_a_large_set_gives_back_what_parsing_it_freed() {
+    // Parsing and validating a set allocates far more than the compiled policies keep; glibc
+    // keeps freed memory resident unless asked to give it back. The sidecar asks after the
+    // start and after every reload: its resident set then sits well under its peak (without
+    // asking, it stays at the peak: 58.3 MB of 58.3 here, where asking leaves 42.4).
+    let mut spawned = Harness::builder()
+        .policies(&per_agent_set("a", 3000))
+        .spawn()
+        .await;
+    let (rss, peak) = (spawned.vm_rss_kb(), spawned.vm_hwm_kb());
+    println!("3,000 policies: RSS {rss} kB after the start, peak {peak} kB");
+    assert!(rss + peak / 8 < peak, "RSS {rss} kB, peak {peak} kB");
+
+    let h = &spawned.harness;
+    std::fs::write(
+        h.dir.path().join("policies/test.cedar"),
+        per_agent_set("b", 3000),
+    )
+    .unwrap();
+    assert!(
+        eventually(async || sample(
+            &h.metrics().await,
+            r#"portcullis_policy_reloads_total{result="success"}"#
+        ) == 1.0)
+        .await
+    );
+    let (rss, peak) = (spawned.vm_rss_kb(), spawned.vm_hwm_kb());
+    println!("after reloading 3,000 others: RSS {rss} kB, peak {peak} kB");
+    assert!(rss + peak / 8 < peak, "RSS {rss} kB, peak {peak} kB");
+    spawned.terminate();
+    assert_eq!(spawned.wait(Duration::from_secs(30)).await, Some(0));
 }
 
 #[tokio::test]
