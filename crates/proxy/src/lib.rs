@@ -17,7 +17,6 @@ pub mod error;
 mod forward;
 pub mod headers;
 pub mod inventory;
-mod memory;
 pub mod metrics;
 mod pipeline;
 pub mod protocol;
@@ -383,7 +382,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
     }
     // Policies and certificates were loaded before we got here, and both listeners are bound.
     // What loading them freed goes back to the system before the first request.
-    memory::release_freed();
+    portcullis_memory::release_freed();
     admin_state.ready.store(true, Ordering::Release);
     tracing::info!(%local_addr, %admin_addr, "portcullis serving");
     Ok(Running {
@@ -499,7 +498,7 @@ fn now_unix() -> i64 {
 pub(crate) fn reload_and_release(engine: &PolicyEngine) -> ReloadOutcome {
     let outcome = engine.reload();
     if !matches!(outcome, ReloadOutcome::Unchanged) {
-        memory::release_freed();
+        portcullis_memory::release_freed();
     }
     outcome
 }
