@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{Harness, REPORT, TRIAGE, admin_get, eventually, sample};
+use crate::harness::{Harness, REPORT, TRIAGE, admin_get, eventually_for, sample};
 
 #[tokio::test]
 async fn an_erroring_forbid_denies() {
@@ -49,6 +49,16 @@ async fn shadow_mode_forwards_and_records_the_denial() {
     );
 }
 
+/// Waits until the proxy has counted one policy reload with `result` (`success`, `failure`);
+/// a large set in a debug build on a busy CI machine may take seconds to load.
+async fn reloads_counted(h: &Harness, result: &str) -> bool {
+    let series = format!(r#"portcullis_policy_reloads_total{{result="{result}"}}"#);
+    eventually_for(Duration::from_secs(30), async || {
+        sample(&h.metrics().await, &series) == 1.0
+    })
+    .await
+}
+
 #[tokio::test]
 async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
     let h = Harness::builder()
@@ -59,13 +69,7 @@ async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
     assert_eq!(h.get(REPORT, "/x").await.0, 200);
 
     std::fs::write(&policy_file, "permit (principal,").unwrap();
-    assert!(
-        eventually(async || sample(
-            &h.metrics().await,
-            r#"portcullis_policy_reloads_total{result="failure"}"#
-        ) == 1.0)
-        .await
-    );
+    assert!(reloads_counted(&h, "failure").await);
     assert_eq!(
         h.get(REPORT, "/x").await.0,
         200,
@@ -74,13 +78,7 @@ async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
     assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
 
     std::fs::write(&policy_file, r#"@id("deny-report") forbid (principal == Agent::"spiffe://prod.example.org/ns/billing/sa/report-agent", action, resource); @id("allow-all") permit (principal, action, resource);"#).unwrap();
-    assert!(
-        eventually(async || sample(
-            &h.metrics().await,
-            r#"portcullis_policy_reloads_total{result="success"}"#
-        ) == 1.0)
-        .await
-    );
+    assert!(reloads_counted(&h, "success").await);
     // Each request is a new connection of an agent seen before: what its connections share
     // (its entity, its questions' entities) was built against the old set and is rebuilt.
     assert_eq!(h.get(REPORT, "/x").await.0, 403);
@@ -118,13 +116,7 @@ async fn loading_a_large_set_gives_back_what_parsing_it_freed() {
         per_agent_set("b", 3000),
     )
     .unwrap();
-    assert!(
-        eventually(async || sample(
-            &h.metrics().await,
-            r#"portcullis_policy_reloads_total{result="success"}"#
-        ) == 1.0)
-        .await
-    );
+    assert!(reloads_counted(h, "success").await);
     let (rss, peak) = (spawned.vm_rss_kb(), spawned.vm_hwm_kb());
     println!("after reloading 3,000 others: RSS {rss} kB, peak {peak} kB");
     assert!(rss + peak / 8 < peak, "RSS {rss} kB, peak {peak} kB");
