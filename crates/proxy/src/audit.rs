@@ -9,8 +9,8 @@
 //! (and at shutdown), see `audit_seal`.
 //!
 //! Writing is off the request path (a dedicated thread, group commit: one write and flush
-//! per batch, a batch closes at most [`BATCH_WINDOW`] after its first record) but never
-//! lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once while the
+//! per batch, at most one batch per [`BATCH_WINDOW`], so a record waits at most that long)
+//! but never lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once while the
 //! sink keeps up, after a wait when a full queue of finished records is still unwritten
 //! (back-pressure), and refused (503) when the sink has failed. Admission reserves nothing,
 //! so requests that wait on their caller or the upstream hold no audit capacity. The record
@@ -211,11 +211,20 @@ impl AuditWriter {
 
 /// Finished records waiting for the sink beyond which new requests wait (back-pressure).
 const QUEUE_DEPTH: usize = 1024;
-/// Group commit: the writer lets records gather for at most this long after the first one of
-/// a batch arrives, then writes the whole batch with one write and one flush. This bounds
-/// how late a record reaches the sink, and turns one writer wake-up per request into one
-/// per window.
+/// Group commit: at most one write (and flush) per window. A batch that starts less than a
+/// window after the last write waits out the rest of it, gathering what arrives meanwhile; a
+/// batch after a quiet spell is written at once. This bounds how late a record reaches the
+/// sink, turns one writer wake-up per request under load into one per window, and costs a
+/// quiet sidecar no timer wake-up per request.
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
+
+/// How long a batch that starts `now` waits before it is written (see [`BATCH_WINDOW`]).
+fn batch_wait(last_write: Option<Instant>, now: Instant) -> Option<Duration> {
+    let since = now.saturating_duration_since(last_write?);
+    BATCH_WINDOW
+        .checked_sub(since)
+        .filter(|wait| !wait.is_zero())
+}
 /// A batch never holds more than this many records.
 const MAX_BATCH: usize = 256;
 /// Serialization buffers kept for reuse (one batch's worth), and the largest kept: a record
@@ -389,11 +398,14 @@ impl Writer {
         // once it has grown to a batch's size.
         let mut lines = Lines::default();
         let mut done = Vec::with_capacity(MAX_BATCH);
+        let mut last_write = None;
         while let Some(first) = self.rx.blocking_recv() {
             batch.push(first);
             self.gather(&mut batch);
-            if batch.len() < MAX_BATCH {
-                std::thread::sleep(BATCH_WINDOW);
+            if batch.len() < MAX_BATCH
+                && let Some(wait) = batch_wait(last_write, Instant::now())
+            {
+                std::thread::sleep(wait);
                 self.gather(&mut batch);
             }
             let mut count = 0;
@@ -414,6 +426,7 @@ impl Writer {
             }
             self.give_back(&mut done);
             let written = self.out.write_lines(&lines);
+            last_write = Some(Instant::now());
             self.backlog.queued.fetch_sub(count, Ordering::AcqRel);
             self.backlog.drained.notify_waiters();
             if let Err(error) = written {
@@ -945,6 +958,27 @@ pub fn rfc3339(at: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Group commit paces writes instead of delaying each batch: after a quiet spell (or
+    /// before the first write) a batch goes out at once; within a window of the last write it
+    /// waits out the rest of that window.
+    #[test]
+    fn a_batch_waits_only_within_a_window_of_the_last_write() {
+        let now = Instant::now();
+        assert_eq!(batch_wait(None, now), None);
+        let long_ago = now.checked_sub(BATCH_WINDOW * 5).unwrap_or(now);
+        assert_eq!(batch_wait(Some(long_ago), now), None);
+        let exactly = now.checked_sub(BATCH_WINDOW).unwrap_or(now);
+        assert_eq!(batch_wait(Some(exactly), now), None);
+        let quarter = BATCH_WINDOW / 4;
+        assert_eq!(
+            batch_wait(Some(now.checked_sub(quarter).unwrap_or(now)), now),
+            Some(BATCH_WINDOW - quarter)
+        );
+        assert_eq!(batch_wait(Some(now), now), Some(BATCH_WINDOW));
+        // A clock read before the last write (another thread's) waits the whole window.
+        assert_eq!(batch_wait(Some(now + quarter), now), Some(BATCH_WINDOW));
+    }
 
     /// Each request serializes its record into a buffer the writer gave back: every line
     /// must still be exactly its own record, whatever the record before it in that buffer.
