@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerates crates/portcullis/symbol-order.txt, the order in which the linker lays out the
-# functions of the shipped binary (profile `dist`): the functions serving requests runs,
-# hottest first, then those only a start runs; the rest of the code after them.
+# functions of the shipped binary (profile `dist`): those the request path runs, hottest
+# first, then those only a start runs; the rest of the code after them.
 #
 # Why: the kernel maps a started binary's code 64 KiB at a time around each page it touches
 # (fault-around) and reads ahead around it. Left in the compiler's order, a start touches ~150
@@ -10,10 +10,11 @@
 #
 # How: runs the dist build under valgrind's callgrind (which records every function executed,
 # unlike sampling) through a start, then the first-byte workload of the load benchmark (HTTP/1.1
-# and HTTP/2 handshakes and requests, SSE streaming), user tokens, a denied and a malformed
-# request and the admin endpoints. Symbol names carry hashes of the crate versions and the
-# toolchain: rerun this after a toolchain or dependency update (build.rs says how to check
-# how much of the list still matches). Needs valgrind (installed if missing) and curl.
+# and HTTP/2 handshakes and requests, SSE streaming), user tokens, a denied and two malformed
+# requests and the admin endpoints. Symbol names carry hashes of the toolchain, of each
+# crate's version and of its dependencies: rerun this after updating the toolchain or a
+# dependency, or adding one to a crate of ours (`--check` says how much of the list a build
+# still has). Needs valgrind (installed if missing) and curl.
 #
 # Usage: benches/layout/run.sh           regenerate the list
 #        benches/layout/run.sh --check   how much of the list the dist build still has, and
@@ -115,9 +116,9 @@ workload() {
         "$TOOL" firstbyte "$url" "$work" >/dev/null
         tls_curl --http2 "$url/bench/1k"
     fi
-    tls_curl "$url/admin/users" -X POST -d '{}'                    # denied
-    tls_curl --http1.1 "$url/bench/%zz"                             # malformed path
-    tls_curl --http1.1 "$url/bench/1k" -H "content-length: x" || :  # malformed head: 400
+    tls_curl "$url/admin/users" -X POST -d '{}'           # denied
+    tls_curl "$url/bench/%zz"                             # malformed path
+    tls_curl "$url/bench/1k" -H "content-length: x" || :  # malformed head: 400
 }
 
 profile firstbyte
