@@ -10,9 +10,9 @@
 //!
 //! Writing is off the request path (a dedicated thread, group commit: one write and flush
 //! per batch, at most one batch per [`BATCH_WINDOW`], so a record waits at most that long)
-//! but never lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once while the
-//! sink keeps up, after a wait when a full queue of finished records is still unwritten
-//! (back-pressure), and refused (503) when the sink has failed. Admission reserves nothing,
+//! but never lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once
+//! while the sink keeps up, after a wait when a full queue of finished records is still
+//! unwritten (back-pressure), and refused (503) when the sink has failed. Admission reserves nothing,
 //! so requests that wait on their caller or the upstream hold no audit capacity. The record
 //! is written exactly once, when the request's [`AuditGuard`] is dropped, whatever the
 //! outcome; a record that can no longer be written (the sink failed meanwhile) is counted in
@@ -217,6 +217,12 @@ const QUEUE_DEPTH: usize = 1024;
 /// sink, turns one writer wake-up per request under load into one per window, and costs a
 /// quiet sidecar no timer wake-up per request.
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
+/// A batch never holds more than this many records.
+const MAX_BATCH: usize = 256;
+/// Serialization buffers kept for reuse (one batch's worth), and the largest kept: a record
+/// with a large input (a long tool call) is not worth holding its buffer for.
+const SPARE_BUFFERS: usize = MAX_BATCH;
+const SPARE_BUFFER_BYTES: usize = 16 * 1024;
 
 /// How long a batch that starts `now` waits before it is written (see [`BATCH_WINDOW`]).
 fn batch_wait(last_write: Option<Instant>, now: Instant) -> Option<Duration> {
@@ -225,12 +231,6 @@ fn batch_wait(last_write: Option<Instant>, now: Instant) -> Option<Duration> {
         .checked_sub(since)
         .filter(|wait| !wait.is_zero())
 }
-/// A batch never holds more than this many records.
-const MAX_BATCH: usize = 256;
-/// Serialization buffers kept for reuse (one batch's worth), and the largest kept: a record
-/// with a large input (a long tool call) is not worth holding its buffer for.
-const SPARE_BUFFERS: usize = MAX_BATCH;
-const SPARE_BUFFER_BYTES: usize = 16 * 1024;
 
 impl AuditLog {
     /// Opens the sink, writes the chain's `start` line, and starts the writer thread.
@@ -976,7 +976,7 @@ mod tests {
             Some(BATCH_WINDOW - quarter)
         );
         assert_eq!(batch_wait(Some(now), now), Some(BATCH_WINDOW));
-        // A clock read before the last write (another thread's) waits the whole window.
+        // A `now` before the last write (not expected of a monotonic clock) waits it all.
         assert_eq!(batch_wait(Some(now + quarter), now), Some(BATCH_WINDOW));
     }
 
