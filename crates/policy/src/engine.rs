@@ -214,8 +214,24 @@ struct RequestEntities {
 /// same second builds no new context; turning the context record into Cedar values is a sixth
 /// of a decision and 40 of its allocations. A context with protocol fields (read from a body)
 /// is built every time and never remembered.
+///
+/// With it, the answer the index's policies gave for that context. Cedar's evaluation is a
+/// function of the policies, the entities, the request and the context alone (no clock, no
+/// randomness, no I/O), and the entry fixes the first three: the same context gets the same
+/// answer, determining policies and errors included. Evaluating is most of what is left of a
+/// decision (rebuilding each policy's condition, 40 allocations); an agent repeating a call
+/// within the same second is answered without it. A new second, another path, address or
+/// user, or another snapshot (another entry) asks Cedar again.
 #[derive(Debug, Default)]
-struct LastContext(Mutex<Option<(ContextKey, Context)>>);
+struct LastContext(Mutex<Option<LastQuestion>>);
+
+#[derive(Debug)]
+struct LastQuestion {
+    key: ContextKey,
+    context: Context,
+    /// Set once the index's policies answered this context.
+    answer: Option<QueryOutcome>,
+}
 
 #[derive(Debug, Default)]
 struct ContextKey {
@@ -255,26 +271,58 @@ impl ContextKey {
     }
 }
 
+/// What [`LastContext`] holds for a question.
+enum Remembered {
+    /// The index's answer for exactly this context.
+    Answer(QueryOutcome),
+    /// The context, still to be evaluated.
+    Context(Context),
+}
+
 impl LastContext {
+    /// The remembered answer or context for `input`, or the context built now (and
+    /// remembered, without an answer, unless it has protocol fields).
     fn get_or_build(
         &self,
         input: &AuthzInput<'_>,
         build: impl FnOnce() -> Result<Context, String>,
-    ) -> Result<Context, String> {
+    ) -> Result<Remembered, String> {
         if !input.protocol_context.is_empty() {
-            return build();
+            return build().map(Remembered::Context);
         }
         let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some((key, context)) = last.as_ref()
-            && key.matches(input)
+        if let Some(last) = last.as_ref()
+            && last.key.matches(input)
         {
-            return Ok(context.clone());
+            return Ok(match &last.answer {
+                Some(answer) => Remembered::Answer(answer.clone()),
+                None => Remembered::Context(last.context.clone()),
+            });
         }
         let context = build()?;
-        let (key, kept) = last.get_or_insert_with(|| (ContextKey::default(), context.clone()));
-        key.update(input);
-        *kept = context.clone();
-        Ok(context)
+        let kept = last.get_or_insert_with(|| LastQuestion {
+            key: ContextKey::default(),
+            context: context.clone(),
+            answer: None,
+        });
+        kept.key.update(input);
+        kept.context = context.clone();
+        kept.answer = None;
+        Ok(Remembered::Context(context))
+    }
+
+    /// Remembers the index's answer for `input`'s context, if that is still the context
+    /// remembered (another connection of the agent may have moved it on meanwhile).
+    fn remember_answer(&self, input: &AuthzInput<'_>, answer: &QueryOutcome) {
+        if !input.protocol_context.is_empty() {
+            return;
+        }
+        let mut last = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(last) = last.as_mut()
+            && last.key.matches(input)
+        {
+            last.answer = Some(answer.clone());
+        }
     }
 }
 
@@ -439,9 +487,16 @@ impl PolicySnapshot {
             )?)
             .map_err(|e| format!("context: {e}"))
         };
-        // Remembered only with entities that are: a question asked once gains nothing.
+        // Remembered only with entities that are: a question asked once gains nothing. Only
+        // the index's answers are remembered (the reference side of the differential test
+        // evaluates every policy, every time).
+        let remembers = cache.is_some() && selection == Selection::Indexed;
         let context = if cache.is_some() {
-            built.last_context.get_or_build(input, build)?
+            match built.last_context.get_or_build(input, build)? {
+                Remembered::Answer(answer) if remembers => return Ok(answer),
+                Remembered::Answer(_) => build()?,
+                Remembered::Context(context) => context,
+            }
         } else {
             build()?
         };
@@ -458,11 +513,15 @@ impl PolicySnapshot {
         let response = Authorizer::new().is_authorized(&request, policies, &built.entities);
         let diagnostics = response.diagnostics();
         let errors: Vec<String> = diagnostics.errors().map(ToString::to_string).collect();
-        Ok(QueryOutcome {
+        let outcome = QueryOutcome {
             allowed: response.decision() == CedarDecision::Allow && errors.is_empty(),
             determining: diagnostics.reason().map(ToString::to_string).collect(),
             errors,
-        })
+        };
+        if remembers {
+            built.last_context.remember_answer(input, &outcome);
+        }
+        Ok(outcome)
     }
 
     /// The policies whose scope matches the question (the index).

@@ -386,6 +386,65 @@ fn a_remembered_context_follows_what_it_was_built_from() {
     assert!(ask("10.0.0.1", now, None));
 }
 
+/// A prepared agent remembers the answer to its last question too; the answer is given again
+/// only for the very context it was given for: the same request line, host, address, second
+/// and user, against the same policies.
+#[test]
+fn a_remembered_answer_is_given_only_for_the_same_question() {
+    let dir = policy_dir(
+        r#"@id("reads") permit (principal is Agent, action, resource)
+        when { context.request.method == "GET" && context.request.path == "/x"
+               && context.request.host == "orders.internal" };"#,
+        None,
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let agent = SpiffeId::parse(TRIAGE).unwrap();
+    let prepared = engine.prepare_agent(&agent);
+    let resource = route("/x", "GET");
+    let now = 1_700_000_000;
+    let ask = |method: &'static str, path: &'static str, host: &'static str| {
+        let mut input = get_x(&agent, &resource, None, "10.0.0.1", now);
+        input.request = RequestInfo {
+            method,
+            path,
+            host,
+            client_address: "10.0.0.1",
+        };
+        engine.evaluate_prepared(&prepared, &input).agent
+    };
+    let first = ask("GET", "/x", "orders.internal");
+    assert!(first.allowed, "{first:?}");
+    assert_eq!(first.determining, vec!["reads".to_owned()]);
+    assert_eq!(
+        ask("GET", "/x", "orders.internal"),
+        first,
+        "the same question again"
+    );
+    assert!(
+        !ask("POST", "/x", "orders.internal").allowed,
+        "another method"
+    );
+    assert!(ask("GET", "/x", "orders.internal").allowed);
+    assert!(!ask("GET", "/y", "orders.internal").allowed, "another path");
+    assert!(ask("GET", "/x", "orders.internal").allowed);
+    assert!(
+        !ask("GET", "/x", "billing.internal").allowed,
+        "another host"
+    );
+    assert!(ask("GET", "/x", "orders.internal").allowed);
+
+    // The policy file changes: the same question, asked again, gets the new set's answer.
+    std::fs::write(
+        dir.path().join("test.cedar"),
+        r#"@id("reads") permit (principal is Agent, action, resource) when { false };"#,
+    )
+    .unwrap();
+    assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
+    let after = ask("GET", "/x", "orders.internal");
+    assert!(!after.allowed, "{after:?}");
+    assert!(after.determining.is_empty());
+}
+
 /// `GET /x` on `orders.internal`, as `agent` (for `user`) from `client_address` at `now`.
 fn get_x<'a>(
     agent: &'a SpiffeId,
