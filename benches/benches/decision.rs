@@ -4,9 +4,10 @@
 //!
 //! `allow` and `deny` use an agent prepared once, as a connection does
 //! ([`PolicyEngine::prepare_agent`]), and ask the same question within one second, so the
-//! Cedar context is the one remembered from the last call; `allow_new_context` asks it at a
-//! new second each time, so the context is built (what a repeated call pays once a second,
-//! and any call from a new address or for a new user); `allow_unprepared` builds the agent
+//! Cedar context and the answer are the ones remembered from the last call; `allow_new_context`
+//! asks it at a new second each time, so the context is built and Cedar evaluates (what a
+//! repeated call pays once a second, and any call from a new address or for a new user, or
+//! with protocol fields from a body); `allow_unprepared` builds the agent
 //! per request, as [`PolicyEngine::evaluate`] does; `delegated` adds the user question.
 #![allow(
     clippy::unwrap_used,
