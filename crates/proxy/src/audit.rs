@@ -383,19 +383,12 @@ impl AuditLog {
         Ok(self.backlog.queued.load(Ordering::Acquire) < self.backlog.capacity)
     }
 
-    /// Hands a finished record to the writer. Never waits: the request was admitted when it
-    /// started, and the record of a request that was served must not be dropped for lack of
-    /// room. If the sink has failed the record is lost, and counted as such.
-    ///
-    /// The record is serialized here, by the request's own thread: handing the writer the
-    /// record itself made it free some twenty strings allocated on another thread per
-    /// request, which cost glibc's allocator more than the serializing does.
     /// Submits a finished record from a task of its own, which runs once the task that
     /// finished the record has yielded; outside a runtime, at once. A guard is dropped while
     /// its response is being written: as hyper takes the body's last frame, before the last
     /// bytes (or the whole of a small response) go out. Serializing the record there and
     /// waking the writer thread, which then takes the core from the serving thread on a
-    /// one-core sidecar, delayed those bytes (traced: ~90 us on a cold request). Records
+    /// one-core sidecar, delayed those bytes by 40-90 us on a cold request (syscall traces). Records
     /// finished in the same turn of the runtime share one task.
     fn submit_soon(&self, record: AuditRecord) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -418,6 +411,14 @@ impl AuditLog {
         drop(runtime.spawn(async move { drop(submitter) }));
     }
 
+    /// Hands a finished record to the writer. Never waits: the request was admitted when it
+    /// started, and the record of a request that was served must not be dropped for lack of
+    /// room. If the sink has failed the record is lost, and counted as such.
+    ///
+    /// The record is serialized here, on a runtime thread (the request's own on a one-core
+    /// sidecar): handing the writer the record itself made it free some twenty strings
+    /// allocated on another thread per request, which cost glibc's allocator more than the
+    /// serializing does.
     fn submit(&self, record: &AuditRecord) {
         let mut object = self
             .backlog
@@ -1020,6 +1021,21 @@ pub fn rfc3339(at: SystemTime) -> String {
 mod tests {
     use super::*;
 
+    /// A directory for one test's audit file, and the file's path in it.
+    fn audit_dir() -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        (dir, path)
+    }
+
+    fn file_sink(path: &std::path::Path) -> AuditSink {
+        AuditSink::File {
+            path: path.to_owned(),
+            rotate_bytes: None,
+            keep: 1,
+        }
+    }
+
     /// Group commit paces writes instead of delaying each batch: after a quiet spell (or
     /// before the first write) a batch goes out at once; within a window of the last write it
     /// waits out the rest of that window.
@@ -1047,14 +1063,8 @@ mod tests {
     /// for it, and dropping it submits them.
     #[test]
     fn records_deferred_to_a_task_are_written_even_if_it_never_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let sink = AuditSink::File {
-            path: path.clone(),
-            rotate_bytes: None,
-            keep: 1,
-        };
-        let (log, writer) = AuditLog::start(&sink, Metrics::new()).unwrap();
+        let (_dir, path) = audit_dir();
+        let (log, writer) = AuditLog::start(&file_sink(&path), Metrics::new()).unwrap();
         let inventory = Arc::new(Inventory::new());
         let guard = |id: &str| {
             let record = AuditRecord {
@@ -1099,14 +1109,8 @@ mod tests {
     /// must still be exactly its own record, whatever the record before it in that buffer.
     #[test]
     fn reused_buffers_carry_nothing_from_earlier_records() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("audit.log");
-        let sink = AuditSink::File {
-            path: path.clone(),
-            rotate_bytes: None,
-            keep: 1,
-        };
-        let (log, writer) = AuditLog::start(&sink, Metrics::new()).unwrap();
+        let (_dir, path) = audit_dir();
+        let (log, writer) = AuditLog::start(&file_sink(&path), Metrics::new()).unwrap();
         // Long paths first, then shorter ones: a buffer not emptied before reuse would show.
         let paths: Vec<String> = (0..40)
             .map(|i| format!("/{}", "x".repeat(200 - i * 5)))
