@@ -1009,7 +1009,40 @@ pub fn line_hash(line: &[u8]) -> String {
 }
 
 /// RFC 3339 UTC with milliseconds.
+///
+/// Every request's record is stamped: the part up to the second is formatted once per second
+/// and thread (as hyper does for its `Date` header), the milliseconds appended.
 pub fn rfc3339(at: SystemTime) -> String {
+    thread_local! {
+        /// The last second formatted, and its text up to and including the `.`.
+        static SECOND: std::cell::RefCell<(u64, String)> =
+            const { std::cell::RefCell::new((0, String::new())) };
+    }
+    let Ok(since_epoch) = at.duration_since(SystemTime::UNIX_EPOCH) else {
+        return rfc3339_formatted(at);
+    };
+    let second = since_epoch.as_secs();
+    let millis = since_epoch.subsec_millis();
+    SECOND.with_borrow_mut(|(last, text)| {
+        if *last != second || text.is_empty() {
+            let at = time::OffsetDateTime::from(at);
+            let format =
+                time::macros::format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].");
+            *text = at.format(&format).unwrap_or_default();
+            *last = second;
+        }
+        let mut out = String::with_capacity(text.len() + 4);
+        out.push_str(text);
+        for digit in [millis / 100, millis / 10 % 10, millis % 10] {
+            out.push(char::from_digit(digit, 10).unwrap_or('0'));
+        }
+        out.push('Z');
+        out
+    })
+}
+
+/// [`rfc3339`] formatted whole, for times before 1970.
+fn rfc3339_formatted(at: SystemTime) -> String {
     let at = time::OffsetDateTime::from(at);
     let format = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
@@ -1020,6 +1053,37 @@ pub fn rfc3339(at: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The per-second shortcut writes exactly what formatting the whole time does, across
+    /// second, day, month, year and leap-day boundaries, before 1970 and in any order.
+    #[test]
+    fn timestamps_match_the_full_format() {
+        let at = |ms: u64| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let mut times: Vec<SystemTime> = [
+            0,
+            999,
+            1_000,
+            59_999,
+            951_782_399_999, // 2000-02-28T23:59:59.999
+            951_782_400_000, // 2000-02-29 (a leap day)
+            1_704_067_199_999,
+            1_704_067_200_000,
+            1_764_892_800_123,
+            253_402_300_799_999, // 9999-12-31T23:59:59.999
+        ]
+        .into_iter()
+        .map(at)
+        .collect();
+        times.extend((0..2_000).map(|i| at(1_764_892_799_000 + i * 7)));
+        times.push(SystemTime::UNIX_EPOCH - Duration::from_millis(1));
+        times.push(SystemTime::UNIX_EPOCH - Duration::from_secs(86_400 * 365));
+        // Back in time too: the remembered second must not leak into an earlier one.
+        times.extend((0..50).map(|i| at(1_764_892_900_000 - i * 333)));
+        for time in times {
+            assert_eq!(rfc3339(time), rfc3339_formatted(time), "{time:?}");
+        }
+        assert_eq!(rfc3339(at(951_782_400_042)), "2000-02-29T00:00:00.042Z");
+    }
 
     /// A directory for one test's audit file, and the file's path in it.
     fn audit_dir() -> (tempfile::TempDir, PathBuf) {
