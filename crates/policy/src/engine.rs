@@ -487,14 +487,13 @@ impl PolicySnapshot {
             )?)
             .map_err(|e| format!("context: {e}"))
         };
-        // Remembered only with entities that are: a question asked once gains nothing. Only
-        // the index's answers are remembered (the reference side of the differential test
-        // evaluates every policy, every time).
+        // Context and answer are remembered only with entities that are (a question asked
+        // once gains nothing), and only for the index's questions (the reference side of the
+        // differential test builds and evaluates everything, every time).
         let remembers = cache.is_some() && selection == Selection::Indexed;
-        let context = if cache.is_some() {
+        let context = if remembers {
             match built.last_context.get_or_build(input, build)? {
-                Remembered::Answer(answer) if remembers => return Ok(answer),
-                Remembered::Answer(_) => build()?,
+                Remembered::Answer(answer) => return Ok(answer),
                 Remembered::Context(context) => context,
             }
         } else {

@@ -12,8 +12,8 @@
 //! per batch, at most one batch per [`BATCH_WINDOW`], so a record waits at most that long)
 //! but never lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once
 //! while the sink keeps up, after a wait when a full queue of finished records is still
-//! unwritten (back-pressure), and refused (503) when the sink has failed. Admission reserves nothing,
-//! so requests that wait on their caller or the upstream hold no audit capacity. The record
+//! unwritten (back-pressure), and refused (503) when the sink has failed. Admission reserves
+//! nothing, so requests that wait on their caller or the upstream hold no audit capacity. The record
 //! is written exactly once, when the request's [`AuditGuard`] is dropped, whatever the
 //! outcome; a record that can no longer be written (the sink failed meanwhile) is counted in
 //! `portcullis_audit_write_failures_total`, never dropped silently.
@@ -388,8 +388,8 @@ impl AuditLog {
     /// its response is being written: as hyper takes the body's last frame, before the last
     /// bytes (or the whole of a small response) go out. Serializing the record there and
     /// waking the writer thread, which then takes the core from the serving thread on a
-    /// one-core sidecar, delayed those bytes by 40-90 us on a cold request (syscall traces). Records
-    /// finished in the same turn of the runtime share one task.
+    /// one-core sidecar, delayed those bytes by 40-90 us on a cold request (syscall traces).
+    /// Records finished in the same turn of the runtime share one task.
     fn submit_soon(&self, record: AuditRecord) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.submit(&record);
