@@ -31,6 +31,8 @@ pub use live::{
     CertificateExpiry, IdentityFeed, IdentitySnapshot, LiveIdentity, LiveIdentityError, ReloadKind,
     ReloadObserver,
 };
-pub use server::{ServerIdentity, ServerIdentityError, crypto_provider, server_config};
+pub use server::{
+    ServerIdentity, ServerIdentityError, crypto_provider, seed_random, server_config,
+};
 pub use svid::{SvidRejection, caller_spiffe_id};
 pub use verifier::{SpiffeClientVerifier, handshake_failure_reason};

@@ -210,6 +210,8 @@ pub enum StartError {
         index: usize,
         source: credential::CredentialError,
     },
+    #[error("no random source for TLS: {0:?}")]
+    Random(rustls::crypto::GetRandomFailed),
 }
 
 /// A running proxy. Dropping it does not stop it; call [`Running::shutdown`].
@@ -247,6 +249,8 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             addr: options.admin_listen,
             source,
         })?;
+    // Before the first connection is accepted: see `seed_random`.
+    portcullis_identity::seed_random().map_err(StartError::Random)?;
     let (audit, audit_writer) = AuditLog::start_sealed(
         &options.audit,
         metrics.clone(),
