@@ -127,6 +127,20 @@ wait_port() {
     log "nothing listening on $1"
     return 1
 }
+# The listeners are bound before the start ends (what loading policies freed is handed back
+# last): idle RSS is read once /readyz says so.
+wait_ready() {
+    for _ in $(seq 1200); do
+        local status
+        status="$( (exec 3<>/dev/tcp/127.0.0.1/19901 &&
+            printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && read -r _ code _ <&3 &&
+            echo "$code") 2>/dev/null || true)"
+        [ "$status" = 200 ] && return 0
+        sleep 0.05
+    done
+    log "not ready on 19901"
+    return 1
+}
 # Each proxy starts with its executable out of the page cache, as in a new pod: a file just
 # written (a fresh build) is wholly cached, and the kernel then maps up to 64 KiB around every
 # page a start touches, so the same binary reads ~1.5 MiB more idle RSS than it does in a pod.
@@ -190,6 +204,7 @@ portcullis() { # config name; sets $pid once it listens
     pid="$started"
     wait_port 19443
     wait_port 19901
+    wait_ready
 }
 stop() {
     kill "$1"

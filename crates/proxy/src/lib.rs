@@ -230,6 +230,8 @@ pub struct Running {
 
 /// Binds both listeners, opens the audit sink and starts serving.
 pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
+    // Before the listener exists, so no connection waits for it: see `seed_random`.
+    portcullis_identity::seed_random().map_err(StartError::Random)?;
     let metrics = Metrics::with_agent_label_cap(options.max_agent_labels);
     let inventory = Arc::new(inventory::Inventory::new());
     let bind = |addr: SocketAddr| async move {
@@ -249,8 +251,6 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
             addr: options.admin_listen,
             source,
         })?;
-    // Before the first connection is accepted: see `seed_random`.
-    portcullis_identity::seed_random().map_err(StartError::Random)?;
     let (audit, audit_writer) = AuditLog::start_sealed(
         &options.audit,
         metrics.clone(),
