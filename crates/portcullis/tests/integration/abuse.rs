@@ -377,14 +377,18 @@ async fn an_idle_http2_connection_closes_even_with_pings() {
 
 #[tokio::test]
 async fn a_slowloris_head_is_closed_after_the_header_timeout() {
-    let h = builder().yaml(SHORT).start().await;
+    // A long idle timeout: only the header timeout can close it within the test's deadline.
+    let h = builder()
+        .yaml("limits:\n  header_read_timeout: 1s\n  idle_timeout: 60s\n")
+        .start()
+        .await;
     let mut stream = tls(&h, TRIAGE, b"http/1.1").await;
     stream
         .write_all(format!("GET /health HTTP/1.1\r\nhost: {HOST}\r\nx-slow: ").as_bytes())
         .await
         .unwrap();
     let mut out = Vec::new();
-    // Well before the idle timeout (3 s) and far before the test's deadline.
+    // Far before the idle timeout (60 s) and the test's deadline.
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
     assert!(read.is_ok(), "connection with a stalled head still open");
     assert!(!String::from_utf8_lossy(&out).contains("200"));
