@@ -196,9 +196,16 @@ struct Backlog {
 #[derive(Debug, Default)]
 struct Deferred {
     records: Vec<AuditRecord>,
+    /// The list the last [`Submitter`] emptied, kept for the next turn's records: a list of
+    /// a few records is a few KiB, which glibc serves from its large bins (and consolidates
+    /// its fast bins for) on every turn when the list is made anew.
+    emptied: Vec<AuditRecord>,
     /// A [`Submitter`] is on its way and will take every record here.
     scheduled: bool,
 }
+
+/// The longest emptied list of deferred records kept for reuse.
+const KEPT_DEFERRED: usize = 64;
 
 /// Submits every deferred record when dropped: when its task runs, or when a runtime that
 /// is shutting down drops the task unrun. It holds a handle on the queue, so the writer
@@ -207,18 +214,28 @@ struct Submitter(AuditLog);
 
 impl Drop for Submitter {
     fn drop(&mut self) {
-        let records = {
-            let mut deferred = self
-                .0
+        let deferred = || {
+            self.0
                 .backlog
                 .deferred
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner);
+                .unwrap_or_else(PoisonError::into_inner)
+        };
+        let mut records = {
+            let mut deferred = deferred();
             deferred.scheduled = false;
-            std::mem::take(&mut deferred.records)
+            let emptied = std::mem::take(&mut deferred.emptied);
+            std::mem::replace(&mut deferred.records, emptied)
         };
         for record in &records {
             self.0.submit(record);
+        }
+        records.clear();
+        if records.capacity() <= KEPT_DEFERRED {
+            let mut deferred = deferred();
+            if deferred.emptied.capacity() < records.capacity() {
+                deferred.emptied = records;
+            }
         }
     }
 }
