@@ -13,10 +13,10 @@
 //! but never lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once
 //! while the sink keeps up, after a wait when a full queue of finished records is still
 //! unwritten (back-pressure), and refused (503) when the sink has failed. Admission reserves
-//! nothing, so requests that wait on their caller or the upstream hold no audit capacity. The record
-//! is written exactly once, when the request's [`AuditGuard`] is dropped, whatever the
-//! outcome; a record that can no longer be written (the sink failed meanwhile) is counted in
-//! `portcullis_audit_write_failures_total`, never dropped silently.
+//! nothing, so requests that wait on their caller or the upstream hold no audit capacity.
+//! The record is written exactly once, when the request's [`AuditGuard`] is dropped,
+//! whatever the outcome; a record that can no longer be written (the sink failed meanwhile)
+//! is counted in `portcullis_audit_write_failures_total`, never dropped silently.
 
 use std::fs::OpenOptions;
 use std::io::{self, Write};
