@@ -6,9 +6,10 @@
 //! - `sse-upstream ADDR GAP_MS EVENTS`: a raw-socket upstream. `GET /bench/sse` streams
 //!   Server-Sent Events: the response head and every event are separate writes, the first
 //!   event at once, the next ones `GAP_MS` apart. Anything else gets 1 KiB.
-//! - `firstbyte URL DIR`: first request on new connections (with and without TCP_NODELAY),
-//!   time to the first SSE event and the gaps between events, over HTTP/1.1 and HTTP/2; one
-//!   line of results per measurement.
+//! - `firstbyte DIR NAME=URL...`: first request on new connections (with and without
+//!   TCP_NODELAY), time to the first SSE event and the gaps between events, over HTTP/1.1 and
+//!   HTTP/2 (HTTP/1.1 only for a plain `http://` URL); the paths take turns for the first
+//!   request, round by round; one line of results per path and measurement, starting with its NAME.
 //! - `hold ADDR DIR N`: opens N mTLS connections (one request each) and keeps them open until
 //!   stdin closes, for the memory measurement.
 //! - `token-service DIR`: an RFC 8693 token service (test-support's, accepting the fixtures'
@@ -58,7 +59,9 @@ fn main() {
             Duration::from_millis(args[2].parse().unwrap()),
             args[3].parse().unwrap(),
         )),
-        Some("firstbyte") => runtime.block_on(firstbyte(&args[1], Path::new(&args[2]))),
+        Some("firstbyte") if args.len() > 2 => {
+            runtime.block_on(firstbyte(Path::new(&args[1]), &args[2..]));
+        }
         Some("hold") => runtime.block_on(hold(
             args[1].parse().unwrap(),
             Path::new(&args[2]),
@@ -68,7 +71,7 @@ fn main() {
         _ => {
             eprintln!(
                 "usage: portcullis-bench fixtures DIR | sse-upstream ADDR GAP_MS EVENTS | \
-                 firstbyte (http|https)://ADDR DIR | hold ADDR DIR N | token-service DIR"
+                 firstbyte DIR NAME=(http|https)://ADDR... | hold ADDR DIR N | token-service DIR"
             );
             std::process::exit(64);
         }
@@ -358,56 +361,80 @@ fn agent_config(dir: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
 }
 
 const ROUNDS: usize = 200;
-const SSE_ROUNDS: usize = 50;
+/// SSE requests per path and HTTP version: enough for the p99 to be more than the slowest one.
+const SSE_ROUNDS: usize = 200;
 
-/// Prints, per HTTP version: first request on a new connection (time from the handshake's
-/// end to the complete response) with and without TCP_NODELAY; TTFT (request sent to the
-/// first SSE event) and inter-event gaps, on kept-alive connections.
-async fn firstbyte(url: &str, dir: &Path) {
-    let client = Client::new(url, dir);
-    let versions: &[bool] = if client.tls.is_some() {
-        &[false, true]
-    } else {
-        &[false]
-    };
-    for &h2 in versions {
+/// Prints, per path and HTTP version: first request on a new connection (time from the
+/// handshake's end to the complete response) with and without TCP_NODELAY; TTFT (request sent
+/// to the first SSE event) and inter-event gaps, on kept-alive connections.
+///
+/// For the first request the paths take turns within every round (one new connection each), so
+/// a slow spell of the host lands on all of them alike and the ratios between them hold;
+/// measured one path after the other, a path's p50 moved by a third from one series to the
+/// next, nginx's too.
+async fn firstbyte(dir: &Path, targets: &[String]) {
+    let paths: Vec<(&str, Client)> = targets
+        .iter()
+        .map(|target| {
+            let (name, url) = target
+                .split_once('=')
+                .expect("a target is NAME=URL, e.g. portcullis=https://127.0.0.1:19443");
+            (name, Client::new(url, dir))
+        })
+        .collect();
+    for h2 in [false, true] {
+        // Plain HTTP is the direct path: HTTP/1.1 only, as the proxies speak to it.
+        let paths: Vec<&(&str, Client)> = paths
+            .iter()
+            .filter(|(_, client)| !h2 || client.tls.is_some())
+            .collect();
         let version = if h2 { "h2" } else { "h1" };
         for nodelay in [true, false] {
-            let mut samples = Vec::with_capacity(ROUNDS);
+            let mut samples = vec![Vec::with_capacity(ROUNDS); paths.len()];
             for _ in 0..ROUNDS {
-                let mut send = client.connect(h2, nodelay).await;
-                let started = Instant::now();
-                let response = send(client.request("/bench/1k", h2)).await.unwrap();
-                assert!(response.status().is_success(), "{}", response.status());
-                response.into_body().collect().await.unwrap();
-                samples.push(started.elapsed());
-            }
-            let kind = if nodelay { "nodelay" } else { "nagle" };
-            report(&format!("first_request {version} {kind}"), &mut samples);
-        }
-        let mut send = client.connect(h2, true).await;
-        let mut ttft = Vec::with_capacity(SSE_ROUNDS);
-        let mut gaps = Vec::new();
-        for _ in 0..SSE_ROUNDS {
-            let started = Instant::now();
-            let response = send(client.request("/bench/sse", h2)).await.unwrap();
-            assert!(response.status().is_success(), "{}", response.status());
-            let mut body = response.into_body();
-            let mut last: Option<Instant> = None;
-            while let Some(frame) = body.frame().await {
-                let frame = frame.unwrap();
-                if frame.data_ref().is_some_and(|d| !d.is_empty()) {
-                    let now = Instant::now();
-                    match last {
-                        None => ttft.push(now - started),
-                        Some(previous) => gaps.push(now - previous),
-                    }
-                    last = Some(now);
+                for ((_, client), samples) in paths.iter().zip(&mut samples) {
+                    let mut send = client.connect(h2, nodelay).await;
+                    let started = Instant::now();
+                    let response = send(client.request("/bench/1k", h2)).await.unwrap();
+                    assert!(response.status().is_success(), "{}", response.status());
+                    response.into_body().collect().await.unwrap();
+                    samples.push(started.elapsed());
                 }
             }
+            let kind = if nodelay { "nodelay" } else { "nagle" };
+            for ((name, _), samples) in paths.iter().zip(&mut samples) {
+                report(&format!("{name} first_request {version} {kind}"), samples);
+            }
         }
-        report(&format!("ttft {version}"), &mut ttft);
-        report(&format!("event_gap {version}"), &mut gaps);
+        // Streams go back to back on one kept-alive connection per path, a path at a time: a
+        // stream's TTFT is what the path adds while it is busy. (Taking turns here would leave
+        // each proxy's core idle ~0.1 s before each request; both proxies then pay the core's
+        // wake-up on top, ~0.1 ms on these VMs, and direct, all on one core, does not.)
+        for (name, client) in &paths {
+            let mut send = client.connect(h2, true).await;
+            let mut ttft = Vec::with_capacity(SSE_ROUNDS);
+            let mut gaps = Vec::new();
+            for _ in 0..SSE_ROUNDS {
+                let started = Instant::now();
+                let response = send(client.request("/bench/sse", h2)).await.unwrap();
+                assert!(response.status().is_success(), "{}", response.status());
+                let mut body = response.into_body();
+                let mut last: Option<Instant> = None;
+                while let Some(frame) = body.frame().await {
+                    let frame = frame.unwrap();
+                    if frame.data_ref().is_some_and(|d| !d.is_empty()) {
+                        let now = Instant::now();
+                        match last {
+                            None => ttft.push(now - started),
+                            Some(previous) => gaps.push(now - previous),
+                        }
+                        last = Some(now);
+                    }
+                }
+            }
+            report(&format!("{name} ttft {version}"), &mut ttft);
+            report(&format!("{name} event_gap {version}"), &mut gaps);
+        }
     }
 }
 
