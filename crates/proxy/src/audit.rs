@@ -240,6 +240,27 @@ impl Drop for Submitter {
     }
 }
 
+/// Pending once, with its task rescheduled at once: the task goes behind those already
+/// queued, without waiting for the I/O driver as `tokio::task::yield_now` does (that would
+/// cost a runtime with nothing else to run a poll of the driver per turn).
+struct YieldOnce(bool);
+
+impl std::future::Future for YieldOnce {
+    type Output = ();
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        if self.0 {
+            return std::task::Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        std::task::Poll::Pending
+    }
+}
+
 /// The audit queue is closed: the sink failed. Requests must fail closed.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("audit sink unavailable")]
@@ -401,12 +422,16 @@ impl AuditLog {
     }
 
     /// Submits a finished record from a task of its own, which runs once the task that
-    /// finished the record has yielded; outside a runtime, at once. A guard is dropped while
-    /// its response is being written: as hyper takes the body's last frame, before the last
-    /// bytes (or the whole of a small response) go out. Serializing the record there and
-    /// waking the writer thread, which then takes the core from the serving thread on a
-    /// one-core sidecar, delayed those bytes by 40-90 us on a cold request (syscall traces).
-    /// Records finished in the same turn of the runtime share one task.
+    /// finished the record has yielded and the tasks woken meanwhile have run; outside a
+    /// runtime, at once. A guard is dropped while its response is being written: as hyper
+    /// takes the body's last frame, before the last bytes (or the whole of a small response)
+    /// go out. Serializing the record there and waking the writer thread, which then takes
+    /// the core from the serving thread on a one-core sidecar, delayed those bytes by 40-90 us
+    /// on a cold request (syscall traces). Over HTTP/2 the body is taken by the stream's own
+    /// task, which wakes the connection's task to write the end of the stream only after the
+    /// guard is dropped: the submitter, queued first, ran first (the `END_STREAM` frame
+    /// went out after the record and the writer thread's turn), so it steps back once
+    /// ([`YieldOnce`]). Records finished in the same turn of the runtime share one task.
     fn submit_soon(&self, record: AuditRecord) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             self.submit(&record);
@@ -425,7 +450,10 @@ impl AuditLog {
             deferred.scheduled = true;
         }
         let submitter = Submitter(self.clone());
-        drop(runtime.spawn(async move { drop(submitter) }));
+        drop(runtime.spawn(async move {
+            YieldOnce(false).await;
+            drop(submitter);
+        }));
     }
 
     /// Hands a finished record to the writer. Never waits: the request was admitted when it
