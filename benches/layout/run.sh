@@ -71,7 +71,7 @@ trap cleanup EXIT
 "$TOOL" fixtures "$work" >/dev/null
 # Upstreams: the SSE server also answers /bench/1k (every config's upstream is one of these).
 for port in 18080 18081; do
-    "$TOOL" sse-upstream "127.0.0.1:$port" 5 20 &
+    "$TOOL" sse-upstream "127.0.0.1:$port" 5 10 &
     pids+=("$!")
 done
 
@@ -113,7 +113,7 @@ workload() {
         done
         tls_curl -H "x-portcullis-user-token: not-a-jwt" "$url/bench/1k"
     else
-        "$TOOL" firstbyte "$url" "$work" >/dev/null
+        "$TOOL" firstbyte "$work" "portcullis=$url" >/dev/null
         tls_curl --http2 "$url/bench/1k"
     fi
     tls_curl "$url/admin/users" -X POST -d '{}'           # denied
