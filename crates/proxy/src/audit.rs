@@ -1017,7 +1017,9 @@ impl Chain {
             buf.extend_from_slice(self.prev.as_bytes());
             buf.extend_from_slice(b"\"}");
         }
-        self.prev = line_hash(&buf[start..]);
+        // Into the previous hash's own buffer: a line costs the writer no allocation here.
+        self.prev.clear();
+        crate::pipeline::push_hex(&mut self.prev, &Sha256::digest(&buf[start..]));
         buf.push(b'\n');
         lines.ends.push(buf.len());
     }

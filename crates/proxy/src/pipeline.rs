@@ -88,7 +88,8 @@ pub(crate) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     // Every random id of the request from one draw (see `RequestRandomness`).
     let random = RequestRandomness::draw();
-    let request_id = hex::encode(random.request_id());
+    let mut request_id = String::with_capacity(32);
+    push_hex(&mut request_id, random.request_id());
     let Ok(()) = shared.audit.admit().await else {
         shared
             .metrics
@@ -230,8 +231,10 @@ async fn authorize_and_forward(
     };
     // Waiting for the caller's body is not decision time.
     let before_body = decision_started.elapsed();
+    let (route, route_protocol) = (classified.route, classified.protocol);
+    let forward_user_token = classified.forward_user_token;
     let mut inspected = protocol::inspect(
-        &classified,
+        classified,
         &method,
         &path,
         &parts.headers,
@@ -243,7 +246,7 @@ async fn authorize_and_forward(
     let decision_started = Instant::now()
         .checked_sub(before_body)
         .unwrap_or_else(Instant::now);
-    if let Some(route) = classified.route {
+    if let Some(route) = route {
         annotate_tool_calls(shared, route, &mut inspected.calls);
     }
     let request_info = RequestInfo {
@@ -370,12 +373,12 @@ async fn authorize_and_forward(
     }
 
     // The user's token as presented, kept for a token exchange before the rewrite drops it.
-    let subject_token = credential::subject_token(shared, classified.route, &parts.headers);
+    let subject_token = credential::subject_token(shared, route, &parts.headers);
     remove_hop_by_hop(&mut parts.headers);
     // The verified token survives identity stripping when the route forwards it, whatever
     // its header is called (the default `x-portcullis-user-token` is an identity name).
     let forwarded_token = match &shared.user_token {
-        Some(tokens) if classified.forward_user_token && user.is_some() => parts
+        Some(tokens) if forward_user_token && user.is_some() => parts
             .headers
             .get(&tokens.header)
             .cloned()
@@ -427,7 +430,7 @@ async fn authorize_and_forward(
     // Last before forwarding: the upstream credential replaces whatever the caller sent.
     credential::step(
         shared,
-        classified.route,
+        route,
         credential::Subject {
             agent: conn.agent.as_str(),
             user: user.as_ref().zip(subject_token.as_deref()),
@@ -452,7 +455,7 @@ async fn authorize_and_forward(
             return Err(error.refusal);
         }
     };
-    if classified.protocol == Protocol::Mcp {
+    if route_protocol == Protocol::Mcp {
         match &session {
             None => shared
                 .sessions
@@ -466,14 +469,7 @@ async fn authorize_and_forward(
     let Some(listed) = inspected.listing else {
         return Ok(response);
     };
-    let filter = tool_filter(
-        shared,
-        conn,
-        user,
-        (&method, &path, &host),
-        listed,
-        classified.route,
-    );
+    let filter = tool_filter(shared, conn, user, (&method, &path, &host), listed, route);
     filter.apply(response).await.map_err(|error| {
         tracing::warn!(request_id, %error, "tools/list response could not be filtered");
         audit.record.errors.push(error.to_string());
@@ -828,7 +824,8 @@ impl Traceparent {
     }
 }
 
-fn push_hex(out: &mut String, bytes: &[u8]) {
+/// Appends `bytes` as lowercase hex.
+pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for byte in bytes {
         out.push(char::from(DIGITS[usize::from(byte >> 4)]));

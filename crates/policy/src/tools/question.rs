@@ -1,5 +1,6 @@
 //! [`Question`]: one request as tools (and the audit trail) write it down.
 
+use std::fmt::Write as _;
 use std::str::FromStr;
 
 use cedar_policy::EntityUid;
@@ -107,7 +108,13 @@ impl Question {
             action: Some(action.name().to_owned()),
             resource: Some(match resource {
                 Some(resource) => resource.to_string(),
-                None => format!("Route::{:?}", input.resource.id()),
+                None => {
+                    // Sized up front: `format!` starts from the literal's length and grows.
+                    let id = input.resource.id();
+                    let mut text = String::with_capacity(id.len() + 16);
+                    let _ = write!(text, "Route::{id:?}");
+                    text
+                }
             }),
             host: Some(input.request.host.to_owned()),
             context: (!input.protocol_context.is_empty()).then(|| {

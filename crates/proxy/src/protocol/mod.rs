@@ -81,7 +81,7 @@ pub(crate) struct Bounds<'a> {
 /// the one call `classify` made of it and the body is untouched. `native` is set as soon as
 /// the route's protocol is known, so even a refusal of the body itself is rendered natively.
 pub(crate) async fn inspect(
-    classified: &Classified,
+    classified: Classified,
     method: &str,
     path: &str,
     headers: &http::HeaderMap,
@@ -89,22 +89,23 @@ pub(crate) async fn inspect(
     bounds: &Bounds<'_>,
     native: &mut Option<Native>,
 ) -> Result<Inspected, Refusal> {
-    let generic = |body| Inspected {
+    // The one call of a generic route takes the classified resource itself (no copy).
+    let generic = |classified: Classified, body| Inspected {
         calls: vec![Call {
             action: classified.action,
-            resource: classified.resource.clone(),
+            resource: classified.resource,
             context: Vec::new(),
         }],
         body,
         listing: None,
     };
     match classified.protocol {
-        Protocol::Http => Ok(generic(body)),
+        Protocol::Http => Ok(generic(classified, body)),
         Protocol::OpenAi => {
             if method != "POST" || !openai::is_inference_endpoint(path) {
                 // Model listing, file retrieval and the like carry no model in a body: they
                 // are generic routes (action = method, resource = Route), decided as such.
-                return Ok(generic(body));
+                return Ok(generic(classified, body));
             }
             *native = Some(Native::OpenAi { model: None });
             let (bytes, body) = read_json_body(headers, body, bounds).await?;
