@@ -12,11 +12,13 @@
 # CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
 # idle RSS and RSS with 512 open mTLS connections; every ratio against nginx-mtls from this
 # same run. Then the first-byte table: first request on a new connection (client with and
-# without TCP_NODELAY), time to first SSE event and inter-event gaps, HTTP/1.1 and HTTP/2,
+# without TCP_NODELAY, and a fresh httpx client with its handshake), time to first SSE event
+# and inter-event gaps, HTTP/1.1 and HTTP/2,
 # the three paths taking turns, round by round, for the first request (200 rounds each).
 #
 # The proxy under test runs alone on PROXY_CORE; the upstream and the load generator share
-# LOAD_CORE. Installs what it needs (nginx via apt-get, oha via cargo install).
+# LOAD_CORE. Installs what it needs (nginx via apt-get, oha via cargo install, httpx in the
+# client tests' venv via .ci/python-clients).
 #
 # Usage: benches/load/run.sh [--first-byte]   (env: DURATION=10s RATE=2000 CONNECTIONS=16
 #                                              PROXY_CORE=0 LOAD_CORE=1 HOLD=512
@@ -47,6 +49,8 @@ if "$LOAD" && ! command -v oha >/dev/null; then
     cargo install oha --locked
 fi
 NGINX="$(command -v nginx)"
+# httpx for the first-byte table's httpx row: the venv the client tests use (pinned there).
+PYTHON="$(eval "$(bash .ci/python-clients --print-env)"; echo "$PORTCULLIS_PYTHON")"
 # Portcullis is measured as the image ships it: profile `dist` (thin LTO, one codegen unit;
 # see the Dockerfile), which also decides how much of the binary is resident (RSS).
 log "building portcullis (profile dist, as the image) and the benchmark tool (release)"
@@ -246,6 +250,10 @@ firstbyte="$work/firstbyte.txt"
 portcullis firstbyte
 taskset -c "$LOAD_CORE" "$TOOL" firstbyte "$work" direct=http://127.0.0.1:18081 \
     nginx-mtls=https://127.0.0.1:18444 portcullis=https://127.0.0.1:19443 > "$firstbyte"
+# A fresh httpx client per request (handshake included), as the OpenAI and MCP SDKs make one.
+taskset -c "$LOAD_CORE" "$PYTHON" benches/load/httpx_first.py "$work" \
+    direct=http://127.0.0.1:18081 nginx-mtls=https://127.0.0.1:18444 \
+    portcullis=https://127.0.0.1:19443 >> "$firstbyte"
 stop "$pid"
 
 # --- the tables -----------------------------------------------------------------------------
