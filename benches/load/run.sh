@@ -51,7 +51,7 @@ fi
 NGINX="$(command -v nginx)"
 # httpx for the first-byte table's httpx row: the venv the client tests use (pinned there).
 PYTHON="$(eval "$(bash .ci/python-clients --print-env)"; echo "$PORTCULLIS_PYTHON")"
-# Portcullis is measured as the image ships it: profile `dist` (thin LTO, one codegen unit;
+# Portcullis is measured as the image ships it: profile `dist` (fat LTO, one codegen unit;
 # see the Dockerfile), which also decides how much of the binary is resident (RSS).
 log "building portcullis (profile dist, as the image) and the benchmark tool (release)"
 [ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis --bin portcullis >&2
