@@ -9,7 +9,7 @@
 //! (and at shutdown), see `audit_seal`.
 //!
 //! Writing is off the request path (a dedicated thread, group commit: one write and flush
-//! per batch, at most one batch per [`BATCH_WINDOW`], so a record waits at most that long)
+//! per batch, at most one batch per `BATCH_WINDOW` (1 ms), so a record waits at most that long)
 //! but never lossy. A request is admitted before it is served ([`AuditLog::admit`]): at once
 //! while the sink keeps up, after a wait when a full queue of finished records is still
 //! unwritten (back-pressure), and refused (503) when the sink has failed. Admission reserves

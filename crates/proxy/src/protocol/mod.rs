@@ -4,7 +4,7 @@
 //! What it does: reads at most `body_limit` bytes of a protocol request (refusing larger
 //! bodies with 413 before the upstream sees a byte), parses them defensively (strict JSON:
 //! duplicate object keys are refused, so the proxy and the application cannot read two
-//! different messages out of one body), turns them into [`Call`]s (action, resource, context)
+//! different messages out of one body), turns them into `Call`s (action, resource, context)
 //! and hands back a body that replays exactly the bytes read, followed by the rest of the
 //! stream. What it does not: decide (the pipeline asks Cedar for every call) or forward.
 
