@@ -284,8 +284,9 @@ const QUEUE_DEPTH: usize = 1024;
 /// Group commit: at most one write (and flush) per window. A batch that starts less than a
 /// window after the last write waits out the rest of it, gathering what arrives meanwhile; a
 /// batch after a quiet spell is written at once. This bounds how late a record reaches the
-/// sink, turns one writer wake-up per request under load into one per window, and costs a
-/// quiet sidecar no timer wake-up per request.
+/// sink, turns one writer wake-up per request under load into one per window (taken on the
+/// clock while records keep coming, so no request has to wake the writer), and costs a quiet
+/// sidecar no timer wake-up per request.
 const BATCH_WINDOW: Duration = Duration::from_millis(1);
 /// A batch never holds more than this many records.
 const MAX_BATCH: usize = 256;
@@ -506,7 +507,32 @@ impl Writer {
         let mut lines = Lines::default();
         let mut done = Vec::with_capacity(MAX_BATCH);
         let mut last_write = None;
-        while let Some(first) = self.rx.blocking_recv() {
+        // Whether records keep coming: the last batch held more than one entry.
+        let mut steady = false;
+        loop {
+            let first = if steady {
+                // Under steady load the next batch is waited for on the clock, not on the
+                // queue: parked on an empty queue, this thread would be woken by the next
+                // request's submission (a futex wake on the serving thread, which this thread
+                // then pre-empts) and would then sleep out the window anyway. A window that
+                // brings nothing ends the spell.
+                if let Some(wait) = batch_wait(last_write, Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                match self.rx.try_recv() {
+                    Ok(entry) => entry,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        steady = false;
+                        continue;
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            } else {
+                match self.rx.blocking_recv() {
+                    Some(entry) => entry,
+                    None => break,
+                }
+            };
             batch.push(first);
             self.gather(&mut batch);
             if batch.len() < MAX_BATCH
@@ -515,6 +541,7 @@ impl Writer {
                 std::thread::sleep(wait);
                 self.gather(&mut batch);
             }
+            steady = batch.len() > 1;
             let mut count = 0;
             lines.clear();
             for entry in batch.drain(..) {
@@ -1214,6 +1241,50 @@ mod tests {
             .collect();
         assert_eq!(ids, ["ran-1", "ran-2", "unrun", "outside"]);
         assert_eq!(verify_chain(&[path]).unwrap().unwrap().records, 4);
+    }
+
+    /// Under steady load the writer waits for its next batch on the clock, not on the queue
+    /// (`Writer::run`). Records must come through that mode, its end after a window with
+    /// nothing, the park on the queue that follows, and a shutdown in the middle of a steady
+    /// spell: all written, in order, on one chain.
+    #[test]
+    fn steady_and_quiet_spells_lose_nothing() {
+        let (_dir, path) = audit_dir();
+        let (log, writer) = AuditLog::start(&file_sink(&path), Metrics::new()).unwrap();
+        let mut submitted = 0;
+        let mut burst = |log: &AuditLog, records: usize| {
+            for _ in 0..records {
+                log.submit(&AuditRecord {
+                    request_id: submitted.to_string(),
+                    ..AuditRecord::default()
+                });
+                submitted += 1;
+            }
+        };
+        for _ in 0..20 {
+            burst(&log, 5);
+            std::thread::sleep(BATCH_WINDOW / 4);
+        }
+        std::thread::sleep(BATCH_WINDOW * 20);
+        burst(&log, 1);
+        std::thread::sleep(BATCH_WINDOW * 20);
+        for _ in 0..5 {
+            burst(&log, 5);
+            std::thread::sleep(BATCH_WINDOW / 4);
+        }
+        drop(log);
+        writer.join();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ids: Vec<String> = text
+            .lines()
+            .skip(1)
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .map(|record| record["request_id"].as_str().unwrap().to_owned())
+            .collect();
+        let expected: Vec<String> = (0..submitted).map(|id| id.to_string()).collect();
+        assert_eq!(ids, expected);
+        assert_eq!(verify_chain(&[path]).unwrap().unwrap().records, submitted);
     }
 
     /// Each request serializes its record into a buffer the writer gave back: every line
