@@ -1208,6 +1208,17 @@ mod tests {
         assert_eq!(batch_wait(Some(now + quarter), now), Some(BATCH_WINDOW));
     }
 
+    /// The `request_id` of every record in an audit file, in order (after the `start` line).
+    fn written_ids(path: &std::path::Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
+            .map(|record| record["request_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
     /// Guards dropped on a runtime hand their records to a task that runs once the dropping
     /// task yields; records dropped in the same turn share one task. None is lost, even when
     /// the runtime is dropped with that task unrun (a shutdown): the writer thread waits
@@ -1245,13 +1256,7 @@ mod tests {
         drop(log);
         writer.join();
 
-        let text = std::fs::read_to_string(&path).unwrap();
-        let ids: Vec<String> = text
-            .lines()
-            .skip(1)
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-            .map(|record| record["request_id"].as_str().unwrap().to_owned())
-            .collect();
+        let ids = written_ids(&path);
         assert_eq!(ids, ["ran-1", "ran-2", "unrun", "outside"]);
         assert_eq!(verify_chain(&[path]).unwrap().unwrap().records, 4);
     }
@@ -1288,13 +1293,7 @@ mod tests {
         drop(log);
         writer.join();
 
-        let text = std::fs::read_to_string(&path).unwrap();
-        let ids: Vec<String> = text
-            .lines()
-            .skip(1)
-            .map(|line| serde_json::from_str::<serde_json::Value>(line).unwrap())
-            .map(|record| record["request_id"].as_str().unwrap().to_owned())
-            .collect();
+        let ids = written_ids(&path);
         let expected: Vec<String> = (0..submitted).map(|id| id.to_string()).collect();
         assert_eq!(ids, expected);
         assert_eq!(verify_chain(&[path]).unwrap().unwrap().records, submitted);
