@@ -520,8 +520,10 @@ impl Writer {
         let mut lines = Lines::default();
         let mut done = Vec::with_capacity(MAX_BATCH);
         let mut last_write = None;
-        // Whether records keep coming: the last batch held more than one entry.
-        let mut steady = false;
+        // Whether records keep coming: the last batch held more than one entry; and whether it
+        // was cut at `MAX_BATCH`, so that more are likely waiting already (a backlog after the
+        // sink stalled is drained at once, as requests may be waiting for room).
+        let (mut steady, mut full) = (false, false);
         loop {
             let first = if steady {
                 // Under steady load the next batch is waited for on the clock, not on the
@@ -529,7 +531,7 @@ impl Writer {
                 // request's submission (a futex wake on the serving thread, which this thread
                 // then pre-empts) and would then sleep out the window anyway. A window that
                 // brings nothing ends the spell.
-                if let Some(wait) = batch_wait(last_write, Instant::now()) {
+                if !full && let Some(wait) = batch_wait(last_write, Instant::now()) {
                     std::thread::sleep(wait);
                 }
                 match self.rx.try_recv() {
@@ -554,7 +556,7 @@ impl Writer {
                 std::thread::sleep(wait);
                 self.gather(&mut batch);
             }
-            steady = batch.len() > 1;
+            (steady, full) = (batch.len() > 1, batch.len() >= MAX_BATCH);
             let mut count = 0;
             lines.clear();
             for entry in batch.drain(..) {
@@ -1262,9 +1264,9 @@ mod tests {
     }
 
     /// Under steady load the writer waits for its next batch on the clock, not on the queue
-    /// (`Writer::run`). Records must come through that mode, its end after a window with
-    /// nothing, the park on the queue that follows, and a shutdown in the middle of a steady
-    /// spell: all written, in order, on one chain.
+    /// (`Writer::run`). Records must come through that mode, a backlog of several full
+    /// batches, its end after a window with nothing, the park on the queue that follows, and
+    /// a shutdown in the middle of a steady spell: all written, in order, on one chain.
     #[test]
     fn steady_and_quiet_spells_lose_nothing() {
         let (_dir, path) = audit_dir();
@@ -1283,6 +1285,7 @@ mod tests {
             burst(&log, 5);
             std::thread::sleep(BATCH_WINDOW / 4);
         }
+        burst(&log, MAX_BATCH * 3 + 1);
         std::thread::sleep(BATCH_WINDOW * 20);
         burst(&log, 1);
         std::thread::sleep(BATCH_WINDOW * 20);
