@@ -8,4 +8,4 @@ mod spiffe;
 mod vocabulary;
 
 pub use spiffe::{MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, TrustDomain};
-pub use vocabulary::{Action, ActionGroup, Decision, Resource, UserClaims};
+pub use vocabulary::{Action, ActionGroup, Decision, Resource, UserClaims, write_entity};

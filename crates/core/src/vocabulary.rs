@@ -175,7 +175,25 @@ impl Resource {
 
 impl fmt::Display for Resource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}::{:?}", self.entity_type(), self.id())
+        write_entity(f, self.entity_type(), self.id())
+    }
+}
+
+/// `Type::"id"`, an entity as Cedar writes it, with the id quoted as `{:?}` quotes it. Ids
+/// are almost always printable ASCII with nothing to escape, copied whole: `{:?}` escapes
+/// char by char, and every audited request writes its resource this way.
+pub fn write_entity(out: &mut impl fmt::Write, entity_type: &str, id: &str) -> fmt::Result {
+    out.write_str(entity_type)?;
+    out.write_str("::")?;
+    if id
+        .bytes()
+        .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.write_char('"')?;
+        out.write_str(id)?;
+        out.write_char('"')
+    } else {
+        write!(out, "{id:?}")
     }
 }
 
@@ -237,4 +255,35 @@ pub struct UserClaims {
     pub actor_chain: Vec<String>,
     /// `exp`, unix seconds.
     pub expires_at: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_entity_is_written_as_debug_quotes_its_id() {
+        let ids = [
+            "/api/orders",
+            "",
+            "refund",
+            "it's",
+            "a \"b\"",
+            "back\\slash",
+            "line\nbreak",
+            "\t\u{0}\u{7f}",
+            "é模型🦀",
+            "\u{301}combining",
+            "\u{200b}zero width",
+        ];
+        for id in ids {
+            let mut written = String::new();
+            write_entity(&mut written, "Tool", id).unwrap();
+            assert_eq!(written, format!("Tool::{id:?}"));
+            assert_eq!(
+                Resource::Model(id.to_owned()).to_string(),
+                format!("Model::{id:?}")
+            );
+        }
+    }
 }

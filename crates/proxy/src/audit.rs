@@ -34,6 +34,8 @@ use tokio::sync::{Notify, mpsc};
 use crate::inventory::{Inventory, Observation};
 use crate::metrics::Metrics;
 
+#[path = "audit_json.rs"]
+mod json;
 #[path = "audit_seal.rs"]
 mod seal;
 pub use seal::{KeyError, SigningKey, VerifyingKey};
@@ -486,7 +488,7 @@ impl AuditLog {
             .unwrap_or_else(PoisonError::into_inner)
             .pop()
             .unwrap_or_default();
-        write_object(&mut object, record);
+        json::write_record(&mut object, record);
         self.backlog.queued.fetch_add(1, Ordering::AcqRel);
         if self.tx.send(Entry::Record(object)).is_err() {
             self.backlog.queued.fetch_sub(1, Ordering::AcqRel);
@@ -687,10 +689,11 @@ impl Drop for AuditGuard {
         // The inventory is fed from the finished record, exactly as `portcullis inventory`
         // reads it back from audit files, so the two views cannot disagree.
         let record = &self.record;
-        let resource = record
-            .resource
-            .as_ref()
-            .map(|r| format!("{}::{:?}", r.kind, r.id));
+        let resource = record.resource.as_ref().map(|r| {
+            let mut text = String::with_capacity(r.kind.len() + r.id.len() + 4);
+            let _ = portcullis_core::write_entity(&mut text, r.kind, &r.id);
+            text
+        });
         if let Some(agent) = &record.agent {
             self.inventory.observe(&Observation {
                 time: &record.time,

@@ -1,6 +1,5 @@
 //! [`Question`]: one request as tools (and the audit trail) write it down.
 
-use std::fmt::Write as _;
 use std::str::FromStr;
 
 use cedar_policy::EntityUid;
@@ -89,10 +88,6 @@ const CONTEXT_KEYS: [&str; 3] = ["model", "mcp", "tool"];
 impl Question {
     /// The question the proxy asked for `input` (what the audit record keeps).
     pub fn from_input(input: &AuthzInput<'_>) -> Self {
-        let (action, resource) = match input.resource {
-            Resource::Route { .. } => (input.action, None),
-            other => (input.action, Some(other)),
-        };
         Question {
             agent: input.agent.as_str().to_owned(),
             user: input.user.map(|u| UserSpec {
@@ -105,16 +100,13 @@ impl Question {
             }),
             method: Some(input.request.method.to_owned()),
             path: Some(input.request.path.to_owned()),
-            action: Some(action.name().to_owned()),
-            resource: Some(match resource {
-                Some(resource) => resource.to_string(),
-                None => {
-                    // Sized up front: `format!` starts from the literal's length and grows.
-                    let id = input.resource.id();
-                    let mut text = String::with_capacity(id.len() + 16);
-                    let _ = write!(text, "Route::{id:?}");
-                    text
-                }
+            action: Some(input.action.name().to_owned()),
+            resource: Some({
+                // Sized up front: `to_string` starts from nothing and grows.
+                let (kind, id) = (input.resource.entity_type(), input.resource.id());
+                let mut text = String::with_capacity(kind.len() + id.len() + 4);
+                let _ = portcullis_core::write_entity(&mut text, kind, id);
+                text
             }),
             host: Some(input.request.host.to_owned()),
             context: (!input.protocol_context.is_empty()).then(|| {
