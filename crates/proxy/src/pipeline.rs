@@ -387,11 +387,10 @@ async fn authorize_and_forward(
     };
     remove_identity(&mut parts.headers);
     remove_overrides_and_forwarding(&mut parts.headers);
-    // Long-lived credentials never reach the application (flagged above).
-    for header in STANDING_CREDENTIAL_HEADERS {
-        if token_header.is_none_or(|t| t.as_str() != header) {
-            parts.headers.remove(header);
-        }
+    // Long-lived credentials never reach the application (flagged above: every one present
+    // but the user-token header, which is handled next).
+    for header in &audit.record.standing_credentials {
+        parts.headers.remove(*header);
     }
     if let Some(tokens) = &shared.user_token {
         parts.headers.remove(&tokens.header);
@@ -570,9 +569,11 @@ fn standing_credentials(
     headers: &http::HeaderMap,
     token_header: Option<&http::HeaderName>,
 ) -> Vec<&'static str> {
+    // Compared with the names present rather than looked up: a lookup by `&str` parses and
+    // hashes the name, and most requests carry a handful of fields.
     STANDING_CREDENTIAL_HEADERS
         .into_iter()
-        .filter(|name| headers.contains_key(*name))
+        .filter(|name| headers.keys().any(|present| present.as_str() == *name))
         .filter(|name| token_header.is_none_or(|t| t.as_str() != *name))
         .collect()
 }
