@@ -19,7 +19,7 @@ pub const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent"
 /// Fields that are hop-by-hop whether or not `Connection` names them (RFC 9110 §7.6.1 and
 /// the de-facto `Proxy-Connection` and `Keep-Alive`). `TE` is removed as a whole: the proxy
 /// does not relay trailers-only negotiation to an HTTP/1.1 upstream.
-const HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
