@@ -105,8 +105,8 @@ pub(crate) async fn handle(
         request_id: request_id.clone(),
         trace_id: Some(trace.trace_id().to_owned()),
         client_address: conn.client_address.clone(),
-        agent: Some(conn.agent.to_string()),
-        method: request.method().to_string(),
+        agent: Some(conn.agent.as_str().to_owned()),
+        method: request.method().as_str().to_owned(),
         path: request.uri().path().to_owned(),
         mode: shared.policy.mode().name(),
         ..AuditRecord::default()
