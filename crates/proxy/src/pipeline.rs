@@ -48,8 +48,8 @@ use crate::classify::{Protocol, check_path, classify};
 use crate::credential;
 use crate::error::Refusal;
 use crate::headers::{
-    AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_hop_by_hop,
-    remove_identity, remove_overrides_and_forwarding, set_forwarding, user_header_value,
+    AGENT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER, USER_HEADER, remove_caller_supplied,
+    remove_hop_by_hop, set_forwarding, user_header_value,
 };
 use crate::protocol::{self, Native};
 use crate::rate::{self, RatePer};
@@ -385,8 +385,7 @@ async fn authorize_and_forward(
             .map(|value| (tokens.header.clone(), value)),
         _ => None,
     };
-    remove_identity(&mut parts.headers);
-    remove_overrides_and_forwarding(&mut parts.headers);
+    remove_caller_supplied(&mut parts.headers);
     // Long-lived credentials never reach the application (flagged above: every one present
     // but the user-token header, which is handled next).
     for header in &audit.record.standing_credentials {
