@@ -19,7 +19,10 @@
 # Usage: benches/layout/run.sh           regenerate the list
 #        benches/layout/run.sh --check   how much of the list the dist build still has, and
 #                                        whether its code is laid out in that order (exit 1
-#                                        under 90%: time to regenerate)
+#                                        unless all of it is: time to regenerate. A change to
+#                                        code a start runs renames or adds functions the
+#                                        list cannot know of; at 99% present idle RSS was
+#                                        1.5 MiB over the regenerated list's)
 #        (SKIP_BUILD=1 uses the existing target/dist build)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -44,7 +47,8 @@ in_order = sum(1 for a, b in zip(present, present[1:]) if address[a] < address[b
 share = len(present) / max(len(listed), 1)
 print(f"{len(present)} of {len(listed)} listed functions are in {binary} ({share:.0%}); "
       f"{in_order + 1 if present else 0} of them laid out in the list's order")
-sys.exit(0 if share >= 0.9 and in_order + 1 >= 0.9 * len(present) else 1)
+# A few (~0.5%) never follow the list (folded or placed by the linker on its own).
+sys.exit(0 if len(present) == len(listed) and in_order + 1 >= 0.99 * len(present) else 1)
 PY
     exit
 fi
