@@ -84,27 +84,30 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
 /// Removes hop-by-hop fields (including `Upgrade`, so no tunnel is ever negotiated) and every
 /// field the `Connection` header names.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Only the named fields present are made names of (an allocation each): the usual
-    // `Connection: keep-alive` or `close` names none.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(str::trim)
-        .filter(|name| !name.is_empty() && headers.contains_key(*name))
-        .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    // Each listed name is looked for among the few names present, and only one found is
-    // removed: a removal hashes the name and probes, and most messages carry at most
-    // `Connection` of the list.
-    for name in HOP_BY_HOP.iter().chain([&header::UPGRADE]) {
-        if headers.keys().any(|present| present == name) {
-            headers.remove(name);
+    // One pass over the names present, compared with the list, rather than a removal (a hash
+    // and a probe) per listed name: most requests and responses carry at most `Connection`.
+    // Only the fields `Connection` names that are present are made names of (an allocation
+    // each): the usual `Connection: keep-alive` or `close` names none.
+    let mut doomed: Vec<HeaderName> = Vec::new();
+    for name in headers.keys() {
+        if *name == header::CONNECTION {
+            doomed.extend(
+                headers
+                    .get_all(header::CONNECTION)
+                    .iter()
+                    .filter_map(|value| value.to_str().ok())
+                    .flat_map(|value| value.split(','))
+                    .map(str::trim)
+                    .filter(|name| !name.is_empty() && headers.contains_key(*name))
+                    .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
+            );
         }
+        if *name == header::UPGRADE || HOP_BY_HOP.contains(name) {
+            doomed.push(name.clone());
+        }
+    }
+    for name in doomed {
+        headers.remove(name);
     }
 }
 
