@@ -41,7 +41,8 @@ pub struct AgentEntry {
     pub refused: u64,
     pub actions: BTreeSet<String>,
     pub resources: BTreeSet<String>,
-    /// Distinct resources beyond the listed ones.
+    /// Calls to resources beyond the listed ones (each call counts: the resources past the
+    /// cap are not kept, so how many distinct ones they were is not known).
     pub resources_not_listed: u64,
     pub distinct_users: usize,
     /// True when `distinct_users` reached the tracking cap and is a lower bound.
