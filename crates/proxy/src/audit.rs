@@ -74,7 +74,9 @@ pub enum AuditSink {
 }
 
 /// One request, as the audit trail records it. Field names are documented for log pipelines
-/// and are a contract like metric names.
+/// and are a contract like metric names. Written by `audit_json::write_record`, by hand: a
+/// field added here is added there too, and to its test's generator, which compares the two
+/// writers (this derive is the reference).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditRecord {
     pub time: String,

@@ -5,7 +5,7 @@
 //! Every request writes one record of some thirty fields, and `serde_json` scans each key
 //! and each string byte by byte for characters to escape. Here keys are literals and a
 //! string is copied whole once a vectorizable pass over it finds nothing to escape (ids,
-//! hashes, times and paths never need one); a string that does need escaping, and the rare
+//! hashes and times never need one, paths and names rarely); a string that does need escaping, and the rare
 //! nested values (`shadow`, batch `calls`, `approval`, a protocol's `context`), are still
 //! written by `serde_json`, so escaping and number formatting stay its own. A test compares
 //! the two over generated records.
