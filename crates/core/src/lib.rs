@@ -8,4 +8,6 @@ mod spiffe;
 mod vocabulary;
 
 pub use spiffe::{MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, TrustDomain};
-pub use vocabulary::{Action, ActionGroup, Decision, Resource, UserClaims, write_entity};
+pub use vocabulary::{
+    Action, ActionGroup, Decision, Resource, UserClaims, entity_text, write_entity,
+};

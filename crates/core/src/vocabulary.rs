@@ -179,6 +179,14 @@ impl fmt::Display for Resource {
     }
 }
 
+/// [`write_entity`] into a new string, sized for it.
+pub fn entity_text(entity_type: &str, id: &str) -> String {
+    let mut text = String::with_capacity(entity_type.len() + id.len() + 4);
+    // Writing to a `String` cannot fail.
+    let _ = write_entity(&mut text, entity_type, id);
+    text
+}
+
 /// `Type::"id"`, an entity as Cedar writes it, with the id quoted as `{:?}` quotes it. Ids
 /// are almost always printable ASCII with nothing to escape, copied whole: `{:?}` escapes
 /// char by char, and every audited request writes its resource this way.
@@ -277,9 +285,7 @@ mod tests {
             "\u{200b}zero width",
         ];
         for id in ids {
-            let mut written = String::new();
-            write_entity(&mut written, "Tool", id).unwrap();
-            assert_eq!(written, format!("Tool::{id:?}"));
+            assert_eq!(entity_text("Tool", id), format!("Tool::{id:?}"));
             assert_eq!(
                 Resource::Model(id.to_owned()).to_string(),
                 format!("Model::{id:?}")

@@ -691,11 +691,10 @@ impl Drop for AuditGuard {
         // The inventory is fed from the finished record, exactly as `portcullis inventory`
         // reads it back from audit files, so the two views cannot disagree.
         let record = &self.record;
-        let resource = record.resource.as_ref().map(|r| {
-            let mut text = String::with_capacity(r.kind.len() + r.id.len() + 4);
-            let _ = portcullis_core::write_entity(&mut text, r.kind, &r.id);
-            text
-        });
+        let resource = record
+            .resource
+            .as_ref()
+            .map(|r| portcullis_core::entity_text(r.kind, &r.id));
         if let Some(agent) = &record.agent {
             self.inventory.observe(&Observation {
                 time: &record.time,

@@ -150,7 +150,7 @@ impl Inventory {
             record["resource"]["type"].as_str(),
             record["resource"]["id"].as_str(),
         ) {
-            (Some(kind), Some(id)) => Some(format!("{kind}::{id:?}")),
+            (Some(kind), Some(id)) => Some(portcullis_core::entity_text(kind, id)),
             _ => None,
         };
         self.observe(&Observation {

@@ -207,15 +207,18 @@ async fn authorize_and_forward(
         rate::step(shared, RatePer::User, &user.subject, audit)?;
     }
     let token_header = shared.user_token.as_ref().map(|t| &t.header);
-    audit.record.standing_credentials = standing_credentials(request.headers(), token_header);
-    for header in &audit.record.standing_credentials {
+    let standing = standing_credentials(request.headers(), token_header);
+    // A copy for the record (no allocation when there are none): what is removed below
+    // must not depend on what the audit record holds.
+    audit.record.standing_credentials = standing.clone();
+    for header in &standing {
         shared
             .metrics
             .standing_credentials
             .with_label_values(&[header])
             .inc();
     }
-    if shared.reject_standing_credentials && !audit.record.standing_credentials.is_empty() {
+    if shared.reject_standing_credentials && !standing.is_empty() {
         return Err(Refusal::StandingCredential);
     }
     let session = mcp_session(shared, conn, &classified, request.headers())?;
@@ -388,8 +391,8 @@ async fn authorize_and_forward(
     remove_caller_supplied(&mut parts.headers);
     // Long-lived credentials never reach the application (flagged above: every one present
     // but the user-token header, which is handled next).
-    for header in &audit.record.standing_credentials {
-        parts.headers.remove(*header);
+    for header in standing {
+        parts.headers.remove(header);
     }
     if let Some(tokens) = &shared.user_token {
         parts.headers.remove(&tokens.header);

@@ -101,13 +101,10 @@ impl Question {
             method: Some(input.request.method.to_owned()),
             path: Some(input.request.path.to_owned()),
             action: Some(input.action.name().to_owned()),
-            resource: Some({
-                // Sized up front: `to_string` starts from nothing and grows.
-                let (kind, id) = (input.resource.entity_type(), input.resource.id());
-                let mut text = String::with_capacity(kind.len() + id.len() + 4);
-                let _ = portcullis_core::write_entity(&mut text, kind, id);
-                text
-            }),
+            resource: Some(portcullis_core::entity_text(
+                input.resource.entity_type(),
+                input.resource.id(),
+            )),
             host: Some(input.request.host.to_owned()),
             context: (!input.protocol_context.is_empty()).then(|| {
                 input
