@@ -107,9 +107,12 @@ pub struct AuditRecord {
     /// Long-lived credential headers the caller sent (never forwarded), e.g. `x-api-key`.
     pub standing_credentials: Vec<&'static str>,
     /// The Cedar inputs of the decision (agent, user claims, action, resource, request and
-    /// protocol fields, time), so `portcullis replay` can decide it again.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub input: Option<portcullis_policy::tools::Question>,
+    /// protocol fields, time), so `portcullis replay` can decide it again: written as the
+    /// whole question ([`AuditRecord::question`]) from this and the record's own agent,
+    /// method, path, action, resource and client address, which it does not copy. Written
+    /// by hand only: the derive skips it, and the writer's test puts it back.
+    #[serde(skip)]
+    pub input: Option<AuditInput>,
     /// What the shadow set (`policy.shadow_dir`) decided, when one is configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shadow: Option<crate::shadow::ShadowOutcome>,
@@ -125,6 +128,60 @@ pub struct AuditRecord {
     /// its value.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credential: Option<&'static str>,
+}
+
+/// What the record's `input` holds beyond the record's own fields.
+#[derive(Debug, Clone, Default)]
+pub struct AuditInput {
+    pub user: Option<portcullis_policy::tools::UserSpec>,
+    pub host: String,
+    /// Protocol fields by key (`model`, `mcp`, `tool`); absent on a generic route.
+    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Unix seconds of the decision.
+    pub now: i64,
+}
+
+impl AuditInput {
+    pub fn new(input: &portcullis_policy::AuthzInput<'_>) -> Self {
+        Self {
+            user: input
+                .user
+                .map(portcullis_policy::tools::UserSpec::from_claims),
+            host: input.request.host.to_owned(),
+            context: (!input.protocol_context.is_empty()).then(|| {
+                input
+                    .protocol_context
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                    .collect()
+            }),
+            now: input.now,
+        }
+    }
+}
+
+impl AuditRecord {
+    /// The record's `input`: the question `portcullis check` and `replay` read, whole. The
+    /// agent, method, path, action, resource and client address are the record's own (set
+    /// together with `input`, from the same call).
+    pub fn question(&self) -> Option<portcullis_policy::tools::Question> {
+        let input = self.input.as_ref()?;
+        Some(portcullis_policy::tools::Question {
+            agent: self.agent.clone().unwrap_or_default(),
+            user: input.user.clone(),
+            method: Some(self.method.clone()),
+            path: Some(self.path.clone()),
+            action: self.action.map(str::to_owned),
+            resource: self
+                .resource
+                .as_ref()
+                .map(|r| portcullis_core::entity_text(r.kind, &r.id)),
+            host: Some(input.host.clone()),
+            context: input.context.clone(),
+            now: Some(input.now),
+            client_address: Some(self.client_address.clone()),
+        })
+    }
 }
 
 /// One message of a batch, as decided.
@@ -682,6 +739,12 @@ impl AuditGuard {
     }
 }
 
+thread_local! {
+    /// The finished record's resource as `Type::"id"`, for the inventory: written into the
+    /// same buffer each time rather than allocated per request.
+    static ENTITY_TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
+
 impl Drop for AuditGuard {
     fn drop(&mut self) {
         let elapsed = self.started.elapsed();
@@ -691,18 +754,21 @@ impl Drop for AuditGuard {
         // The inventory is fed from the finished record, exactly as `portcullis inventory`
         // reads it back from audit files, so the two views cannot disagree.
         let record = &self.record;
-        let resource = record
-            .resource
-            .as_ref()
-            .map(|r| portcullis_core::entity_text(r.kind, &r.id));
         if let Some(agent) = &record.agent {
-            self.inventory.observe(&Observation {
-                time: &record.time,
-                agent,
-                user: record.user.as_ref().map(|u| u.sub.as_str()),
-                action: record.action,
-                resource: resource.as_deref(),
-                decision: record.decision,
+            ENTITY_TEXT.with_borrow_mut(|text| {
+                text.clear();
+                if let Some(r) = &record.resource {
+                    // Writing to a `String` cannot fail.
+                    let _ = portcullis_core::write_entity(text, r.kind, &r.id);
+                }
+                self.inventory.observe(&Observation {
+                    time: &record.time,
+                    agent,
+                    user: record.user.as_ref().map(|u| u.sub.as_str()),
+                    action: record.action,
+                    resource: record.resource.is_some().then_some(text.as_str()),
+                    decision: record.decision,
+                });
             });
             metrics.agents_seen.set(self.inventory.len() as i64);
         }

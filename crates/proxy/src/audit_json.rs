@@ -10,10 +10,10 @@
 //! written by `serde_json`, so escaping and number formatting stay its own. A test compares
 //! the two over generated records.
 
-use portcullis_policy::tools::{Question, UserSpec};
+use portcullis_policy::tools::UserSpec;
 use serde::Serialize;
 
-use super::{AuditPolicies, AuditRecord};
+use super::{AuditInput, AuditPolicies, AuditRecord};
 
 /// Appends `record` as a JSON object (no newline).
 pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
@@ -61,7 +61,7 @@ pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
     o.strs("standing_credentials", &record.standing_credentials);
     if let Some(input) = &record.input {
         o.key("input");
-        question(o.buf, input);
+        question(o.buf, record, input);
     }
     if let Some(shadow) = &record.shadow {
         o.serde("shadow", shadow);
@@ -88,27 +88,49 @@ fn policies(buf: &mut Vec<u8>, policies: &AuditPolicies) {
     p.close();
 }
 
-/// [`Question`], as its derived `Serialize` writes it (absent fields skipped).
-fn question(buf: &mut Vec<u8>, q: &Question) {
+/// [`AuditRecord::question`], as `Question`'s derived `Serialize` writes it (absent fields
+/// skipped).
+fn question(buf: &mut Vec<u8>, record: &AuditRecord, input: &AuditInput) {
     let mut o = Object::open(buf);
-    o.str("agent", &q.agent);
-    if let Some(user) = &q.user {
+    o.str("agent", record.agent.as_deref().unwrap_or_default());
+    if let Some(user) = &input.user {
         o.key("user");
         user_spec(o.buf, user);
     }
-    o.some_str("method", q.method.as_deref());
-    o.some_str("path", q.path.as_deref());
-    o.some_str("action", q.action.as_deref());
-    o.some_str("resource", q.resource.as_deref());
-    o.some_str("host", q.host.as_deref());
-    if let Some(context) = &q.context {
+    o.str("method", &record.method);
+    o.str("path", &record.path);
+    o.some_str("action", record.action);
+    if let Some(resource) = &record.resource {
+        o.key("resource");
+        entity(o.buf, resource.kind, &resource.id);
+    }
+    o.str("host", &input.host);
+    if let Some(context) = &input.context {
         o.serde("context", context);
     }
-    if let Some(now) = &q.now {
-        o.serde("now", now);
-    }
-    o.some_str("client_address", q.client_address.as_deref());
+    o.serde("now", &input.now);
+    o.str("client_address", &record.client_address);
     o.close();
+}
+
+/// `Type::"id"` (`portcullis_core::entity_text`) as a JSON string. Written in place when
+/// the id is printable ASCII without quotes or backslashes, where the only escapes are
+/// the two quotes around the id; otherwise made as text first.
+fn entity(buf: &mut Vec<u8>, kind: &str, id: &str) {
+    let plain = |text: &str| {
+        text.bytes()
+            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    };
+    if plain(kind) && plain(id) {
+        buf.reserve(kind.len() + id.len() + 8);
+        buf.push(b'"');
+        buf.extend_from_slice(kind.as_bytes());
+        buf.extend_from_slice(b"::\\\"");
+        buf.extend_from_slice(id.as_bytes());
+        buf.extend_from_slice(b"\\\"\"");
+    } else {
+        string(buf, &portcullis_core::entity_text(kind, id));
+    }
 }
 
 fn user_spec(buf: &mut Vec<u8>, user: &UserSpec) {
@@ -271,9 +293,8 @@ mod tests {
         ["allow", "deny", "GET", "x-api-key", "a\"b", "\n"][rng.usize(..6)]
     }
 
-    fn question(rng: &mut fastrand::Rng) -> Question {
-        Question {
-            agent: text(rng),
+    fn input(rng: &mut fastrand::Rng) -> AuditInput {
+        AuditInput {
             user: maybe(rng, |rng| UserSpec {
                 sub: text(rng),
                 iss: text(rng),
@@ -282,11 +303,7 @@ mod tests {
                 email: maybe(rng, text),
                 groups: texts(rng),
             }),
-            method: maybe(rng, text),
-            path: maybe(rng, text),
-            action: maybe(rng, text),
-            resource: maybe(rng, text),
-            host: maybe(rng, text),
+            host: text(rng),
             context: maybe(rng, |rng| {
                 let mut map = serde_json::Map::new();
                 map.insert(
@@ -295,9 +312,29 @@ mod tests {
                 );
                 map
             }),
-            now: maybe(rng, |rng| rng.i64(..)),
-            client_address: maybe(rng, text),
+            now: rng.i64(..),
         }
+    }
+
+    /// What `serde_json` writes for the record with its `input` as the whole question,
+    /// where the derive puts it: after `standing_credentials`, the last field every record
+    /// has (the fields after it are written the same with or without the question).
+    fn reference(record: &AuditRecord) -> Vec<u8> {
+        let mut json = serde_json::to_vec(record).unwrap();
+        if let Some(question) = record.question() {
+            let head = AuditRecord {
+                shadow: None,
+                calls: Vec::new(),
+                approval: None,
+                credential: None,
+                ..record.clone()
+            };
+            let at = serde_json::to_vec(&head).unwrap().len() - 1;
+            let mut field = b",\"input\":".to_vec();
+            field.extend(serde_json::to_vec(&question).unwrap());
+            json.splice(at..at, field);
+        }
+        json
     }
 
     fn record(rng: &mut fastrand::Rng) -> AuditRecord {
@@ -330,7 +367,7 @@ mod tests {
             duration_ms: [0.0, 0.507, 1.0, 12345.678, 1e-7, f64::NAN][rng.usize(..6)],
             completed: rng.bool(),
             standing_credentials: (0..rng.usize(0..3)).map(|_| static_text(rng)).collect(),
-            input: maybe(rng, question),
+            input: maybe(rng, input),
             shadow: maybe(rng, |rng| ShadowOutcome {
                 decision: static_text(rng),
                 disagreement: maybe(rng, static_text),
@@ -367,7 +404,7 @@ mod tests {
             let record = record(&mut rng);
             buf.clear();
             write_record(&mut buf, &record);
-            let expected = serde_json::to_vec(&record).unwrap();
+            let expected = reference(&record);
             assert_eq!(
                 String::from_utf8_lossy(&buf),
                 String::from_utf8_lossy(&expected),
@@ -384,13 +421,23 @@ mod tests {
             agent: Some("spiffe://prod.example.org/ns/team0/sa/agent".into()),
             method: "GET".into(),
             path: "/bench/1k".into(),
+            action: Some("GET"),
+            resource: Some(AuditResource {
+                kind: "Route",
+                id: "/bench/1k".into(),
+            }),
             decision: Some("allow"),
+            input: Some(AuditInput {
+                host: "127.0.0.1".into(),
+                now: 1_796_457_674,
+                ..AuditInput::default()
+            }),
             ..AuditRecord::default()
         };
         for record in [AuditRecord::default(), served] {
             let mut buf = Vec::new();
             write_record(&mut buf, &record);
-            assert_eq!(buf, serde_json::to_vec(&record).unwrap());
+            assert_eq!(buf, reference(&record));
         }
     }
 

@@ -41,7 +41,8 @@ use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 use crate::admission::InflightPermit;
 use crate::agents::KnownAgent;
 use crate::audit::{
-    AuditCall, AuditGuard, AuditPolicies, AuditRecord, AuditResource, AuditUser, rfc3339,
+    AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource, AuditUser,
+    rfc3339,
 };
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{Protocol, check_path, classify};
@@ -193,12 +194,14 @@ async fn authorize_and_forward(
     check_head_size(&request, shared.limits.max_header_bytes)?;
     rate::step(shared, RatePer::Agent, conn.agent.as_str(), audit)?;
     let host = check_framing(&request)?;
-    let path = request.uri().path().to_owned();
-    check_path(&path)?;
-    let method = request.method().as_str().to_owned();
+    // Kept past the request's hand-over to the forwarder: a `Uri` and a standard `Method`
+    // clone without copying.
+    let (uri, method) = (request.uri().clone(), request.method().clone());
+    let (path, method) = (uri.path(), method.as_str());
+    check_path(path)?;
 
     let decision_started = Instant::now();
-    let classified = classify(&shared.routes, &method, &path, &host)?;
+    let classified = classify(&shared.routes, method, path, &host)?;
     let user = match &shared.user_token {
         None => None,
         Some(tokens) => verify_user(shared, tokens, &conn.agent, request.headers(), audit).await?,
@@ -238,8 +241,8 @@ async fn authorize_and_forward(
     let forward_user_token = classified.forward_user_token;
     let mut inspected = protocol::inspect(
         classified,
-        &method,
-        &path,
+        method,
+        path,
         &parts.headers,
         body,
         &bounds,
@@ -253,8 +256,8 @@ async fn authorize_and_forward(
         annotate_tool_calls(shared, route, &mut inspected.calls);
     }
     let request_info = RequestInfo {
-        method: &method,
-        path: &path,
+        method,
+        path,
         host: &host,
         client_address: &conn.client_address,
     };
@@ -327,7 +330,7 @@ async fn authorize_and_forward(
             audit.record.action = Some(call.action.name());
             audit.record.resource = Some(resource);
             record_evaluation(audit, &evaluation, decision_time.as_micros());
-            audit.record.input = Some(portcullis_policy::tools::Question::from_input(&input));
+            audit.record.input = Some(AuditInput::new(&input));
             audit.record.shadow = shadow;
         } else {
             // The first refusal's record stands; later messages add only their errors.
@@ -470,7 +473,7 @@ async fn authorize_and_forward(
     let Some(listed) = inspected.listing else {
         return Ok(response);
     };
-    let filter = tool_filter(shared, conn, user, (&method, &path, &host), listed, route);
+    let filter = tool_filter(shared, conn, user, (method, path, &host), listed, route);
     filter.apply(response).await.map_err(|error| {
         tracing::warn!(request_id, %error, "tools/list response could not be filtered");
         audit.record.errors.push(error.to_string());

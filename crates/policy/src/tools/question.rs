@@ -62,6 +62,20 @@ pub struct UserSpec {
     pub groups: Vec<String>,
 }
 
+impl UserSpec {
+    /// A verified user's claims as the audit record's question keeps them.
+    pub fn from_claims(claims: &UserClaims) -> Self {
+        Self {
+            sub: claims.subject.clone(),
+            iss: claims.issuer.clone(),
+            scope: None,
+            scopes: claims.scopes.clone(),
+            email: claims.email.clone(),
+            groups: claims.groups.clone(),
+        }
+    }
+}
+
 /// A question that cannot be asked, and why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
@@ -86,38 +100,6 @@ pub(crate) struct Resolved {
 const CONTEXT_KEYS: [&str; 3] = ["model", "mcp", "tool"];
 
 impl Question {
-    /// The question the proxy asked for `input` (what the audit record keeps).
-    pub fn from_input(input: &AuthzInput<'_>) -> Self {
-        Question {
-            agent: input.agent.as_str().to_owned(),
-            user: input.user.map(|u| UserSpec {
-                sub: u.subject.clone(),
-                iss: u.issuer.clone(),
-                scope: None,
-                scopes: u.scopes.clone(),
-                email: u.email.clone(),
-                groups: u.groups.clone(),
-            }),
-            method: Some(input.request.method.to_owned()),
-            path: Some(input.request.path.to_owned()),
-            action: Some(input.action.name().to_owned()),
-            resource: Some(portcullis_core::entity_text(
-                input.resource.entity_type(),
-                input.resource.id(),
-            )),
-            host: Some(input.request.host.to_owned()),
-            context: (!input.protocol_context.is_empty()).then(|| {
-                input
-                    .protocol_context
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                    .collect()
-            }),
-            now: Some(input.now),
-            client_address: Some(input.request.client_address.to_owned()),
-        }
-    }
-
     /// A generic-route question: `method path` as `agent`.
     pub fn route(agent: &str, method: &str, path: &str) -> Self {
         Question {
