@@ -95,7 +95,8 @@ pub struct AuditRecord {
     pub reason: Option<&'static str>,
     pub policies: AuditPolicies,
     pub errors: Vec<String>,
-    pub policy_hash: Option<String>,
+    /// Shared with the policy set it names: the same hash for every record until a reload.
+    pub policy_hash: Option<Arc<str>>,
     pub mode: &'static str,
     pub status: u16,
     /// Time to classify and evaluate, in microseconds.

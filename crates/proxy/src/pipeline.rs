@@ -329,7 +329,7 @@ async fn authorize_and_forward(
         if refused.is_none() {
             audit.record.action = Some(call.action.name());
             audit.record.resource = Some(resource);
-            record_evaluation(audit, &evaluation, decision_time.as_micros());
+            record_evaluation(audit, &mut evaluation, decision_time.as_micros());
             audit.record.input = Some(AuditInput::new(&input));
             audit.record.shadow = shadow;
         } else {
@@ -687,14 +687,13 @@ fn check_head_size(request: &Request<Incoming>, limit: usize) -> Result<(), Refu
 }
 
 fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
-    let hosts = request.headers().get_all(header::HOST).iter().count();
-    if hosts > 1 {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host_value = hosts.next();
+    if hosts.next().is_some() {
         return Err(Refusal::DuplicateHost);
     }
     let host_header = || {
-        request
-            .headers()
-            .get(header::HOST)
+        host_value
             .and_then(|value| value.to_str().ok())
             .and_then(|value| value.parse::<http::uri::Authority>().ok())
             .map(|authority| authority.host().to_owned())
@@ -703,7 +702,7 @@ fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
         // RFC 9113 §8.3.1: :authority, or Host when a client sent no :authority.
         Version::HTTP_2 | Version::HTTP_3 => {
             let authority = request.uri().host().map(str::to_owned);
-            if authority.is_some() && hosts == 1 && host_header() != authority {
+            if authority.is_some() && host_value.is_some() && host_header() != authority {
                 // Two different hosts in one request: refuse rather than pick one.
                 return Err(Refusal::DuplicateHost);
             }
@@ -733,18 +732,21 @@ fn host_with_port(parts: &http::request::Parts) -> String {
         .unwrap_or_default()
 }
 
-fn record_evaluation(audit: &mut AuditGuard, evaluation: &Evaluation, micros: u128) {
+/// Moves the evaluation's determining policies and errors into the record: the evaluation
+/// keeps its decision, permit and scopes, which are all that is read of it afterwards.
+fn record_evaluation(audit: &mut AuditGuard, evaluation: &mut Evaluation, micros: u128) {
     let record = &mut audit.record;
     record.decision = Some(evaluation.decision.name());
-    record.policies.agent = evaluation.agent.determining.clone();
-    record.policies.user = evaluation.user.as_ref().map(|u| u.determining.clone());
-    record
-        .errors
-        .extend(evaluation.agent.errors.iter().cloned());
-    if let Some(user) = &evaluation.user {
-        record.errors.extend(user.errors.iter().cloned());
+    record.policies.agent = std::mem::take(&mut evaluation.agent.determining);
+    record.policies.user = evaluation
+        .user
+        .as_mut()
+        .map(|u| std::mem::take(&mut u.determining));
+    record.errors.append(&mut evaluation.agent.errors);
+    if let Some(user) = &mut evaluation.user {
+        record.errors.append(&mut user.errors);
     }
-    record.policy_hash = Some(evaluation.policy_hash.to_string());
+    record.policy_hash = Some(evaluation.policy_hash.clone());
     record.decision_us = Some(u64::try_from(micros).unwrap_or(u64::MAX));
 }
 
