@@ -82,8 +82,9 @@ pub struct AuditRecord {
     pub time: String,
     pub request_id: String,
     pub trace_id: Option<String>,
-    pub client_address: String,
-    pub agent: Option<String>,
+    /// Shared with the connection, as `agent` is: the same for each of its requests.
+    pub client_address: Arc<str>,
+    pub agent: Option<Arc<str>>,
     pub user: Option<AuditUser>,
     pub actor_chain: Vec<String>,
     pub method: String,
@@ -168,7 +169,7 @@ impl AuditRecord {
     pub fn question(&self) -> Option<portcullis_policy::tools::Question> {
         let input = self.input.as_ref()?;
         Some(portcullis_policy::tools::Question {
-            agent: self.agent.clone().unwrap_or_default(),
+            agent: self.agent.as_deref().unwrap_or_default().to_owned(),
             user: input.user.clone(),
             method: Some(self.method.clone()),
             path: Some(self.path.clone()),
@@ -180,7 +181,7 @@ impl AuditRecord {
             host: Some(input.host.clone()),
             context: input.context.clone(),
             now: Some(input.now),
-            client_address: Some(self.client_address.clone()),
+            client_address: Some(self.client_address.to_string()),
         })
     }
 }

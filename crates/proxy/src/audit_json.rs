@@ -347,8 +347,8 @@ mod tests {
             time: text(rng),
             request_id: text(rng),
             trace_id: maybe(rng, text),
-            client_address: text(rng),
-            agent: maybe(rng, text),
+            client_address: text(rng).into(),
+            agent: maybe(rng, |rng| text(rng).into()),
             user: maybe(rng, |rng| AuditUser {
                 sub: text(rng),
                 iss: text(rng),

@@ -61,8 +61,11 @@ use crate::{Shared, UserTokens};
 #[derive(Debug)]
 pub(crate) struct ConnectionIdentity {
     pub agent: SpiffeId,
-    /// The peer's IP as text, formatted once per connection rather than per request.
-    pub client_address: String,
+    /// The agent's SPIFFE ID as its requests' audit records share it.
+    agent_text: Arc<str>,
+    /// The peer's IP as text, formatted once per connection rather than per request, and
+    /// shared by its requests' audit records.
+    pub client_address: Arc<str>,
     /// What the agent's connections share: its Cedar entity, `context.agent` and recent
     /// questions' entities (rebuilt after a policy reload), its decision counters, its header.
     pub known: Arc<KnownAgent>,
@@ -72,11 +75,12 @@ pub(crate) struct ConnectionIdentity {
 
 impl ConnectionIdentity {
     pub(crate) fn new(agent: SpiffeId, peer: SocketAddr, shared: &Shared) -> Self {
-        let client_address = peer.ip().to_string();
+        let client_address: Arc<str> = peer.ip().to_string().into();
         Self {
             known: shared.agents.get(&agent, &shared.metrics, &shared.policy),
             forwarded_for: HeaderValue::from_str(&client_address).ok(),
             client_address,
+            agent_text: agent.as_str().into(),
             agent,
         }
     }
@@ -89,8 +93,8 @@ pub(crate) async fn handle(
 ) -> Result<Response<ResponseBody>, Infallible> {
     // Every random id of the request from one draw (see `RequestRandomness`).
     let random = RequestRandomness::draw();
-    let mut request_id = String::with_capacity(32);
-    push_hex(&mut request_id, random.request_id());
+    let id = RequestId::new(random.request_id());
+    let request_id = id.as_str();
     let Ok(()) = shared.audit.admit().await else {
         shared
             .metrics
@@ -98,15 +102,15 @@ pub(crate) async fn handle(
             .with_label_values(&[Refusal::AuditUnavailable.reason()])
             .inc();
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
-        return Ok(refusal_response(Refusal::AuditUnavailable, &request_id));
+        return Ok(refusal_response(Refusal::AuditUnavailable, request_id));
     };
     let trace = Traceparent::from_request(request.headers(), &random);
     let record = AuditRecord {
         time: rfc3339(SystemTime::now()),
-        request_id: request_id.clone(),
+        request_id: request_id.to_owned(),
         trace_id: Some(trace.trace_id().to_owned()),
         client_address: conn.client_address.clone(),
-        agent: Some(conn.agent.as_str().to_owned()),
+        agent: Some(conn.agent_text.clone()),
         method: request.method().as_str().to_owned(),
         path: request.uri().path().to_owned(),
         mode: shared.policy.mode().name(),
@@ -120,7 +124,7 @@ pub(crate) async fn handle(
             &shared,
             &conn,
             request,
-            &request_id,
+            &id,
             &trace,
             &mut audit,
             &mut answer,
@@ -134,7 +138,7 @@ pub(crate) async fn handle(
             audit.record.status = response.status().as_u16();
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
-            set_request_id(&mut parts.headers, &request_id);
+            parts.headers.insert(REQUEST_ID_HEADER, id.header.clone());
             let body = Audited::new(body, audit, permit);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
@@ -151,17 +155,17 @@ pub(crate) async fn handle(
             drop(audit);
             Ok(match (&answer.native, &answer.challenge) {
                 (_, Some(challenge)) if refusal == Refusal::ApprovalRequired => {
-                    let mut response = crate::approval::challenge_response(challenge, &request_id);
-                    set_request_id(response.headers_mut(), &request_id);
+                    let mut response = crate::approval::challenge_response(challenge, request_id);
+                    set_request_id(response.headers_mut(), request_id);
                     response
                 }
                 // A refusal before the body was looked at is not in the protocol's terms yet.
                 (Some(native), _) => {
-                    let mut response = protocol::native_refusal(native, refusal, &request_id);
-                    set_request_id(response.headers_mut(), &request_id);
+                    let mut response = protocol::native_refusal(native, refusal, request_id);
+                    set_request_id(response.headers_mut(), request_id);
                     response
                 }
-                (None, _) => refusal_response(refusal, &request_id),
+                (None, _) => refusal_response(refusal, request_id),
             })
         }
     }
@@ -186,11 +190,12 @@ async fn authorize_and_forward(
     shared: &Shared,
     conn: &ConnectionIdentity,
     request: Request<Incoming>,
-    request_id: &str,
+    id: &RequestId,
     trace: &Traceparent,
     audit: &mut AuditGuard,
     answer: &mut RefusalForm,
 ) -> Result<Response<ResponseBody>, Refusal> {
+    let request_id = id.as_str();
     check_head_size(&request, shared.limits.max_header_bytes)?;
     rate::step(shared, RatePer::Agent, conn.agent.as_str(), audit)?;
     let host = check_framing(&request)?;
@@ -420,7 +425,7 @@ async fn authorize_and_forward(
     if let Some(agent) = &conn.known.header {
         parts.headers.insert(AGENT_HEADER, agent.clone());
     }
-    set_request_id(&mut parts.headers, request_id);
+    parts.headers.insert(REQUEST_ID_HEADER, id.header.clone());
     parts
         .headers
         .insert(TRACEPARENT_HEADER, trace.header.clone());
@@ -854,6 +859,35 @@ fn is_valid_traceparent(value: &str) -> bool {
             && hex(flags, 2))
 }
 
+/// A request's id, 32 lowercase hex digits, and its `x-request-id` value made once for both
+/// the upstream request and the response (sharing one buffer).
+pub(crate) struct RequestId {
+    text: [u8; 32],
+    header: HeaderValue,
+}
+
+impl RequestId {
+    fn new(random: &[u8; 16]) -> Self {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut text = [0; 32];
+        for (pair, byte) in text.chunks_exact_mut(2).zip(random) {
+            pair[0] = DIGITS[usize::from(byte >> 4)];
+            pair[1] = DIGITS[usize::from(byte & 0x0f)];
+        }
+        Self {
+            text,
+            // Hex digits: always a valid header value.
+            header: HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        // Hex digits: always UTF-8.
+        std::str::from_utf8(&self.text).unwrap_or_default()
+    }
+}
+
 /// The random bytes of one request's ids: its request id, and the trace and parent ids of a
 /// traceparent when the caller sent none.
 struct RequestRandomness([u8; 40]);
@@ -887,8 +921,8 @@ impl RequestRandomness {
         })
     }
 
-    fn request_id(&self) -> &[u8] {
-        &self.0[..16]
+    fn request_id(&self) -> &[u8; 16] {
+        self.0[..16].try_into().unwrap_or(&[0; 16])
     }
 
     fn trace_id(&self) -> &[u8] {
@@ -919,6 +953,15 @@ mod tests {
         let distinct: std::collections::HashSet<_> = drawn.iter().collect();
         assert_eq!(distinct.len(), drawn.len());
         assert!(drawn.iter().all(|bytes| bytes.iter().any(|&b| b != 0)));
+    }
+
+    /// The id's text and its header value are the same 32 lowercase hex digits.
+    #[test]
+    fn a_request_id_is_its_bytes_in_hex_in_both_forms() {
+        let bytes: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
+        let id = super::RequestId::new(&bytes);
+        assert_eq!(id.as_str(), "00112233445566778899aabbccddeeff");
+        assert_eq!(id.header.clone().to_str().unwrap(), id.as_str());
     }
 
     #[test]
