@@ -73,6 +73,15 @@ cleanup() {
 }
 trap cleanup EXIT
 "$TOOL" fixtures "$work" >/dev/null
+# Whatever else listens on these ports would answer the workload in the profiled code's
+# place (an nginx left on 18080 made the SSE upstream fail to bind, and the list lacked the
+# streaming path).
+for port in 18080 18081 19443 19901; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        log "port $port is in use: stop what listens there first"
+        exit 1
+    fi
+done
 # Upstreams: the SSE server also answers /bench/1k (every config's upstream is one of these).
 for port in 18080 18081; do
     "$TOOL" sse-upstream "127.0.0.1:$port" 5 10 &
