@@ -6,6 +6,7 @@
 //! What it does not: decide (Cedar does), or bound time (timeouts live with the I/O).
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -42,46 +43,43 @@ impl Inflight {
 
     /// Takes a place for a request of `agent`. The agent's own cap is checked first, so an
     /// agent at its cap is told so (429) and does not consume a place of the total.
-    pub(crate) fn admit(self: &Arc<Self>, agent: &str) -> Result<InflightPermit, Refusal> {
-        let agent = self.count_agent(agent)?;
+    pub(crate) fn admit(self: &Arc<Self>, agent: &Arc<str>) -> Result<InflightPermit, Refusal> {
+        self.count_agent(agent)?;
         match self.total.clone().try_acquire_owned() {
             Ok(permit) => Ok(InflightPermit {
                 _total: permit,
-                agent,
+                agent: agent.clone(),
                 owner: self.clone(),
             }),
             Err(_) => {
-                self.release_agent(&agent);
+                self.release_agent(agent);
                 Err(Refusal::Overloaded)
             }
         }
     }
 
-    fn count_agent(&self, agent: &str) -> Result<Arc<str>, Refusal> {
-        // A poisoned lock means a panic while counting; refuse rather than admit uncounted.
+    /// One hash and probe: the key is the connection's own `Arc`, so an agent's first
+    /// request in flight costs no allocation either.
+    fn count_agent(&self, agent: &Arc<str>) -> Result<(), Refusal> {
         let mut map = self.per_agent.lock().map_err(|_| Refusal::Overloaded)?;
-        if let Some((key, count)) = map.get_key_value(agent).map(|(k, c)| (k.clone(), *c)) {
-            if count >= self.per_agent_cap {
-                return Err(Refusal::AgentBusy);
+        let count = map.entry(agent.clone()).or_insert(0);
+        if *count >= self.per_agent_cap {
+            if *count == 0 {
+                map.remove(agent);
             }
-            map.insert(key.clone(), count + 1);
-            return Ok(key);
-        }
-        if self.per_agent_cap == 0 {
             return Err(Refusal::AgentBusy);
         }
-        let key: Arc<str> = Arc::from(agent);
-        map.insert(key.clone(), 1);
-        Ok(key)
+        *count += 1;
+        Ok(())
     }
 
     fn release_agent(&self, agent: &Arc<str>) {
         if let Ok(mut map) = self.per_agent.lock()
-            && let Some(count) = map.get_mut(agent)
+            && let Entry::Occupied(mut entry) = map.entry(agent.clone())
         {
-            *count -= 1;
-            if *count == 0 {
-                map.remove(agent);
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
             }
         }
     }
@@ -161,21 +159,21 @@ mod tests {
     #[test]
     fn an_agent_at_its_cap_leaves_room_for_others() {
         let inflight = Inflight::new(3, 2);
-        let a1 = inflight.admit("spiffe://t/a");
-        let a2 = inflight.admit("spiffe://t/a");
+        let a1 = inflight.admit(&"spiffe://t/a".into());
+        let a2 = inflight.admit(&"spiffe://t/a".into());
         assert!(a1.is_ok() && a2.is_ok());
         assert_eq!(
-            inflight.admit("spiffe://t/a").err(),
+            inflight.admit(&"spiffe://t/a".into()).err(),
             Some(Refusal::AgentBusy)
         );
-        let b = inflight.admit("spiffe://t/b");
+        let b = inflight.admit(&"spiffe://t/b".into());
         assert!(b.is_ok());
         assert_eq!(
-            inflight.admit("spiffe://t/c").err(),
+            inflight.admit(&"spiffe://t/c".into()).err(),
             Some(Refusal::Overloaded)
         );
         drop(a1);
-        assert!(inflight.admit("spiffe://t/a").is_ok());
+        assert!(inflight.admit(&"spiffe://t/a".into()).is_ok());
         drop((a2, b));
         assert_eq!(inflight.total.available_permits(), 3);
         assert!(
@@ -190,10 +188,10 @@ mod tests {
     #[test]
     fn the_total_refusal_gives_the_agent_place_back() {
         let inflight = Inflight::new(1, 5);
-        let _held = inflight.admit("spiffe://t/a");
+        let _held = inflight.admit(&"spiffe://t/a".into());
         for _ in 0..10 {
             assert_eq!(
-                inflight.admit("spiffe://t/b").err(),
+                inflight.admit(&"spiffe://t/b".into()).err(),
                 Some(Refusal::Overloaded)
             );
         }

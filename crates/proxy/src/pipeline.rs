@@ -183,7 +183,7 @@ struct RefusalForm {
 /// Stage 1b: a place among the requests in flight. Taken before anything is read or
 /// decided, so an agent over its cap costs the others nothing but this check.
 fn admit(shared: &Shared, conn: &ConnectionIdentity) -> Result<InflightPermit, Refusal> {
-    shared.inflight.admit(conn.agent.as_str())
+    shared.inflight.admit(&conn.agent_text)
 }
 
 async fn authorize_and_forward(
