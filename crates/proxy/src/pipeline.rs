@@ -816,15 +816,14 @@ impl Traceparent {
                 header: value.clone(),
             };
         }
-        let mut header = String::with_capacity(55);
-        header.push_str("00-");
-        push_hex(&mut header, random.trace_id());
-        header.push('-');
-        push_hex(&mut header, random.parent_id());
-        header.push_str("-01");
+        let mut header = *b"00-................................-................-01";
+        write_hex(&mut header[3..35], random.trace_id());
+        write_hex(&mut header[36..52], random.parent_id());
         Self {
-            // Lowercase hex and dashes: always a valid header value.
-            header: HeaderValue::try_from(header).unwrap_or_else(|_| HeaderValue::from_static("")),
+            // Lowercase hex and dashes: always a valid header value. One buffer shared by
+            // the clones (the upstream request's, the record's trace id is read from it).
+            header: HeaderValue::from_maybe_shared(Bytes::from_owner(header))
+                .unwrap_or_else(|_| HeaderValue::from_static("")),
         }
     }
 
@@ -837,12 +836,21 @@ impl Traceparent {
     }
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
 /// Appends `bytes` as lowercase hex.
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for byte in bytes {
-        out.push(char::from(DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(DIGITS[usize::from(byte & 0x0f)]));
+        out.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
+        out.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
+    }
+}
+
+/// Writes `bytes` as lowercase hex into `out`, two digits a byte (as far as `out` reaches).
+fn write_hex(out: &mut [u8], bytes: &[u8]) {
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
+        pair[0] = HEX_DIGITS[usize::from(byte >> 4)];
+        pair[1] = HEX_DIGITS[usize::from(byte & 0x0f)];
     }
 }
 
@@ -868,12 +876,8 @@ pub(crate) struct RequestId {
 
 impl RequestId {
     fn new(random: &[u8; 16]) -> Self {
-        const DIGITS: &[u8; 16] = b"0123456789abcdef";
         let mut text = [0; 32];
-        for (pair, byte) in text.chunks_exact_mut(2).zip(random) {
-            pair[0] = DIGITS[usize::from(byte >> 4)];
-            pair[1] = DIGITS[usize::from(byte & 0x0f)];
-        }
+        write_hex(&mut text, random);
         Self {
             text,
             // Hex digits: always a valid header value.
@@ -962,6 +966,25 @@ mod tests {
         let id = super::RequestId::new(&bytes);
         assert_eq!(id.as_str(), "00112233445566778899aabbccddeeff");
         assert_eq!(id.header.clone().to_str().unwrap(), id.as_str());
+    }
+
+    /// Without a valid traceparent from the caller, one is made from the request's random
+    /// bytes: valid, and its trace id is the one the record keeps.
+    #[test]
+    fn a_made_traceparent_is_valid_and_carries_the_trace_id() {
+        let bytes: [u8; 40] = std::array::from_fn(|i| (i as u8).wrapping_mul(37) | 1);
+        let random = super::RequestRandomness(bytes);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", http::HeaderValue::from_static("00-bad"));
+        let trace = super::Traceparent::from_request(&headers, &random);
+        let value = trace.header.to_str().unwrap();
+        assert!(is_valid_traceparent(value), "{value}");
+        let mut hex = String::new();
+        super::push_hex(&mut hex, &bytes[16..32]);
+        assert_eq!(trace.trace_id(), hex);
+        hex.clear();
+        super::push_hex(&mut hex, &bytes[32..]);
+        assert_eq!(&value[36..52], hex);
     }
 
     #[test]
