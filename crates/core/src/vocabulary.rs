@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::Arc;
 
 /// A Cedar action of the shipped schema (`policies/schema.cedarschema`). The names are a
 /// contract with every policy already written: they are never renamed.
@@ -138,7 +139,8 @@ pub enum Resource {
     /// A generic HTTP route: `Route::"<path>"`. The path excludes the query string.
     Route {
         path: String,
-        host: String,
+        /// Shared: the proxy's request, its audit record and this resource hold one host.
+        host: Arc<str>,
         method: String,
     },
     /// `Model::"<name>"`, from an OpenAI-style body's `model`.

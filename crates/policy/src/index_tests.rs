@@ -246,7 +246,7 @@ fn user(rng: &mut Rng) -> UserClaims {
 fn target(rng: &mut Rng, action: Action) -> (Resource, Vec<(&'static str, Value)>) {
     let route = |rng: &mut Rng| Resource::Route {
         path: (*rng.pick(&ROUTES)).to_owned(),
-        host: "orders.internal".to_owned(),
+        host: "orders.internal".into(),
         method: "GET".to_owned(),
     };
     let broken = rng.chance(5);

@@ -17,7 +17,7 @@ fn shipped() -> PathBuf {
 fn route(path: &str, method: &str) -> Resource {
     Resource::Route {
         path: path.to_owned(),
-        host: "orders.internal".to_owned(),
+        host: "orders.internal".into(),
         method: method.to_owned(),
     }
 }

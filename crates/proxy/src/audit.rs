@@ -136,7 +136,8 @@ pub struct AuditRecord {
 #[derive(Debug, Clone, Default)]
 pub struct AuditInput {
     pub user: Option<portcullis_policy::tools::UserSpec>,
-    pub host: String,
+    /// The request's, shared.
+    pub host: Arc<str>,
     /// Protocol fields by key (`model`, `mcp`, `tool`); absent on a generic route.
     pub context: Option<serde_json::Map<String, serde_json::Value>>,
     /// Unix seconds of the decision.
@@ -144,12 +145,13 @@ pub struct AuditInput {
 }
 
 impl AuditInput {
-    pub fn new(input: &portcullis_policy::AuthzInput<'_>) -> Self {
+    /// `host` is `input.request.host`, shared rather than copied.
+    pub fn new(input: &portcullis_policy::AuthzInput<'_>, host: &Arc<str>) -> Self {
         Self {
             user: input
                 .user
                 .map(portcullis_policy::tools::UserSpec::from_claims),
-            host: input.request.host.to_owned(),
+            host: host.clone(),
             context: (!input.protocol_context.is_empty()).then(|| {
                 input
                     .protocol_context
@@ -178,7 +180,7 @@ impl AuditRecord {
                 .resource
                 .as_ref()
                 .map(|r| portcullis_core::entity_text(r.kind, &r.id)),
-            host: Some(input.host.clone()),
+            host: Some(input.host.to_string()),
             context: input.context.clone(),
             now: Some(input.now),
             client_address: Some(self.client_address.to_string()),

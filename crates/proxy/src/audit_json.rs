@@ -308,7 +308,7 @@ mod tests {
                 email: maybe(rng, text),
                 groups: texts(rng),
             }),
-            host: text(rng),
+            host: text(rng).into(),
             context: maybe(rng, |rng| {
                 let mut map = serde_json::Map::new();
                 map.insert(

@@ -1,5 +1,7 @@
 //! From an HTTP request to the Cedar vocabulary: which action, on which resource.
 
+use std::sync::Arc;
+
 use portcullis_core::{Action, Resource};
 
 use crate::error::Refusal;
@@ -76,7 +78,7 @@ pub fn classify(
     routes: &[RouteRule],
     method: &str,
     path: &str,
-    host: &str,
+    host: &Arc<str>,
 ) -> Result<Classified, Refusal> {
     let index = routes.iter().position(|route| route.matches(path));
     let route = index.and_then(|index| routes.get(index));
@@ -97,7 +99,7 @@ pub fn classify(
                 action,
                 resource: Resource::Route {
                     path,
-                    host: host.to_owned(),
+                    host: host.clone(),
                     method: method.to_owned(),
                 },
                 protocol,
@@ -287,7 +289,7 @@ mod tests {
             credential: None,
         };
         let routes = [rule(PathMatch::Prefix("/Admin".to_owned()), true)];
-        let classified = classify(&routes, "GET", "/ADMIN/users", "h").unwrap();
+        let classified = classify(&routes, "GET", "/ADMIN/users", &"h".into()).unwrap();
         assert_eq!(classified.resource.id(), "/admin/users");
         let exact = [rule(PathMatch::Exact("/admin".to_owned()), true)];
         assert!(exact[0].matches("/ADMIN"));
@@ -295,7 +297,7 @@ mod tests {
         let sensitive = [rule(PathMatch::Prefix("/admin".to_owned()), false)];
         assert!(!sensitive[0].matches("/ADMIN"));
         assert_eq!(
-            classify(&sensitive, "GET", "/ADMIN", "h")
+            classify(&sensitive, "GET", "/ADMIN", &"h".into())
                 .unwrap()
                 .resource
                 .id(),
@@ -307,11 +309,11 @@ mod tests {
 
     #[test]
     fn unmatched_paths_are_generic_routes() {
-        let classified = classify(&[], "GET", "/api/orders", "orders.internal").unwrap();
+        let classified = classify(&[], "GET", "/api/orders", &"orders.internal".into()).unwrap();
         assert_eq!(classified.action, Action::Get);
         assert_eq!(classified.resource.id(), "/api/orders");
         assert_eq!(
-            classify(&[], "TRACE", "/", "h"),
+            classify(&[], "TRACE", "/", &"h".into()),
             Err(Refusal::UnsupportedMethod)
         );
     }

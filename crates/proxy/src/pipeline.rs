@@ -335,7 +335,7 @@ async fn authorize_and_forward(
             audit.record.action = Some(call.action.name());
             audit.record.resource = Some(resource);
             record_evaluation(audit, &mut evaluation, decision_time.as_micros());
-            audit.record.input = Some(AuditInput::new(&input));
+            audit.record.input = Some(AuditInput::new(&input, &host));
             audit.record.shadow = shadow;
         } else {
             // The first refusal's record stands; later messages add only their errors.
@@ -691,7 +691,7 @@ fn check_head_size(request: &Request<Incoming>, limit: usize) -> Result<(), Refu
     Ok(())
 }
 
-fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
+fn check_framing(request: &Request<Incoming>) -> Result<Arc<str>, Refusal> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host_value = hosts.next();
     if hosts.next().is_some() {
@@ -721,9 +721,13 @@ fn check_framing(request: &Request<Incoming>) -> Result<String, Refusal> {
         }
     };
     match host {
-        Some(mut host) if !host.is_empty() => {
-            host.make_ascii_lowercase();
-            Ok(host)
+        Some(host) if !host.is_empty() => {
+            // Shared from here on (see `Resource::Route`); most hosts are lower-case already.
+            if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                Ok(host.to_ascii_lowercase().into())
+            } else {
+                Ok(host.into())
+            }
         }
         _ => Err(Refusal::MissingHost),
     }

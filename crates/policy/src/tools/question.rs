@@ -134,7 +134,7 @@ impl Question {
                 })?;
                 let resource = Resource::Route {
                     path: path.clone(),
-                    host: host.clone(),
+                    host: host.as_str().into(),
                     method: method.clone(),
                 };
                 (action, resource, method, path.clone())
@@ -162,7 +162,7 @@ impl Question {
                 let resource = match uid.type_name().to_string().as_str() {
                     "Route" => Resource::Route {
                         path: id.clone(),
-                        host: host.clone(),
+                        host: host.as_str().into(),
                         method: method.clone(),
                     },
                     "Model" => Resource::Model(id.clone()),

@@ -264,7 +264,7 @@ pub fn classify_body(
         Protocol::Mcp => {
             let route = Resource::Route {
                 path: endpoint.to_owned(),
-                host: String::new(),
+                host: "".into(),
                 method: "POST".to_owned(),
             };
             mcp::classify(body, &route, DEFAULT_MAX_BATCH)?.calls

@@ -162,7 +162,7 @@ fn mcp_headers_must_agree_with_the_body() {
     use super::mcp::{check_headers, classify};
     let endpoint = portcullis_core::Resource::Route {
         path: "/mcp".to_owned(),
-        host: String::new(),
+        host: "".into(),
         method: "POST".to_owned(),
     };
     let parsed = |body: &str| classify(body.as_bytes(), &endpoint, 8).unwrap();
