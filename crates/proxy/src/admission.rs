@@ -61,6 +61,7 @@ impl Inflight {
     /// One hash and probe: the key is the connection's own `Arc`, so an agent's first
     /// request in flight costs no allocation either.
     fn count_agent(&self, agent: &Arc<str>) -> Result<(), Refusal> {
+        // A poisoned lock means a panic while counting; refuse rather than admit uncounted.
         let mut map = self.per_agent.lock().map_err(|_| Refusal::Overloaded)?;
         let count = map.entry(agent.clone()).or_insert(0);
         if *count >= self.per_agent_cap {

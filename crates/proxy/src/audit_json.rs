@@ -240,7 +240,7 @@ fn string(buf: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// Whether any byte is one JSON escapes: `"`, `\\` or a control character below 0x20
+/// Whether any byte is one JSON escapes: `"`, `\` or a control character below 0x20
 /// (`serde_json` leaves DEL and everything above 0x7f as it is).
 fn needs_escape(bytes: &[u8]) -> bool {
     bytes.iter().fold(false, |any, &b| {
@@ -459,7 +459,7 @@ mod tests {
                 }
             }
         }
-        // Every byte value alone, at every place of a word and of the tail.
+        // Every byte value alone, at every place of a short string.
         for byte in 0..=255u8 {
             let escaped = byte < 0x20 || byte == b'"' || byte == b'\\';
             for at in 0..12 {

@@ -61,7 +61,7 @@ use crate::{Shared, UserTokens};
 #[derive(Debug)]
 pub(crate) struct ConnectionIdentity {
     pub agent: SpiffeId,
-    /// The agent's SPIFFE ID as its requests' audit records share it.
+    /// The agent's SPIFFE ID as its requests' audit records and in-flight counts share it.
     agent_text: Arc<str>,
     /// The peer's IP as text, formatted once per connection rather than per request, and
     /// shared by its requests' audit records.
@@ -102,7 +102,7 @@ pub(crate) async fn handle(
             .with_label_values(&[Refusal::AuditUnavailable.reason()])
             .inc();
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
-        return Ok(refusal_response(Refusal::AuditUnavailable, request_id));
+        return Ok(refusal_response(Refusal::AuditUnavailable, &id));
     };
     let trace = Traceparent::from_request(request.headers(), &random);
     let record = AuditRecord {
@@ -138,7 +138,7 @@ pub(crate) async fn handle(
             audit.record.status = response.status().as_u16();
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
-            parts.headers.insert(REQUEST_ID_HEADER, id.header.clone());
+            set_request_id(&mut parts.headers, &id);
             let body = Audited::new(body, audit, permit);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
@@ -156,16 +156,16 @@ pub(crate) async fn handle(
             Ok(match (&answer.native, &answer.challenge) {
                 (_, Some(challenge)) if refusal == Refusal::ApprovalRequired => {
                     let mut response = crate::approval::challenge_response(challenge, request_id);
-                    set_request_id(response.headers_mut(), request_id);
+                    set_request_id(response.headers_mut(), &id);
                     response
                 }
                 // A refusal before the body was looked at is not in the protocol's terms yet.
                 (Some(native), _) => {
                     let mut response = protocol::native_refusal(native, refusal, request_id);
-                    set_request_id(response.headers_mut(), request_id);
+                    set_request_id(response.headers_mut(), &id);
                     response
                 }
-                (None, _) => refusal_response(refusal, request_id),
+                (None, _) => refusal_response(refusal, &id),
             })
         }
     }
@@ -425,7 +425,7 @@ async fn authorize_and_forward(
     if let Some(agent) = &conn.known.header {
         parts.headers.insert(AGENT_HEADER, agent.clone());
     }
-    parts.headers.insert(REQUEST_ID_HEADER, id.header.clone());
+    set_request_id(&mut parts.headers, id);
     parts
         .headers
         .insert(TRACEPARENT_HEADER, trace.header.clone());
@@ -759,15 +759,13 @@ fn record_evaluation(audit: &mut AuditGuard, evaluation: &mut Evaluation, micros
     record.decision_us = Some(u64::try_from(micros).unwrap_or(u64::MAX));
 }
 
-fn set_request_id(headers: &mut http::HeaderMap, request_id: &str) {
-    if let Ok(value) = HeaderValue::from_str(request_id) {
-        headers.insert(REQUEST_ID_HEADER, value);
-    }
+fn set_request_id(headers: &mut http::HeaderMap, id: &RequestId) {
+    headers.insert(REQUEST_ID_HEADER, id.header.clone());
 }
 
 /// The caller-facing response for a refusal: a status and a stable reason, nothing internal.
-pub(crate) fn refusal_response(refusal: Refusal, request_id: &str) -> Response<ResponseBody> {
-    let mut error = serde_json::json!({ "code": refusal.reason(), "request_id": request_id });
+pub(crate) fn refusal_response(refusal: Refusal, id: &RequestId) -> Response<ResponseBody> {
+    let mut error = serde_json::json!({ "code": refusal.reason(), "request_id": id.as_str() });
     if let Some(detail) = refusal.detail() {
         error["reason"] = detail.into();
     }
@@ -783,7 +781,7 @@ pub(crate) fn refusal_response(refusal: Refusal, request_id: &str) -> Response<R
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
-    set_request_id(headers, request_id);
+    set_request_id(headers, id);
     if refusal.status() == StatusCode::UNAUTHORIZED {
         // RFC 6750 §3.1.
         headers.insert(
