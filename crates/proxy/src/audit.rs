@@ -110,9 +110,9 @@ pub struct AuditRecord {
     pub standing_credentials: Vec<&'static str>,
     /// The Cedar inputs of the decision (agent, user claims, action, resource, request and
     /// protocol fields, time), so `portcullis replay` can decide it again: written as the
-    /// whole question ([`AuditRecord::question`]) from this and the record's own agent,
-    /// method, path, action, resource and client address, which it does not copy. Written
-    /// by hand only: the derive skips it, and the writer's test puts it back.
+    /// whole question from this and the record's own agent, method, path, action, resource
+    /// and client address, which it does not copy. Written by hand only: the derive skips
+    /// it, and the writer's test puts it back (`AuditRecord::question`).
     #[serde(skip)]
     pub input: Option<AuditInput>,
     /// What the shadow set (`policy.shadow_dir`) decided, when one is configured.
@@ -164,10 +164,12 @@ impl AuditInput {
     }
 }
 
+#[cfg(test)]
 impl AuditRecord {
     /// The record's `input`: the question `portcullis check` and `replay` read, whole. The
     /// agent, method, path, action, resource and client address are the record's own (set
-    /// together with `input`, from the same call).
+    /// together with `input`, from the same call). The writer's test reference: the writer
+    /// itself writes these fields in place.
     pub fn question(&self) -> Option<portcullis_policy::tools::Question> {
         let input = self.input.as_ref()?;
         Some(portcullis_policy::tools::Question {
