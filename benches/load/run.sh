@@ -4,6 +4,8 @@
 #   upstream      nginx serving 1 KiB (and a raw-socket SSE server for the first-byte rows)
 #   direct        oha → upstream
 #   nginx-mtls    oha → nginx (TLS 1.3, client certificate verified) → upstream: the baseline
+#   floor         oha → the chosen stack alone (rustls mTLS, hyper server and client, tokio;
+#                 load/floor.rs) → upstream: what Portcullis costs beyond it is its own work
 #   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, with a
 #                 user token (10 policies), and with that token exchanged for the upstream's
 #                 credential (RFC 8693, served from the cache after the first call)
@@ -56,9 +58,12 @@ PYTHON="$(eval "$(bash .ci/python-clients --print-env)"; echo "$PORTCULLIS_PYTHO
 log "building portcullis (profile dist, as the image) and the benchmark tool (release)"
 [ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis --bin portcullis >&2
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --locked -p portcullis-benches --bin portcullis-bench >&2
+# The floor is compiled as Portcullis is, so the two rows differ by what the code does.
+[ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis-benches --bin portcullis-floor >&2
 # PORTCULLIS=/path/to/another/build measures that binary instead (e.g. before a change).
 PORTCULLIS="${PORTCULLIS:-$root/target/dist/portcullis}"
 TOOL="$root/target/release/portcullis-bench"
+FLOOR="$root/target/dist/portcullis-floor"
 
 work="$(mktemp -d)"
 # nginx workers run as an unprivileged user when started as root: they must read www/.
@@ -219,6 +224,12 @@ stop() {
 if "$LOAD"; then
     measure direct "http://127.0.0.1:18080/bench/1k" -
     measure nginx-mtls "https://127.0.0.1:18443/bench/1k" "$mtls_worker"
+    uncache "$FLOOR"
+    start "$PROXY_CORE" "$FLOOR" 127.0.0.1:19443 127.0.0.1:18080 "$work"
+    floor_pid="$started"
+    wait_port 19443
+    measure floor "https://127.0.0.1:19443/bench/1k" "$floor_pid"
+    stop "$floor_pid"
     for size in 10 1000 10000; do
         portcullis "$size"
         measure "portcullis-$size" "https://127.0.0.1:19443/bench/1k" "$pid"
