@@ -216,24 +216,24 @@ pub(crate) async fn step(
         Ok(Approval::Granted(grant)) => {
             count("approved");
             evaluation.approve();
-            audit.record.approval = Some(AuditApproval {
+            audit.record.approval = Some(Box::new(AuditApproval {
                 digest: grant.digest,
                 approver: Some(grant.approver),
                 issuer: Some(grant.issuer),
                 jti: Some(grant.jti),
-            });
+            }));
             Ok(())
         }
         Ok(Approval::Challenged(issued)) => {
             if grant.is_some() {
                 count("other_call");
             }
-            audit.record.approval = Some(AuditApproval {
+            audit.record.approval = Some(Box::new(AuditApproval {
                 digest: issued.digest.clone(),
                 approver: None,
                 issuer: None,
                 jti: None,
-            });
+            }));
             *challenge = Some(issued);
             Ok(())
         }

@@ -115,9 +115,12 @@ pub struct AuditRecord {
     /// it, and the writer's test puts it back (`AuditRecord::question`).
     #[serde(skip)]
     pub input: Option<AuditInput>,
-    /// What the shadow set (`policy.shadow_dir`) decided, when one is configured.
+    /// What the shadow set (`policy.shadow_dir`) decided, when one is configured. Boxed,
+    /// as are `approval` and the input's user and context: what most records lack takes a
+    /// pointer's room, which keeps the record (moved several times per request, and held in
+    /// the response body's box) under the size glibc serves from its per-thread cache.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub shadow: Option<crate::shadow::ShadowOutcome>,
+    pub shadow: Option<Box<crate::shadow::ShadowOutcome>>,
     /// Every message of a JSON-RPC batch, in order, each decided on its own (the request is
     /// allowed only if all are); absent for a request that is one call.
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -125,7 +128,7 @@ pub struct AuditRecord {
     /// A call that needed approval: its challenge digest, and who approved it when a grant
     /// was accepted.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub approval: Option<AuditApproval>,
+    pub approval: Option<Box<AuditApproval>>,
     /// The upstream credential attached after the permit (`file` or `token_exchange`), never
     /// its value.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,11 +138,11 @@ pub struct AuditRecord {
 /// What the record's `input` holds beyond the record's own fields.
 #[derive(Debug, Clone, Default)]
 pub struct AuditInput {
-    pub user: Option<portcullis_policy::tools::UserSpec>,
+    pub user: Option<Box<portcullis_policy::tools::UserSpec>>,
     /// The request's, shared.
     pub host: Arc<str>,
     /// Protocol fields by key (`model`, `mcp`, `tool`); absent on a generic route.
-    pub context: Option<serde_json::Map<String, serde_json::Value>>,
+    pub context: Option<Box<serde_json::Map<String, serde_json::Value>>>,
     /// Unix seconds of the decision.
     pub now: i64,
 }
@@ -150,14 +153,16 @@ impl AuditInput {
         Self {
             user: input
                 .user
-                .map(portcullis_policy::tools::UserSpec::from_claims),
+                .map(|claims| Box::new(portcullis_policy::tools::UserSpec::from_claims(claims))),
             host: host.clone(),
             context: (!input.protocol_context.is_empty()).then(|| {
-                input
-                    .protocol_context
-                    .iter()
-                    .map(|(k, v)| ((*k).to_owned(), v.clone()))
-                    .collect()
+                Box::new(
+                    input
+                        .protocol_context
+                        .iter()
+                        .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                        .collect(),
+                )
             }),
             now: input.now,
         }
@@ -174,7 +179,7 @@ impl AuditRecord {
         let input = self.input.as_ref()?;
         Some(portcullis_policy::tools::Question {
             agent: self.agent.as_deref().unwrap_or_default().to_owned(),
-            user: input.user.clone(),
+            user: input.user.as_deref().cloned(),
             method: Some(self.method.clone()),
             path: Some(self.path.clone()),
             action: self.action.map(str::to_owned),
@@ -183,7 +188,7 @@ impl AuditRecord {
                 .as_ref()
                 .map(|r| portcullis_core::entity_text(r.kind, &r.id)),
             host: Some(input.host.to_string()),
-            context: input.context.clone(),
+            context: input.context.as_deref().cloned(),
             now: Some(input.now),
             client_address: Some(self.client_address.to_string()),
         })

@@ -300,13 +300,15 @@ mod tests {
 
     fn input(rng: &mut fastrand::Rng) -> AuditInput {
         AuditInput {
-            user: maybe(rng, |rng| UserSpec {
-                sub: text(rng),
-                iss: text(rng),
-                scope: maybe(rng, text),
-                scopes: texts(rng),
-                email: maybe(rng, text),
-                groups: texts(rng),
+            user: maybe(rng, |rng| {
+                Box::new(UserSpec {
+                    sub: text(rng),
+                    iss: text(rng),
+                    scope: maybe(rng, text),
+                    scopes: texts(rng),
+                    email: maybe(rng, text),
+                    groups: texts(rng),
+                })
             }),
             host: text(rng).into(),
             context: maybe(rng, |rng| {
@@ -315,7 +317,7 @@ mod tests {
                     text(rng),
                     serde_json::json!({"name": text(rng), "stream": rng.bool(), "n": rng.i64(..)}),
                 );
-                map
+                Box::new(map)
             }),
             now: rng.i64(..),
         }
@@ -373,12 +375,14 @@ mod tests {
             completed: rng.bool(),
             standing_credentials: (0..rng.usize(0..3)).map(|_| static_text(rng)).collect(),
             input: maybe(rng, input),
-            shadow: maybe(rng, |rng| ShadowOutcome {
-                decision: static_text(rng),
-                disagreement: maybe(rng, static_text),
-                policies: policies(rng),
-                errors: texts(rng),
-                policy_hash: text(rng),
+            shadow: maybe(rng, |rng| {
+                Box::new(ShadowOutcome {
+                    decision: static_text(rng),
+                    disagreement: maybe(rng, static_text),
+                    policies: policies(rng),
+                    errors: texts(rng),
+                    policy_hash: text(rng),
+                })
             }),
             calls: (0..rng.usize(0..3))
                 .map(|_| AuditCall {
@@ -391,11 +395,13 @@ mod tests {
                     policies: policies(rng),
                 })
                 .collect(),
-            approval: maybe(rng, |rng| AuditApproval {
-                digest: text(rng),
-                approver: maybe(rng, text),
-                issuer: maybe(rng, text),
-                jti: maybe(rng, text),
+            approval: maybe(rng, |rng| {
+                Box::new(AuditApproval {
+                    digest: text(rng),
+                    approver: maybe(rng, text),
+                    issuer: maybe(rng, text),
+                    jti: maybe(rng, text),
+                })
             }),
             credential: maybe(rng, static_text),
         }

@@ -318,7 +318,12 @@ async fn authorize_and_forward(
         // it would not also cost without one, and never changes what happens next. Every
         // message of a batch counts in the disagreement metric.
         let shadow = shared.shadow_policy.as_ref().map(|shadow| {
-            crate::shadow::decide(shadow, &input, evaluation.decision, &shared.metrics)
+            Box::new(crate::shadow::decide(
+                shadow,
+                &input,
+                evaluation.decision,
+                &shared.metrics,
+            ))
         });
         if batch {
             audit.record.calls.push(AuditCall {
