@@ -17,10 +17,9 @@ pub const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id"
 pub const TRACEPARENT_HEADER: HeaderName = HeaderName::from_static("traceparent");
 
 /// Fields that are hop-by-hop whether or not `Connection` names them (RFC 9110 §7.6.1 and
-/// the de-facto `Proxy-Connection` and `Keep-Alive`), and `Upgrade`, so that no tunnel is
-/// ever negotiated through the proxy. `TE` is removed as a whole: the proxy does not relay
-/// trailers-only negotiation to an HTTP/1.1 upstream.
-static HOP_BY_HOP: [HeaderName; 9] = [
+/// the de-facto `Proxy-Connection` and `Keep-Alive`). `TE` is removed as a whole: the proxy
+/// does not relay trailers-only negotiation to an HTTP/1.1 upstream.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -29,7 +28,6 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::TE,
     header::TRAILER,
     header::TRANSFER_ENCODING,
-    header::UPGRADE,
 ];
 
 /// Identity fields other proxies and gateways use; a caller must not be able to smuggle an
@@ -88,18 +86,12 @@ fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present, compared with the list, rather than a removal (a hash
     // and a probe) per listed name: most requests and responses carry at most `Connection`.
-    // The listed fields present are noted a bit each, so the usual case allocates nothing;
-    // only the fields `Connection` names that are present are made names of (an allocation
+    // Only the fields `Connection` names that are present are made names of (an allocation
     // each): the usual `Connection: keep-alive` or `close` names none.
-    let mut listed = 0u16;
-    let mut named: Vec<HeaderName> = Vec::new();
+    let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
-        let Some(index) = HOP_BY_HOP.iter().position(|listed| listed == name) else {
-            continue;
-        };
-        listed |= 1 << index;
         if *name == header::CONNECTION {
-            named.extend(
+            doomed.extend(
                 headers
                     .get_all(header::CONNECTION)
                     .iter()
@@ -110,13 +102,11 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
                     .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
             );
         }
-    }
-    for (index, name) in HOP_BY_HOP.iter().enumerate() {
-        if listed & (1 << index) != 0 {
-            headers.remove(name);
+        if *name == header::UPGRADE || HOP_BY_HOP.contains(name) {
+            doomed.push(name.clone());
         }
     }
-    for name in named {
+    for name in doomed {
         headers.remove(name);
     }
 }
@@ -183,9 +173,9 @@ mod tests {
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key("accept"));
 
-        // Every listed field, each with a field after it, without `Connection`.
+        // Every listed field and `Upgrade`, each twice, without `Connection`.
         let mut headers = HeaderMap::new();
-        for name in &HOP_BY_HOP[1..] {
+        for name in HOP_BY_HOP[1..].iter().chain([&header::UPGRADE]) {
             headers.append(name, HeaderValue::from_static("1"));
             headers.append(name, HeaderValue::from_static("2"));
         }
