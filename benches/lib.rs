@@ -1,4 +1,5 @@
-//! Shared set-up for the benches: generated policy sets of a given size.
+//! Shared set-up for the benches: generated policy sets of a given size, and the load
+//! benchmark's fixture certificates read back from their PEM files.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -6,6 +7,32 @@
 )]
 
 use std::path::Path;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// The fixtures' CA (`ca.pem` in `dir`, as `portcullis-bench fixtures` writes it) as the one
+/// root of trust.
+pub fn fixture_roots(dir: &Path) -> rustls::RootCertStore {
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
+        .unwrap();
+    roots
+}
+
+/// A fixture identity's certificate chain and key: `{name}.pem` and `{name}-key.pem` in `dir`.
+pub fn fixture_identity(
+    dir: &Path,
+    name: &str,
+) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+    let chain = CertificateDer::pem_file_iter(dir.join(format!("{name}.pem")))
+        .unwrap()
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(dir.join(format!("{name}-key.pem"))).unwrap();
+    (chain, key)
+}
 
 /// Writes the shipped schema plus `n` generated policies (one permit per team, a forbid
 /// every tenth) into `dir`, as a security team's growing policy set would look.

@@ -32,7 +32,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use portcullis_test_support::jwt::{self, SigningKey};
 use portcullis_test_support::pki::{Ca, LeafSpec};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -339,16 +339,8 @@ where
 
 /// The agent's mTLS client configuration, from the fixture PEM files.
 fn agent_config(dir: &Path, alpn: &[u8]) -> Arc<rustls::ClientConfig> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_file(dir.join("ca.pem")).unwrap())
-        .unwrap();
-    let chain = CertificateDer::pem_file_iter(dir.join("agent.pem"))
-        .unwrap()
-        .collect::<Result<Vec<_>, _>>()
-        .unwrap();
-    let key = PrivateKeyDer::from_pem_file(dir.join("agent-key.pem")).unwrap();
+    let roots = portcullis_benches::fixture_roots(dir);
+    let (chain, key) = portcullis_benches::fixture_identity(dir, "agent");
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
