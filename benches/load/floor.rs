@@ -167,8 +167,12 @@ impl Body for Lent {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
-        if frame.is_none() || self.inner.is_end_stream() {
-            self.give_back();
+        match &frame {
+            None => self.give_back(),
+            Some(Ok(_)) if self.inner.is_end_stream() => self.give_back(),
+            Some(Ok(_)) => {}
+            // A connection whose response failed is not reused.
+            Some(Err(_)) => self.giveback = None,
         }
         Poll::Ready(frame)
     }
