@@ -105,7 +105,12 @@ impl PolicySnapshot {
             Some(src) => (src.as_str(), SchemaSource::File),
             None => (BUILTIN_SCHEMA, SchemaSource::BuiltIn),
         };
-        let schema = match Schema::from_cedarschema_str(schema_src).map(|(schema, _)| {
+        let parsed = match over_bounds(SCHEMA_FILE, schema_src) {
+            Some(e) => Err(e),
+            None => Schema::from_cedarschema_str(schema_src)
+                .map_err(|e| located(SCHEMA_FILE, schema_src, &e)),
+        };
+        let schema = match parsed.map(|(schema, _)| {
             let shapes = crate::arguments::ToolArgumentShapes::from_cedarschema(schema_src)
                 .map_err(|message| error(SCHEMA_FILE, message));
             (schema, shapes)
@@ -116,7 +121,7 @@ impl PolicySnapshot {
                 None
             }
             Err(e) => {
-                errors.push(located(SCHEMA_FILE, schema_src, &e));
+                errors.push(e);
                 None
             }
         };
@@ -126,6 +131,10 @@ impl PolicySnapshot {
         let mut approval_required = HashSet::new();
         let mut scopes = HashMap::new();
         for (name, src) in files.iter().filter(|(name, _)| name.ends_with(".cedar")) {
+            if let Some(e) = over_bounds(name, src) {
+                errors.push(e);
+                continue;
+            }
             let parsed = match PolicySet::from_str(src) {
                 Ok(parsed) => parsed,
                 Err(e) => {
@@ -442,6 +451,144 @@ pub(crate) fn entity_uid(kind: &str, id: &str) -> Result<EntityUid, String> {
         kind,
         cedar_policy::EntityId::new(id),
     ))
+}
+
+/// Bounds on a policy's (or the schema's) shape, checked on the text before Cedar parses
+/// it. Cedar's parser and validator recurse once per level of an expression, with large
+/// frames, and a stack overflow aborts the whole process: on a 2 MiB thread stack (a
+/// reload's) ~130 nested parentheses, ~150 nested set or record literals, ~3,000 nested
+/// `if`s or ~100,000 chained comparisons did, so one bad file in the policy directory would
+/// take down every sidecar that loads it. A file over a bound is refused before Cedar sees
+/// it (a reload keeps the last good set). Each bound is far above what written policies
+/// use, and at each of them Cedar needs under 1 MiB of stack in a release build.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ShapeBounds {
+    /// `(`, `[` and `{` nested.
+    pub(crate) nesting: usize,
+    /// `if` expressions in one policy (nested or not: their nesting has no closing token).
+    pub(crate) conditionals: usize,
+    /// Binary operators in one policy (`&&`, `==`, `+`, `in`, ...).
+    pub(crate) operators: usize,
+}
+
+pub(crate) const SHAPE_BOUNDS: ShapeBounds = ShapeBounds {
+    nesting: 32,
+    conditionals: 100,
+    operators: 10_000,
+};
+
+/// Which bound a file is over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OverBound {
+    Nesting,
+    Conditionals,
+    Operators,
+}
+
+/// The error for a file over one of [`SHAPE_BOUNDS`], located where it first is.
+fn over_bounds(file: &str, src: &str) -> Option<LoadError> {
+    let (offset, which) = first_over_bounds(src, SHAPE_BOUNDS)?;
+    let ShapeBounds {
+        nesting,
+        conditionals,
+        operators,
+    } = SHAPE_BOUNDS;
+    let what = match which {
+        OverBound::Nesting => {
+            format!("brackets (`(`, `[`, `{{`) nest deeper than {nesting} levels")
+        }
+        OverBound::Conditionals => {
+            format!("a policy has more than {conditionals} `if` expressions")
+        }
+        OverBound::Operators => format!(
+            "a policy has more than {operators} operators (a long `||` of equalities is a set: `in [...]`)"
+        ),
+    };
+    let message =
+        format!("{what}; refused before parsing, as Cedar's parser would exhaust its stack");
+    Some(match line_column(src, offset) {
+        Some((line, column)) => error(&format!("{file}:{line}:{column}"), message),
+        None => error(file, message),
+    })
+}
+
+/// The byte offset where `src` first goes over a bound, and which. A lexical scan of Cedar
+/// (policies and schemas share its lexemes): string literals and `//` comments are skipped,
+/// a policy ends at a `;` outside brackets. Unbalanced closing brackets are the parser's to
+/// report. `-` and `<`/`>` count as operators wherever they are (negation, `Set<...>`): the
+/// count is an upper bound.
+pub(crate) fn first_over_bounds(src: &str, bounds: ShapeBounds) -> Option<(usize, OverBound)> {
+    let bytes = src.as_bytes();
+    let (mut depth, mut conditionals, mut operators) = (0usize, 0usize, 0usize);
+    let mut at = 0;
+    while let Some(&byte) = bytes.get(at) {
+        let next = bytes.get(at + 1).copied();
+        let start = at;
+        at += 1;
+        match byte {
+            b'"' => {
+                while let Some(&byte) = bytes.get(at) {
+                    at += if byte == b'\\' { 2 } else { 1 };
+                    if byte == b'"' {
+                        break;
+                    }
+                }
+            }
+            b'/' if next == Some(b'/') => {
+                while bytes.get(at).is_some_and(|&byte| byte != b'\n') {
+                    at += 1;
+                }
+            }
+            b'(' | b'[' | b'{' => {
+                depth += 1;
+                if depth > bounds.nesting {
+                    return Some((start, OverBound::Nesting));
+                }
+            }
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b';' if depth == 0 => (conditionals, operators) = (0, 0),
+            b'&' | b'|' | b'=' | b'!' | b'<' | b'>' | b'+' | b'-' | b'*' => {
+                // Two-byte operators (`&&`, `==`, `<=`, ...) are one; a lone `!` is unary.
+                if matches!(
+                    (byte, next),
+                    (b'&', Some(b'&')) | (b'|', Some(b'|')) | (_, Some(b'='))
+                ) {
+                    at += 1;
+                } else if byte == b'!' {
+                    continue;
+                }
+                operators += 1;
+                if operators > bounds.operators {
+                    return Some((start, OverBound::Operators));
+                }
+            }
+            byte if byte == b'_' || byte.is_ascii_alphabetic() => {
+                while bytes
+                    .get(at)
+                    .is_some_and(|&byte| byte == b'_' || byte.is_ascii_alphanumeric())
+                {
+                    at += 1;
+                }
+                match &bytes[start..at] {
+                    b"if" => {
+                        conditionals += 1;
+                        if conditionals > bounds.conditionals {
+                            return Some((start, OverBound::Conditionals));
+                        }
+                    }
+                    b"in" | b"has" | b"like" | b"is" => {
+                        operators += 1;
+                        if operators > bounds.operators {
+                            return Some((start, OverBound::Operators));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            _ => {}
+        }
+    }
+    None
 }
 
 fn error(file: &str, message: impl Into<String>) -> LoadError {

@@ -468,3 +468,143 @@ fn get_x<'a>(
         now,
     }
 }
+
+#[test]
+fn brackets_nested_too_deep_are_refused_before_cedar_parses_them() {
+    // 100,000 levels: Cedar's parser would overflow any thread's stack and abort the process.
+    let levels = 100_000;
+    let deep = format!(
+        r#"@id("deep") permit (principal, action, resource) when {{ {}true{} }};"#,
+        "(".repeat(levels),
+        ")".repeat(levels)
+    );
+    let dir = policy_dir(&deep, None);
+    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    // `when {` is the first level, so the 32nd parenthesis is the first one too deep.
+    let column = deep.find("{ (").unwrap() + 2 + 31 + 1;
+    assert_eq!(errors[0].file, format!("test.cedar:1:{column}"));
+    assert!(
+        errors[0].message.contains("nest deeper than 32 levels"),
+        "{errors:?}"
+    );
+
+    // At the bound it loads, here on a test thread's 2 MiB stack in a debug build.
+    let at_bound = format!(
+        r#"@id("deep") permit (principal, action, resource) when {{ {}true{} }};"#,
+        "(".repeat(31),
+        ")".repeat(31)
+    );
+    let dir = policy_dir(&at_bound, None);
+    assert!(PolicyEngine::load(dir.path(), Mode::Enforce).is_ok());
+
+    // The schema is held to the same bounds (Cedar's schema parser recurses into records).
+    let dir = policy_dir(r#"@id("a") permit (principal, action, resource);"#, None);
+    let schema = format!(
+        "entity A {{ x: {}Long{} }};",
+        "{ a: ".repeat(levels),
+        " }".repeat(levels)
+    );
+    std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
+    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].file.starts_with("schema.cedarschema:1:"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn long_chains_of_conditionals_and_operators_are_refused_before_cedar_parses_them() {
+    // Each of these aborted the process on a 2 MiB stack (release build) before the bounds.
+    let nested_ifs = |count: usize| {
+        format!(
+            r#"@id("ifs") permit (principal, action, resource) when {{ {}true{} }};"#,
+            "if true then ".repeat(count),
+            " else false".repeat(count)
+        )
+    };
+    let dir = policy_dir(&nested_ifs(3_000), None);
+    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].message.contains("more than 100 `if` expressions"),
+        "{errors:?}"
+    );
+    let dir = policy_dir(&nested_ifs(100), None);
+    assert!(PolicyEngine::load(dir.path(), Mode::Enforce).is_ok());
+
+    let chained = format!(
+        r#"@id("chain") permit (principal, action, resource) when {{ {} }};"#,
+        vec!["1 < 2"; 100_000].join(" && ")
+    );
+    let dir = policy_dir(&chained, None);
+    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0].message.contains("more than 10000 operators"),
+        "{errors:?}"
+    );
+}
+
+#[test]
+fn shape_bounds_count_what_nests_and_chains_outside_strings_and_comments() {
+    use crate::load::{OverBound, ShapeBounds, first_over_bounds};
+    let bounds = |nesting, conditionals, operators| ShapeBounds {
+        nesting,
+        conditionals,
+        operators,
+    };
+    let wide = bounds(usize::MAX, usize::MAX, usize::MAX);
+    let nested =
+        |levels: usize| format!("{}x{}", "([{".repeat(levels / 3), "}])".repeat(levels / 3));
+    assert_eq!(first_over_bounds(&nested(30), bounds(30, 0, 0)), None);
+    assert_eq!(
+        first_over_bounds(&nested(33), bounds(30, 0, 0)),
+        Some((30, OverBound::Nesting))
+    );
+    // Closing brackets with nothing open do not lend depth to what follows.
+    assert_eq!(
+        first_over_bounds(")))]]}}} ((", bounds(1, 0, 0)),
+        Some((10, OverBound::Nesting))
+    );
+
+    // Brackets, keywords and operators in string literals (escaped quotes included) and in
+    // comments are not structure.
+    let quoted = format!(
+        r#"when {{ resource.path like "\"{} if && == in" }}"#,
+        "(".repeat(100)
+    );
+    assert_eq!(first_over_bounds(&quoted, bounds(1, 0, 1)), None);
+    let commented = "// ((( if && == in\npermit (principal, action, resource);";
+    assert_eq!(first_over_bounds(commented, bounds(1, 0, 0)), None);
+    assert_eq!(
+        first_over_bounds(commented, bounds(0, 0, 0)),
+        Some((commented.rfind('(').unwrap(), OverBound::Nesting))
+    );
+
+    // Operators: two-byte ones count once, keyword ones count, a negation's `-` counts (an
+    // upper bound), a lone `!` does not, and identifiers that merely contain a keyword do not.
+    let policy = "when { !a && b == c || d in e && f has g && h like \"*\" && i is j && -1 <= 2 };";
+    let count = 13;
+    assert_eq!(first_over_bounds(policy, bounds(9, 0, count)), None);
+    assert_eq!(
+        first_over_bounds(policy, bounds(9, 0, count - 1)).map(|(_, which)| which),
+        Some(OverBound::Operators)
+    );
+    assert_eq!(
+        first_over_bounds("when { iffy && inside };", bounds(9, 0, 1)),
+        None
+    );
+    // `if` expressions, and the count starting over with each policy.
+    let two = "permit when { if a then b else c }; permit when { if a then b else c };";
+    assert_eq!(first_over_bounds(two, bounds(9, 1, 0)), None);
+    assert_eq!(
+        first_over_bounds(
+            "when { if a then if b then c else d else e };",
+            bounds(9, 1, 0)
+        ),
+        Some((17, OverBound::Conditionals))
+    );
+    assert_eq!(first_over_bounds(&nested(3), wide), None);
+}

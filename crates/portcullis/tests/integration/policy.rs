@@ -85,6 +85,30 @@ async fn reloads_apply_valid_sets_and_keep_the_last_good_one() {
     assert_eq!(h.get(TRIAGE, "/x").await.0, 200);
 }
 
+#[tokio::test]
+async fn a_policy_nested_too_deep_fails_its_reload_instead_of_the_sidecar() {
+    let h = Harness::builder()
+        .policies(r#"@id("allow-all") permit (principal, action, resource);"#)
+        .start()
+        .await;
+    // Cedar's parser recurses per level: this would overflow the reloading thread's stack
+    // and abort the process, with every connection on it.
+    let levels = 100_000;
+    let deep = format!(
+        r#"@id("deep") forbid (principal, action, resource) when {{ {}true{} }};"#,
+        "(".repeat(levels),
+        ")".repeat(levels)
+    );
+    std::fs::write(h.dir.path().join("policies/test.cedar"), deep).unwrap();
+    assert!(reloads_counted(&h, "failure").await);
+    assert_eq!(
+        h.get(REPORT, "/x").await.0,
+        200,
+        "the last good set stays in force"
+    );
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+}
+
 /// `count` per-agent permits (a security team's policy per workload), ids prefixed `tag`.
 fn per_agent_set(tag: &str, count: usize) -> String {
     (0..count)
