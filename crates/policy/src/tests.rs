@@ -469,6 +469,13 @@ fn get_x<'a>(
     }
 }
 
+/// The one error of loading `dir`.
+fn only_error(dir: &tempfile::TempDir) -> LoadError {
+    let mut errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    errors.remove(0)
+}
+
 #[test]
 fn brackets_nested_too_deep_are_refused_before_cedar_parses_them() {
     // 100,000 levels: Cedar's parser would overflow any thread's stack and abort the process.
@@ -478,15 +485,13 @@ fn brackets_nested_too_deep_are_refused_before_cedar_parses_them() {
         "(".repeat(levels),
         ")".repeat(levels)
     );
-    let dir = policy_dir(&deep, None);
-    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
-    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = only_error(&policy_dir(&deep, None));
     // `when {` is the first level, so the 32nd parenthesis is the first one too deep.
     let column = deep.find("{ (").unwrap() + 2 + 31 + 1;
-    assert_eq!(errors[0].file, format!("test.cedar:1:{column}"));
+    assert_eq!(error.file, format!("test.cedar:1:{column}"));
     assert!(
-        errors[0].message.contains("nest deeper than 32 levels"),
-        "{errors:?}"
+        error.message.contains("nest deeper than 32 levels"),
+        "{error:?}"
     );
 
     // At the bound it loads, here on a test thread's 2 MiB stack in a debug build.
@@ -506,12 +511,8 @@ fn brackets_nested_too_deep_are_refused_before_cedar_parses_them() {
         " }".repeat(levels)
     );
     std::fs::write(dir.path().join(SCHEMA_FILE), schema).unwrap();
-    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
-    assert_eq!(errors.len(), 1, "{errors:?}");
-    assert!(
-        errors[0].file.starts_with("schema.cedarschema:1:"),
-        "{errors:?}"
-    );
+    let error = only_error(&dir);
+    assert!(error.file.starts_with("schema.cedarschema:1:"), "{error:?}");
 }
 
 #[test]
@@ -524,12 +525,10 @@ fn long_chains_of_conditionals_and_operators_are_refused_before_cedar_parses_the
             " else false".repeat(count)
         )
     };
-    let dir = policy_dir(&nested_ifs(3_000), None);
-    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
-    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = only_error(&policy_dir(&nested_ifs(3_000), None));
     assert!(
-        errors[0].message.contains("more than 100 `if` expressions"),
-        "{errors:?}"
+        error.message.contains("more than 100 `if` expressions"),
+        "{error:?}"
     );
     let dir = policy_dir(&nested_ifs(100), None);
     assert!(PolicyEngine::load(dir.path(), Mode::Enforce).is_ok());
@@ -538,12 +537,10 @@ fn long_chains_of_conditionals_and_operators_are_refused_before_cedar_parses_the
         r#"@id("chain") permit (principal, action, resource) when {{ {} }};"#,
         vec!["1 < 2"; 100_000].join(" && ")
     );
-    let dir = policy_dir(&chained, None);
-    let errors = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap_err();
-    assert_eq!(errors.len(), 1, "{errors:?}");
+    let error = only_error(&policy_dir(&chained, None));
     assert!(
-        errors[0].message.contains("more than 10000 operators"),
-        "{errors:?}"
+        error.message.contains("more than 10000 operators"),
+        "{error:?}"
     );
 }
 
