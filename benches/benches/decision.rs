@@ -31,7 +31,7 @@ fn decide(
     path: &str,
     now: i64,
 ) -> Decision {
-    let classified = classify(&[], "GET", path, &"orders.internal".into()).unwrap();
+    let classified = classify(&[], "GET".into(), &path.into(), &"orders.internal".into()).unwrap();
     let input = AuthzInput {
         agent,
         user,

@@ -9,5 +9,5 @@ mod vocabulary;
 
 pub use spiffe::{MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, SpiffeIdError, TrustDomain};
 pub use vocabulary::{
-    Action, ActionGroup, Decision, Resource, UserClaims, entity_text, write_entity,
+    Action, ActionGroup, Decision, Resource, UserClaims, entity_text, method_name, write_entity,
 };

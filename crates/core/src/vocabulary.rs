@@ -1,3 +1,4 @@
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
 
@@ -138,10 +139,12 @@ impl ActionGroup {
 pub enum Resource {
     /// A generic HTTP route: `Route::"<path>"`. The path excludes the query string.
     Route {
-        path: String,
+        /// Shared: the proxy's audit record holds the same path, and names this resource by it.
+        path: Arc<str>,
         /// Shared: the proxy's request, its audit record and this resource hold one host.
         host: Arc<str>,
-        method: String,
+        /// A standard method's name is a constant (see [`method_name`]).
+        method: Cow<'static, str>,
     },
     /// `Model::"<name>"`, from an OpenAI-style body's `model`.
     Model(String),
@@ -164,6 +167,17 @@ impl Resource {
         }
     }
 
+    /// The id as a route shares it: a route's path without a copy, any other name copied.
+    pub fn shared_id(&self) -> Arc<str> {
+        match self {
+            Resource::Route { path, .. } => path.clone(),
+            Resource::Model(name)
+            | Resource::Tool(name)
+            | Resource::McpResource(name)
+            | Resource::Prompt(name) => name.as_str().into(),
+        }
+    }
+
     pub fn id(&self) -> &str {
         match self {
             Resource::Route { path, .. } => path,
@@ -172,6 +186,18 @@ impl Resource {
             | Resource::McpResource(name)
             | Resource::Prompt(name) => name,
         }
+    }
+}
+
+/// `method` as a resource's and an audit record's method: a standard method's name is a
+/// constant, so the requests that use one copy nothing.
+pub fn method_name(method: &str) -> Cow<'static, str> {
+    const STANDARD: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match STANDARD.into_iter().find(|name| *name == method) {
+        Some(name) => Cow::Borrowed(name),
+        None => Cow::Owned(method.to_owned()),
     }
 }
 

@@ -245,9 +245,9 @@ fn user(rng: &mut Rng) -> UserClaims {
 /// sometimes malformed, so request validation errors are compared too.
 fn target(rng: &mut Rng, action: Action) -> (Resource, Vec<(&'static str, Value)>) {
     let route = |rng: &mut Rng| Resource::Route {
-        path: (*rng.pick(&ROUTES)).to_owned(),
+        path: (*rng.pick(&ROUTES)).into(),
         host: "orders.internal".into(),
-        method: "GET".to_owned(),
+        method: "GET".into(),
     };
     let broken = rng.chance(5);
     match action {

@@ -16,9 +16,9 @@ fn shipped() -> PathBuf {
 
 fn route(path: &str, method: &str) -> Resource {
     Resource::Route {
-        path: path.to_owned(),
+        path: path.into(),
         host: "orders.internal".into(),
-        method: method.to_owned(),
+        method: method.to_owned().into(),
     }
 }
 

@@ -87,8 +87,10 @@ pub struct AuditRecord {
     pub agent: Option<Arc<str>>,
     pub user: Option<AuditUser>,
     pub actor_chain: Vec<String>,
-    pub method: String,
-    pub path: String,
+    /// A constant for a standard method (`portcullis_core::method_name`).
+    pub method: std::borrow::Cow<'static, str>,
+    /// Shared with the request's resource (`Resource::Route`), which names the route by it.
+    pub path: Arc<str>,
     pub action: Option<&'static str>,
     pub resource: Option<AuditResource>,
     pub decision: Option<&'static str>,
@@ -180,8 +182,8 @@ impl AuditRecord {
         Some(portcullis_policy::tools::Question {
             agent: self.agent.as_deref().unwrap_or_default().to_owned(),
             user: input.user.as_deref().cloned(),
-            method: Some(self.method.clone()),
-            path: Some(self.path.clone()),
+            method: Some(self.method.to_string()),
+            path: Some(self.path.to_string()),
             action: self.action.map(str::to_owned),
             resource: self
                 .resource
@@ -228,7 +230,8 @@ pub struct AuditUser {
 pub struct AuditResource {
     #[serde(rename = "type")]
     pub kind: &'static str,
-    pub id: String,
+    /// Shared with the resource it names: a route's id is the record's path.
+    pub id: Arc<str>,
 }
 
 /// Determining policy ids per question.
@@ -1396,7 +1399,7 @@ mod tests {
         for (index, request_path) in paths.iter().enumerate() {
             log.submit(&AuditRecord {
                 request_id: index.to_string(),
-                path: request_path.clone(),
+                path: request_path.as_str().into(),
                 ..AuditRecord::default()
             });
             // Written before the next is submitted: one record per batch, so every record

@@ -1,5 +1,6 @@
 //! From an HTTP request to the Cedar vocabulary: which action, on which resource.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use portcullis_core::{Action, Resource};
@@ -76,8 +77,8 @@ pub struct Classified {
 /// HTTP routes.
 pub fn classify(
     routes: &[RouteRule],
-    method: &str,
-    path: &str,
+    method: Cow<'static, str>,
+    path: &Arc<str>,
     host: &Arc<str>,
 ) -> Result<Classified, Refusal> {
     let index = routes.iter().position(|route| route.matches(path));
@@ -86,21 +87,21 @@ pub fn classify(
     let forward_user_token = route.is_some_and(|route| route.forward_user_token);
     let body_limit = route.and_then(|route| route.body_limit);
     let path = if route.is_some_and(|route| route.case_insensitive) {
-        path.to_ascii_lowercase()
+        path.to_ascii_lowercase().into()
     } else {
-        path.to_owned()
+        path.clone()
     };
     match protocol {
         // Protocol routes start as the generic call; `protocol::inspect` refines it from the
         // body (and refuses methods their transport does not define).
         Protocol::Http | Protocol::OpenAi | Protocol::Mcp => {
-            let action = Action::for_method(method).ok_or(Refusal::UnsupportedMethod)?;
+            let action = Action::for_method(&method).ok_or(Refusal::UnsupportedMethod)?;
             Ok(Classified {
                 action,
                 resource: Resource::Route {
                     path,
                     host: host.clone(),
-                    method: method.to_owned(),
+                    method,
                 },
                 protocol,
                 forward_user_token,
@@ -290,7 +291,8 @@ mod tests {
             credential: None,
         };
         let routes = [rule(PathMatch::Prefix("/Admin".to_owned()), true)];
-        let classified = classify(&routes, "GET", "/ADMIN/users", &"h".into()).unwrap();
+        let classified =
+            classify(&routes, "GET".into(), &"/ADMIN/users".into(), &"h".into()).unwrap();
         assert_eq!(classified.resource.id(), "/admin/users");
         let exact = [rule(PathMatch::Exact("/admin".to_owned()), true)];
         assert!(exact[0].matches("/ADMIN"));
@@ -298,7 +300,7 @@ mod tests {
         let sensitive = [rule(PathMatch::Prefix("/admin".to_owned()), false)];
         assert!(!sensitive[0].matches("/ADMIN"));
         assert_eq!(
-            classify(&sensitive, "GET", "/ADMIN", &"h".into())
+            classify(&sensitive, "GET".into(), &"/ADMIN".into(), &"h".into())
                 .unwrap()
                 .resource
                 .id(),
@@ -310,11 +312,17 @@ mod tests {
 
     #[test]
     fn unmatched_paths_are_generic_routes() {
-        let classified = classify(&[], "GET", "/api/orders", &"orders.internal".into()).unwrap();
+        let classified = classify(
+            &[],
+            "GET".into(),
+            &"/api/orders".into(),
+            &"orders.internal".into(),
+        )
+        .unwrap();
         assert_eq!(classified.action, Action::Get);
         assert_eq!(classified.resource.id(), "/api/orders");
         assert_eq!(
-            classify(&[], "TRACE", "/", &"h".into()),
+            classify(&[], "TRACE".into(), &"/".into(), &"h".into()),
             Err(Refusal::UnsupportedMethod)
         );
     }

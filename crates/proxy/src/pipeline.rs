@@ -71,6 +71,8 @@ pub(crate) struct ConnectionIdentity {
     pub known: Arc<KnownAgent>,
     /// The peer's IP as the `x-forwarded-for` the upstream receives.
     forwarded_for: Option<HeaderValue>,
+    /// The host the last request named, by the bytes it was named with.
+    last_host: HostCache,
 }
 
 impl ConnectionIdentity {
@@ -82,7 +84,59 @@ impl ConnectionIdentity {
             client_address,
             agent_text: agent.as_str().into(),
             agent,
+            last_host: HostCache::default(),
         }
+    }
+}
+
+/// A connection's last request host, kept for the next: a connection's requests nearly
+/// always name the same host, and working it out (the `Host` field parsed as an authority,
+/// its host copied out, lower-cased, shared) took three allocations per request. One entry,
+/// replaced when a request names another host: its size does not depend on the caller.
+#[derive(Debug, Default)]
+struct HostCache(std::sync::Mutex<Option<LastHost>>);
+
+#[derive(Debug)]
+struct LastHost {
+    place: NamedBy,
+    key: Box<[u8]>,
+    host: Arc<str>,
+}
+
+/// Where a request named its host: the same bytes mean the same host only from the same
+/// place (a `Host` field is parsed as an authority, an HTTP/2 `:authority`'s host is not).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NamedBy {
+    Authority,
+    HostField,
+}
+
+impl HostCache {
+    /// The host named by `key` in `place`, from `make` unless the last request named it
+    /// with the same bytes in the same place. `make`'s refusals are not kept.
+    fn get_or(
+        &self,
+        place: NamedBy,
+        key: &[u8],
+        make: impl FnOnce() -> Result<Arc<str>, Refusal>,
+    ) -> Result<Arc<str>, Refusal> {
+        let mut last = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(kept) = last.as_ref()
+            && kept.place == place
+            && *kept.key == *key
+        {
+            return Ok(kept.host.clone());
+        }
+        let host = make()?;
+        *last = Some(LastHost {
+            place,
+            key: key.into(),
+            host: host.clone(),
+        });
+        Ok(host)
     }
 }
 
@@ -111,8 +165,8 @@ pub(crate) async fn handle(
         trace_id: Some(trace.trace_id().to_owned()),
         client_address: conn.client_address.clone(),
         agent: Some(conn.agent_text.clone()),
-        method: request.method().as_str().to_owned(),
-        path: request.uri().path().to_owned(),
+        method: portcullis_core::method_name(request.method().as_str()),
+        path: request.uri().path().into(),
         mode: shared.policy.mode().name(),
         ..AuditRecord::default()
     };
@@ -198,7 +252,7 @@ async fn authorize_and_forward(
     let request_id = id.as_str();
     check_head_size(&request, shared.limits.max_header_bytes)?;
     rate::step(shared, RatePer::Agent, conn.agent.as_str(), audit)?;
-    let host = check_framing(&request)?;
+    let host = check_framing(&request, &conn.last_host)?;
     // Kept past the request's hand-over to the forwarder: a `Uri` and a standard `Method`
     // clone without copying.
     let (uri, method) = (request.uri().clone(), request.method().clone());
@@ -206,7 +260,12 @@ async fn authorize_and_forward(
     check_path(path)?;
 
     let decision_started = Instant::now();
-    let classified = classify(&shared.routes, method, path, &host)?;
+    let classified = classify(
+        &shared.routes,
+        audit.record.method.clone(),
+        &audit.record.path,
+        &host,
+    )?;
     let user = match &shared.user_token {
         None => None,
         Some(tokens) => verify_user(shared, tokens, &conn.agent, request.headers(), audit).await?,
@@ -277,7 +336,7 @@ async fn authorize_and_forward(
     for call in &inspected.calls {
         let resource = AuditResource {
             kind: call.resource.entity_type(),
-            id: call.resource.id().to_owned(),
+            id: call.resource.shared_id(),
         };
         let input = AuthzInput {
             agent: &conn.agent,
@@ -696,7 +755,7 @@ fn check_head_size(request: &Request<Incoming>, limit: usize) -> Result<(), Refu
     Ok(())
 }
 
-fn check_framing(request: &Request<Incoming>) -> Result<Arc<str>, Refusal> {
+fn check_framing(request: &Request<Incoming>, last: &HostCache) -> Result<Arc<str>, Refusal> {
     let mut hosts = request.headers().get_all(header::HOST).iter();
     let host_value = hosts.next();
     if hosts.next().is_some() {
@@ -708,23 +767,42 @@ fn check_framing(request: &Request<Incoming>) -> Result<Arc<str>, Refusal> {
             .and_then(|value| value.parse::<http::uri::Authority>().ok())
             .map(|authority| authority.host().to_owned())
     };
-    let host = match request.version() {
+    match request.version() {
         // RFC 9113 §8.3.1: :authority, or Host when a client sent no :authority.
-        Version::HTTP_2 | Version::HTTP_3 => {
-            let authority = request.uri().host().map(str::to_owned);
-            if authority.is_some() && host_value.is_some() && host_header() != authority {
-                // Two different hosts in one request: refuse rather than pick one.
-                return Err(Refusal::DuplicateHost);
+        Version::HTTP_2 | Version::HTTP_3 => match (request.uri().host(), host_value) {
+            (Some(authority), None) => {
+                last.get_or(NamedBy::Authority, authority.as_bytes(), || {
+                    shared_host(Some(authority.to_owned()))
+                })
             }
-            authority.or_else(host_header)
-        }
+            (Some(authority), Some(_)) => {
+                if host_header().as_deref() != Some(authority) {
+                    // Two different hosts in one request: refuse rather than pick one.
+                    return Err(Refusal::DuplicateHost);
+                }
+                shared_host(Some(authority.to_owned()))
+            }
+            (None, Some(value)) => last.get_or(NamedBy::HostField, value.as_bytes(), || {
+                shared_host(host_header())
+            }),
+            (None, None) => Err(Refusal::MissingHost),
+        },
         _ => {
             if request.uri().scheme().is_some() || request.uri().authority().is_some() {
                 return Err(Refusal::AbsoluteFormTarget);
             }
-            host_header()
+            let Some(value) = host_value else {
+                return Err(Refusal::MissingHost);
+            };
+            last.get_or(NamedBy::HostField, value.as_bytes(), || {
+                shared_host(host_header())
+            })
         }
-    };
+    }
+}
+
+/// The request's host as its resource and record share it: lower-cased, and present.
+fn shared_host(host: Option<String>) -> Result<Arc<str>, Refusal> {
     match host {
         Some(host) if !host.is_empty() => {
             // Shared from here on (see `Resource::Route`); most hosts are lower-case already.

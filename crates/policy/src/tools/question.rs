@@ -133,9 +133,9 @@ impl Question {
                     err(format!("method {method:?} is not one policies can name"))
                 })?;
                 let resource = Resource::Route {
-                    path: path.clone(),
+                    path: path.as_str().into(),
                     host: host.as_str().into(),
-                    method: method.clone(),
+                    method: method.clone().into(),
                 };
                 (action, resource, method, path.clone())
             }
@@ -161,9 +161,9 @@ impl Question {
                 });
                 let resource = match uid.type_name().to_string().as_str() {
                     "Route" => Resource::Route {
-                        path: id.clone(),
+                        path: id.as_str().into(),
                         host: host.as_str().into(),
-                        method: method.clone(),
+                        method: method.clone().into(),
                     },
                     "Model" => Resource::Model(id.clone()),
                     "Tool" => Resource::Tool(id.clone()),
@@ -176,7 +176,7 @@ impl Question {
                     }
                 };
                 let path = self.path.clone().unwrap_or_else(|| match &resource {
-                    Resource::Route { path, .. } => path.clone(),
+                    Resource::Route { path, .. } => path.to_string(),
                     _ => "/".to_owned(),
                 });
                 (action, resource, method, path)

@@ -151,6 +151,53 @@ async fn malformed_framing_gets_400_and_no_upgrade_tunnel() {
     assert!(!h.upstream.requests()[0].headers.contains_key("upgrade"));
 }
 
+/// Requests on one connection are decided on the host each names, however they alternate
+/// (the proxy keeps the host the last one named, and must never decide on another's).
+#[tokio::test]
+async fn each_request_on_a_connection_is_decided_on_the_host_it_names() {
+    let h = Harness::builder()
+        .policies(
+            r#"@id("orders") permit (principal, action, resource is Route)
+                 when { resource.host == "orders.prod.example.org" };"#,
+        )
+        .start()
+        .await;
+    let hosts = [
+        (HOST, 200),
+        ("admin.internal", 403),
+        ("Orders.Prod.Example.org:8443", 200),
+        ("admin.internal", 403),
+        ("admin.internal", 403),
+        (HOST, 200),
+    ];
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let caller = h.caller(&h.svid(TRIAGE), version);
+        let mut connection = caller.connect(h.addr).await.unwrap();
+        for (host, expected) in hosts {
+            let response = connection
+                .send(request("GET", host, "/api/orders/1", Bytes::new()))
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            response.into_body().collect().await.unwrap();
+            assert_eq!(status, expected, "{version:?}, host {host}");
+        }
+    }
+    let records = h.audit(2 * hosts.len()).await;
+    let decided: Vec<&str> = records
+        .iter()
+        .filter_map(|r| r["input"]["host"].as_str())
+        .collect();
+    let named = hosts.map(|(host, _)| {
+        if host.starts_with("admin") {
+            "admin.internal"
+        } else {
+            HOST
+        }
+    });
+    assert_eq!(decided, [named, named].concat());
+}
+
 #[tokio::test]
 async fn sse_events_cross_one_by_one() {
     let gate = Arc::new(Semaphore::new(0));

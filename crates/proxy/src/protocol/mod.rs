@@ -263,9 +263,9 @@ pub fn classify_body(
         Protocol::OpenAi => vec![openai::classify(endpoint, body)?],
         Protocol::Mcp => {
             let route = Resource::Route {
-                path: endpoint.to_owned(),
+                path: endpoint.into(),
                 host: "".into(),
-                method: "POST".to_owned(),
+                method: "POST".into(),
             };
             mcp::classify(body, &route, DEFAULT_MAX_BATCH)?.calls
         }

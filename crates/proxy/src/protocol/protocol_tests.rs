@@ -161,9 +161,9 @@ fn model_endpoints_and_azure_paths() {
 fn mcp_headers_must_agree_with_the_body() {
     use super::mcp::{check_headers, classify};
     let endpoint = portcullis_core::Resource::Route {
-        path: "/mcp".to_owned(),
+        path: "/mcp".into(),
         host: "".into(),
-        method: "POST".to_owned(),
+        method: "POST".into(),
     };
     let parsed = |body: &str| classify(body.as_bytes(), &endpoint, 8).unwrap();
     let headers = |pairs: &[(&'static str, &str)]| {
