@@ -290,7 +290,15 @@ async fn authorize_and_forward(
     }
     let session = mcp_session(shared, conn, &classified, request.headers())?;
     let (mut parts, body) = request.into_parts();
-    let body: RequestBody = StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync();
+    // A body that has ended already (most GETs) has nothing to time, and its stand-in is
+    // a type of no size, which boxes without an allocation.
+    let body: RequestBody = if http_body::Body::is_end_stream(&body) {
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync()
+    } else {
+        StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync()
+    };
     let bounds = protocol::Bounds {
         limit: classified
             .body_limit
