@@ -80,8 +80,10 @@ pub enum AuditSink {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditRecord {
     pub time: String,
-    pub request_id: String,
-    pub trace_id: Option<String>,
+    /// Shared with the request's `x-request-id` value.
+    pub request_id: SharedText,
+    /// Shared with the `traceparent` made for the request; a caller's is copied.
+    pub trace_id: Option<SharedText>,
     /// Shared with the connection, as `agent` is: the same for each of its requests.
     pub client_address: Arc<str>,
     pub agent: Option<Arc<str>>,
@@ -232,6 +234,52 @@ pub struct AuditResource {
     pub kind: &'static str,
     /// Shared with the resource it names: a route's id is the record's path.
     pub id: Arc<str>,
+}
+
+/// Text a record shares with the request it describes rather than copies (its ids are
+/// header values the caller and the upstream see): a reference count per record, not an
+/// allocation. UTF-8 by construction (it is made from a `String` or a `&'static str`, or by
+/// the proxy from hex digits).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct SharedText(bytes::Bytes);
+
+impl SharedText {
+    /// Shares `bytes`, which must be UTF-8; anything else reads as empty.
+    pub(crate) fn shared(bytes: bytes::Bytes) -> Self {
+        if std::str::from_utf8(&bytes).is_ok() {
+            Self(bytes)
+        } else {
+            Self::default()
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl From<String> for SharedText {
+    fn from(text: String) -> Self {
+        Self(text.into())
+    }
+}
+
+impl From<&'static str> for SharedText {
+    fn from(text: &'static str) -> Self {
+        Self(bytes::Bytes::from_static(text.as_bytes()))
+    }
+}
+
+impl std::fmt::Debug for SharedText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl Serialize for SharedText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
 }
 
 /// Determining policy ids per question.
@@ -1316,7 +1364,7 @@ mod tests {
         let inventory = Arc::new(Inventory::new());
         let guard = |id: &str| {
             let record = AuditRecord {
-                request_id: id.to_owned(),
+                request_id: id.to_owned().into(),
                 ..AuditRecord::default()
             };
             AuditGuard::new(log.clone(), inventory.clone(), record)
@@ -1359,7 +1407,7 @@ mod tests {
         let mut burst = |log: &AuditLog, records: usize| {
             for _ in 0..records {
                 log.submit(&AuditRecord {
-                    request_id: submitted.to_string(),
+                    request_id: submitted.to_string().into(),
                     ..AuditRecord::default()
                 });
                 submitted += 1;
@@ -1398,7 +1446,7 @@ mod tests {
             .collect();
         for (index, request_path) in paths.iter().enumerate() {
             log.submit(&AuditRecord {
-                request_id: index.to_string(),
+                request_id: index.to_string().into(),
                 path: request_path.as_str().into(),
                 ..AuditRecord::default()
             });

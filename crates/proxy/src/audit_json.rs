@@ -13,14 +13,14 @@
 use portcullis_policy::tools::UserSpec;
 use serde::Serialize;
 
-use super::{AuditInput, AuditPolicies, AuditRecord};
+use super::{AuditInput, AuditPolicies, AuditRecord, SharedText};
 
 /// Appends `record` as a JSON object (no newline).
 pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
     let mut o = Object::open(buf);
     o.str("time", &record.time);
-    o.str("request_id", &record.request_id);
-    o.opt_str("trace_id", record.trace_id.as_deref());
+    o.str("request_id", record.request_id.as_str());
+    o.opt_str("trace_id", record.trace_id.as_ref().map(SharedText::as_str));
     o.str("client_address", &record.client_address);
     o.opt_str("agent", record.agent.as_deref());
     o.key("user");
@@ -347,8 +347,8 @@ mod tests {
     fn record(rng: &mut fastrand::Rng) -> AuditRecord {
         AuditRecord {
             time: text(rng),
-            request_id: text(rng),
-            trace_id: maybe(rng, text),
+            request_id: text(rng).into(),
+            trace_id: maybe(rng, |rng| text(rng).into()),
             client_address: text(rng).into(),
             agent: maybe(rng, |rng| text(rng).into()),
             user: maybe(rng, |rng| AuditUser {

@@ -42,7 +42,7 @@ use crate::admission::InflightPermit;
 use crate::agents::KnownAgent;
 use crate::audit::{
     AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource, AuditUser,
-    rfc3339,
+    SharedText, rfc3339,
 };
 use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{Protocol, check_path, classify};
@@ -161,8 +161,8 @@ pub(crate) async fn handle(
     let trace = Traceparent::from_request(request.headers(), &random);
     let record = AuditRecord {
         time: rfc3339(SystemTime::now()),
-        request_id: request_id.to_owned(),
-        trace_id: Some(trace.trace_id().to_owned()),
+        request_id: SharedText::shared(id.text_shared.clone()),
+        trace_id: Some(trace.trace_id()),
         client_address: conn.client_address.clone(),
         agent: Some(conn.agent_text.clone()),
         method: portcullis_core::method_name(request.method().as_str()),
@@ -897,6 +897,8 @@ pub(crate) fn set_retry_after(headers: &mut http::HeaderMap, refusal: Refusal) {
 pub(crate) struct Traceparent {
     /// Valid by construction: the caller's (shares its bytes) or one made here.
     header: HeaderValue,
+    /// The bytes of the one made here.
+    made: Option<Bytes>,
 }
 
 impl Traceparent {
@@ -907,25 +909,37 @@ impl Traceparent {
         if let Some(value) = valid {
             return Self {
                 header: value.clone(),
+                made: None,
             };
         }
         let mut header = *b"00-................................-................-01";
         write_hex(&mut header[3..35], random.trace_id());
         write_hex(&mut header[36..52], random.parent_id());
+        // One buffer shared by the clones: the upstream request's, and the record's trace id.
+        let made = Bytes::from_owner(header);
         Self {
-            // Lowercase hex and dashes: always a valid header value. One buffer shared by
-            // the clones (the upstream request's, the record's trace id is read from it).
-            header: HeaderValue::from_maybe_shared(Bytes::from_owner(header))
+            // Lowercase hex and dashes: always a valid header value.
+            header: HeaderValue::from_maybe_shared(made.clone())
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
+            made: Some(made),
         }
     }
 
-    fn trace_id(&self) -> &str {
-        self.header
-            .to_str()
-            .ok()
-            .and_then(|value| value.get(3..35))
-            .unwrap_or_default()
+    /// The trace id: a slice of the header made here, or a copy of the caller's (sharing
+    /// the caller's bytes would keep the buffer its request was read into for as long as
+    /// the record, which lasts as long as the response).
+    fn trace_id(&self) -> SharedText {
+        match &self.made {
+            Some(made) => SharedText::shared(made.slice(3..35)),
+            None => self
+                .header
+                .to_str()
+                .ok()
+                .and_then(|value| value.get(3..35))
+                .unwrap_or_default()
+                .to_owned()
+                .into(),
+        }
     }
 }
 
@@ -964,6 +978,8 @@ fn is_valid_traceparent(value: &str) -> bool {
 /// the upstream request and the response (sharing one buffer).
 pub(crate) struct RequestId {
     text: [u8; 32],
+    /// The same digits, shared by the header value and the audit record.
+    text_shared: Bytes,
     header: HeaderValue,
 }
 
@@ -971,11 +987,13 @@ impl RequestId {
     fn new(random: &[u8; 16]) -> Self {
         let mut text = [0; 32];
         write_hex(&mut text, random);
+        let text_shared = Bytes::from_owner(text);
         Self {
             text,
             // Hex digits: always a valid header value.
-            header: HeaderValue::from_maybe_shared(Bytes::from_owner(text))
+            header: HeaderValue::from_maybe_shared(text_shared.clone())
                 .unwrap_or_else(|_| HeaderValue::from_static("")),
+            text_shared,
         }
     }
 
@@ -1052,13 +1070,16 @@ mod tests {
         assert!(drawn.iter().all(|bytes| bytes.iter().any(|&b| b != 0)));
     }
 
-    /// The id's text and its header value are the same 32 lowercase hex digits.
+    /// The id's text, its header value and the record's are the same 32 lowercase hex
+    /// digits.
     #[test]
-    fn a_request_id_is_its_bytes_in_hex_in_both_forms() {
+    fn a_request_id_is_its_bytes_in_hex_in_every_form() {
         let bytes: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
         let id = super::RequestId::new(&bytes);
         assert_eq!(id.as_str(), "00112233445566778899aabbccddeeff");
         assert_eq!(id.header.clone().to_str().unwrap(), id.as_str());
+        let recorded = super::SharedText::shared(id.text_shared.clone());
+        assert_eq!(recorded.as_str(), id.as_str());
     }
 
     /// Without a valid traceparent from the caller, one is made from the request's random
@@ -1074,7 +1095,7 @@ mod tests {
         assert!(is_valid_traceparent(value), "{value}");
         let mut hex = String::new();
         super::push_hex(&mut hex, &bytes[16..32]);
-        assert_eq!(trace.trace_id(), hex);
+        assert_eq!(trace.trace_id().as_str(), hex);
         hex.clear();
         super::push_hex(&mut hex, &bytes[32..]);
         assert_eq!(&value[36..52], hex);
