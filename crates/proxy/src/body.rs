@@ -17,6 +17,10 @@ use crate::audit::AuditGuard;
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// The body type of every response the proxy sends.
 pub(crate) type ResponseBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
+/// The body of a forwarded response before it is audited: the upstream's own, or one the
+/// proxy rewrote (a filtered `tools/list`). Not boxed: the usual case, the upstream's body
+/// passed through, then takes one allocation (the audited body's box), not two.
+pub(crate) type Forwarded = http_body_util::Either<crate::forward::UpstreamBody, ResponseBody>;
 /// The body type of every request the proxy forwards.
 pub(crate) type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 

@@ -33,7 +33,7 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Version};
-use http_body_util::BodyExt;
+use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use portcullis_core::{Decision, SpiffeId};
 use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
@@ -44,7 +44,7 @@ use crate::audit::{
     AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource, AuditUser,
     SharedText, rfc3339,
 };
-use crate::body::{Audited, RequestBody, ResponseBody, StallTimeout};
+use crate::body::{Audited, Forwarded, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{Protocol, check_path, classify};
 use crate::credential;
 use crate::error::Refusal;
@@ -248,7 +248,7 @@ async fn authorize_and_forward(
     trace: &Traceparent,
     audit: &mut AuditGuard,
     answer: &mut RefusalForm,
-) -> Result<Response<ResponseBody>, Refusal> {
+) -> Result<Response<Forwarded>, Refusal> {
     let request_id = id.as_str();
     check_head_size(&request, shared.limits.max_header_bytes)?;
     rate::step(shared, RatePer::Agent, conn.agent.as_str(), audit)?;
@@ -526,10 +526,7 @@ async fn authorize_and_forward(
         .forward(Request::from_parts(parts, inspected.body), permit)
         .await
     {
-        Ok(response) => response.map(|body| {
-            body.map_err(|e| -> crate::body::BoxError { Box::new(e) })
-                .boxed_unsync()
-        }),
+        Ok(response) => response,
         Err(error) => {
             tracing::warn!(request_id, error = %error.detail, "upstream request failed");
             audit.record.errors.push(error.detail);
@@ -548,14 +545,21 @@ async fn authorize_and_forward(
         }
     }
     let Some(listed) = inspected.listing else {
-        return Ok(response);
+        return Ok(response.map(Either::Left));
     };
     let filter = tool_filter(shared, conn, user, (method, path, &host), listed, route);
-    filter.apply(response).await.map_err(|error| {
-        tracing::warn!(request_id, %error, "tools/list response could not be filtered");
-        audit.record.errors.push(error.to_string());
-        Refusal::UpstreamProtocol
-    })
+    let response = response.map(|body| {
+        body.map_err(|e| -> crate::body::BoxError { Box::new(e) })
+            .boxed_unsync()
+    });
+    match filter.apply(response).await {
+        Ok(filtered) => Ok(filtered.map(Either::Right)),
+        Err(error) => {
+            tracing::warn!(request_id, %error, "tools/list response could not be filtered");
+            audit.record.errors.push(error.to_string());
+            Err(Refusal::UpstreamProtocol)
+        }
+    }
 }
 
 /// Gives each `tools/call` the annotations the server last listed for its tool on this
