@@ -87,10 +87,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // One pass over the names present, compared with the list, rather than a removal (a hash
     // and a probe) per listed name: most requests and responses carry at most `Connection`.
     // Only the fields `Connection` names that are present are made names of (an allocation
-    // each): the usual `Connection: keep-alive` or `close` names none.
+    // each): the usual `Connection: keep-alive` or `close` names none. `Connection` itself is
+    // removed after the pass rather than collected: nearly every upstream response carries
+    // it, and collecting it took an allocation per response.
+    let mut connection = false;
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
         if *name == header::CONNECTION {
+            connection = true;
             doomed.extend(
                 headers
                     .get_all(header::CONNECTION)
@@ -101,10 +105,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
                     .filter(|name| !name.is_empty() && headers.contains_key(*name))
                     .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
             );
-        }
-        if *name == header::UPGRADE || HOP_BY_HOP.contains(name) {
+        } else if *name == header::UPGRADE || HOP_BY_HOP.contains(name) {
             doomed.push(name.clone());
         }
+    }
+    if connection {
+        headers.remove(header::CONNECTION);
     }
     for name in doomed {
         headers.remove(name);
@@ -172,6 +178,17 @@ mod tests {
         remove_hop_by_hop(&mut headers);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key("accept"));
+
+        // The usual upstream response: `Connection` alone, naming no field present, and a
+        // `Connection` naming itself.
+        for value in ["keep-alive", "close", "connection"] {
+            let mut headers = HeaderMap::new();
+            headers.append("connection", HeaderValue::from_static(value));
+            headers.append("connection", HeaderValue::from_static("keep-alive"));
+            headers.insert("accept", HeaderValue::from_static("*/*"));
+            remove_hop_by_hop(&mut headers);
+            assert_eq!(headers.len(), 1, "{value}: {headers:?}");
+        }
 
         // Every listed field and `Upgrade`, each twice, without `Connection`.
         let mut headers = HeaderMap::new();
