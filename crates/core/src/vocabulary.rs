@@ -189,14 +189,12 @@ impl Resource {
     }
 }
 
-/// `method` as a resource's and an audit record's method: a standard method's name is a
-/// constant, so the requests that use one copy nothing.
+/// `method` as a resource's and an audit record's method: the name of a method policies can
+/// decide is its action's, a constant, so the requests that use one copy nothing; any other
+/// (refused, but still recorded) is copied.
 pub fn method_name(method: &str) -> Cow<'static, str> {
-    const STANDARD: [&str; 9] = [
-        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
-    ];
-    match STANDARD.into_iter().find(|name| *name == method) {
-        Some(name) => Cow::Borrowed(name),
+    match Action::for_method(method) {
+        Some(action) => Cow::Borrowed(action.name()),
         None => Cow::Owned(method.to_owned()),
     }
 }
@@ -296,6 +294,22 @@ pub struct UserClaims {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A method's recorded name is the method as sent: a constant for those policies decide,
+    /// a copy for the rest.
+    #[test]
+    fn a_method_name_is_the_method_as_sent() {
+        for method in ["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"] {
+            let name = method_name(method);
+            assert!(matches!(name, Cow::Borrowed(_)), "{method}");
+            assert_eq!(name, method);
+        }
+        for method in ["TRACE", "CONNECT", "get", "PROPFIND"] {
+            let name = method_name(method);
+            assert!(matches!(name, Cow::Owned(_)), "{method}");
+            assert_eq!(name, method);
+        }
+    }
 
     #[test]
     fn an_entity_is_written_as_debug_quotes_its_id() {
