@@ -13,8 +13,10 @@
 # and HTTP/2 handshakes and requests, SSE streaming), user tokens, a denied and two malformed
 # requests and the admin endpoints. Symbol names carry hashes of the toolchain, of each
 # crate's version and of its dependencies: rerun this after updating the toolchain or a
-# dependency, or adding one to a crate of ours (`--check` says how much of the list a build
-# still has). Needs valgrind (installed if missing) and curl.
+# dependency, or adding one to a crate of ours, and after benches/pgo/run.sh (the execution
+# profile decides what is inlined, so which functions exist: the list is read from the build
+# optimized with it). `--check` says how much of the list a build still has. Needs valgrind
+# (installed if missing) and curl.
 #
 # Usage: benches/layout/run.sh           regenerate the list
 #        benches/layout/run.sh --check   how much of the list the dist build still has, and
@@ -29,9 +31,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
 log() { printf '== %s\n' "$*" >&2; }
 ORDER="$root/crates/portcullis/symbol-order.txt"
+source benches/dist.sh
 
 if [ "${1:-}" = "--check" ]; then
-    [ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis --bin portcullis >&2
+    [ -n "${SKIP_BUILD:-}" ] || dist_build -p portcullis --bin portcullis >&2
     python3 - "$root/target/dist/portcullis" "$ORDER" <<'PY'
 import subprocess, sys
 binary, order = sys.argv[1:3]
@@ -58,7 +61,7 @@ if ! command -v valgrind >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null
 fi
 if [ -z "${SKIP_BUILD:-}" ]; then
-    cargo build --profile dist --locked -p portcullis --bin portcullis >&2
+    dist_build -p portcullis --bin portcullis >&2
     cargo build --release --locked -p portcullis-benches --bin portcullis-bench >&2
 fi
 BIN="$root/target/dist/portcullis"

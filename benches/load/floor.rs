@@ -45,11 +45,17 @@ fn main() {
         .enable_all()
         .build()
         .unwrap()
-        .block_on(floor(
-            listen.parse().unwrap(),
-            upstream.parse().unwrap(),
-            Path::new(dir),
-        ));
+        .block_on(async {
+            // SIGTERM ends the process by returning from `main`, as it ends Portcullis: an
+            // instrumented build writes its execution profile on the way out
+            // (benches/pgo/run.sh), which a process killed by the signal never does.
+            let mut terminate =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).unwrap();
+            tokio::select! {
+                () = floor(listen.parse().unwrap(), upstream.parse().unwrap(), Path::new(dir)) => {}
+                _ = terminate.recv() => {}
+            }
+        });
 }
 
 async fn floor(listen: SocketAddr, upstream: SocketAddr, dir: &Path) {

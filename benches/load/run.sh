@@ -56,10 +56,12 @@ PYTHON="$(eval "$(bash .ci/python-clients --print-env)"; echo "$PORTCULLIS_PYTHO
 # Portcullis is measured as the image ships it: profile `dist` (fat LTO, one codegen unit;
 # see the Dockerfile), which also decides how much of the binary is resident (RSS).
 log "building portcullis (profile dist, as the image) and the benchmark tool (release)"
-[ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis --bin portcullis >&2
+source benches/dist.sh
+# The floor is compiled as Portcullis is (its execution profile is part of pgo.profdata), so
+# the two rows differ by what the code does.
+[ -n "${SKIP_BUILD:-}" ] || dist_build -p portcullis -p portcullis-benches --bin portcullis \
+    --bin portcullis-floor >&2
 [ -n "${SKIP_BUILD:-}" ] || cargo build --release --locked -p portcullis-benches --bin portcullis-bench >&2
-# The floor is compiled as Portcullis is, so the two rows differ by what the code does.
-[ -n "${SKIP_BUILD:-}" ] || cargo build --profile dist --locked -p portcullis-benches --bin portcullis-floor >&2
 # PORTCULLIS=/path/to/another/build measures that binary instead (e.g. before a change).
 PORTCULLIS="${PORTCULLIS:-$root/target/dist/portcullis}"
 TOOL="$root/target/release/portcullis-bench"
