@@ -16,7 +16,8 @@ WORKDIR /src
 COPY . .
 # The caches keep dependency builds across image builds; the binary is copied out of the
 # cached target directory because cache mounts are not part of the layer. The execution
-# profile optimizes the request path (PGO; benches/pgo/run.sh, the same flag as benches/dist.sh).
+# profile optimizes the request path (PGO: benches/pgo/run.sh makes it; benches/common.sh
+# passes the same flag to the benchmarks' builds).
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     RUSTFLAGS="-Cprofile-use=/src/crates/portcullis/pgo.profdata" \

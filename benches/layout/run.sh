@@ -29,9 +29,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
-log() { printf '== %s\n' "$*" >&2; }
+source benches/common.sh
 ORDER="$root/crates/portcullis/symbol-order.txt"
-source benches/dist.sh
 
 if [ "${1:-}" = "--check" ]; then
     [ -n "${SKIP_BUILD:-}" ] || dist_build -p portcullis --bin portcullis >&2
@@ -67,38 +66,10 @@ fi
 BIN="$root/target/dist/portcullis"
 TOOL="$root/target/release/portcullis-bench"
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+scratch
 "$TOOL" fixtures "$work" >/dev/null
-# Whatever else listens on these ports would answer the workload in the profiled code's
-# place (an nginx left on 18080 made the SSE upstream fail to bind, and the list lacked the
-# streaming path).
-for port in 18080 18081 19443 19901; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        log "port $port is in use: stop what listens there first"
-        exit 1
-    fi
-done
-# Upstreams: the SSE server also answers /bench/1k (every config's upstream is one of these).
-for port in 18080 18081; do
-    "$TOOL" sse-upstream "127.0.0.1:$port" 5 10 &
-    pids+=("$!")
-done
+sse_upstreams "$TOOL"
 
-wait_port() {
-    for _ in $(seq 1200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listening on $1"
-    return 1
-}
 tls_curl() { # extra curl args...
     curl -sS -o /dev/null --http1.1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
         --key "$work/agent-key.pem" "$@"

@@ -39,7 +39,7 @@ HOLD="${HOLD:-512}"
 LOAD=true
 [ "${1:-}" = "--first-byte" ] && LOAD=false
 
-log() { printf '== %s\n' "$*" >&2; }
+source benches/common.sh
 
 # --- what the run needs ---------------------------------------------------------------------
 if ! command -v nginx >/dev/null; then
@@ -54,9 +54,9 @@ NGINX="$(command -v nginx)"
 # httpx for the first-byte table's httpx row: the venv the client tests use (pinned there).
 PYTHON="$(eval "$(bash .ci/python-clients --print-env)"; echo "$PORTCULLIS_PYTHON")"
 # Portcullis is measured as the image ships it: profile `dist` (fat LTO, one codegen unit;
-# see the Dockerfile), which also decides how much of the binary is resident (RSS).
+# see the Dockerfile) with the execution profile (benches/common.sh), which also decide how
+# much of the binary is resident (RSS).
 log "building portcullis (profile dist, as the image) and the benchmark tool (release)"
-source benches/dist.sh
 # The floor is compiled as Portcullis is (its execution profile is part of pgo.profdata), so
 # the two rows differ by what the code does.
 [ -n "${SKIP_BUILD:-}" ] || dist_build -p portcullis -p portcullis-benches --bin portcullis \
@@ -67,16 +67,9 @@ PORTCULLIS="${PORTCULLIS:-$root/target/dist/portcullis}"
 TOOL="$root/target/release/portcullis-bench"
 FLOOR="$root/target/dist/portcullis-floor"
 
-work="$(mktemp -d)"
+scratch
 # nginx workers run as an unprivileged user when started as root: they must read www/.
 chmod 755 "$work"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
-}
-trap cleanup EXIT
 "$TOOL" fixtures "$work"
 mkdir -p "$work/www/bench"
 head -c 1024 /dev/zero | tr '\0' x > "$work/www/bench/1k"
@@ -130,14 +123,6 @@ start() { # core, command... (sets $started to the pid)
     taskset -c "$core" "$@" > "$work/$(basename "$1").$RANDOM.log" 2>&1 &
     started="$!"
     pids+=("$started")
-}
-wait_port() {
-    for _ in $(seq 1200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.05
-    done
-    log "nothing listening on $1"
-    return 1
 }
 # The listeners are bound before the start ends (what loading policies freed is handed back
 # last): idle RSS is read once /readyz says so.

@@ -17,13 +17,14 @@
 # benches/layout/run.sh (the function order is read from the optimized build).
 #
 # Needs the `llvm-profdata` of the toolchain's LLVM (installed with apt-get if missing), oha
-# (cargo install) and curl. Takes ~15 minutes on 2 cores (two builds).
+# (cargo install) and curl. Takes ~9 minutes on 2 cores (the instrumented build; under one
+# once it is built), then building with the new profile (benches/common.sh's dist_build) ~6.
 #
 # Usage: benches/pgo/run.sh
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
-log() { printf '== %s\n' "$*" >&2; }
+source benches/common.sh
 PROFILE="$root/crates/portcullis/pgo.profdata"
 
 llvm="$(rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')"
@@ -38,21 +39,15 @@ if ! command -v oha >/dev/null; then
     cargo install oha --locked
 fi
 
-work="$(mktemp -d)"
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
+scratch
 
 log "building the instrumented dist binaries (target/pgo-generate) and the benchmark tool"
-# Build scripts and proc macros are instrumented too and write their counts where this says;
+# Build scripts and proc macros are instrumented too and write their counts where this says
+# (a fixed place: another path would be another RUSTFLAGS, and everything rebuilt each run);
 # the binaries under test write theirs where LLVM_PROFILE_FILE says below.
-RUSTFLAGS="-Cprofile-generate=$work/build" cargo build --profile dist --locked \
-    --target-dir "$root/target/pgo-generate" -p portcullis -p portcullis-benches \
-    --bin portcullis --bin portcullis-floor >&2
+RUSTFLAGS="-Cprofile-generate=$root/target/pgo-generate/build-counts" \
+    cargo build --profile dist --locked --target-dir "$root/target/pgo-generate" \
+    -p portcullis -p portcullis-benches --bin portcullis --bin portcullis-floor >&2
 cargo build --release --locked -p portcullis-benches --bin portcullis-bench >&2
 BIN="$root/target/pgo-generate/dist/portcullis"
 FLOOR="$root/target/pgo-generate/dist/portcullis-floor"
@@ -61,26 +56,8 @@ TOOL="$root/target/release/portcullis-bench"
 export LLVM_PROFILE_FILE="$work/raw/%m.profraw"
 
 "$TOOL" fixtures "$work" >/dev/null
-for port in 18080 18081 19443 19901; do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        log "port $port is in use: stop what listens there first"
-        exit 1
-    fi
-done
-# Upstreams: the SSE server also answers /bench/1k (every config's upstream is one of these).
-for port in 18080 18081; do
-    LLVM_PROFILE_FILE=/dev/null "$TOOL" sse-upstream "127.0.0.1:$port" 5 10 &
-    pids+=("$!")
-done
+sse_upstreams "$TOOL"
 
-wait_port() {
-    for _ in $(seq 1200); do
-        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-        sleep 0.1
-    done
-    log "nothing listening on $1"
-    return 1
-}
 load() { # seconds, extra oha args...
     local secs="$1"
     shift
@@ -131,7 +108,7 @@ run firstbyte "$TOOL" firstbyte "$work" portcullis=https://127.0.0.1:19443 >/dev
 
 # The exchange: the token service answers RFC 8693 on stdin's lifetime.
 mkfifo "$work/sts.stdin"
-LLVM_PROFILE_FILE=/dev/null "$TOOL" token-service "$work" < "$work/sts.stdin" > "$work/sts.out" &
+"$TOOL" token-service "$work" < "$work/sts.stdin" > "$work/sts.out" &
 sts_pid=$!
 exec {sts_stdin}>"$work/sts.stdin"
 until grep -q ready "$work/sts.out" 2>/dev/null; do sleep 0.1; done
@@ -139,7 +116,7 @@ run exchange load 2 -H "x-portcullis-user-token: $(token)"
 exec {sts_stdin}>&-
 wait "$sts_pid" 2>/dev/null || true
 
-# Sparse: functions that never ran are left out (a tenth of the size); LLVM compiles them as
+# Sparse: functions that never ran are left out (a sixth of the size); LLVM compiles them as
 # it would without a profile.
 "$PROFDATA" merge --sparse -o "$PROFILE" "$work"/raw/*.profraw
 log "$PROFILE: $("$PROFDATA" show "$PROFILE" | sed -n 's/^Total functions: //p') functions," \

@@ -1,0 +1,55 @@
+# Sourced by the benchmark scripts (load/, layout/, pgo/): what they share.
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# Builds binaries as the image ships them: profile `dist` (fat LTO, one codegen unit;
+# Cargo.toml) optimized with the execution profile crates/portcullis/pgo.profdata
+# (benches/pgo/run.sh; the Dockerfile passes the same flag). RUSTFLAGS applies to every crate
+# of the build, dependencies included: a `[profile]` cannot carry it on stable Cargo, and the
+# other profiles (tests, `cargo run`) do without.
+dist_build() { # cargo build arguments (packages, binaries)
+    RUSTFLAGS="-Cprofile-use=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/crates/portcullis/pgo.profdata" \
+        cargo build --profile dist --locked "$@"
+}
+
+# Waits up to two minutes for a listener on a local port (a proxy under valgrind starts slowly).
+wait_port() { # port
+    for _ in $(seq 2400); do
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+        sleep 0.05
+    done
+    log "nothing listening on $1"
+    return 1
+}
+
+# The profiling workloads' upstreams (layout/, pgo/), on 18080 and 18081; the SSE server also
+# answers /bench/1k, so every fixture config's upstream is one of them. Whatever else listened
+# on the ports the workload uses would answer in the profiled code's place (an nginx left on
+# 18080 made the SSE upstream fail to bind, and the layout list lacked the streaming path).
+# Appends the servers' pids to the caller's `pids`.
+sse_upstreams() { # benchmark tool (portcullis-bench)
+    local port
+    for port in 18080 18081 19443 19901; do
+        if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+            log "port $port is in use: stop what listens there first"
+            exit 1
+        fi
+    done
+    for port in 18080 18081; do
+        "$1" sse-upstream "127.0.0.1:$port" 5 10 &
+        pids+=("$!")
+    done
+}
+
+# A scratch directory, $work, removed on exit (KEEP_WORK=1 keeps it) after the processes
+# whose pids the script appends to `pids` are stopped.
+scratch() {
+    work="$(mktemp -d)"
+    pids=()
+    trap cleanup EXIT
+}
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    if [ -n "${KEEP_WORK:-}" ]; then log "kept $work"; else rm -rf "$work"; fi
+}
