@@ -41,6 +41,22 @@ sse_upstreams() { # benchmark tool (portcullis-bench)
     done
 }
 
+# A request over mTLS as the fixtures' agent (files in $work), its body discarded.
+tls_curl() { # extra curl args...
+    curl -sS -o /dev/null --http1.1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
+        --key "$work/agent-key.pem" "$@"
+}
+
+# The profiling workloads' paths besides the requests they load (layout/, pgo/): the admin
+# endpoints, a denied request and two malformed ones, against the proxy on 19443 / 19901.
+edge_requests() {
+    local path url=https://127.0.0.1:19443
+    for path in healthz readyz metrics; do curl -sS -o /dev/null "http://127.0.0.1:19901/$path"; done
+    tls_curl "$url/admin/users" -X POST -d '{}'           # denied
+    tls_curl "$url/bench/%zz"                             # malformed path
+    tls_curl "$url/bench/1k" -H "content-length: x" || :  # malformed head: 400
+}
+
 # A scratch directory, $work, removed on exit (KEEP_WORK=1 keeps it) after the processes
 # whose pids the script appends to `pids` are stopped.
 scratch() {

@@ -70,11 +70,6 @@ scratch
 "$TOOL" fixtures "$work" >/dev/null
 sse_upstreams "$TOOL"
 
-tls_curl() { # extra curl args...
-    curl -sS -o /dev/null --http1.1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
-        --key "$work/agent-key.pem" "$@"
-}
-
 profile() { # name (a fixture config); then the workload runs
     local name="$1"
     log "profiling a start and requests with portcullis-$name.yaml"
@@ -93,7 +88,6 @@ profile() { # name (a fixture config); then the workload runs
 
 workload() {
     local url=https://127.0.0.1:19443
-    for path in healthz readyz metrics; do curl -sS -o /dev/null "http://127.0.0.1:19901/$path"; done
     if [ "$1" = token ]; then
         for _ in 1 2 3; do
             tls_curl -H "x-portcullis-user-token: $(cat "$work/token.txt")" "$url/bench/1k"
@@ -103,9 +97,7 @@ workload() {
         "$TOOL" firstbyte "$work" "portcullis=$url" >/dev/null
         tls_curl --http2 "$url/bench/1k"
     fi
-    tls_curl "$url/admin/users" -X POST -d '{}'           # denied
-    tls_curl "$url/bench/%zz"                             # malformed path
-    tls_curl "$url/bench/1k" -H "content-length: x" || :  # malformed head: 400
+    edge_requests
 }
 
 profile firstbyte

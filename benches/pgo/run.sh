@@ -64,10 +64,6 @@ load() { # seconds, extra oha args...
     oha --no-tui -z "${secs}s" -c 16 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
         --key "$work/agent-key.pem" "$@" https://127.0.0.1:19443/bench/1k >/dev/null
 }
-tls_curl() { # extra curl args...
-    curl -sS -o /dev/null --http1.1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
-        --key "$work/agent-key.pem" "$@"
-}
 # The binary must exit on its own (SIGTERM, then drained) for its counts to be written.
 finish() { # pid
     kill -TERM "$1"
@@ -92,11 +88,8 @@ run() { # config name, then what it serves
     pids+=("$pid")
     wait_port 19443
     wait_port 19901
-    for path in healthz readyz metrics; do curl -sS -o /dev/null "http://127.0.0.1:19901/$path"; done
     "$@"
-    tls_curl https://127.0.0.1:19443/admin/users -X POST -d '{}'           # denied
-    tls_curl https://127.0.0.1:19443/bench/%zz                             # malformed path
-    tls_curl https://127.0.0.1:19443/bench/1k -H "content-length: x" || :  # malformed head
+    edge_requests
     finish "$pid"
 }
 token() { cat "$work/token.txt"; }
