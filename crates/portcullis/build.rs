@@ -18,7 +18,10 @@ fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=symbol-order.txt");
     if env::var("TARGET").as_deref() == Ok("x86_64-unknown-linux-gnu") {
-        let order = Path::new(env!("CARGO_MANIFEST_DIR")).join("symbol-order.txt");
+        // Read when the script runs, not compiled in: a target directory shared by two
+        // checkouts reuses the compiled script, which would name the other checkout's list.
+        let manifest_dir = env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
+        let order = Path::new(&manifest_dir).join("symbol-order.txt");
         println!(
             "cargo:rustc-link-arg-bin=portcullis=-Wl,--symbol-ordering-file={}",
             order.display()
