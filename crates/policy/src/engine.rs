@@ -44,8 +44,9 @@ pub struct RequestInfo<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct QueryOutcome {
     pub allowed: bool,
-    /// `@id`s of the policies that determined the answer.
-    pub determining: Vec<String>,
+    /// `@id`s of the policies that determined the answer. Shared: a remembered answer is
+    /// handed out, and its ids moved into the audit record, without copying them.
+    pub determining: Arc<[String]>,
     /// Evaluation errors. Any error denies: Cedar skips an erroring policy, which would let an
     /// erroring `forbid` open the door.
     pub errors: Vec<String>,
@@ -830,7 +831,7 @@ fn string(s: &str) -> RestrictedExpression {
 fn failed(error: String) -> QueryOutcome {
     QueryOutcome {
         allowed: false,
-        determining: Vec::new(),
+        determining: Arc::default(),
         errors: vec![error],
     }
 }

@@ -57,7 +57,7 @@ impl PolicySnapshot {
         let mut granted = GrantedScopes::Unrestricted;
         for question in std::iter::once(agent).chain(user) {
             let mut named: Option<Vec<String>> = None;
-            for id in &question.determining {
+            for id in question.determining.iter() {
                 if let Some(scopes) = self.scopes.get(id) {
                     let named = named.get_or_insert_with(Vec::new);
                     for scope in scopes {

@@ -101,7 +101,10 @@ fn shipped_policies_decide_as_documented() {
         );
         assert!(evaluation.agent.errors.is_empty(), "{evaluation:?}");
         if !policy.is_empty() {
-            assert_eq!(evaluation.agent.determining, vec![policy.to_owned()]);
+            assert_eq!(
+                evaluation.agent.determining.to_vec(),
+                vec![policy.to_owned()]
+            );
         }
     }
 }
@@ -258,7 +261,7 @@ fn user_question_caps_the_agent() {
     let evaluation = decide_as(&engine, TRIAGE, Some(&lead), "POST", "/o");
     assert_eq!(evaluation.decision, Decision::Allow);
     assert_eq!(
-        evaluation.user.unwrap().determining,
+        evaluation.user.unwrap().determining.to_vec(),
         vec!["leads-write".to_owned()]
     );
     // Autonomous DELETE is forbidden; delegated by a lead it passes both questions.
@@ -327,7 +330,10 @@ fn a_prepared_agent_decides_as_evaluate_and_follows_reloads() {
     assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
     let evaluation = engine.evaluate_prepared(&prepared, &input(&agent));
     assert_eq!(evaluation.decision, Decision::Allow, "{evaluation:?}");
-    assert_eq!(evaluation.agent.determining, vec!["support".to_owned()]);
+    assert_eq!(
+        evaluation.agent.determining.to_vec(),
+        vec!["support".to_owned()]
+    );
     assert_eq!(engine.evaluate(&input(&agent)).decision, Decision::Allow);
 
     // Prepared for another agent: ignored, the request's own agent is decided.
@@ -414,7 +420,7 @@ fn a_remembered_answer_is_given_only_for_the_same_question() {
     };
     let first = ask("GET", "/x", "orders.internal");
     assert!(first.allowed, "{first:?}");
-    assert_eq!(first.determining, vec!["reads".to_owned()]);
+    assert_eq!(first.determining.to_vec(), vec!["reads".to_owned()]);
     assert_eq!(
         ask("GET", "/x", "orders.internal"),
         first,

@@ -285,8 +285,8 @@ impl Serialize for SharedText {
 /// Determining policy ids per question.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct AuditPolicies {
-    pub agent: Vec<String>,
-    pub user: Option<Vec<String>>,
+    pub agent: Arc<[String]>,
+    pub user: Option<Arc<[String]>>,
 }
 
 /// The sending half of the audit queue.

@@ -289,8 +289,8 @@ mod tests {
 
     fn policies(rng: &mut fastrand::Rng) -> AuditPolicies {
         AuditPolicies {
-            agent: texts(rng),
-            user: maybe(rng, texts),
+            agent: texts(rng).into(),
+            user: maybe(rng, |rng| texts(rng).into()),
         }
     }
 

@@ -92,7 +92,7 @@ pub fn check(
     };
     let outcome = |q: &QueryOutcome, near: Option<&Vec<String>>| Outcome {
         allowed: q.allowed,
-        determining: q.determining.clone(),
+        determining: q.determining.to_vec(),
         errors: q.errors.clone(),
         near_misses: near.filter(|_| !q.allowed).map(|permits| {
             permits
