@@ -104,7 +104,8 @@ pub struct AuditRecord {
     pub policy_hash: Option<Arc<str>>,
     pub mode: &'static str,
     pub status: u16,
-    /// Time to classify and evaluate, in microseconds.
+    /// Time from the request's start to its decision, less any wait for its body, in
+    /// microseconds.
     pub decision_us: Option<u64>,
     /// Time from request head to the end of the response, in milliseconds.
     pub duration_ms: f64,
@@ -782,22 +783,34 @@ impl Writer {
 pub struct AuditGuard {
     log: AuditLog,
     started: Instant,
+    arrived: SystemTime,
     inventory: Arc<Inventory>,
     pub record: AuditRecord,
 }
 
 impl AuditGuard {
-    pub fn new(log: AuditLog, inventory: Arc<Inventory>, record: AuditRecord) -> Self {
+    /// Starts the record of a request that starts now: its `time` is set here, and the same
+    /// moment on the monotonic clock times the request ([`Self::started`]).
+    pub fn new(log: AuditLog, inventory: Arc<Inventory>, mut record: AuditRecord) -> Self {
+        let arrived = SystemTime::now();
+        record.time = rfc3339(arrived);
         Self {
             log,
             started: Instant::now(),
+            arrived,
             inventory,
             record,
         }
     }
 
+    /// When the request started, on the monotonic clock.
     pub fn started(&self) -> Instant {
         self.started
+    }
+
+    /// When the request started, on the wall clock (the record's `time`).
+    pub fn arrived(&self) -> SystemTime {
+        self.arrived
     }
 }
 

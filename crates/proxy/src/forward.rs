@@ -66,6 +66,9 @@ impl ForwardError {
     }
 }
 
+/// What tokio's `timeout` takes for a deadline that cannot be represented: thirty years.
+const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+
 impl Forwarder {
     pub(crate) fn new(
         upstream: Authority,
@@ -104,7 +107,11 @@ impl Forwarder {
             .headers_mut()
             .entry(header::HOST)
             .or_insert_with(|| self.host.clone());
-        let response = match tokio::time::timeout(self.response_timeout, self.send(request)).await {
+        // One clock read for the deadline and the pool's expiry check. A timeout beyond
+        // thirty years (the config takes any number of seconds) is tokio's "never".
+        let now = Instant::now();
+        let deadline = tokio::time::Instant::from_std(now) + self.response_timeout.min(NEVER);
+        let response = match tokio::time::timeout_at(deadline, self.send(request, now)).await {
             Err(_) => {
                 return Err(ForwardError {
                     refusal: Refusal::UpstreamTimeout,
@@ -129,8 +136,9 @@ impl Forwarder {
     async fn send(
         &self,
         mut request: Request<RequestBody>,
+        now: Instant,
     ) -> Result<Response<UpstreamBody>, ForwardError> {
-        while let Some(mut sender) = self.pool.checkout() {
+        while let Some(mut sender) = self.pool.checkout(now) {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pool.lend(response, sender)),
                 Err(mut error) => match error.take_message() {
@@ -207,8 +215,7 @@ impl Pool {
         self.idle.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
-        let now = Instant::now();
+    fn checkout(&self, now: Instant) -> Option<SendRequest<RequestBody>> {
         let mut idle = self.lock();
         while let Some(entry) = idle.pop() {
             if now.duration_since(entry.since) > IDLE_TIMEOUT {
