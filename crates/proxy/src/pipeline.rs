@@ -146,8 +146,7 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     // Every random id of the request from one draw (see `RequestRandomness`).
-    let random = RequestRandomness::draw();
-    let id = RequestId::new(random.request_id());
+    let (id, trace) = request_ids(request.headers(), &RequestRandomness::draw());
     let request_id = id.as_str();
     let Ok(()) = shared.audit.admit().await else {
         shared
@@ -158,7 +157,6 @@ pub(crate) async fn handle(
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
         return Ok(refusal_response(Refusal::AuditUnavailable, &id));
     };
-    let trace = Traceparent::from_request(request.headers(), &random);
     let record = AuditRecord {
         request_id: SharedText::shared(id.text_shared.clone()),
         trace_id: Some(trace.trace_id()),
@@ -909,30 +907,41 @@ pub(crate) struct Traceparent {
     made: Option<Bytes>,
 }
 
-impl Traceparent {
-    fn from_request(headers: &http::HeaderMap, random: &RequestRandomness) -> Self {
-        let valid = headers
-            .get(TRACEPARENT_HEADER)
-            .filter(|v| v.to_str().is_ok_and(is_valid_traceparent));
-        if let Some(value) = valid {
-            return Self {
-                header: value.clone(),
-                made: None,
-            };
-        }
-        let mut header = *b"00-................................-................-01";
-        write_hex(&mut header[3..35], random.trace_id());
-        write_hex(&mut header[36..52], random.parent_id());
-        // One buffer shared by the clones: the upstream request's, and the record's trace id.
-        let made = Bytes::from_owner(header);
-        Self {
-            // Lowercase hex and dashes: always a valid header value.
-            header: HeaderValue::from_maybe_shared(made.clone())
-                .unwrap_or_else(|_| HeaderValue::from_static("")),
-            made: Some(made),
-        }
+/// The request's id and its traceparent: the caller's when well-formed, else one made from
+/// the same draw of random bytes and kept in one buffer with the id's digits (one allocation
+/// for both; their clones, for the upstream request, the response and the record, share it).
+fn request_ids(headers: &http::HeaderMap, random: &RequestRandomness) -> (RequestId, Traceparent) {
+    let mut id = [0; 32];
+    write_hex(&mut id, random.request_id());
+    let callers = headers
+        .get(TRACEPARENT_HEADER)
+        .filter(|v| v.to_str().is_ok_and(is_valid_traceparent));
+    if let Some(value) = callers {
+        let trace = Traceparent {
+            header: value.clone(),
+            made: None,
+        };
+        return (RequestId::new(id, Bytes::from_owner(id)), trace);
     }
+    const TRACEPARENT: &[u8; 55] = b"00-................................-................-01";
+    let mut both = [0; 32 + TRACEPARENT.len()];
+    let (digits, header) = both.split_at_mut(32);
+    digits.copy_from_slice(&id);
+    header.copy_from_slice(TRACEPARENT);
+    write_hex(&mut header[3..35], random.trace_id());
+    write_hex(&mut header[36..52], random.parent_id());
+    let both = Bytes::from_owner(both);
+    let made = both.slice(32..);
+    let trace = Traceparent {
+        // Lowercase hex and dashes: always a valid header value.
+        header: HeaderValue::from_maybe_shared(made.clone())
+            .unwrap_or_else(|_| HeaderValue::from_static("")),
+        made: Some(made),
+    };
+    (RequestId::new(id, both.slice(..32)), trace)
+}
 
+impl Traceparent {
     /// The trace id: a slice of the header made here, or a copy of the caller's (sharing
     /// the caller's bytes would keep the buffer its request was read into for as long as
     /// the record, which lasts as long as the response).
@@ -992,10 +1001,8 @@ pub(crate) struct RequestId {
 }
 
 impl RequestId {
-    fn new(random: &[u8; 16]) -> Self {
-        let mut text = [0; 32];
-        write_hex(&mut text, random);
-        let text_shared = Bytes::from_owner(text);
+    /// `text`, 32 hex digits, and `text_shared`, the same digits in a shared buffer.
+    fn new(text: [u8; 32], text_shared: Bytes) -> Self {
         Self {
             text,
             // Hex digits: always a valid header value.
@@ -1078,15 +1085,35 @@ mod tests {
     }
 
     /// The id's text, its header value and the record's are the same 32 lowercase hex
-    /// digits.
+    /// digits, whether the buffer holding them holds a made traceparent too or not.
     #[test]
     fn a_request_id_is_its_bytes_in_hex_in_every_form() {
-        let bytes: [u8; 16] = std::array::from_fn(|i| (i as u8) * 17);
-        let id = super::RequestId::new(&bytes);
-        assert_eq!(id.as_str(), "00112233445566778899aabbccddeeff");
-        assert_eq!(id.header.clone().to_str().unwrap(), id.as_str());
-        let recorded = super::SharedText::shared(id.text_shared.clone());
-        assert_eq!(recorded.as_str(), id.as_str());
+        let bytes: [u8; 40] = std::array::from_fn(|i| (i as u8).wrapping_mul(17));
+        let mut callers = http::HeaderMap::new();
+        callers.insert(
+            "traceparent",
+            http::HeaderValue::from_static(
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+        );
+        for headers in [http::HeaderMap::new(), callers] {
+            let (id, _) = super::request_ids(&headers, &super::RequestRandomness(bytes));
+            assert_eq!(id.as_str(), "00112233445566778899aabbccddeeff");
+            assert_eq!(id.header.clone().to_str().unwrap(), id.as_str());
+            let recorded = super::SharedText::shared(id.text_shared.clone());
+            assert_eq!(recorded.as_str(), id.as_str());
+        }
+    }
+
+    /// A caller's well-formed traceparent is passed on as it came.
+    #[test]
+    fn a_callers_traceparent_is_kept() {
+        let value = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let mut headers = http::HeaderMap::new();
+        headers.insert("traceparent", http::HeaderValue::from_static(value));
+        let (_, trace) = super::request_ids(&headers, &super::RequestRandomness([7; 40]));
+        assert_eq!(trace.header.to_str().unwrap(), value);
+        assert_eq!(trace.trace_id().as_str(), &value[3..35]);
     }
 
     /// Without a valid traceparent from the caller, one is made from the request's random
@@ -1097,8 +1124,13 @@ mod tests {
         let random = super::RequestRandomness(bytes);
         let mut headers = http::HeaderMap::new();
         headers.insert("traceparent", http::HeaderValue::from_static("00-bad"));
-        let trace = super::Traceparent::from_request(&headers, &random);
+        let (id, trace) = super::request_ids(&headers, &random);
         let value = trace.header.to_str().unwrap();
+        assert_ne!(
+            id.as_str(),
+            &value[3..35],
+            "the id and the trace id are distinct bytes"
+        );
         assert!(is_valid_traceparent(value), "{value}");
         let mut hex = String::new();
         super::push_hex(&mut hex, &bytes[16..32]);
