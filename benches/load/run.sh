@@ -4,6 +4,8 @@
 #   upstream      nginx serving 1 KiB (and a raw-socket SSE server for the first-byte rows)
 #   direct        oha → upstream
 #   nginx-mtls    oha → nginx (TLS 1.3, client certificate verified) → upstream: the baseline
+#   nginx-mtls-log  the same, writing nginx's default access log line per request (a
+#                 reference beside Portcullis's audit record; ratios stay against nginx-mtls)
 #   floor         oha → the chosen stack alone (rustls mTLS, hyper server and client, tokio;
 #                 load/floor.rs) → upstream: what Portcullis costs beyond it is its own work
 #   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, with a
@@ -94,7 +96,7 @@ http {
 EOF
 }
 nginx_conf upstream "server { listen 127.0.0.1:18080; root $work/www; }"
-mtls_server() { # port, upstream port
+mtls_server() { # port, upstream port, extra directives
     cat <<EOF
 server {
         listen 127.0.0.1:$1 ssl http2;
@@ -104,6 +106,7 @@ server {
         ssl_client_certificate $work/ca.pem;
         ssl_verify_client on;
         ssl_verify_depth 2;
+        ${3:-}
         location / {
             proxy_pass http://backend$2;
             proxy_http_version 1.1;
@@ -111,10 +114,19 @@ server {
             proxy_buffering off;
         }
     }
-    upstream backend$2 { server 127.0.0.1:$2; keepalive 64; }
 EOF
 }
-nginx_conf mtls "$(mtls_server 18443 18080) $(mtls_server 18444 18081)"
+backend() { # upstream port
+    echo "upstream backend$1 { server 127.0.0.1:$1; keepalive 64; }"
+}
+# 18443: the baseline (no access log, as nginx-mtls has always been measured); 18444: the same
+# in front of the SSE upstream (first-byte table). 18445, an nginx of its own (its RSS its
+# own): the baseline writing nginx's default access log line per request, a reference point
+# beside Portcullis's audit record.
+nginx_conf mtls "$(mtls_server 18443 18080) $(mtls_server 18444 18081) $(backend 18080) \
+    $(backend 18081)"
+nginx_conf mtls-log "$(mtls_server 18445 18080 "access_log $work/mtls-log/access.log;") \
+    $(backend 18080)"
 
 started=
 start() { # core, command... (sets $started to the pid)
@@ -151,11 +163,15 @@ start "$LOAD_CORE" "$NGINX" -p "$work/upstream" -c "$work/upstream/nginx.conf"
 start "$LOAD_CORE" "$TOOL" sse-upstream 127.0.0.1:18081 5 10
 start "$PROXY_CORE" "$NGINX" -p "$work/mtls" -c "$work/mtls/nginx.conf"
 mtls_master="$started"
+start "$PROXY_CORE" "$NGINX" -p "$work/mtls-log" -c "$work/mtls-log/nginx.conf"
+mtls_log_master="$started"
 wait_port 18080
 wait_port 18081
 wait_port 18443
+wait_port 18445
 sleep 0.2
 mtls_worker="$(pgrep -P "$mtls_master" | head -1)"
+mtls_log_worker="$(pgrep -P "$mtls_log_master" | head -1)"
 
 # --- measurements ---------------------------------------------------------------------------
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -211,6 +227,7 @@ stop() {
 if "$LOAD"; then
     measure direct "http://127.0.0.1:18080/bench/1k" -
     measure nginx-mtls "https://127.0.0.1:18443/bench/1k" "$mtls_worker"
+    measure nginx-mtls-log "https://127.0.0.1:18445/bench/1k" "$mtls_log_worker"
     uncache "$FLOOR"
     start "$PROXY_CORE" "$FLOOR" 127.0.0.1:19443 127.0.0.1:18080 "$work"
     floor_pid="$started"
@@ -287,7 +304,7 @@ if base:
         print(f"| {r['name']} | {r['p50']:.3f} ms{ratio(r['p50'], base['p50'])} "
               f"| {r['p99']:.3f} ms{ratio(r['p99'], base['p99'])} "
               f"| {r['rps']:.0f}{ratio(r['rps'], base['rps'])} | {r['ok']:.0%} "
-              f"| {num(r['cpu'], '.0f')} µs{ratio(r['cpu'], base['cpu'])} "
+              f"| {num(r['cpu'], '.1f')} µs{ratio(r['cpu'], base['cpu'])} "
               f"| {num(r['idle'], '.1f')} MiB | {num(r['held'], '.1f')} MiB |")
 fb = {}
 for line in open(firstbyte):
