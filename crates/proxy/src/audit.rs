@@ -415,8 +415,8 @@ const QUEUE_DEPTH: usize = 1024;
 /// sidecar no timer wake-up per request.
 ///
 /// 4 ms, not 1: each window costs the writer a wake-up, two context switches on a one-core
-/// sidecar and a `write` that starts new page-cache pages; at 4 ms the proxy spent ~0.47 us
-/// (2.7%) less CPU per request at full load, lower in 13 of 14 alternating rounds against
+/// sidecar and a `write` that starts new page-cache pages; at 4 ms the proxy spent ~0.4 us
+/// (2-3%) less CPU per request at full load, lower in 16 of 19 alternating rounds against
 /// 1 ms (2 ms took two thirds of that; docs/performance.md). A record still reaches the sink
 /// within a few milliseconds, and none is ever dropped: the window only groups them.
 const BATCH_WINDOW: Duration = Duration::from_millis(4);
