@@ -88,7 +88,7 @@ pub struct AuditRecord {
     pub client_address: Arc<str>,
     pub agent: Option<Arc<str>>,
     pub user: Option<AuditUser>,
-    pub actor_chain: Vec<String>,
+    pub actor_chain: ActorChain,
     /// A constant for a standard method (`portcullis_core::method_name`).
     pub method: std::borrow::Cow<'static, str>,
     /// Shared with the request's resource (`Resource::Route`), which names the route by it.
@@ -143,7 +143,9 @@ pub struct AuditRecord {
 /// What the record's `input` holds beyond the record's own fields.
 #[derive(Debug, Clone, Default)]
 pub struct AuditInput {
-    pub user: Option<Box<portcullis_policy::tools::UserSpec>>,
+    /// The verified claims, shared with the request; written as the question's `user`
+    /// (`UserSpec::from_claims`).
+    pub user: Option<Arc<portcullis_core::UserClaims>>,
     /// The request's, shared.
     pub host: Arc<str>,
     /// Protocol fields by key (`model`, `mcp`, `tool`); absent on a generic route.
@@ -153,12 +155,14 @@ pub struct AuditInput {
 }
 
 impl AuditInput {
-    /// `host` is `input.request.host`, shared rather than copied.
-    pub fn new(input: &portcullis_policy::AuthzInput<'_>, host: &Arc<str>) -> Self {
+    /// `user` is `input.user` and `host` is `input.request.host`, shared rather than copied.
+    pub fn new(
+        input: &portcullis_policy::AuthzInput<'_>,
+        user: Option<&Arc<portcullis_core::UserClaims>>,
+        host: &Arc<str>,
+    ) -> Self {
         Self {
-            user: input
-                .user
-                .map(|claims| Box::new(portcullis_policy::tools::UserSpec::from_claims(claims))),
+            user: user.cloned(),
             host: host.clone(),
             context: (!input.protocol_context.is_empty()).then(|| {
                 Box::new(
@@ -184,7 +188,10 @@ impl AuditRecord {
         let input = self.input.as_ref()?;
         Some(portcullis_policy::tools::Question {
             agent: self.agent.as_deref().unwrap_or_default().to_owned(),
-            user: input.user.as_deref().cloned(),
+            user: input
+                .user
+                .as_deref()
+                .map(portcullis_policy::tools::UserSpec::from_claims),
             method: Some(self.method.to_string()),
             path: Some(self.path.to_string()),
             action: self.action.map(str::to_owned),
@@ -223,10 +230,36 @@ pub struct AuditApproval {
     pub jti: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct AuditUser {
-    pub sub: String,
-    pub iss: String,
+/// The user a request was made for, as the record names them (`sub`, `iss`): the verified
+/// claims themselves, shared with the request rather than copied.
+#[derive(Debug, Clone)]
+pub struct AuditUser(pub Arc<portcullis_core::UserClaims>);
+
+impl Serialize for AuditUser {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let mut user = serializer.serialize_struct("AuditUser", 2)?;
+        user.serialize_field("sub", &self.0.subject)?;
+        user.serialize_field("iss", &self.0.issuer)?;
+        user.end()
+    }
+}
+
+/// The record's `actor_chain`: the verified user's (RFC 8693 `act` subjects, outermost
+/// first), shared with the request's claims; empty without a user token.
+#[derive(Debug, Clone, Default)]
+pub struct ActorChain(pub Option<Arc<portcullis_core::UserClaims>>);
+
+impl ActorChain {
+    pub fn as_slice(&self) -> &[String] {
+        self.0.as_deref().map_or(&[], |user| &user.actor_chain)
+    }
+}
+
+impl Serialize for ActorChain {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.as_slice().serialize(serializer)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -845,7 +878,7 @@ impl Drop for AuditGuard {
                 self.inventory.observe(&Observation {
                     time: &record.time,
                     agent,
-                    user: record.user.as_ref().map(|u| u.sub.as_str()),
+                    user: record.user.as_ref().map(|u| u.0.subject.as_str()),
                     action: record.action,
                     resource: record.resource.is_some().then_some(text.as_str()),
                     decision: record.decision,

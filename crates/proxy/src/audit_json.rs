@@ -10,10 +10,10 @@
 //! written by `serde_json`, so escaping and number formatting stay its own. A test compares
 //! the two over generated records.
 
-use portcullis_policy::tools::UserSpec;
+use portcullis_core::UserClaims;
 use serde::Serialize;
 
-use super::{AuditInput, AuditPolicies, AuditRecord, SharedText};
+use super::{AuditInput, AuditPolicies, AuditRecord, AuditUser, SharedText};
 
 /// Appends `record` as a JSON object (no newline).
 pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
@@ -26,14 +26,14 @@ pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
     o.key("user");
     match &record.user {
         None => o.buf.extend_from_slice(b"null"),
-        Some(user) => {
+        Some(AuditUser(user)) => {
             let mut u = Object::open(o.buf);
-            u.str("sub", &user.sub);
-            u.str("iss", &user.iss);
+            u.str("sub", &user.subject);
+            u.str("iss", &user.issuer);
             u.close();
         }
     }
-    o.strs("actor_chain", &record.actor_chain);
+    o.strs("actor_chain", record.actor_chain.as_slice());
     o.str("method", &record.method);
     o.str("path", &record.path);
     o.opt_str("action", record.action);
@@ -133,11 +133,12 @@ fn entity(buf: &mut Vec<u8>, kind: &str, id: &str) {
     }
 }
 
-fn user_spec(buf: &mut Vec<u8>, user: &UserSpec) {
+/// [`portcullis_policy::tools::UserSpec::from_claims`] as its derived `Serialize` writes it
+/// (a verified user has no `scope` string: its scopes are the set).
+fn user_spec(buf: &mut Vec<u8>, user: &UserClaims) {
     let mut o = Object::open(buf);
-    o.str("sub", &user.sub);
-    o.str("iss", &user.iss);
-    o.some_str("scope", user.scope.as_deref());
+    o.str("sub", &user.subject);
+    o.str("iss", &user.issuer);
     if !user.scopes.is_empty() {
         o.strs("scopes", &user.scopes);
     }
@@ -251,7 +252,9 @@ fn needs_escape(bytes: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::audit::{AuditApproval, AuditCall, AuditResource, AuditUser};
+    use std::sync::Arc;
+
+    use crate::audit::{ActorChain, AuditApproval, AuditCall, AuditResource};
     use crate::shadow::ShadowOutcome;
 
     /// Strings that exercise every escape and none.
@@ -294,22 +297,25 @@ mod tests {
         }
     }
 
+    fn claims(rng: &mut fastrand::Rng) -> Arc<UserClaims> {
+        Arc::new(UserClaims {
+            subject: text(rng),
+            issuer: text(rng),
+            scopes: texts(rng),
+            email: maybe(rng, text),
+            groups: texts(rng),
+            actor_chain: texts(rng),
+            expires_at: rng.u64(..),
+        })
+    }
+
     fn static_text(rng: &mut fastrand::Rng) -> &'static str {
         ["allow", "deny", "GET", "x-api-key", "a\"b", "\n"][rng.usize(..6)]
     }
 
     fn input(rng: &mut fastrand::Rng) -> AuditInput {
         AuditInput {
-            user: maybe(rng, |rng| {
-                Box::new(UserSpec {
-                    sub: text(rng),
-                    iss: text(rng),
-                    scope: maybe(rng, text),
-                    scopes: texts(rng),
-                    email: maybe(rng, text),
-                    groups: texts(rng),
-                })
-            }),
+            user: maybe(rng, claims),
             host: text(rng).into(),
             context: maybe(rng, |rng| {
                 let mut map = serde_json::Map::new();
@@ -351,11 +357,8 @@ mod tests {
             trace_id: maybe(rng, |rng| text(rng).into()),
             client_address: text(rng).into(),
             agent: maybe(rng, |rng| text(rng).into()),
-            user: maybe(rng, |rng| AuditUser {
-                sub: text(rng),
-                iss: text(rng),
-            }),
-            actor_chain: texts(rng),
+            user: maybe(rng, |rng| AuditUser(claims(rng))),
+            actor_chain: ActorChain(maybe(rng, claims)),
             method: text(rng).into(),
             path: text(rng).into(),
             action: maybe(rng, static_text),

@@ -41,8 +41,8 @@ use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 use crate::admission::InflightPermit;
 use crate::agents::KnownAgent;
 use crate::audit::{
-    AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource, AuditUser,
-    SharedText,
+    ActorChain, AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource,
+    AuditUser, SharedText,
 };
 use crate::body::{Audited, Forwarded, RequestBody, ResponseBody, StallTimeout};
 use crate::classify::{Protocol, check_path, classify};
@@ -348,7 +348,7 @@ async fn authorize_and_forward(
         };
         let input = AuthzInput {
             agent: &conn.agent,
-            user: user.as_ref(),
+            user: user.as_deref(),
             action: call.action,
             resource: &call.resource,
             request: request_info,
@@ -409,7 +409,7 @@ async fn authorize_and_forward(
             audit.record.action = Some(call.action.name());
             audit.record.resource = Some(resource);
             record_evaluation(audit, &mut evaluation, decision_time.as_micros());
-            audit.record.input = Some(AuditInput::new(&input, &host));
+            audit.record.input = Some(AuditInput::new(&input, user.as_ref(), &host));
             audit.record.shadow = shadow;
         } else {
             // The first refusal's record stands; later messages add only their errors.
@@ -516,7 +516,7 @@ async fn authorize_and_forward(
         route,
         credential::Subject {
             agent: conn.agent.as_str(),
-            user: user.as_ref().zip(subject_token.as_deref()),
+            user: user.as_deref().zip(subject_token.as_deref()),
             scopes: &scopes,
         },
         &mut parts.headers,
@@ -602,7 +602,7 @@ fn mcp_session(
 fn tool_filter(
     shared: &Shared,
     conn: &ConnectionIdentity,
-    user: Option<portcullis_core::UserClaims>,
+    user: Option<Arc<portcullis_core::UserClaims>>,
     (method, path, host): (&str, &str, &str),
     listed: protocol::filter::Listed,
     route: Option<usize>,
@@ -620,7 +620,7 @@ fn tool_filter(
                 &known.prepared,
                 &AuthzInput {
                     agent: &agent,
-                    user: user.as_ref(),
+                    user: user.as_deref(),
                     action: call.action,
                     resource: &call.resource,
                     request: RequestInfo {
@@ -674,7 +674,7 @@ async fn verify_user(
     agent: &SpiffeId,
     headers: &http::HeaderMap,
     audit: &mut AuditGuard,
-) -> Result<Option<portcullis_core::UserClaims>, Refusal> {
+) -> Result<Option<Arc<portcullis_core::UserClaims>>, Refusal> {
     let mut values = headers.get_all(&tokens.header).iter();
     let Some(value) = values.next() else {
         return Ok(None);
@@ -719,11 +719,9 @@ async fn verify_user(
     };
     match tokens.verifier_for(token).verify(token, agent).await {
         Ok(claims) => {
-            audit.record.user = Some(AuditUser {
-                sub: claims.subject.clone(),
-                iss: claims.issuer.clone(),
-            });
-            audit.record.actor_chain = claims.actor_chain.clone();
+            // The record shares the verified claims: a cached token copies none of them.
+            audit.record.user = Some(AuditUser(claims.clone()));
+            audit.record.actor_chain = ActorChain(Some(claims.clone()));
             Ok(Some(claims))
         }
         Err(rejection) => Err(reject(rejection.reason(), audit, rejection.to_string())),

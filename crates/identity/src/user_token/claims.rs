@@ -6,6 +6,8 @@
 //! on the clock or the caller (`exp`, `nbf`, `iat`, actor binding) and runs on every call,
 //! cache hit or not.
 
+use std::sync::Arc;
+
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use portcullis_core::{SpiffeId, UserClaims};
@@ -94,19 +96,15 @@ pub(crate) fn parse_header(
 }
 
 /// The claims of a token whose signature verified and whose static checks passed. Cached
-/// by token hash; [`check_per_call`] turns it into [`UserClaims`] for one call.
+/// by token hash; [`check_per_call`] hands out its [`UserClaims`] for one call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CheckedToken {
-    pub(crate) subject: String,
-    pub(crate) issuer: String,
-    scopes: Vec<String>,
-    email: Option<String>,
-    groups: Vec<String>,
-    pub(crate) expires_at: u64,
+    /// What every call presenting the token gets, shared: a request with a cached token
+    /// copies none of its claims (the audit record and the decision keep this `Arc`).
+    /// `actor_chain` holds the subjects of the nested `act` claims, outermost first.
+    pub(crate) user: Arc<UserClaims>,
     not_before: Option<u64>,
     issued_at: u64,
-    /// Subjects of the nested `act` claims, outermost first; empty without `act`.
-    actor_chain: Vec<String>,
     /// `may_act.sub`, when the token carries `may_act`.
     may_act: Option<String>,
 }
@@ -176,18 +174,20 @@ pub(crate) fn parse_claims(
     };
 
     Ok(CheckedToken {
-        subject,
-        issuer,
-        scopes: scopes(&claims)?,
-        email: optional_string(&claims, "email")?,
-        groups: match claims.get(&rules.groups_claim) {
-            None => Vec::new(),
-            Some(value) => string_set(value).ok_or(TokenRejection::Malformed("groups"))?,
-        },
-        expires_at,
+        user: Arc::new(UserClaims {
+            subject,
+            issuer,
+            scopes: scopes(&claims)?,
+            email: optional_string(&claims, "email")?,
+            groups: match claims.get(&rules.groups_claim) {
+                None => Vec::new(),
+                Some(value) => string_set(value).ok_or(TokenRejection::Malformed("groups"))?,
+            },
+            actor_chain,
+            expires_at,
+        }),
         not_before,
         issued_at,
-        actor_chain,
         may_act,
     })
 }
@@ -198,12 +198,12 @@ pub(crate) fn check_per_call(
     rules: &ClaimRules,
     caller: &SpiffeId,
     now: u64,
-) -> Result<UserClaims, TokenRejection> {
+) -> Result<Arc<UserClaims>, TokenRejection> {
     check_times(token, rules, now)?;
 
     // RFC 8693 §4.1: the outermost `act` is the current actor, which must be the workload
     // presenting the token; a token lifted by another workload is then useless.
-    match token.actor_chain.first() {
+    match token.user.actor_chain.first() {
         Some(actor) if actor != caller.as_str() => return Err(TokenRejection::ActorMismatch),
         Some(_) => {}
         None if rules.require_actor_binding => return Err(TokenRejection::ActorMissing),
@@ -217,15 +217,7 @@ pub(crate) fn check_per_call(
         return Err(TokenRejection::MayActDenied);
     }
 
-    Ok(UserClaims {
-        subject: token.subject.clone(),
-        issuer: token.issuer.clone(),
-        scopes: token.scopes.clone(),
-        email: token.email.clone(),
-        groups: token.groups.clone(),
-        actor_chain: token.actor_chain.clone(),
-        expires_at: token.expires_at,
-    })
+    Ok(Arc::clone(&token.user))
 }
 
 /// `exp`, `nbf` and `iat` against the clock, with the configured skew.
@@ -236,7 +228,7 @@ pub(crate) fn check_times(
 ) -> Result<(), TokenRejection> {
     let skew = rules.skew_secs;
     // RFC 7519 §4.1.4: the current time must be before `exp` (plus the allowed leeway).
-    if now >= token.expires_at.saturating_add(skew) {
+    if now >= token.user.expires_at.saturating_add(skew) {
         return Err(TokenRejection::Expired);
     }
     // RFC 7519 §4.1.5: not accepted before `nbf`; checked, never skipped.

@@ -114,7 +114,7 @@ fn header_checks_run_in_order() {
 fn numeric_dates_round_towards_shorter_validity() {
     let token = parse(json!({ "iat": 1000.2, "exp": 1299.9, "nbf": 999.5 })).unwrap();
     assert_eq!(token.issued_at, 1001);
-    assert_eq!(token.expires_at, 1299);
+    assert_eq!(token.user.expires_at, 1299);
     assert_eq!(token.not_before, Some(1000));
     assert_eq!(
         parse(json!({ "exp": 1e30 })).unwrap_err().reason(),
@@ -134,7 +134,7 @@ fn numeric_dates_round_towards_shorter_validity() {
 fn per_call_checks_use_the_given_time_and_skew() {
     let token = parse(json!({ "nbf": 1100 })).unwrap();
     let rules = rules();
-    let at = |now| check_per_call(&token, &rules, &caller(), now).map(|c| c.subject);
+    let at = |now| check_per_call(&token, &rules, &caller(), now).map(|c| c.subject.clone());
     assert_eq!(at(1069), Err(TokenRejection::NotYetValid));
     assert_eq!(at(1070), Ok("alice".to_owned()));
     assert_eq!(at(1329), Ok("alice".to_owned()));
@@ -153,7 +153,7 @@ fn lifetime_is_exp_minus_iat() {
 
 #[test]
 fn scopes_come_from_scope_then_scp() {
-    let scopes = |patch| parse(patch).unwrap().scopes;
+    let scopes = |patch| parse(patch).unwrap().user.scopes.clone();
     assert_eq!(scopes(json!({ "scope": " a  b a " })), vec!["a", "b"]);
     assert_eq!(scopes(json!({ "scp": ["x", "y", "x"] })), vec!["x", "y"]);
     assert_eq!(scopes(json!({ "scp": "x y" })), vec!["x", "y"]);
@@ -168,7 +168,7 @@ fn scopes_come_from_scope_then_scp() {
 #[test]
 fn groups_come_from_the_configured_claim() {
     let token = parse(json!({ "roles": ["admin"], "groups": "ignored" })).unwrap();
-    assert_eq!(token.groups, vec!["admin"]);
+    assert_eq!(token.user.groups, vec!["admin"]);
     assert_eq!(
         parse(json!({ "roles": null })).unwrap_err().reason(),
         "malformed"
@@ -179,7 +179,9 @@ fn groups_come_from_the_configured_claim() {
 fn actor_chain_is_bounded_and_shaped() {
     let chain = parse(json!({ "act": { "sub": CALLER, "act": { "sub": "origin" } } }))
         .unwrap()
-        .actor_chain;
+        .user
+        .actor_chain
+        .clone();
     assert_eq!(chain, vec![CALLER, "origin"]);
     let too_deep =
         json!({ "act": { "sub": CALLER, "act": { "sub": "b", "act": { "sub": "c" } } } });

@@ -59,11 +59,11 @@ impl UserTokenVerifier {
         let digest = text("digest")?;
         let jti = text("jti")?;
         Ok(ApprovalGrant {
-            approver: checked.subject,
-            issuer: checked.issuer,
+            approver: checked.user.subject.clone(),
+            issuer: checked.user.issuer.clone(),
             digest,
             jti,
-            expires_at: checked.expires_at,
+            expires_at: checked.user.expires_at,
         })
     }
 }

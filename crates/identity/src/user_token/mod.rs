@@ -64,7 +64,7 @@ pub fn fuzz_header_and_claims(token: &str) {
     if let Ok(checked) = claims::parse_claims(payload, &rules)
         && let Ok(caller) = portcullis_core::SpiffeId::parse("spiffe://example.org/agent")
     {
-        let now = checked.expires_at.saturating_sub(1);
+        let now = checked.user.expires_at.saturating_sub(1);
         let _ = claims::check_per_call(&checked, &rules, &caller, now);
     }
 }

@@ -180,12 +180,13 @@ impl UserTokenVerifier {
         self.inner.refresh().await;
     }
 
-    /// Verifies `token` for a request from `caller`, at the system clock's time.
+    /// Verifies `token` for a request from `caller`, at the system clock's time. The claims
+    /// are shared with the verified-token cache: a repeated token copies none of them.
     pub async fn verify(
         &self,
         token: &str,
         caller: &SpiffeId,
-    ) -> Result<UserClaims, TokenRejection> {
+    ) -> Result<Arc<UserClaims>, TokenRejection> {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -198,7 +199,7 @@ impl UserTokenVerifier {
         token: &str,
         caller: &SpiffeId,
         now: u64,
-    ) -> Result<UserClaims, TokenRejection> {
+    ) -> Result<Arc<UserClaims>, TokenRejection> {
         let result = self.inner.verify_at(token, caller, now).await;
         if let Err(rejection) = &result {
             // The token itself is a credential and is never logged.
@@ -282,7 +283,7 @@ impl Inner {
         token: &str,
         caller: &SpiffeId,
         now: u64,
-    ) -> Result<UserClaims, TokenRejection> {
+    ) -> Result<Arc<UserClaims>, TokenRejection> {
         // No RFC fixes a size; a cap checked before any decoding bounds the work (base64,
         // JSON, hashing) an unauthenticated caller can make us do.
         if token.len() > self.max_token_bytes {
@@ -301,7 +302,7 @@ impl Inner {
 
         let (payload_b64, keys) = self.verified_payload(token, keys).await?;
         let checked = Arc::new(claims::parse_claims(payload_b64, &self.rules)?);
-        let expires = checked.expires_at.saturating_add(self.rules.skew_secs);
+        let expires = checked.user.expires_at.saturating_add(self.rules.skew_secs);
         self.cache
             .insert(hash, Arc::clone(&checked), keys.generation(), expires, now);
         claims::check_per_call(&checked, &self.rules, caller, now)
