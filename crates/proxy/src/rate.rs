@@ -146,7 +146,11 @@ impl Buckets {
         let Ok(mut buckets) = self.buckets.lock() else {
             return Err(1);
         };
-        if !buckets.contains_key(key) && buckets.len() >= self.capacity {
+        // A known key is looked up by reference: its name is copied only when it is new.
+        if let Some(bucket) = buckets.get_mut(key) {
+            return self.spend(bucket, now);
+        }
+        if buckets.len() >= self.capacity {
             let rate = self.rate;
             buckets.retain(|_, b| b.refilled(now, rate) < burst);
             if buckets.len() >= self.capacity {
@@ -157,6 +161,12 @@ impl Buckets {
             tokens: burst,
             at: now,
         });
+        self.spend(bucket, now)
+    }
+
+    /// Refills `bucket` to `now` and takes a token from it if it has one.
+    fn spend(&self, bucket: &mut Bucket, now: Instant) -> Result<(), u32> {
+        let burst = f64::from(self.rule.burst);
         bucket.tokens = bucket.refilled(now, self.rate).min(burst);
         bucket.at = now;
         if bucket.tokens >= 1.0 {
