@@ -463,9 +463,11 @@ const MAX_BATCH: usize = 256;
 ///
 /// Twice a batch: at full load a window gathers about a batch of records (4 ms at 67k
 /// requests a second is 268), and those serialized while the last batch is being written
-/// need buffers too; with one batch's worth, one record in twelve found none.
+/// need buffers too; with one batch's worth, one record in twelve found none. At most 4 KiB
+/// each (a usual record is under 1 KiB), so the pool never holds more than 2 MiB, whatever
+/// the records of the last busy spell carried.
 const SPARE_BUFFERS: usize = 2 * MAX_BATCH;
-const SPARE_BUFFER_BYTES: usize = 16 * 1024;
+const SPARE_BUFFER_BYTES: usize = 4 * 1024;
 /// The capacity a record's buffer starts with when there is no spare: a record without a
 /// user token or protocol context is about 900 bytes.
 const RECORD_BYTES: usize = 1024;
@@ -1498,6 +1500,38 @@ mod tests {
         let expected: Vec<String> = (0..submitted).map(|id| id.to_string()).collect();
         assert_eq!(ids, expected);
         assert_eq!(verify_chain(&[path]).unwrap().unwrap().records, submitted);
+    }
+
+    /// A record too large for the pool (a long tool call's input) is written, and its buffer
+    /// freed rather than kept: the pool stays within `SPARE_BUFFERS * SPARE_BUFFER_BYTES`.
+    #[test]
+    fn large_buffers_are_not_kept_for_reuse() {
+        let (_dir, path) = audit_dir();
+        let (log, writer) = AuditLog::start(&file_sink(&path), Metrics::new()).unwrap();
+        let long = format!("/{}", "x".repeat(2 * SPARE_BUFFER_BYTES));
+        // The long one first: the short one's buffer, made afresh, is then the only spare.
+        for (index, request_path) in [long.as_str(), "/short"].iter().enumerate() {
+            log.submit(&AuditRecord {
+                request_id: index.to_string().into(),
+                path: (*request_path).into(),
+                ..AuditRecord::default()
+            });
+            while log.0.backlog.queued.load(Ordering::Acquire) > 0 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        let spare = log.0.backlog.spare.lock().unwrap();
+        let capacities: Vec<usize> = spare.iter().map(Vec::capacity).collect();
+        drop(spare);
+        assert_eq!(
+            capacities.len(),
+            1,
+            "the short record's buffer only: {capacities:?}"
+        );
+        assert!(capacities[0] <= SPARE_BUFFER_BYTES, "{capacities:?}");
+        drop(log);
+        writer.join();
+        assert_eq!(written_ids(&path), ["0", "1"]);
     }
 
     /// Each request serializes its record into a buffer the writer gave back: every line
