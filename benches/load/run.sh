@@ -15,24 +15,33 @@
 # For each: p50 and p99 at a fixed rate (oha -q, latency correction on), max rps (unlimited),
 # CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
 # idle RSS and RSS with 512 open mTLS connections; every ratio against nginx-mtls from this
-# same run. Then the first-byte table: first request on a new connection (client with and
-# without TCP_NODELAY, and a fresh httpx client with its handshake), time to first SSE event
-# and inter-event gaps, HTTP/1.1 and HTTP/2,
-# the three paths taking turns, round by round, for the first request (200 rounds each).
+# same run. The paths take turns: every proxy is started first (each on its own port, all on
+# PROXY_CORE, the idle ones idle), then ROUNDS rounds in which every path has its fixed-rate
+# and its unlimited run of DURATION / ROUNDS, in an order that rotates round by round; p50 and
+# p99 are over the rounds' requests pooled, max rps and CPU per request the median of the
+# rounds. On a shared host a slow spell (a few milliseconds of stall, seconds long) otherwise
+# lands in one row's 10 s and decides its ratios: here it lands in one round of one path, and
+# the spread table (lowest and highest round) shows it. Then the first-byte table:
+# first request on a new connection (client with and without TCP_NODELAY, and a fresh httpx
+# client with its handshake), time to first SSE event and inter-event gaps, HTTP/1.1 and
+# HTTP/2, the three paths taking turns, round by round, for the first request (200 rounds
+# each).
 #
 # The proxy under test runs alone on PROXY_CORE; the upstream and the load generator share
 # LOAD_CORE. Installs what it needs (nginx via apt-get, oha via cargo install, httpx in the
 # client tests' venv via .ci/python-clients).
 #
-# Usage: benches/load/run.sh [--first-byte]   (env: DURATION=10s RATE=2000 CONNECTIONS=16
-#                                              PROXY_CORE=0 LOAD_CORE=1 HOLD=512
-#                                              KEEP_WORK=1 keeps the fixtures and results)
+# Usage: benches/load/run.sh [--first-byte]   (env: DURATION=10s ROUNDS=5 RATE=2000
+#                                              CONNECTIONS=16 PROXY_CORE=0 LOAD_CORE=1
+#                                              HOLD=512 KEEP_WORK=1 keeps the fixtures and
+#                                              results)
 # --first-byte runs only the first-byte table (no oha needed).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 root="$PWD"
 
 DURATION="${DURATION:-10s}"
+ROUNDS="${ROUNDS:-5}"
 RATE="${RATE:-2000}"
 CONNECTIONS="${CONNECTIONS:-16}"
 PROXY_CORE="${PROXY_CORE:-0}"
@@ -138,16 +147,17 @@ start() { # core, command... (sets $started to the pid)
 }
 # The listeners are bound before the start ends (what loading policies freed is handed back
 # last): idle RSS is read once /readyz says so.
-wait_ready() {
+wait_ready() { # [admin port, 19901]
+    local admin="${1:-19901}"
     for _ in $(seq 1200); do
         local status
-        status="$( (exec 3<>/dev/tcp/127.0.0.1/19901 &&
+        status="$( (exec 3<>"/dev/tcp/127.0.0.1/$admin" &&
             printf 'GET /readyz HTTP/1.0\r\n\r\n' >&3 && read -r _ code _ <&3 &&
             echo "$code") 2>/dev/null || true)"
         [ "$status" = 200 ] && return 0
         sleep 0.05
     done
-    log "not ready on 19901"
+    log "not ready on $admin"
     return 1
 }
 # Each proxy starts with its executable out of the page cache, as in a new pod: a file just
@@ -178,40 +188,78 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 TICK="$(getconf CLK_TCK)"
 
-oha_run() { # json out, url, extra oha args...
-    local out="$1" url="$2"
-    shift 2
-    taskset -c "$LOAD_CORE" oha --no-tui --output-format json -z "$DURATION" -c "$CONNECTIONS" \
-        --worker-threads 1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
+oha_run() { # format (json, csv), out, url, extra oha args...
+    local format="$1" out="$2" url="$3"
+    shift 3
+    taskset -c "$LOAD_CORE" oha --no-tui --output-format "$format" -z "${ROUND_MS}ms" \
+        -c "$CONNECTIONS" --worker-threads 1 --cacert "$work/ca.pem" --cert "$work/agent.pem" \
         --key "$work/agent-key.pem" "$@" "$url" > "$out"
 }
 
-results="$work/results.tsv"
-: > "$results"
-measure() { # name, url, pid of the proxy process (or -), extra oha args...
-    local name="$1" url="$2" pid="$3"
-    shift 3
-    log "$name"
-    local idle_rss=- held_rss=- cpu=-
-    [ "$pid" != - ] && idle_rss="$(rss_kib "$pid")"
-    oha_run "$work/$name.rate.json" "$url" -q "$RATE" --latency-correction "$@"
-    local before=0
+# The paths, in the order of the table: url, the measured process (or -), idle RSS, and the
+# user token for the rows that send one.
+order=()
+declare -A url_of pid_of idle_of token_of
+path() { # name, url, pid or -, [token]
+    order+=("$1")
+    url_of[$1]="$2"
+    pid_of[$1]="$3"
+    idle_of[$1]=-
+    [ "$3" != - ] && idle_of[$1]="$(rss_kib "$3")"
+    token_of[$1]="${4:-}"
+}
+# One round of one path: its fixed-rate run (every request's latency, csv), then its unlimited
+# run with the CPU it took.
+round() { # round, name
+    local r="$1" name="$2" args=() cpu=- before=0
+    local pid="${pid_of[$name]}"
+    [ -n "${token_of[$name]}" ] && args=(-H "x-portcullis-user-token: ${token_of[$name]}")
+    oha_run csv "$work/$name.rate.$r.csv" "${url_of[$name]}" -q "$RATE" --latency-correction \
+        "${args[@]}"
     [ "$pid" != - ] && before="$(cpu_ticks "$pid")"
-    oha_run "$work/$name.max.json" "$url" "$@"
+    oha_run json "$work/$name.max.$r.json" "${url_of[$name]}" "${args[@]}"
     [ "$pid" != - ] && cpu="$(( $(cpu_ticks "$pid") - before ))"
+    printf '%s\t%s\t%s\t%s\n' "$name" "$r" "$cpu" "$TICK" >> "$rounds"
+}
+# RSS with HOLD mTLS connections open, after the rounds.
+held() { # name
+    local pid="${pid_of[$1]}" url="${url_of[$1]}" rss=-
     if [ "$pid" != - ] && [ "$HOLD" -gt 0 ]; then
         local port="${url##*:}"
         port="${port%%/*}"
         coproc HOLDER { taskset -c "$LOAD_CORE" "$TOOL" hold "127.0.0.1:$port" "$work" "$HOLD"; }
         read -r _ready _count <&"${HOLDER[0]}"
-        held_rss="$(rss_kib "$pid")"
+        rss="$(rss_kib "$pid")"
         exec {HOLDER[1]}>&-
         wait "$HOLDER_PID" 2>/dev/null || true
     fi
-    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$cpu" "$idle_rss" "$held_rss" "$TICK" >> "$results"
+    printf '%s\t%s\t%s\n' "$1" "${idle_of[$1]}" "$rss" >> "$memory"
 }
 
-portcullis() { # config name; sets $pid once it listens
+# What listened on a port a proxy is started on would answer in its place.
+port_free() { # port
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then
+        log "port $1 is in use: stop what listens there first"
+        exit 1
+    fi
+}
+# Portcullis with the fixtures' config NAME, on its own ports (listen 19450 + INDEX, admin
+# 19910 + INDEX), started and ready; its idle RSS read once /readyz says so.
+portcullis_on() { # config name, index, [user token its row sends]
+    local port=$((19450 + $2)) admin=$((19910 + $2))
+    port_free "$port"
+    port_free "$admin"
+    sed -e "s/^listen: .*/listen: 127.0.0.1:$port/" \
+        -e "s/^admin_listen: .*/admin_listen: 127.0.0.1:$admin/" \
+        "$work/portcullis-$1.yaml" > "$work/portcullis-$1.load.yaml"
+    uncache "$PORTCULLIS"
+    start "$PROXY_CORE" "$PORTCULLIS" run --config "$work/portcullis-$1.load.yaml"
+    local pid="$started"
+    wait_port "$port"
+    wait_ready "$admin"
+    path "portcullis-$1" "https://127.0.0.1:$port/bench/1k" "$pid" "${3:-}"
+}
+portcullis() { # config name; sets $pid once it listens (on 19443 / 19901)
     uncache "$PORTCULLIS"
     start "$PROXY_CORE" "$PORTCULLIS" run --config "$work/portcullis-$1.yaml"
     pid="$started"
@@ -224,36 +272,50 @@ stop() {
     wait "$1" 2>/dev/null || true
 }
 
+rounds="$work/rounds.tsv"
+memory="$work/memory.tsv"
+: > "$rounds"
+: > "$memory"
 if "$LOAD"; then
-    measure direct "http://127.0.0.1:18080/bench/1k" -
-    measure nginx-mtls "https://127.0.0.1:18443/bench/1k" "$mtls_worker"
-    measure nginx-mtls-log "https://127.0.0.1:18445/bench/1k" "$mtls_log_worker"
+    if ! [[ "$DURATION" =~ ^[0-9]+s$ ]] || [ "$ROUNDS" -lt 1 ]; then
+        log "DURATION is whole seconds (e.g. 10s) and ROUNDS at least 1"
+        exit 64
+    fi
+    ROUND_MS=$(( ${DURATION%s} * 1000 / ROUNDS ))
+    log "starting every path"
+    path direct "http://127.0.0.1:18080/bench/1k" -
+    path nginx-mtls "https://127.0.0.1:18443/bench/1k" "$mtls_worker"
+    path nginx-mtls-log "https://127.0.0.1:18445/bench/1k" "$mtls_log_worker"
     uncache "$FLOOR"
-    start "$PROXY_CORE" "$FLOOR" 127.0.0.1:19443 127.0.0.1:18080 "$work"
-    floor_pid="$started"
-    wait_port 19443
-    measure floor "https://127.0.0.1:19443/bench/1k" "$floor_pid"
-    stop "$floor_pid"
-    for size in 10 1000 10000; do
-        portcullis "$size"
-        measure "portcullis-$size" "https://127.0.0.1:19443/bench/1k" "$pid"
-        stop "$pid"
-    done
-    portcullis token
-    measure "portcullis-token" "https://127.0.0.1:19443/bench/1k" "$pid" \
-        -H "x-portcullis-user-token: $(cat "$work/token.txt")"
-    stop "$pid"
+    port_free 19450
+    start "$PROXY_CORE" "$FLOOR" 127.0.0.1:19450 127.0.0.1:18080 "$work"
+    wait_port 19450
+    path floor "https://127.0.0.1:19450/bench/1k" "$started"
+    portcullis_on 10 1
+    portcullis_on 1000 2
+    portcullis_on 10000 3
+    token="$(cat "$work/token.txt")"
+    portcullis_on token 4 "$token"
     # The same, with the token exchanged for an upstream credential (RFC 8693, cached).
-    # (Not a coproc: bash keeps one at a time, and `measure` holds connections with one.)
+    # (Not a coproc: bash keeps one at a time, and `held` holds connections with one.)
     mkfifo "$work/sts.stdin"
     taskset -c "$LOAD_CORE" "$TOOL" token-service "$work" < "$work/sts.stdin" > "$work/sts.out" &
     sts_pid=$!
     exec {sts_stdin}>"$work/sts.stdin"
     until grep -q ready "$work/sts.out" 2>/dev/null; do sleep 0.1; done
-    portcullis exchange
-    measure "portcullis-exchange" "https://127.0.0.1:19443/bench/1k" "$pid" \
-        -H "x-portcullis-user-token: $(cat "$work/token.txt")"
-    stop "$pid"
+    portcullis_on exchange 5 "$token"
+    for r in $(seq "$ROUNDS"); do
+        log "round $r of $ROUNDS (${ROUND_MS} ms a run)"
+        n="${#order[@]}"
+        for i in $(seq 0 $((n - 1))); do
+            round "$r" "${order[$(( (i + r - 1) % n ))]}"
+        done
+    done
+    log "holding $HOLD connections to each proxy"
+    for name in "${order[@]}"; do held "$name"; done
+    for name in "${order[@]}"; do
+        case "$name" in floor | portcullis-*) stop "${pid_of[$name]}" ;; esac
+    done
     exec {sts_stdin}>&-
     wait "$sts_pid" 2>/dev/null || true
 fi
@@ -272,22 +334,51 @@ taskset -c "$LOAD_CORE" "$PYTHON" benches/load/httpx_first.py "$work" \
 stop "$pid"
 
 # --- the tables -----------------------------------------------------------------------------
-python3 - "$work" "$results" "$firstbyte" "$RATE" <<'EOF'
-import json, sys
-work, results, firstbyte, rate = sys.argv[1:5]
-rows = []
-for line in open(results):
-    name, cpu, idle, held, tick = line.rstrip("\n").split("\t")
-    at = json.load(open(f"{work}/{name}.rate.json"))
-    mx = json.load(open(f"{work}/{name}.max.json"))
+python3 - "$work" "$rounds" "$memory" "$firstbyte" "$RATE" <<'EOF'
+import csv, json, statistics, sys
+def percentile(ordered, q):
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+work, rounds, memory, firstbyte, rate = sys.argv[1:6]
+# A fixed-rate run's first WARMUP seconds are left out of its latencies: oha opens its 16
+# connections (mTLS handshakes on one thread) while the requests the rate schedules pile up,
+# so the first ~50-100 answer late by the set-up (up to ~50 ms, latency correction on); over
+# a 2 s run that is more than 1% of the requests, and the p99 would be the set-up's. The
+# first-byte table measures a connection's set-up on its own.
+WARMUP = 0.25
+runs, latencies, order = {}, {}, []
+for line in open(rounds):
+    name, r, cpu, tick = line.rstrip("\n").split("\t")
+    if name not in runs:
+        runs[name], latencies[name] = [], []
+        order.append(name)
+    kept = [row for row in csv.DictReader(open(f"{work}/{name}.rate.{r}.csv"))
+            if float(row["request-start"]) >= WARMUP]
+    at = sorted(float(row["request-duration"]) * 1e3 for row in kept)
+    latencies[name] += at
+    mx = json.load(open(f"{work}/{name}.max.{r}.json"))
     total = sum(mx["statusCodeDistribution"].values())
-    ok = mx["statusCodeDistribution"].get("200", 0)
-    cpu_us = None if cpu == "-" or total == 0 else int(cpu) / int(tick) / total * 1e6
-    rows.append(dict(name=name, p50=at["latencyPercentiles"]["p50"] * 1e3,
-                     p99=at["latencyPercentiles"]["p99"] * 1e3, rps=mx["summary"]["requestsPerSec"],
-                     ok=ok / total if total else 0, cpu=cpu_us,
-                     idle=None if idle == "-" else int(idle) / 1024,
-                     held=None if held == "-" else int(held) / 1024))
+    runs[name].append(dict(
+        p99=percentile(at, 0.99) if at else None, rps=mx["summary"]["requestsPerSec"],
+        requests=len(kept) + total,
+        ok=sum(row["status"] == "200" for row in kept) + mx["statusCodeDistribution"].get("200", 0),
+        cpu=None if cpu == "-" or total == 0 else int(cpu) / int(tick) / total * 1e6))
+mem = {}
+for line in open(memory):
+    name, idle, held = line.rstrip("\n").split("\t")
+    mem[name] = tuple(None if v == "-" else int(v) / 1024 for v in (idle, held))
+def median(name, key):
+    values = [run[key] for run in runs[name] if run[key] is not None]
+    return statistics.median(values) if values else None
+# Latency percentiles over every round's requests pooled; max rps and CPU per request (each
+# an average over a whole run already) the median of the rounds.
+rows = []
+for name in order:
+    requests = sum(run["requests"] for run in runs[name])
+    pooled = sorted(latencies[name])
+    rows.append(dict(name=name, p50=percentile(pooled, 0.5), p99=percentile(pooled, 0.99),
+                     rps=median(name, "rps"), cpu=median(name, "cpu"),
+                     ok=sum(run["ok"] for run in runs[name]) / requests if requests else 0,
+                     idle=mem.get(name, (None, None))[0], held=mem.get(name, (None, None))[1]))
 bad = [f"{r['name']} ({r['ok']:.1%})" for r in rows if r["ok"] < 0.99]
 if bad:
     # A proxy relaying errors measures the wrong thing: refuse to print a table of it.
@@ -297,7 +388,14 @@ def ratio(value, of):
     return "" if value is None or not of else f" ({value / of:.2f}x)"
 def num(value, fmt):
     return "-" if value is None else format(value, fmt)
+def spread(name, key, fmt):
+    values = [run[key] for run in runs[name] if run[key] is not None]
+    return "-" if not values else f"{min(values):{fmt}}-{max(values):{fmt}}"
 if base:
+    count = len(runs[base["name"]])
+    print(f"\n{count} rounds, each path's runs taking turns with the others': p50 and p99 over the"
+          f" rounds' requests (the first {WARMUP} s of each run left out), max rps and CPU per"
+          " request the median of the rounds.")
     print(f"\n| path | p50 @{rate} rps | p99 @{rate} rps | max rps | 200s | CPU per request | RSS idle | RSS, 512 mTLS conns |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
@@ -306,6 +404,11 @@ if base:
               f"| {r['rps']:.0f}{ratio(r['rps'], base['rps'])} | {r['ok']:.0%} "
               f"| {num(r['cpu'], '.1f')} µs{ratio(r['cpu'], base['cpu'])} "
               f"| {num(r['idle'], '.1f')} MiB | {num(r['held'], '.1f')} MiB |")
+    print(f"\n| path, lowest-highest of the {count} rounds | p99 @{rate} rps (ms) | max rps | CPU per request (µs) |")
+    print("|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['name']} | {spread(r['name'], 'p99', '.3f')} | {spread(r['name'], 'rps', '.0f')} "
+              f"| {spread(r['name'], 'cpu', '.1f')} |")
 fb = {}
 for line in open(firstbyte):
     parts = line.split()
@@ -320,4 +423,4 @@ for measure, paths in fb.items():
     print(f"| {measure} | {cell('direct')} | {cell('nginx-mtls')} | {cell('portcullis')} | {r} |")
 EOF
 echo
-echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr); proxy on core $PROXY_CORE, upstream and oha on core $LOAD_CORE; $DURATION per run, $CONNECTIONS connections"
+echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr); proxy on core $PROXY_CORE, upstream and oha on core $LOAD_CORE; $DURATION a path in $ROUNDS rounds, $CONNECTIONS connections"
