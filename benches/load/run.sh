@@ -404,11 +404,19 @@ if base:
               f"| {r['rps']:.0f}{ratio(r['rps'], base['rps'])} | {r['ok']:.0%} "
               f"| {num(r['cpu'], '.1f')} µs{ratio(r['cpu'], base['cpu'])} "
               f"| {num(r['idle'], '.1f')} MiB | {num(r['held'], '.1f')} MiB |")
-    print(f"\n| path, lowest-highest of the {count} rounds | p99 @{rate} rps (ms) | max rps | CPU per request (µs) |")
-    print("|---|---|---|---|")
+    # A path's CPU per request against nginx-mtls's in the same round: a spell that slows the
+    # host for a round slows both, so these move less than the values do.
+    def paired(name):
+        ratios = [run["cpu"] / of["cpu"] for run, of in zip(runs[name], runs[base["name"]])
+                  if run["cpu"] is not None and of["cpu"]]
+        if not ratios:
+            return "-"
+        return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
+    print(f"\n| path, lowest-highest of the {count} rounds | p99 @{rate} rps (ms) | max rps | CPU per request (µs) | CPU against nginx-mtls's in the same round, median (lowest-highest) |")
+    print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {spread(r['name'], 'p99', '.3f')} | {spread(r['name'], 'rps', '.0f')} "
-              f"| {spread(r['name'], 'cpu', '.1f')} |")
+              f"| {spread(r['name'], 'cpu', '.1f')} | {paired(r['name'])} |")
 fb = {}
 for line in open(firstbyte):
     parts = line.split()
