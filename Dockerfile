@@ -13,6 +13,11 @@ ARG RUST_VERSION
 ENV RUSTUP_TOOLCHAIN=${RUST_VERSION} \
     CARGO_TERM_COLOR=never
 WORKDIR /src
+# jemalloc (the process allocator, crates/memory) is built by its configure script and make;
+# the slim image has a C compiler but no make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 COPY . .
 # The caches keep dependency builds across image builds; the binary is copied out of the
 # cached target directory because cache mounts are not part of the layer. The execution
