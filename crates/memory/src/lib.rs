@@ -25,7 +25,9 @@
 //!
 //! The workspace forbids unsafe code; this crate holds the foreign calls that need it.
 
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Not in cargo-fuzz builds (`cfg(fuzzing)`): the sanitizers there track the heap through the
+/// system allocator, which they intercept.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(fuzzing)))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
