@@ -14,9 +14,9 @@ ENV RUSTUP_TOOLCHAIN=${RUST_VERSION} \
     CARGO_TERM_COLOR=never
 WORKDIR /src
 # jemalloc (the process allocator, crates/memory) is built by its configure script and make;
-# the slim image has a C compiler but no make.
+# the slim image has a C compiler but no make. Pinned to bookworm's version (hadolint DL3008).
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends make \
+    && apt-get install -y --no-install-recommends make=4.3-4.1 \
     && rm -rf /var/lib/apt/lists/*
 COPY . .
 # The caches keep dependency builds across image builds; the binary is copied out of the
