@@ -91,12 +91,13 @@ pub fn run_as_batch() -> std::io::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    /// Resident memory of this process in bytes (`/proc/self/statm`, second field, in pages).
+    /// Resident memory of this process in bytes (`VmRSS` of `/proc/self/status`, in kB).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn resident_bytes() -> usize {
-        let statm = std::fs::read_to_string("/proc/self/statm").unwrap();
-        let pages: usize = statm.split_whitespace().nth(1).unwrap().parse().unwrap();
-        pages * 4096
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+        let kib: usize = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+        kib * 1024
     }
 
     /// What a policy load leaves behind, 64 MiB of small allocations freed, goes back to the
