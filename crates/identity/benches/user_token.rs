@@ -1,5 +1,6 @@
-//! User-token verification cost: a repeated token (served by the verified-token cache) vs
-//! a token whose signature must be checked (cache disabled), per signing algorithm.
+//! User-token verification cost: a repeated token remembered by its connection (matched by
+//! its bytes), served by the verified-token cache (hashed for it), and a token whose
+//! signature must be checked (cache disabled), per signing algorithm.
 
 // Bench setup: a failed mint or load is a broken bench, reported at its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -9,7 +10,9 @@ use std::time::Duration;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use portcullis_core::SpiffeId;
-use portcullis_identity::user_token::{JwksSource, UserTokenSettings, UserTokenVerifier};
+use portcullis_identity::user_token::{
+    JwksSource, TokenMemo, UserTokenSettings, UserTokenVerifier,
+};
 use portcullis_test_support::jwt::{SigningKey, claims, jwks};
 use tokio::runtime::Runtime;
 
@@ -55,6 +58,13 @@ fn bench(c: &mut Criterion) {
     for key in &keys {
         let token = key.token(&claims(ISS, AUD, "alice", CALLER, NOW));
         rt.block_on(cached.verify_at(&token, &caller, NOW)).unwrap();
+        let memo = TokenMemo::default();
+        group.bench_function(format!("{}/remembered", key.alg()), |b| {
+            b.iter(|| {
+                rt.block_on(cached.verify_at_remembering(black_box(&token), &caller, NOW, &memo))
+                    .unwrap()
+            })
+        });
         group.bench_function(format!("{}/cached", key.alg()), |b| {
             b.iter(|| {
                 rt.block_on(cached.verify_at(black_box(&token), &caller, NOW))

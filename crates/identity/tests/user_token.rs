@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use portcullis_core::SpiffeId;
 use portcullis_identity::user_token::{
-    JwksSource, SigningAlgorithm, TokenRejection, UserTokenSettings, UserTokenVerifier,
+    JwksSource, SigningAlgorithm, TokenMemo, TokenRejection, UserTokenSettings, UserTokenVerifier,
     parse_algorithm,
 };
 use portcullis_test_support::jwt::{
@@ -539,6 +539,76 @@ async fn repeated_token_is_verified_once_and_still_checked_per_call() {
 }
 
 #[tokio::test]
+async fn token_a_connection_re_sends_is_matched_by_its_bytes_and_still_checked_per_call() {
+    let f = default_verifier().await;
+    let memo = TokenMemo::default();
+    let alice = es_key().token(&good_claims());
+    let bob = es_key().token(&with(good_claims(), json!({ "sub": "bob" })));
+    let verify = async |token: &str, caller: &SpiffeId, now: u64| {
+        f.verifier
+            .verify_at_remembering(token, caller, now, &memo)
+            .await
+    };
+    for _ in 0..10 {
+        assert_eq!(
+            verify(&alice, &caller(), NOW).await.unwrap().subject,
+            "alice"
+        );
+    }
+    assert_eq!(f.verifier.signature_verifications(), 1);
+    // Remembered, yet the caller and the clock are checked again on every call.
+    let other = SpiffeId::parse(OTHER).unwrap();
+    assert_eq!(
+        verify(&alice, &other, NOW).await.unwrap_err().reason(),
+        "actor_mismatch"
+    );
+    assert_eq!(
+        verify(&alice, &caller(), NOW + 400).await.unwrap_err(),
+        TokenRejection::Expired
+    );
+    // Another token on the same connection is its own: verified, with its own claims, and
+    // it replaces the one remembered; the first one comes back from the shared cache.
+    assert_eq!(verify(&bob, &caller(), NOW).await.unwrap().subject, "bob");
+    assert_eq!(f.verifier.signature_verifications(), 2);
+    assert_eq!(
+        verify(&alice, &caller(), NOW).await.unwrap().subject,
+        "alice"
+    );
+    assert_eq!(verify(&bob, &caller(), NOW).await.unwrap().subject, "bob");
+    assert_eq!(f.verifier.signature_verifications(), 2);
+    // A token differing from the remembered one in one character of its signature is not
+    // taken for it.
+    let at = bob.len() - 10;
+    let swapped = if &bob[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &bob[..at], &bob[at + 1..]);
+    assert_eq!(
+        verify(&forged, &caller(), NOW).await.unwrap_err().reason(),
+        "bad_signature"
+    );
+    // What one verifier remembered is not another's, even for the same token.
+    let g = default_verifier().await;
+    g.verifier
+        .verify_at_remembering(&bob, &caller(), NOW, &memo)
+        .await
+        .unwrap();
+    assert_eq!(g.verifier.signature_verifications(), 1);
+}
+
+#[tokio::test]
+async fn without_a_cache_a_remembered_token_is_verified_on_every_call() {
+    let f = file_verifier(jwks(&[es_key()]), |s| s.cache_capacity = 0).await;
+    let memo = TokenMemo::default();
+    let token = es_key().token(&good_claims());
+    for _ in 0..3 {
+        f.verifier
+            .verify_at_remembering(&token, &caller(), NOW, &memo)
+            .await
+            .unwrap();
+    }
+    assert_eq!(f.verifier.signature_verifications(), 3);
+}
+
+#[tokio::test]
 async fn verify_uses_the_system_clock() {
     let f = default_verifier().await;
     let now = jwt::now();
@@ -614,10 +684,12 @@ async fn key_added_to_the_jwks_file_is_accepted_without_restart() {
     .await;
     assert_eq!(verifier.jwks_refreshes(), (1, 1));
 
-    // Removing a key revokes it, even for a token already verified and cached.
+    // Removing a key revokes it, even for a token already verified and cached, or
+    // remembered by a connection.
     let old_token = old.token(&good_claims());
+    let memo = TokenMemo::default();
     verifier
-        .verify_at(&old_token, &caller(), NOW)
+        .verify_at_remembering(&old_token, &caller(), NOW, &memo)
         .await
         .unwrap();
     configmap_publish(_dir.path(), 4, &jwks(&[&new]));
@@ -629,6 +701,14 @@ async fn key_added_to_the_jwks_file_is_accepted_without_restart() {
     })
     .await;
     assert_eq!(reason(&verifier, &old_token).await, "unknown_key");
+    assert_eq!(
+        verifier
+            .verify_at_remembering(&old_token, &caller(), NOW, &memo)
+            .await
+            .unwrap_err()
+            .reason(),
+        "unknown_key"
+    );
     refresh.abort();
 }
 

@@ -36,6 +36,7 @@ use http::{Request, Response, StatusCode, Version};
 use http_body_util::{BodyExt, Either};
 use hyper::body::Incoming;
 use portcullis_core::{Decision, SpiffeId};
+use portcullis_identity::user_token::TokenMemo;
 use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 
 use crate::admission::InflightPermit;
@@ -73,6 +74,9 @@ pub(crate) struct ConnectionIdentity {
     forwarded_for: Option<HeaderValue>,
     /// The host the last request named, by the bytes it was named with.
     last_host: HostCache,
+    /// The user token the last request presented, verified: the next request's is matched
+    /// against it by its bytes before the verifier hashes it for its cache.
+    last_user_token: TokenMemo,
 }
 
 impl ConnectionIdentity {
@@ -85,6 +89,7 @@ impl ConnectionIdentity {
             agent_text: agent.as_str().into(),
             agent,
             last_host: HostCache::default(),
+            last_user_token: TokenMemo::default(),
         }
     }
 }
@@ -264,7 +269,7 @@ async fn authorize_and_forward(
     )?;
     let user = match &shared.user_token {
         None => None,
-        Some(tokens) => verify_user(shared, tokens, &conn.agent, request.headers(), audit).await?,
+        Some(tokens) => verify_user(shared, tokens, conn, request.headers(), audit).await?,
     };
     if let Some(user) = &user {
         rate::step(shared, RatePer::User, &user.subject, audit)?;
@@ -671,7 +676,7 @@ fn standing_credentials(
 async fn verify_user(
     shared: &Shared,
     tokens: &UserTokens,
-    agent: &SpiffeId,
+    conn: &ConnectionIdentity,
     headers: &http::HeaderMap,
     audit: &mut AuditGuard,
 ) -> Result<Option<Arc<portcullis_core::UserClaims>>, Refusal> {
@@ -717,7 +722,11 @@ async fn verify_user(
     } else {
         value.trim()
     };
-    match tokens.verifier_for(token).verify(token, agent).await {
+    match tokens
+        .verifier_for(token)
+        .verify_remembering(token, &conn.agent, &conn.last_user_token)
+        .await
+    {
         Ok(claims) => {
             // The record shares the verified claims: a cached token copies none of them.
             audit.record.user = Some(AuditUser(claims.clone()));

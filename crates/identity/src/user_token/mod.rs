@@ -22,6 +22,7 @@ mod jwks;
 mod settings;
 mod verifier;
 
+pub use cache::TokenMemo;
 pub use error::{JwksError, TokenRejection};
 pub use grant::ApprovalGrant;
 pub use settings::{

@@ -19,7 +19,8 @@ use sha2::{Digest as _, Sha256};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::cache::TokenCache;
+use super::cache::{TokenCache, TokenMemo};
+use super::claims::CheckedToken;
 use super::claims::{self, ClaimRules};
 use super::error::{JwksError, TokenRejection};
 use super::fetch::UrlFetcher;
@@ -187,10 +188,20 @@ impl UserTokenVerifier {
         token: &str,
         caller: &SpiffeId,
     ) -> Result<Arc<UserClaims>, TokenRejection> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        self.verify_at(token, caller, now).await
+        self.verify_at(token, caller, system_now()).await
+    }
+
+    /// [`verify`](Self::verify) for a request on a connection that keeps a [`TokenMemo`]: a
+    /// token the same as the connection's last verified one is matched by its bytes instead
+    /// of being hashed for the verified-token cache. Checked exactly as a cache hit is.
+    pub async fn verify_remembering(
+        &self,
+        token: &str,
+        caller: &SpiffeId,
+        memo: &TokenMemo,
+    ) -> Result<Arc<UserClaims>, TokenRejection> {
+        self.verify_at_remembering(token, caller, system_now(), memo)
+            .await
     }
 
     /// [`verify`](Self::verify) with the time given, in unix seconds.
@@ -200,7 +211,28 @@ impl UserTokenVerifier {
         caller: &SpiffeId,
         now: u64,
     ) -> Result<Arc<UserClaims>, TokenRejection> {
-        let result = self.inner.verify_at(token, caller, now).await;
+        self.checked(token, caller, now, None).await
+    }
+
+    /// [`verify_remembering`](Self::verify_remembering) with the time given, in unix seconds.
+    pub async fn verify_at_remembering(
+        &self,
+        token: &str,
+        caller: &SpiffeId,
+        now: u64,
+        memo: &TokenMemo,
+    ) -> Result<Arc<UserClaims>, TokenRejection> {
+        self.checked(token, caller, now, Some(memo)).await
+    }
+
+    async fn checked(
+        &self,
+        token: &str,
+        caller: &SpiffeId,
+        now: u64,
+        memo: Option<&TokenMemo>,
+    ) -> Result<Arc<UserClaims>, TokenRejection> {
+        let result = self.inner.verify_at(token, caller, now, memo).await;
         if let Err(rejection) = &result {
             // The token itself is a credential and is never logged.
             tracing::debug!(reason = rejection.reason(), %rejection, caller = %caller.as_str(), "user token rejected");
@@ -261,6 +293,13 @@ impl UserTokenVerifier {
     }
 }
 
+/// The system clock in Unix seconds (0 before the epoch).
+fn system_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl Inner {
     fn stale_for(&self) -> Option<Duration> {
         let since = self
@@ -283,6 +322,7 @@ impl Inner {
         token: &str,
         caller: &SpiffeId,
         now: u64,
+        memo: Option<&TokenMemo>,
     ) -> Result<Arc<UserClaims>, TokenRejection> {
         // No RFC fixes a size; a cap checked before any decoding bounds the work (base64,
         // JSON, hashing) an unauthenticated caller can make us do.
@@ -294,9 +334,19 @@ impl Inner {
         if self.stale_for().is_some() {
             return Err(TokenRejection::JwksStale);
         }
-        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let keys = self.keys.load_full();
+        if let Some(checked) = memo.and_then(|memo| memo.get(&self.cache, keys.generation(), token))
+        {
+            return claims::check_per_call(&checked, &self.rules, caller, now);
+        }
+        let hash: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let remember = |generation, checked: &Arc<CheckedToken>| {
+            if let Some(memo) = memo {
+                memo.remember(&self.cache, generation, token, checked);
+            }
+        };
         if let Some(checked) = self.cache.get(&hash, keys.generation()) {
+            remember(keys.generation(), &checked);
             return claims::check_per_call(&checked, &self.rules, caller, now);
         }
 
@@ -305,6 +355,7 @@ impl Inner {
         let expires = checked.user.expires_at.saturating_add(self.rules.skew_secs);
         self.cache
             .insert(hash, Arc::clone(&checked), keys.generation(), expires, now);
+        remember(keys.generation(), &checked);
         claims::check_per_call(&checked, &self.rules, caller, now)
     }
 

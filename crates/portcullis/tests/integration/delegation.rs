@@ -325,3 +325,60 @@ async fn a_repeated_token_is_verified_once() {
         401
     );
 }
+
+#[tokio::test]
+async fn tokens_changing_on_one_connection_each_act_as_their_own_user() {
+    let h = Harness::builder()
+        .user_tokens()
+        .policies(r#"@id("all") permit (principal, action, resource);"#)
+        .start()
+        .await;
+    let alice = h.token("alice", &[], TRIAGE);
+    let bob = h.token("bob", &[], TRIAGE);
+    // Alice's token with one character of its signature changed.
+    let at = alice.len() - 10;
+    let swapped = if &alice[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &alice[..at], &alice[at + 1..]);
+    // One connection, requests pipelined: the proxy remembers each connection's last
+    // token, so the repeats below are served from that memory.
+    let tokens = [&alice, &bob, &alice, &alice, &forged, &alice];
+    let mut raw = String::new();
+    for (i, token) in tokens.iter().enumerate() {
+        let close = if i + 1 == tokens.len() {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        raw.push_str(&format!(
+            "GET /x/{i} HTTP/1.1\r\nHost: {}\r\nx-portcullis-user-token: {token}\r\n{close}\r\n",
+            crate::harness::HOST
+        ));
+    }
+    let reply = h.raw(TRIAGE, raw.as_bytes(), Duration::from_secs(10)).await;
+    // Responses follow one another without a separator (a body has no newline at its end).
+    let statuses: Vec<&str> = reply
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|response| &response[..3])
+        .collect();
+    assert_eq!(
+        statuses,
+        ["200", "200", "200", "200", "401", "200"],
+        "{reply}"
+    );
+    let records = h.audit(tokens.len()).await;
+    let by_path = |i: usize| {
+        records
+            .iter()
+            .find(|r| r["path"] == format!("/x/{i}"))
+            .unwrap_or_else(|| panic!("no record of /x/{i}"))
+    };
+    for (i, user) in ["alice", "bob", "alice", "alice"].iter().enumerate() {
+        assert_eq!(by_path(i)["user"]["sub"], *user, "request {i}");
+    }
+    assert_eq!(by_path(4)["reason"], "invalid_user_token");
+    assert_eq!(by_path(4)["user"], serde_json::Value::Null);
+    assert_eq!(by_path(5)["user"]["sub"], "alice");
+    // Alice's, Bob's and the forged signature, once each: the repeats were not verified again.
+    assert_eq!(h.verifier.as_ref().unwrap().signature_verifications(), 3);
+}
