@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::audit::AuditGuard;
 use crate::error::Refusal;
+use crate::metrics::ExchangeResult;
 
 /// One route's credential, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -154,30 +155,23 @@ pub(crate) async fn step(
                 );
                 return Err(Refusal::PolicyDenied);
             }
-            let count = |result: &str| {
-                shared
-                    .metrics
-                    .token_exchanges
-                    .with_label_values(&[result])
-                    .inc();
-            };
+            let count = |result| shared.metrics.count_token_exchange(result);
             match exchanger
-                .credential(
-                    (&user.issuer, &user.subject),
-                    subject.agent,
-                    token,
-                    &scope.join(" "),
-                )
+                .credential((&user.issuer, &user.subject), subject.agent, token, &scope)
                 .await
             {
                 Ok((value, cached)) => {
-                    count(if cached { "cached" } else { "ok" });
+                    count(if cached {
+                        ExchangeResult::Cached
+                    } else {
+                        ExchangeResult::Ok
+                    });
                     headers.remove(http::header::AUTHORIZATION);
                     headers.insert(http::header::AUTHORIZATION, value);
                     Ok(())
                 }
                 Err(detail) => {
-                    count("failed");
+                    count(ExchangeResult::Failed);
                     tracing::warn!(error = %detail, "token exchange failed");
                     audit
                         .record
@@ -311,15 +305,30 @@ pub(crate) struct Exchanger {
     pending: Mutex<HashMap<CacheKey, Arc<Pending>>>,
 }
 
+thread_local! {
+    /// The key of the call being looked up, written into the same buffer each time: a
+    /// cached credential (every call but the first of a user for a while) costs no
+    /// allocation to find.
+    static KEY: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 type Exchanged = Result<(HeaderValue, Option<Duration>), String>;
 type Pending = tokio::sync::OnceCell<Exchanged>;
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct CacheKey {
-    issuer: String,
-    user: String,
-    agent: String,
-    scope: String,
+/// Issuer, user, agent and scopes, each with its length before it, so that no two
+/// different tuples share a key whatever bytes their parts hold (see [`write_key`]).
+type CacheKey = Box<[u8]>;
+
+/// Appends the cache key of one exchange: the user (`issuer`, `subject`), the agent it acts
+/// through and the scopes it asks for, each part preceded by its length.
+fn write_key(key: &mut Vec<u8>, (issuer, user): (&str, &str), agent: &str, scope: &[&str]) {
+    for part in [issuer, user, agent]
+        .into_iter()
+        .chain(scope.iter().copied())
+    {
+        key.extend_from_slice(&(part.len() as u64).to_le_bytes());
+        key.extend_from_slice(part.as_bytes());
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -383,24 +392,26 @@ impl Exchanger {
     /// another call's exchange in flight) rather than from an exchange of its own.
     async fn credential(
         &self,
-        (issuer, user): (&str, &str),
+        user: (&str, &str),
         agent: &str,
         subject_token: &str,
-        scope: &str,
+        scope: &[&str],
     ) -> Result<(HeaderValue, bool), String> {
-        let key = CacheKey {
-            issuer: issuer.to_owned(),
-            user: user.to_owned(),
-            agent: agent.to_owned(),
-            scope: scope.to_owned(),
-        };
         let now = Instant::now();
-        if let Ok(cache) = self.cache.lock()
-            && let Some(cached) = cache.get(&key)
-            && now < cached.refresh_at
-        {
-            return Ok((cached.value.clone(), true));
+        let cached = KEY.with_borrow_mut(|key| {
+            key.clear();
+            write_key(key, user, agent, scope);
+            let cache = self.cache.lock().ok()?;
+            let cached = cache.get(key.as_slice())?;
+            (now < cached.refresh_at).then(|| cached.value.clone())
+        });
+        if let Some(value) = cached {
+            return Ok((value, true));
         }
+        let mut key = Vec::new();
+        write_key(&mut key, user, agent, scope);
+        let key = CacheKey::from(key);
+        let scope = scope.join(" ");
         let pending = match self.pending.lock() {
             Ok(mut pending) => pending.entry(key.clone()).or_default().clone(),
             // A poisoned map only loses the sharing, not the exchange.
@@ -413,7 +424,7 @@ impl Exchanger {
                 exchanged.store(true, std::sync::atomic::Ordering::Relaxed);
                 // Boxed: the HTTP exchange's future is large, and held inline it would make
                 // every request's future larger, cached or not.
-                let exchange = Box::pin(self.exchange(subject_token, scope));
+                let exchange = Box::pin(self.exchange(subject_token, &scope));
                 tokio::time::timeout(self.spec.timeout, exchange)
                     .await
                     .map_err(|_| "token service did not answer in time".to_owned())
@@ -580,6 +591,31 @@ fn form_encode(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_keys_tell_apart_every_split_of_the_same_bytes() {
+        let key = |user, agent, scope: &[&str]| {
+            let mut key = Vec::new();
+            write_key(&mut key, user, agent, scope);
+            key
+        };
+        let keys = [
+            key(("ab", "c"), "d", &["e"]),
+            key(("a", "bc"), "d", &["e"]),
+            key(("a", "b"), "cd", &["e"]),
+            key(("a", "b"), "c", &["de"]),
+            key(("a", "b"), "c", &["d", "e"]),
+            key(("a", "b"), "c", &["d e"]),
+            key(("a", "b"), "c", &[]),
+            key(("a", "b"), "c", &[""]),
+        ];
+        for (i, a) in keys.iter().enumerate() {
+            for b in &keys[i + 1..] {
+                assert_ne!(a, b);
+            }
+        }
+        assert_eq!(keys[0], key(("ab", "c"), "d", &["e"]));
+    }
 
     #[test]
     fn form_encoding_escapes_what_it_must() {

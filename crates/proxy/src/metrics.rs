@@ -52,6 +52,28 @@ pub struct Metrics {
     /// `decisions` children, resolved on first use: a label lookup hashes every label value
     /// under a lock, once per request; a resolved handle is one atomic add.
     decision_handles: Arc<DecisionHandles>,
+    /// `token_exchanges` children, resolved on first use like `decision_handles`.
+    exchange_handles: Arc<[OnceLock<IntCounter>; 3]>,
+}
+
+/// The `result` of a token exchange (`portcullis_token_exchanges_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExchangeResult {
+    /// Exchanged for this call.
+    Ok,
+    /// A credential exchanged earlier (or by a concurrent call) was used.
+    Cached,
+    Failed,
+}
+
+impl ExchangeResult {
+    pub fn name(self) -> &'static str {
+        match self {
+            ExchangeResult::Ok => "ok",
+            ExchangeResult::Cached => "cached",
+            ExchangeResult::Failed => "failed",
+        }
+    }
 }
 
 const DECISIONS: [Decision; 5] = [
@@ -256,6 +278,7 @@ impl Metrics {
             agent_labels: Arc::new(RwLock::new(HashSet::new())),
             max_agent_labels,
             decision_handles: Arc::default(),
+            exchange_handles: Arc::default(),
             decisions,
             decision_duration,
             request_duration,
@@ -274,6 +297,13 @@ impl Metrics {
     }
 
     /// Counts one decision in `portcullis_decisions_total`.
+    /// Counts one token exchange by its result.
+    pub fn count_token_exchange(&self, result: ExchangeResult) {
+        self.exchange_handles[result as usize]
+            .get_or_init(|| self.token_exchanges.with_label_values(&[result.name()]))
+            .inc();
+    }
+
     pub fn observe_decision(&self, decision: Decision, action: Action) {
         let row = DECISIONS.iter().position(|d| *d == decision);
         let column = Action::ALL.iter().position(|a| *a == action);
