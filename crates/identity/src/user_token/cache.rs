@@ -158,8 +158,8 @@ impl TokenMemo {
             .map(|r| Arc::clone(&r.checked))
     }
 
-    /// Remembers `token`, unless its cache is off (`cache_capacity: 0` verifies every
-    /// token's signature on every call; so does a verifier without a memo).
+    /// Remembers `token`, unless the cache is off: with `cache_capacity: 0` every call's
+    /// signature is verified, remembered or not.
     pub(crate) fn remember(
         &self,
         cache: &TokenCache,
