@@ -145,7 +145,9 @@ impl std::fmt::Debug for TokenMemo {
 
 impl TokenMemo {
     /// The checked token if `token` is the one remembered, by this cache under this key set
-    /// generation.
+    /// generation. The bytes are compared in constant time: a connection may carry several
+    /// users' tokens (an agent gateway), and how long a comparison took must not tell one
+    /// caller how much of its token matches the one remembered.
     pub(crate) fn get(
         &self,
         cache: &TokenCache,
@@ -154,7 +156,14 @@ impl TokenMemo {
     ) -> Option<Arc<CheckedToken>> {
         let held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         held.as_ref()
-            .filter(|r| r.cache == cache.id && r.generation == generation && *r.token == *token)
+            .filter(|r| r.cache == cache.id && r.generation == generation)
+            .filter(|r| {
+                aws_lc_rs::constant_time::verify_slices_are_equal(
+                    r.token.as_bytes(),
+                    token.as_bytes(),
+                )
+                .is_ok()
+            })
             .map(|r| Arc::clone(&r.checked))
     }
 
