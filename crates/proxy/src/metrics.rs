@@ -296,7 +296,6 @@ impl Metrics {
         }
     }
 
-    /// Counts one decision in `portcullis_decisions_total`.
     /// Counts one token exchange by its result.
     pub fn count_token_exchange(&self, result: ExchangeResult) {
         self.exchange_handles[result as usize]
@@ -304,6 +303,7 @@ impl Metrics {
             .inc();
     }
 
+    /// Counts one decision in `portcullis_decisions_total`.
     pub fn observe_decision(&self, decision: Decision, action: Action) {
         let row = DECISIONS.iter().position(|d| *d == decision);
         let column = Action::ALL.iter().position(|a| *a == action);

@@ -20,8 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::cache::{TokenCache, TokenMemo};
-use super::claims::CheckedToken;
-use super::claims::{self, ClaimRules};
+use super::claims::{self, CheckedToken, ClaimRules};
 use super::error::{JwksError, TokenRejection};
 use super::fetch::UrlFetcher;
 use super::jwks::{KeyLookup, KeySet};
