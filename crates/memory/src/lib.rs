@@ -1,6 +1,7 @@
 //! The process's allocator, and the workspace's foreign calls behind safe functions: handing
-//! the system back memory the allocators hold free, and keeping a background thread from
-//! pre-empting the one that serves requests. (The crate is named for the first two.)
+//! the system back memory the allocators hold free, keeping a background thread from
+//! pre-empting the one that serves requests, and socket I/O. (The crate is named for the
+//! first two.)
 //!
 //! Allocator: every binary that links this crate (the proxy's does) allocates with jemalloc
 //! on Linux with glibc. A request allocates a dozen times, some of it over 1 KiB (the
@@ -23,7 +24,12 @@
 //! thread on the spot, in the middle of a request; as a batch thread it runs when the serving
 //! thread waits or its time slice ends instead (see [`run_as_batch`]).
 //!
+//! Sockets: [`socket`] reads and writes a connection without glibc's cancellation points.
+//!
 //! The workspace forbids unsafe code; this crate holds the foreign calls that need it.
+
+#[cfg(unix)]
+pub mod socket;
 
 /// Not in cargo-fuzz builds (`cfg(fuzzing)`): the sanitizers there track the heap through the
 /// system allocator, which they intercept.

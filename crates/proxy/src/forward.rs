@@ -19,6 +19,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use portcullis_memory::socket::Socket;
 use portcullis_policy::Permit;
 use tokio::net::TcpStream;
 
@@ -186,6 +187,9 @@ impl Forwarder {
         if let Err(error) = stream.set_nodelay(true) {
             tracing::debug!(%error, "TCP_NODELAY not set on the upstream connection");
         }
+        let stream = Socket::new(stream).map_err(|error| {
+            ForwardError::connect(format!("connect to {}: {error}", self.upstream))
+        })?;
         let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| ForwardError::protocol(&e))?;

@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use portcullis_identity::LiveIdentity;
+use portcullis_memory::socket::Socket;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot, watch};
@@ -87,6 +88,14 @@ async fn connection(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let _ = tcp.set_nodelay(true);
+    let tcp = match Socket::new(tcp) {
+        Ok(tcp) => tcp,
+        Err(error) => {
+            // epoll refused it (`max_user_watches`, memory): the host is out of a resource.
+            tracing::warn!(%peer, %error, "connection dropped: not registered with the reactor");
+            return;
+        }
+    };
     let limits = &shared.limits;
     let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
     let (handshake, claim) = portcullis_identity::claim::with_claim(handshake).await;
@@ -347,9 +356,9 @@ async fn linger<T: AsyncRead + AsyncWrite + Unpin>(mut io: T, max: Duration) {
 /// (session tickets are off, so resumption cannot outlive a bundle change); a client that
 /// leaves Nagle's algorithm on holds its first request until its `Finished` is acknowledged.
 /// `TCP_QUICKACK` (tcp(7)) sends the pending ACK at once: the stall is gone without a ticket.
-fn acknowledge_handshake(tcp: &TcpStream) {
+fn acknowledge_handshake(socket: &Socket) {
     #[cfg(target_os = "linux")]
-    if let Err(error) = socket2::SockRef::from(tcp).set_tcp_quickack(true) {
+    if let Err(error) = socket2::SockRef::from(socket.tcp()).set_tcp_quickack(true) {
         tracing::debug!(%error, "TCP_QUICKACK not set");
     }
 }
