@@ -8,17 +8,21 @@ use portcullis_core::{Action, Decision};
 
 use portcullis_identity::{CertificateExpiry, ReloadKind, ReloadObserver};
 use prometheus::{
-    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, GaugeVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
 };
+
+mod histogram;
+
+pub use histogram::ShardedHistogram;
 
 /// Every metric Portcullis exports, registered in one private registry.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,
     pub decisions: IntCounterVec,
-    pub decision_duration: Histogram,
-    pub request_duration: Histogram,
+    /// Observed on the request path: sharded per thread (see [`ShardedHistogram`]).
+    pub decision_duration: ShardedHistogram,
+    pub request_duration: ShardedHistogram,
     pub request_rejections: IntCounterVec,
     pub upstream_errors: IntCounterVec,
     pub tls_handshake_failures: IntCounterVec,
@@ -130,8 +134,7 @@ impl Metrics {
             metric
         };
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-                .expect("valid metric");
+            let metric = ShardedHistogram::new(name, help, buckets).expect("valid metric");
             registry
                 .register(Box::new(metric.clone()))
                 .expect("unique metric");
