@@ -31,7 +31,8 @@ pub struct Socket {
 
 impl Socket {
     /// Takes over a tokio stream: its registration with the reactor is replaced by this one's.
-    /// Call it within a tokio runtime with I/O enabled.
+    /// Call it within a tokio runtime with I/O enabled (outside one it panics, as tokio's own
+    /// registration does).
     ///
     /// # Errors
     /// The reactor's (`epoll_ctl`), should it refuse the descriptor.
