@@ -26,8 +26,12 @@
 //!
 //! Sockets: [`socket`] reads and writes a connection without glibc's cancellation points.
 //!
+//! Time: [`clock::coarse_now`] reads the monotonic clock as of the kernel's last tick, for
+//! deadlines of seconds stamped on every request.
+//!
 //! The workspace forbids unsafe code; this crate holds the foreign calls that need it.
 
+pub mod clock;
 #[cfg(unix)]
 pub mod socket;
 

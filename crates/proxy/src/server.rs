@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use portcullis_identity::LiveIdentity;
+use portcullis_memory::clock::coarse_now;
 use portcullis_memory::socket::Socket;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -439,6 +440,11 @@ impl RefusalLog {
 /// What the connection deadlines are computed from, shared by the I/O wrapper (a head
 /// starts with its first byte), the service (a request begins; its response ends) and
 /// [`drive`].
+///
+/// Its stamps are milliseconds on the coarse clock ([`coarse_now`]: ~5 ns a read against
+/// ~30, two reads a request): they start deadlines of seconds (`header_read_timeout`,
+/// `idle_timeout`), which [`drive`] checks against the precise clock, so a deadline can be
+/// met up to a kernel tick (4 ms at `HZ=250`) early or late.
 #[derive(Debug)]
 struct ConnState {
     origin: Instant,
@@ -456,7 +462,7 @@ const NONE: u64 = u64::MAX;
 impl ConnState {
     fn new(http2: bool) -> Self {
         Self {
-            origin: Instant::now(),
+            origin: Instant::from_std(coarse_now()),
             in_progress: AtomicUsize::new(0),
             idle_since_ms: AtomicU64::new(0),
             head_started_ms: AtomicU64::new(NONE),
@@ -465,7 +471,8 @@ impl ConnState {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(NONE - 1)
+        let elapsed = Instant::from_std(coarse_now()).saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_millis()).unwrap_or(NONE - 1)
     }
 
     fn at(&self, ms: u64) -> Option<Instant> {

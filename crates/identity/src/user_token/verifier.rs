@@ -15,6 +15,7 @@ use arc_swap::ArcSwap;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use portcullis_core::{SpiffeId, UserClaims};
+use portcullis_memory::clock::coarse_now;
 use sha2::{Digest as _, Sha256};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
@@ -51,8 +52,11 @@ struct Inner {
     algorithms: Vec<SigningAlgorithm>,
     allowed_types: Vec<String>,
     max_stale: Duration,
-    /// When the key set was last loaded or refreshed successfully (unchanged content counts).
-    last_success: Mutex<Instant>,
+    /// When the key set was last loaded or refreshed successfully (unchanged content counts),
+    /// in milliseconds since `origin`, on the coarse clock ([`coarse_now`]): read on every
+    /// token request against a bound of minutes, so without a lock and a precise clock read.
+    last_success_ms: AtomicU64,
+    origin: std::time::Instant,
     max_token_bytes: usize,
     max_jwks_bytes: usize,
     refresh_interval: Duration,
@@ -137,7 +141,8 @@ impl UserTokenVerifier {
                 algorithms: settings.algorithms,
                 allowed_types: settings.allowed_types,
                 max_stale: settings.jwks_max_stale,
-                last_success: Mutex::new(Instant::now()),
+                last_success_ms: AtomicU64::new(0),
+                origin: coarse_now(),
                 max_token_bytes: settings.max_token_bytes,
                 max_jwks_bytes: settings.max_jwks_bytes,
                 refresh_interval: settings.jwks_refresh_interval,
@@ -300,20 +305,22 @@ fn system_now() -> u64 {
 }
 
 impl Inner {
+    /// Milliseconds since `origin` on the coarse clock.
+    fn coarse_ms(&self) -> u64 {
+        let elapsed = coarse_now().saturating_duration_since(self.origin);
+        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)
+    }
+
     fn stale_for(&self) -> Option<Duration> {
-        let since = self
-            .last_success
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .elapsed();
+        let last = self.last_success_ms.load(Ordering::Relaxed);
+        let since = Duration::from_millis(self.coarse_ms().saturating_sub(last));
         (since > self.max_stale).then_some(since)
     }
 
     fn refreshed(&self) {
-        *self
-            .last_success
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Instant::now();
+        // The latest of concurrent refreshes wins, whichever stores last.
+        self.last_success_ms
+            .fetch_max(self.coarse_ms(), Ordering::Relaxed);
     }
 
     async fn verify_at(
