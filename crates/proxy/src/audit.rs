@@ -885,7 +885,7 @@ impl Drop for AuditGuard {
         // reads it back from audit files, so the two views cannot disagree.
         let record = &self.record;
         if let Some(agent) = &record.agent {
-            ENTITY_TEXT.with_borrow_mut(|text| {
+            let agents = ENTITY_TEXT.with_borrow_mut(|text| {
                 text.clear();
                 if let Some(r) = &record.resource {
                     // Writing to a `String` cannot fail.
@@ -898,9 +898,11 @@ impl Drop for AuditGuard {
                     action: record.action,
                     resource: record.resource.is_some().then_some(text.as_str()),
                     decision: record.decision,
-                });
+                })
             });
-            metrics.agents_seen.set(self.inventory.len() as i64);
+            metrics
+                .agents_seen
+                .set(i64::try_from(agents).unwrap_or(i64::MAX));
         }
         self.log.submit_soon(std::mem::take(&mut self.record));
     }

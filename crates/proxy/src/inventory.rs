@@ -53,6 +53,49 @@ pub struct AgentEntry {
     users: HashSet<String>,
 }
 
+impl AgentEntry {
+    fn observe(&mut self, seen: &Observation<'_>) {
+        self.last_seen.clear();
+        self.last_seen.push_str(seen.time);
+        self.requests += 1;
+        match seen.decision {
+            Some("allow") => self.allowed += 1,
+            Some(_) => self.denied += 1,
+            None => self.refused += 1,
+        }
+        if let Some(action) = seen.action
+            && !self.actions.contains(action)
+        {
+            self.actions.insert(action.to_owned());
+        }
+        if let Some(resource) = seen.resource
+            && !self.resources.contains(resource)
+        {
+            if self.resources.len() < MAX_RESOURCES {
+                self.resources.insert(resource.to_owned());
+            } else {
+                self.resources_not_listed += 1;
+            }
+        }
+        match seen.user {
+            // Only a decided call says anything about autonomy; a refused one (an invalid
+            // token, say) did not get that far.
+            None if seen.decision.is_some() => self.called_without_user = true,
+            None => {}
+            Some(user) => {
+                if !self.users.contains(user) {
+                    if self.users.len() < MAX_USERS {
+                        self.users.insert(user.to_owned());
+                    } else {
+                        self.distinct_users_capped = true;
+                    }
+                }
+                self.distinct_users = self.users.len();
+            }
+        }
+    }
+}
+
 /// The inventory, keyed by SPIFFE ID.
 #[derive(Debug, Default)]
 pub struct Inventory {
@@ -64,62 +107,26 @@ impl Inventory {
         Self::default()
     }
 
-    pub fn observe(&self, seen: &Observation<'_>) {
+    /// Counts one decided request; returns how many agents are known now (one lock a
+    /// request, for both).
+    pub fn observe(&self, seen: &Observation<'_>) -> usize {
         let Ok(mut agents) = self.agents.lock() else {
-            return;
+            return 0;
         };
-        // Looked up by `&str` first: an agent seen before costs no allocation.
-        if !agents.contains_key(seen.agent) {
-            agents.insert(
-                seen.agent.to_owned(),
-                AgentEntry {
+        // Looked up by `&str`: an agent seen before costs one lookup and no allocation.
+        match agents.get_mut(seen.agent) {
+            Some(entry) => entry.observe(seen),
+            None => {
+                let mut entry = AgentEntry {
                     spiffe_id: seen.agent.to_owned(),
                     first_seen: seen.time.to_owned(),
                     ..AgentEntry::default()
-                },
-            );
-        }
-        let Some(entry) = agents.get_mut(seen.agent) else {
-            return;
-        };
-        entry.last_seen.clear();
-        entry.last_seen.push_str(seen.time);
-        entry.requests += 1;
-        match seen.decision {
-            Some("allow") => entry.allowed += 1,
-            Some(_) => entry.denied += 1,
-            None => entry.refused += 1,
-        }
-        if let Some(action) = seen.action
-            && !entry.actions.contains(action)
-        {
-            entry.actions.insert(action.to_owned());
-        }
-        if let Some(resource) = seen.resource
-            && !entry.resources.contains(resource)
-        {
-            if entry.resources.len() < MAX_RESOURCES {
-                entry.resources.insert(resource.to_owned());
-            } else {
-                entry.resources_not_listed += 1;
+                };
+                entry.observe(seen);
+                agents.insert(seen.agent.to_owned(), entry);
             }
         }
-        match seen.user {
-            // Only a decided call says anything about autonomy; a refused one (an invalid
-            // token, say) did not get that far.
-            None if seen.decision.is_some() => entry.called_without_user = true,
-            None => {}
-            Some(user) => {
-                if !entry.users.contains(user) {
-                    if entry.users.len() < MAX_USERS {
-                        entry.users.insert(user.to_owned());
-                    } else {
-                        entry.distinct_users_capped = true;
-                    }
-                }
-                entry.distinct_users = entry.users.len();
-            }
-        }
+        agents.len()
     }
 
     pub fn len(&self) -> usize {
