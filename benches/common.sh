@@ -12,6 +12,38 @@ dist_build() { # cargo build arguments (packages, binaries)
         cargo build --profile dist --locked "$@"
 }
 
+# What the execution profile was taken of: a SHA-256 for every file the profiled binaries are
+# compiled from (the crates' sources, build scripts and manifests, the floor's source, the
+# lock file) and for the toolchain. benches/pgo/run.sh writes the list beside the profile
+# (crates/portcullis/pgo.sources); the load benchmark compares. Functions whose code changed
+# are compiled as without a profile: a stale one costs speed, never correctness, and easily
+# ~0.3 µs a request when the request path's types change, which a comparison of builds would
+# otherwise put down to the change itself.
+PROFILE_SOURCES=crates/portcullis/pgo.sources
+profile_sources() { # (run from the repository's root)
+    git ls-files -co --exclude-standard -- ':(glob)crates/*/src/**/*.rs' \
+        ':(glob)crates/*/build.rs' ':(glob)crates/*/Cargo.toml' benches/load/floor.rs \
+        Cargo.toml Cargo.lock | sort | xargs sha256sum
+    printf '%s  (toolchain) %s\n' "$(rustc -vV | sha256sum | cut -c1-64)" "$(rustc -V)"
+}
+# "current", or which of the listed files changed since the profile was taken.
+profile_staleness() { # (run from the repository's root)
+    if [ ! -f "$PROFILE_SOURCES" ]; then
+        echo "unknown ($PROFILE_SOURCES is missing)"
+        return
+    fi
+    local changed
+    changed="$(diff <(profile_sources) "$PROFILE_SOURCES" | sed -n 's/^[<>] [0-9a-f]*  //p' \
+        | sort -u)"
+    if [ -z "$changed" ]; then
+        echo "current (taken of these sources)"
+    else
+        echo "STALE: $(wc -l <<<"$changed") of its files changed since it was taken" \
+            "($(head -5 <<<"$changed" | paste -sd' ')$([ "$(wc -l <<<"$changed")" -le 5 ] || echo ' ...'));" \
+            "regenerate it (benches/pgo/run.sh) before comparing builds"
+    fi
+}
+
 # Waits up to two minutes for a listener on a local port (a proxy under valgrind starts slowly).
 wait_port() { # port
     for _ in $(seq 2400); do

@@ -67,6 +67,8 @@ PYTHON="$(eval "$(bash .ci/python-clients --print-env)"; echo "$PORTCULLIS_PYTHO
 # Portcullis is measured as the image ships it: profile `dist` (fat LTO, one codegen unit;
 # see the Dockerfile) with the execution profile (benches/common.sh), which also decide how
 # much of the binary is resident (RSS).
+profile_state="$(profile_staleness)"
+log "execution profile: $profile_state"
 log "building portcullis (profile dist, as the image) and the benchmark tool (release)"
 # The floor is compiled as Portcullis is (its execution profile is part of pgo.profdata), so
 # the two rows differ by what the code does.
@@ -432,3 +434,4 @@ for measure, paths in fb.items():
 EOF
 echo
 echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr); proxy on core $PROXY_CORE, upstream and oha on core $LOAD_CORE; $DURATION a path in $ROUNDS rounds, $CONNECTIONS connections"
+echo "execution profile (crates/portcullis/pgo.profdata) against this tree's sources: $profile_state"

@@ -14,7 +14,9 @@
 # what they counted. A profile goes stale as code changes: functions whose code changed are
 # compiled as without one (a stale profile costs speed, never correctness). Rerun this after
 # changing the request path, updating the toolchain or a dependency, then
-# benches/layout/run.sh (the function order is read from the optimized build).
+# benches/layout/run.sh (the function order is read from the optimized build). Beside the
+# profile it writes crates/portcullis/pgo.sources, the sources it was taken of, which the load
+# benchmark compares with the tree's (benches/common.sh's profile_staleness).
 #
 # Needs the `llvm-profdata` of the toolchain's LLVM (installed with apt-get if missing), oha
 # (cargo install) and curl. Takes ~9 minutes on 2 cores (the instrumented build; under one
@@ -40,6 +42,8 @@ if ! command -v oha >/dev/null; then
 fi
 
 scratch
+# What the profile is taken of, listed before the build reads it (benches/common.sh).
+profile_sources > "$work/sources"
 
 log "building the instrumented dist binaries (target/pgo-generate) and the benchmark tool"
 # Build scripts and proc macros are instrumented too and write their counts where this says
@@ -114,3 +118,5 @@ wait "$sts_pid" 2>/dev/null || true
 "$PROFDATA" merge --sparse -o "$PROFILE" "$work"/raw/*.profraw
 log "$PROFILE: $("$PROFDATA" show "$PROFILE" | sed -n 's/^Total functions: //p') functions," \
     "$(du -k "$PROFILE" | cut -f1) KiB"
+mv "$work/sources" "$root/$PROFILE_SOURCES"
+log "$PROFILE_SOURCES: the $(wc -l < "$root/$PROFILE_SOURCES") sources it was taken of"
