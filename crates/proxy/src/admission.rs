@@ -6,89 +6,123 @@
 //! What it does not: decide (Cedar does), or bound time (timeouts live with the I/O).
 
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::error::Refusal;
 
 /// The in-flight caps (`limits.max_inflight`, `limits.max_inflight_per_agent`).
+///
+/// Counted with an atomic per agent and one for the total, so a request takes and gives back
+/// its place with four atomic operations: the agent's count lives in an [`AgentSlot`] its
+/// connections share, found once per connection, not by a locked map lookup (hashing the
+/// SPIFFE ID) on the way in and again on the way out, as it was.
 #[derive(Debug)]
 pub(crate) struct Inflight {
-    total: Arc<Semaphore>,
+    total: AtomicUsize,
+    total_cap: usize,
     per_agent_cap: usize,
-    /// Requests in flight per agent; an agent with none has no entry, so the map is bounded
-    /// by the requests in flight, not by every identity ever seen.
-    per_agent: Mutex<HashMap<Arc<str>, usize>>,
+    /// The slot of each agent that has a connection open or a request in flight. An entry
+    /// goes with the agent's last connection and request, so the map is bounded by the open
+    /// connections, not by every identity ever seen.
+    agents: Mutex<HashMap<Arc<str>, Weak<AgentSlot>>>,
+}
+
+/// One agent's requests in flight, shared by its connections (and held by each of its
+/// requests in flight, which can outlive their connection).
+#[derive(Debug)]
+pub(crate) struct AgentSlot {
+    agent: Arc<str>,
+    inflight: AtomicUsize,
+    owner: Arc<Inflight>,
 }
 
 /// A place among the requests in flight, given back when dropped (when the response body
 /// ends or is abandoned).
 #[derive(Debug)]
 pub(crate) struct InflightPermit {
-    _total: OwnedSemaphorePermit,
-    agent: Arc<str>,
-    owner: Arc<Inflight>,
+    slot: Arc<AgentSlot>,
 }
 
 impl Inflight {
     pub(crate) fn new(total: usize, per_agent: usize) -> Arc<Self> {
         Arc::new(Self {
-            total: Arc::new(Semaphore::new(total.min(Semaphore::MAX_PERMITS))),
+            total: AtomicUsize::new(0),
+            total_cap: total,
             per_agent_cap: per_agent,
-            per_agent: Mutex::new(HashMap::new()),
+            agents: Mutex::new(HashMap::new()),
         })
     }
 
-    /// Takes a place for a request of `agent`. The agent's own cap is checked first, so an
-    /// agent at its cap is told so (429) and does not consume a place of the total.
-    pub(crate) fn admit(self: &Arc<Self>, agent: &Arc<str>) -> Result<InflightPermit, Refusal> {
-        self.count_agent(agent)?;
-        match self.total.clone().try_acquire_owned() {
-            Ok(permit) => Ok(InflightPermit {
-                _total: permit,
-                agent: agent.clone(),
-                owner: self.clone(),
-            }),
-            Err(_) => {
-                self.release_agent(agent);
-                Err(Refusal::Overloaded)
-            }
+    /// The slot `agent`'s requests count in: the one its other connections (or requests
+    /// still in flight) use, else a new one. Called once per connection.
+    pub(crate) fn slot(self: &Arc<Self>, agent: &Arc<str>) -> Arc<AgentSlot> {
+        // The map holds only weak references, consistent after any panic: no reason to
+        // refuse connections over a poisoned lock.
+        let mut agents = self.agents.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = agents.get(agent).and_then(Weak::upgrade) {
+            return slot;
         }
+        let slot = Arc::new(AgentSlot {
+            agent: agent.clone(),
+            inflight: AtomicUsize::new(0),
+            owner: self.clone(),
+        });
+        agents.insert(agent.clone(), Arc::downgrade(&slot));
+        slot
     }
+}
 
-    /// One hash and probe: the key is the connection's own `Arc`, so an agent's first
-    /// request in flight costs no allocation either.
-    fn count_agent(&self, agent: &Arc<str>) -> Result<(), Refusal> {
-        // A poisoned lock means a panic while counting; refuse rather than admit uncounted.
-        let mut map = self.per_agent.lock().map_err(|_| Refusal::Overloaded)?;
-        let count = map.entry(agent.clone()).or_insert(0);
-        if *count >= self.per_agent_cap {
-            if *count == 0 {
-                map.remove(agent);
-            }
+impl AgentSlot {
+    /// Takes a place for a request of this agent. The agent's own cap is checked first, so
+    /// an agent at its cap is told so (429) and does not consume a place of the total.
+    pub(crate) fn admit(self: &Arc<Self>) -> Result<InflightPermit, Refusal> {
+        let owner = &self.owner;
+        if !take_one(&self.inflight, owner.per_agent_cap) {
             return Err(Refusal::AgentBusy);
         }
-        *count += 1;
-        Ok(())
-    }
-
-    fn release_agent(&self, agent: &Arc<str>) {
-        if let Ok(mut map) = self.per_agent.lock()
-            && let Entry::Occupied(mut entry) = map.entry(agent.clone())
-        {
-            *entry.get_mut() -= 1;
-            if *entry.get() == 0 {
-                entry.remove();
-            }
+        if !take_one(&owner.total, owner.total_cap) {
+            self.inflight.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refusal::Overloaded);
         }
+        Ok(InflightPermit { slot: self.clone() })
     }
+}
+
+/// Adds one to `count` unless it is at `cap`: never above it, even for a moment (so a
+/// concurrent request is never refused for a place that was not taken).
+fn take_one(count: &AtomicUsize, cap: usize) -> bool {
+    count
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+            (n < cap).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 impl Drop for InflightPermit {
     fn drop(&mut self) {
-        self.owner.release_agent(&self.agent);
+        self.slot.owner.total.fetch_sub(1, Ordering::AcqRel);
+        self.slot.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for AgentSlot {
+    fn drop(&mut self) {
+        let mut agents = self
+            .owner
+            .agents
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Another connection of the agent may have put a new slot in since this one's last
+        // holder let go; that one stays.
+        if agents
+            .get(&self.agent)
+            .is_some_and(|entry| entry.strong_count() == 0)
+        {
+            agents.remove(&self.agent);
+        }
     }
 }
 
@@ -154,54 +188,101 @@ impl Reservation {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::Ordering;
+
     use super::{Inflight, InspectBudget};
     use crate::error::Refusal;
+
+    fn agents(inflight: &Inflight) -> usize {
+        inflight
+            .agents
+            .lock()
+            .map(|m| m.len())
+            .unwrap_or(usize::MAX)
+    }
 
     #[test]
     fn an_agent_at_its_cap_leaves_room_for_others() {
         let inflight = Inflight::new(3, 2);
-        let a1 = inflight.admit(&"spiffe://t/a".into());
-        let a2 = inflight.admit(&"spiffe://t/a".into());
+        let a = inflight.slot(&"spiffe://t/a".into());
+        let a1 = a.admit();
+        // The agent's second connection counts in the same slot.
+        let a2 = inflight.slot(&"spiffe://t/a".into()).admit();
         assert!(a1.is_ok() && a2.is_ok());
+        assert_eq!(a.admit().err(), Some(Refusal::AgentBusy));
+        let b = inflight.slot(&"spiffe://t/b".into());
+        let b1 = b.admit();
+        assert!(b1.is_ok());
         assert_eq!(
-            inflight.admit(&"spiffe://t/a".into()).err(),
-            Some(Refusal::AgentBusy)
-        );
-        let b = inflight.admit(&"spiffe://t/b".into());
-        assert!(b.is_ok());
-        assert_eq!(
-            inflight.admit(&"spiffe://t/c".into()).err(),
+            inflight.slot(&"spiffe://t/c".into()).admit().err(),
             Some(Refusal::Overloaded)
         );
         drop(a1);
-        assert!(inflight.admit(&"spiffe://t/a".into()).is_ok());
-        drop((a2, b));
-        assert_eq!(inflight.total.available_permits(), 3);
-        assert!(
-            inflight
-                .per_agent
-                .lock()
-                .map(|m| m.is_empty())
-                .unwrap_or(false)
-        );
+        assert!(a.admit().is_ok());
+        drop((a2, b1));
+        assert_eq!(inflight.total.load(Ordering::Acquire), 0);
+        assert_eq!(a.inflight.load(Ordering::Acquire), 0);
+        // Only connections still open keep an entry.
+        assert_eq!(agents(&inflight), 2);
+        drop((a, b));
+        assert_eq!(agents(&inflight), 0);
     }
 
     #[test]
     fn the_total_refusal_gives_the_agent_place_back() {
         let inflight = Inflight::new(1, 5);
-        let _held = inflight.admit(&"spiffe://t/a".into());
+        let _held = inflight.slot(&"spiffe://t/a".into()).admit();
+        let b = inflight.slot(&"spiffe://t/b".into());
         for _ in 0..10 {
-            assert_eq!(
-                inflight.admit(&"spiffe://t/b".into()).err(),
-                Some(Refusal::Overloaded)
-            );
+            assert_eq!(b.admit().err(), Some(Refusal::Overloaded));
         }
+        assert_eq!(b.inflight.load(Ordering::Acquire), 0);
+    }
+
+    #[test]
+    fn a_request_outliving_its_connection_still_counts() {
+        let inflight = Inflight::new(10, 1);
+        let held = inflight.slot(&"spiffe://t/a".into()).admit();
+        assert!(held.is_ok());
+        // The connection is gone (its slot dropped); a new one of the same agent finds the
+        // request still in flight.
+        let again = inflight.slot(&"spiffe://t/a".into());
+        assert_eq!(again.admit().err(), Some(Refusal::AgentBusy));
+        drop(held);
+        assert!(again.admit().is_ok());
+        drop(again);
+        assert_eq!(agents(&inflight), 0);
+    }
+
+    #[test]
+    fn caps_hold_under_concurrent_requests() {
+        let inflight = Inflight::new(6, 4);
+        let slots: Vec<_> = ["spiffe://t/a", "spiffe://t/b"]
+            .iter()
+            .map(|agent| inflight.slot(&Arc::from(*agent)))
+            .collect();
+        std::thread::scope(|scope| {
+            for slot in slots.iter().cycle().take(8) {
+                let inflight = &inflight;
+                scope.spawn(move || {
+                    for _ in 0..200_000 {
+                        let permit = slot.admit();
+                        let (agent, total) = (
+                            slot.inflight.load(Ordering::Acquire),
+                            inflight.total.load(Ordering::Acquire),
+                        );
+                        assert!(agent <= 4 && total <= 6, "{agent} {total}");
+                        drop(permit);
+                    }
+                });
+            }
+        });
+        assert_eq!(inflight.total.load(Ordering::Acquire), 0);
         assert!(
-            inflight
-                .per_agent
-                .lock()
-                .map(|m| !m.contains_key("spiffe://t/b"))
-                .unwrap_or(false)
+            slots
+                .iter()
+                .all(|s| s.inflight.load(Ordering::Acquire) == 0)
         );
     }
 

@@ -39,7 +39,7 @@ use portcullis_core::{Decision, SpiffeId};
 use portcullis_identity::user_token::TokenMemo;
 use portcullis_policy::{AuthzInput, Evaluation, RequestInfo};
 
-use crate::admission::InflightPermit;
+use crate::admission::AgentSlot;
 use crate::agents::KnownAgent;
 use crate::audit::{
     ActorChain, AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource,
@@ -77,16 +77,20 @@ pub(crate) struct ConnectionIdentity {
     /// The user token the last request presented, verified: the next request's is matched
     /// against it by its bytes before the verifier hashes it for its cache.
     last_user_token: TokenMemo,
+    /// Where the agent's requests in flight are counted, shared with its other connections.
+    inflight: Arc<AgentSlot>,
 }
 
 impl ConnectionIdentity {
     pub(crate) fn new(agent: SpiffeId, peer: SocketAddr, shared: &Shared) -> Self {
         let client_address: Arc<str> = peer.ip().to_string().into();
+        let agent_text: Arc<str> = agent.as_str().into();
         Self {
+            inflight: shared.inflight.slot(&agent_text),
             known: shared.agents.get(&agent, &shared.metrics, &shared.policy),
             forwarded_for: HeaderValue::from_str(&client_address).ok(),
             client_address,
-            agent_text: agent.as_str().into(),
+            agent_text,
             agent,
             last_host: HostCache::default(),
             last_user_token: TokenMemo::default(),
@@ -175,7 +179,9 @@ pub(crate) async fn handle(
     let mut audit = AuditGuard::new(shared.audit.clone(), shared.inventory.clone(), record);
     let mut answer = RefusalForm::default();
 
-    let outcome = match admit(&shared, &conn) {
+    // Stage 1b: a place among the requests in flight. Taken before anything is read or
+    // decided, so an agent over its cap costs the others nothing but this check.
+    let outcome = match conn.inflight.admit() {
         Ok(permit) => authorize_and_forward(
             &shared,
             &conn,
@@ -234,12 +240,6 @@ struct RefusalForm {
     native: Option<Native>,
     /// The challenge of a call that needs approval (the 428 body).
     challenge: Option<crate::approval::Challenge>,
-}
-
-/// Stage 1b: a place among the requests in flight. Taken before anything is read or
-/// decided, so an agent over its cap costs the others nothing but this check.
-fn admit(shared: &Shared, conn: &ConnectionIdentity) -> Result<InflightPermit, Refusal> {
-    shared.inflight.admit(&conn.agent_text)
 }
 
 async fn authorize_and_forward(
