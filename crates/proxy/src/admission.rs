@@ -15,10 +15,10 @@ use crate::error::Refusal;
 
 /// The in-flight caps (`limits.max_inflight`, `limits.max_inflight_per_agent`).
 ///
-/// Counted with an atomic per agent and one for the total, so a request takes and gives back
-/// its place with four atomic operations: the agent's count lives in an [`AgentSlot`] its
-/// connections share, found once per connection, not by a locked map lookup (hashing the
-/// SPIFFE ID) on the way in and again on the way out, as it was.
+/// Counted with an atomic per agent and one for the total, so a request takes its place with a
+/// compare-and-swap on each and gives it back with a subtraction from each: the agent's count
+/// lives in an [`AgentSlot`] its connections share, found once per connection, not by a locked
+/// map lookup (hashing the SPIFFE ID) on the way in and again on the way out, as it was.
 #[derive(Debug)]
 pub(crate) struct Inflight {
     total: AtomicUsize,
