@@ -152,10 +152,21 @@ pub struct UserTokens {
 
 impl UserTokens {
     /// The verifier for `token`, chosen by its (not yet verified) `iss`: the one that
-    /// verifies it also checks that `iss` is its own.
-    pub fn verifier_for(&self, token: &str) -> &portcullis_identity::user_token::UserTokenVerifier {
+    /// verifies it also checks that `iss` is its own. A token the connection's `memo` holds
+    /// goes to the verifier that took it, which its `iss` chose: decoding the payload to
+    /// find the issuer cost more than the rest of a repeated token's checks together.
+    pub fn verifier_for(
+        &self,
+        token: &str,
+        memo: &portcullis_identity::user_token::TokenMemo,
+    ) -> &portcullis_identity::user_token::UserTokenVerifier {
         if self.by_issuer.is_empty() {
             return &self.verifier;
+        }
+        if let Some(id) = memo.verified_by(token)
+            && let Some(verifier) = self.all().find(|verifier| verifier.id() == id)
+        {
+            return verifier;
         }
         let issuer = portcullis_identity::user_token::unverified_issuer(token);
         issuer

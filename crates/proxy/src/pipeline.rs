@@ -723,7 +723,7 @@ async fn verify_user(
         value.trim()
     };
     match tokens
-        .verifier_for(token)
+        .verifier_for(token, &conn.last_user_token)
         .verify_remembering(token, &conn.agent, &conn.last_user_token)
         .await
     {

@@ -43,6 +43,11 @@ impl std::fmt::Debug for TokenCache {
 }
 
 impl TokenCache {
+    /// Unique in the process (see [`TokenMemo::verified_by`]).
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+
     pub(crate) fn new(capacity: usize) -> Self {
         static NEXT_ID: AtomicU64 = AtomicU64::new(0);
         TokenCache {
@@ -131,6 +136,14 @@ struct Remembered {
     checked: Arc<CheckedToken>,
 }
 
+impl Remembered {
+    /// Whether `token` is the one remembered, compared in constant time.
+    fn holds(&self, token: &str) -> bool {
+        aws_lc_rs::constant_time::verify_slices_are_equal(self.token.as_bytes(), token.as_bytes())
+            .is_ok()
+    }
+}
+
 /// Whether a token is held only: it is a credential, and its claims are a user's.
 impl std::fmt::Debug for TokenMemo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -157,14 +170,18 @@ impl TokenMemo {
         let held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
         held.as_ref()
             .filter(|r| r.cache == cache.id && r.generation == generation)
-            .filter(|r| {
-                aws_lc_rs::constant_time::verify_slices_are_equal(
-                    r.token.as_bytes(),
-                    token.as_bytes(),
-                )
-                .is_ok()
-            })
+            .filter(|r| r.holds(token))
             .map(|r| Arc::clone(&r.checked))
+    }
+
+    /// The [`id`](super::UserTokenVerifier::id) of the verifier that remembered `token`, if
+    /// it is the token remembered (compared in constant time, as [`get`](Self::get) does).
+    /// The same bytes claim the same issuer, so where each issuer has its own key set the
+    /// verifier that took a token once is the one its `iss` would choose again: a repeat
+    /// need not have its payload decoded to find it.
+    pub fn verified_by(&self, token: &str) -> Option<u64> {
+        let held = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        held.as_ref().filter(|r| r.holds(token)).map(|r| r.cache)
     }
 
     /// Remembers `token`, unless the cache is off: with `cache_capacity: 0` every call's
@@ -235,6 +252,29 @@ mod tests {
         assert!(cache.get(&[2; 32], 1).is_some());
         assert!(cache.get(&[3; 32], 1).is_some());
         assert!(cache.get(&[3; 32], 2).is_none());
+    }
+
+    #[test]
+    fn memo_names_the_cache_of_the_token_it_holds_only() {
+        let (first, second) = (TokenCache::new(10), TokenCache::new(10));
+        assert_ne!(first.id(), second.id());
+        let memo = TokenMemo::default();
+        assert_eq!(memo.verified_by("a.b.c"), None);
+        memo.remember(&second, 1, "a.b.c", &token(100));
+        assert_eq!(memo.verified_by("a.b.c"), Some(second.id()));
+        // Whatever the generation: the choice of verifier does not depend on it.
+        assert!(memo.get(&second, 2, "a.b.c").is_none());
+        assert_eq!(memo.verified_by("a.b.c"), Some(second.id()));
+        for other in ["a.b.d", "a.b.c.", "a.b", ""] {
+            assert_eq!(memo.verified_by(other), None, "{other:?}");
+        }
+        memo.remember(&first, 1, "x.y.z", &token(100));
+        assert_eq!(memo.verified_by("x.y.z"), Some(first.id()));
+        assert_eq!(memo.verified_by("a.b.c"), None);
+        // A cache that is off remembers nothing for anyone.
+        let off = TokenCache::new(0);
+        memo.remember(&off, 1, "p.q.r", &token(100));
+        assert_eq!(memo.verified_by("p.q.r"), None);
     }
 
     #[test]

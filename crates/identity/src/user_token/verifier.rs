@@ -255,6 +255,12 @@ impl UserTokenVerifier {
         self.inner.max_stale
     }
 
+    /// Unique in the process: what [`TokenMemo::verified_by`] names this verifier by (its
+    /// clones share it).
+    pub fn id(&self) -> u64 {
+        self.inner.cache.id()
+    }
+
     /// Signatures checked so far; a cache hit does not add one.
     pub fn signature_verifications(&self) -> u64 {
         self.inner.signature_verifications.load(Ordering::Relaxed)

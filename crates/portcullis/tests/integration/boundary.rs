@@ -949,6 +949,93 @@ async fn keys_verify_tokens_of_the_issuer_that_published_them_only() {
 }
 
 #[tokio::test]
+async fn one_connection_keeps_each_issuers_tokens_to_its_own_keys() {
+    use portcullis_test_support::jwt;
+    use std::time::Duration;
+    let partner_dir = tempfile::tempdir().unwrap();
+    let partner = jwt::SigningKey::es256("partner-1");
+    let partner_jwks = partner_dir.path().join("partner.json");
+    std::fs::write(&partner_jwks, jwt::jwks(&[&partner])).unwrap();
+    const PARTNER: &str = "https://partner.example.com";
+    let h = Harness::builder()
+        .user_tokens()
+        .policies(OPEN_BUT_ADMIN)
+        .user_token_yaml(&format!(
+            "  issuer_keys:\n    - issuer: {PARTNER}\n      jwks_file: {}\n",
+            partner_jwks.display()
+        ))
+        .start()
+        .await;
+    let claims = |issuer: &str, subject: &str| {
+        jwt::claims(
+            issuer,
+            crate::harness::AUDIENCE,
+            subject,
+            TRIAGE,
+            jwt::now(),
+        )
+    };
+    let idp = h.idp.as_ref().unwrap();
+    let partner_kim = partner.token(&claims(PARTNER, "kim"));
+    let idp_lee = idp.token(&claims(crate::harness::ISSUER, "lee"));
+    // Each key speaking for the other's issuer.
+    let idp_as_partner = idp.token(&claims(PARTNER, "eve"));
+    let partner_as_idp = partner.token(&claims(crate::harness::ISSUER, "eve"));
+    // Pipelined on one connection, which remembers its last verified token: a repeat goes
+    // to the verifier that took it, and a different token (another issuer's, or one whose
+    // key is not its issuer's) to the one its issuer names.
+    let sent = [
+        (&partner_kim, "200", Some("kim")),
+        (&partner_kim, "200", Some("kim")),
+        (&idp_lee, "200", Some("lee")),
+        (&idp_lee, "200", Some("lee")),
+        (&partner_as_idp, "401", None),
+        (&partner_kim, "200", Some("kim")),
+        (&idp_as_partner, "401", None),
+        (&partner_kim, "200", Some("kim")),
+        (&idp_lee, "200", Some("lee")),
+    ];
+    let mut raw = String::new();
+    for (i, (token, _, _)) in sent.iter().enumerate() {
+        let close = if i + 1 == sent.len() {
+            "Connection: close\r\n"
+        } else {
+            ""
+        };
+        raw.push_str(&format!(
+            "GET /api/x/{i} HTTP/1.1\r\nHost: {HOST}\r\nx-portcullis-user-token: {token}\r\n{close}\r\n"
+        ));
+    }
+    let reply = h.raw(TRIAGE, raw.as_bytes(), Duration::from_secs(10)).await;
+    let statuses: Vec<&str> = reply
+        .split("HTTP/1.1 ")
+        .skip(1)
+        .map(|response| &response[..3])
+        .collect();
+    let expected: Vec<&str> = sent.iter().map(|(_, status, _)| *status).collect();
+    assert_eq!(statuses, expected, "{reply}");
+    let records = h.audit(sent.len()).await;
+    for (i, (_, _, user)) in sent.iter().enumerate() {
+        let record = records
+            .iter()
+            .find(|r| r["path"] == format!("/api/x/{i}"))
+            .unwrap_or_else(|| panic!("no record of /api/x/{i}"));
+        match user {
+            Some(user) => assert_eq!(record["user"]["sub"], *user, "request {i}"),
+            None => {
+                assert_eq!(record["reason"], "invalid_user_token", "request {i}");
+                assert_eq!(record["user"], Value::Null, "request {i}");
+            }
+        }
+    }
+    // Each good token's signature was checked once, by its own issuer's verifier.
+    let partner_verifier = &h.issuer_verifiers[0];
+    assert_eq!(partner_verifier.0, PARTNER);
+    assert_eq!(partner_verifier.1.signature_verifications(), 1);
+    assert_eq!(h.verifier.as_ref().unwrap().signature_verifications(), 1);
+}
+
+#[tokio::test]
 async fn forward_user_token_works_with_any_configured_header() {
     for (header, value) in [
         ("authorization", "Bearer {token}"),

@@ -79,6 +79,8 @@ pub struct Harness {
     pub idp: Option<SigningKey>,
     /// The proxy's own token verifier (a shared handle), for its counters.
     pub verifier: Option<portcullis_identity::user_token::UserTokenVerifier>,
+    /// The verifiers of `user_token.issuer_keys`, by issuer (shared handles).
+    pub issuer_verifiers: Vec<(String, portcullis_identity::user_token::UserTokenVerifier)>,
     /// The key approval grants are signed with, when built with `approvals()`.
     pub approver: Option<Arc<SigningKey>>,
 }
@@ -182,6 +184,11 @@ impl Builder {
             Config::load(&dir.path().join("config.yaml")).unwrap_or_else(|e| panic!("{e}"));
         let options = config.into_options().await.unwrap();
         let verifier = options.user_token.as_ref().map(|t| t.verifier.clone());
+        let issuer_verifiers = options
+            .user_token
+            .as_ref()
+            .map(|t| t.by_issuer.clone())
+            .unwrap_or_default();
         let running = portcullis_proxy::start(options).await.unwrap();
         Harness {
             addr: running.local_addr(),
@@ -189,6 +196,7 @@ impl Builder {
             _running: Some(running),
             idp,
             verifier,
+            issuer_verifiers,
             approver,
             dir,
             ca,
@@ -227,6 +235,7 @@ impl Builder {
                 _running: None,
                 idp: None,
                 verifier: None,
+                issuer_verifiers: Vec::new(),
                 approver: None,
             },
             child,
