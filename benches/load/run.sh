@@ -9,8 +9,9 @@
 #   floor         oha → the chosen stack alone (rustls mTLS, hyper server and client, tokio;
 #                 load/floor.rs) → upstream: what Portcullis costs beyond it is its own work
 #   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, with a
-#                 user token (10 policies), and with that token exchanged for the upstream's
-#                 credential (RFC 8693, served from the cache after the first call)
+#                 user token (10 policies), with that token where each issuer has its own key
+#                 set (`user_token.issuer_keys`), and with that token exchanged for the
+#                 upstream's credential (RFC 8693, served from the cache after the first call)
 #
 # For each: p50 and p99 at a fixed rate (oha -q, latency correction on), max rps (unlimited),
 # CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
@@ -298,6 +299,7 @@ if "$LOAD"; then
     portcullis_on 10000 3
     token="$(cat "$work/token.txt")"
     portcullis_on token 4 "$token"
+    portcullis_on issuers 6 "$token"
     # The same, with the token exchanged for an upstream credential (RFC 8693, cached).
     # (Not a coproc: bash keeps one at a time, and `held` holds connections with one.)
     mkfifo "$work/sts.stdin"

@@ -2,7 +2,8 @@
 //!
 //! - `fixtures DIR`: a CA, the proxy's serving SVID (nginx serves the same one), an agent
 //!   SVID, per-agent policy sets of 10 / 1,000 / 10,000 policies (one of them matches the
-//!   agent), a JWKS and a user token, and one Portcullis config per variant.
+//!   agent), a JWKS and a user token, and one Portcullis config per variant (`issuers`: the
+//!   token's issuer with a key set of its own, beside another issuer's).
 //! - `sse-upstream ADDR GAP_MS EVENTS`: a raw-socket upstream. `GET /bench/sse` streams
 //!   Server-Sent Events: the response head and every event are separate writes, the first
 //!   event at once, the next ones `GAP_MS` apart. Anything else gets 1 KiB.
@@ -40,6 +41,7 @@ const TRUST_DOMAIN: &str = "prod.example.org";
 const SERVER_ID: &str = "spiffe://prod.example.org/ns/bench/sa/app";
 const ISSUER: &str = "https://idp.example.org";
 const AUDIENCE: &str = "bench-app";
+const OTHER_ISSUER: &str = "https://other-idp.example.org";
 const POLICY_SIZES: [usize; 3] = [10, 1_000, 10_000];
 
 fn agent_id(index: usize) -> String {
@@ -115,6 +117,19 @@ fn fixtures(dir: &Path) {
         );
     }
     write("portcullis-token.yaml", &config(dir, 10, true));
+    // The same token where each issuer has a key set of its own (`user_token.issuer_keys`):
+    // the token's issuer is one of two, the other with another IdP's key.
+    let other = SigningKey::es256("bench-other-idp");
+    write("jwks-other.json", &jwt::jwks(&[&other]));
+    let issuers = config(dir, 10, true)
+        .replace("audit-token.jsonl", "audit-issuers.jsonl")
+        .replace("jwks_file: jwks.json", "jwks_file: jwks-other.json")
+        .replace(
+            &format!("issuers: [{ISSUER}]"),
+            &format!("issuers: [{OTHER_ISSUER}]"),
+        )
+        + &format!("  issuer_keys:\n    - issuer: {ISSUER}\n      jwks_file: jwks.json\n");
+    write("portcullis-issuers.yaml", &issuers);
     let streaming = config(dir, 10, false)
         .replace("http://127.0.0.1:18080", "http://127.0.0.1:18081")
         .replace("audit-10.jsonl", "audit-firstbyte.jsonl");

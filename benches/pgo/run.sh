@@ -9,7 +9,7 @@
 #
 # How: builds the dist binaries instrumented (in target/pgo-generate), runs them through the
 # load benchmark's paths (HTTP/1.1 and HTTP/2 at 10, 1,000 and 10,000 policies, user tokens
-# and their exchange, SSE streaming and first requests, a denial, malformed requests, the admin
+# with one key set and with one per issuer, and their exchange, SSE streaming and first requests, a denial, malformed requests, the admin
 # endpoints; the benchmark's floor as well, since it is compiled as Portcullis is), and merges
 # what they counted. A profile goes stale as code changes: functions whose code changed are
 # compiled as without one (a stale profile costs speed, never correctness). Rerun this after
@@ -101,6 +101,7 @@ run 10 eval 'load 3; load 2 --http2'
 run 1000 load 3
 run 10000 load 2
 run token load 3 -H "x-portcullis-user-token: $(token)"
+run issuers load 2 -H "x-portcullis-user-token: $(token)"
 run firstbyte "$TOOL" firstbyte "$work" portcullis=https://127.0.0.1:19443 >/dev/null
 
 # The exchange: the token service answers RFC 8693 on stdin's lifetime.
