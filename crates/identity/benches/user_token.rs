@@ -1,6 +1,7 @@
 //! User-token verification cost: a repeated token remembered by its connection (matched by
 //! its bytes), served by the verified-token cache (hashed for it), and a token whose
-//! signature must be checked (cache disabled), per signing algorithm.
+//! signature must be checked (cache disabled), per signing algorithm; and, with a key set per
+//! issuer, choosing the one a token goes to.
 
 // Bench setup: a failed mint or load is a broken bench, reported at its location.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -78,6 +79,22 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    group.finish();
+
+    // With a key set per issuer (`user_token.issuer_keys`), which one verifies a token is
+    // chosen by its claimed `iss`: from the connection's memory when it is the token the
+    // connection last had verified, else read from its payload.
+    let mut group = c.benchmark_group("user_token_issuer");
+    let token = keys[0].token(&claims(ISS, AUD, "alice", CALLER, NOW));
+    let memo = TokenMemo::default();
+    rt.block_on(cached.verify_at_remembering(&token, &caller, NOW, &memo))
+        .unwrap();
+    group.bench_function("remembered", |b| {
+        b.iter(|| memo.verified_by(black_box(&token)).unwrap())
+    });
+    group.bench_function("claimed", |b| {
+        b.iter(|| portcullis_identity::user_token::unverified_issuer(black_box(&token)).unwrap())
+    });
     group.finish();
     // The uncached verifier really checked a signature every time.
     assert!(uncached.signature_verifications() > 0);

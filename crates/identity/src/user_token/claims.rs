@@ -361,15 +361,77 @@ fn numeric_date(
     }
 }
 
-/// base64url without padding (RFC 7515 §2), then a JSON object.
-/// The `iss` of an undecoded payload segment, if it is a string.
+/// The `iss` of an undecoded payload segment, if it is a string: what chooses the key set
+/// a token is verified with, before its signature is checked. Read without building the
+/// claims object (that took an allocation per claim, on every request of a connection
+/// whose tokens change): only `iss`'s value is kept, the other members are checked for
+/// well-formed JSON and skipped. Wherever [`decode_object`] reads the segment, this gives
+/// what its `iss` member holds (the last one if repeated, as a map keeps it); where it
+/// does not (a number out of range, a string that is not UTF-8 in another member), the
+/// claims check refuses the token whichever key set verifies it.
 pub(crate) fn claimed_issuer(segment: &str) -> Option<String> {
-    match decode_object(segment)?.remove("iss")? {
-        Value::String(issuer) => Some(issuer),
-        _ => None,
+    let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
+    let ClaimedIssuer(issuer) = serde_json::from_slice(&bytes).ok()?;
+    issuer
+}
+
+/// A claims object's `iss`, when a string (see [`claimed_issuer`]).
+struct ClaimedIssuer(Option<String>);
+
+impl<'de> serde::Deserialize<'de> for ClaimedIssuer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ClaimedIssuerVisitor)
     }
 }
 
+struct ClaimedIssuerVisitor;
+
+impl<'de> serde::de::Visitor<'de> for ClaimedIssuerVisitor {
+    type Value = ClaimedIssuer;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut map: A,
+    ) -> Result<ClaimedIssuer, A::Error> {
+        let mut issuer = None;
+        while let Some(IsIssuer(is_issuer)) = map.next_key()? {
+            if is_issuer {
+                issuer = match map.next_value()? {
+                    Value::String(value) => Some(value),
+                    _ => None,
+                };
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(ClaimedIssuer(issuer))
+    }
+}
+
+/// Whether a member's name (escapes resolved) is `iss`, without copying it.
+struct IsIssuer(bool);
+
+impl<'de> serde::Deserialize<'de> for IsIssuer {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = IsIssuer;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a member name")
+            }
+            fn visit_str<E: serde::de::Error>(self, name: &str) -> Result<IsIssuer, E> {
+                Ok(IsIssuer(name == "iss"))
+            }
+        }
+        deserializer.deserialize_str(Name)
+    }
+}
+
+/// base64url without padding (RFC 7515 §2), then a JSON object.
 pub(crate) fn decode_object(segment: &str) -> Option<Map<String, Value>> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
     match serde_json::from_slice(&bytes).ok()? {

@@ -210,3 +210,120 @@ fn claims_payload_must_be_a_json_object() {
         TokenRejection::Malformed("claims")
     );
 }
+
+/// What `claimed_issuer` must agree with wherever the claims object parses: the map's
+/// `iss`, when a string.
+fn issuer_of_object(segment: &str) -> Option<Option<String>> {
+    decode_object(segment).map(|mut object| match object.remove("iss") {
+        Some(Value::String(issuer)) => Some(issuer),
+        _ => None,
+    })
+}
+
+#[test]
+fn claimed_issuer_reads_iss_as_the_claims_object_does() {
+    let b64 = |raw: &str| URL_SAFE_NO_PAD.encode(raw);
+    for (raw, expected) in [
+        (
+            r#"{"iss":"https://idp.example.org","sub":"kim"}"#,
+            Some("https://idp.example.org"),
+        ),
+        (
+            r#"{"sub":"kim","aud":["a",{"iss":"x"}],"iss":"i"}"#,
+            Some("i"),
+        ),
+        // Escapes in the name and in the value are resolved.
+        (r#"{"i\u0073s":"a\"b\\c\u00e9"}"#, Some("a\"b\\cé")),
+        // Repeated: the last one, as a map keeps it.
+        (r#"{"iss":"first","iss":"last"}"#, Some("last")),
+        (r#"{"iss":"first","iss":7}"#, None),
+        (r#"{"iss":7,"iss":"last"}"#, Some("last")),
+        (r#"{"iss":null}"#, None),
+        (r#"{"iss":["i"]}"#, None),
+        (r#"{"iss":{"iss":"i"}}"#, None),
+        (r#"{"nested":{"iss":"i"}}"#, None),
+        (r#"{"ISS":"i"}"#, None),
+        (r#"{}"#, None),
+        (r#"["iss","i"]"#, None),
+        (r#""i""#, None),
+        (r#"{"iss":"i""#, None),
+        (r#"{"iss":"i"} x"#, None),
+        (r#"{"iss":"i",}"#, None),
+    ] {
+        assert_eq!(claimed_issuer(&b64(raw)).as_deref(), expected, "{raw}");
+        if let Some(of_object) = issuer_of_object(&b64(raw)) {
+            assert_eq!(claimed_issuer(&b64(raw)), of_object, "{raw}");
+        }
+    }
+    assert_eq!(claimed_issuer("not base64!"), None);
+    assert_eq!(claimed_issuer(&format!("{}=", b64(r#"{"iss":"i"}"#))), None);
+}
+
+/// Random objects built from pieces that parse in interesting ways (repeated and escaped
+/// names, nested objects, numbers at the edges, strings with escapes), some of them
+/// damaged a byte at a time: wherever the claims object parses, `claimed_issuer` agrees
+/// with its `iss`; where it does not, the claims check refuses the token anyway.
+#[test]
+fn claimed_issuer_agrees_with_the_claims_object_on_random_objects() {
+    const NAMES: &[&str] = &[
+        r#""iss""#,
+        r#""i\u0073s""#,
+        r#""sub""#,
+        r#""aud""#,
+        r#""is""#,
+        r#""iss ""#,
+        r#""""#,
+    ];
+    const VALUES: &[&str] = &[
+        r#""https://idp.example.org""#,
+        r#""a\"b""#,
+        r#""\u00e9\ud83d\ude00""#,
+        r#""""#,
+        "7",
+        "-0.5e3",
+        "1e400",
+        "18446744073709551616",
+        "null",
+        "true",
+        "[]",
+        r#"["iss","x"]"#,
+        r#"{"iss":"inner"}"#,
+        "{}",
+        r#""\ud800""#,
+    ];
+    let mut rng = fastrand::Rng::with_seed(17);
+    let (mut parsed, mut agreed_on_some) = (0, 0);
+    for _ in 0..20_000 {
+        let members: Vec<String> = (0..rng.usize(0..6))
+            .map(|_| {
+                format!(
+                    "{}:{}",
+                    NAMES[rng.usize(..NAMES.len())],
+                    VALUES[rng.usize(..VALUES.len())]
+                )
+            })
+            .collect();
+        let mut raw = format!("{{{}}}", members.join(",")).into_bytes();
+        if rng.u8(..4) == 0 {
+            let at = rng.usize(..raw.len());
+            const DAMAGE: &[u8] = b"{}[]\",:\\ x0\x80";
+            raw[at] = DAMAGE[rng.usize(..DAMAGE.len())];
+        }
+        let segment = URL_SAFE_NO_PAD.encode(&raw);
+        if let Some(of_object) = issuer_of_object(&segment) {
+            parsed += 1;
+            agreed_on_some += usize::from(of_object.is_some());
+            assert_eq!(
+                claimed_issuer(&segment),
+                of_object,
+                "{}",
+                String::from_utf8_lossy(&raw)
+            );
+        }
+    }
+    // The generator reaches both outcomes often.
+    assert!(
+        parsed > 5_000 && agreed_on_some > 1_000,
+        "{parsed} {agreed_on_some}"
+    );
+}

@@ -44,7 +44,8 @@ pub fn unverified_issuer(token: &str) -> Option<String> {
 
 /// Entry point for `fuzz/` (cargo-fuzz lives outside the workspace and sees only public
 /// items): runs the JOSE header and claims checks of a compact JWT on untrusted input, the
-/// way the verifier does before and after the signature check. Not part of the API.
+/// way the verifier does before and after the signature check, and asserts that the issuer
+/// a key set is chosen by reads as the claims check reads it. Not part of the API.
 #[doc(hidden)]
 pub fn fuzz_header_and_claims(token: &str) {
     use settings::SigningAlgorithm as Alg;
@@ -53,6 +54,15 @@ pub fn fuzz_header_and_claims(token: &str) {
         return;
     };
     let _ = claims::parse_header(header, &[Alg::Es256, Alg::Rs256, Alg::EdDsa]);
+    // The key set is chosen by the claimed `iss` before the claims are checked: wherever
+    // the claims object parses, the choice must read the `iss` it holds.
+    if let Some(mut object) = claims::decode_object(payload) {
+        let issuer = match object.remove("iss") {
+            Some(serde_json::Value::String(issuer)) => Some(issuer),
+            _ => None,
+        };
+        assert_eq!(claims::claimed_issuer(payload), issuer, "iss of {payload}");
+    }
     let rules = claims::ClaimRules {
         issuers: vec!["https://idp.example.org".to_owned()],
         audiences: vec!["orders-api".to_owned()],
