@@ -897,23 +897,36 @@ async fn a_key_set_that_cannot_be_refreshed_stops_being_trusted() {
     }));
 }
 
-#[tokio::test]
-async fn keys_verify_tokens_of_the_issuer_that_published_them_only() {
+const PARTNER: &str = "https://partner.example.com";
+
+/// User tokens from the harness's IdP, and from `PARTNER` with a key set of its own
+/// (`user_token.issuer_keys`); the partner's key, and the directory its JWKS is in.
+async fn with_partner_keys() -> (
+    Harness,
+    portcullis_test_support::jwt::SigningKey,
+    tempfile::TempDir,
+) {
     use portcullis_test_support::jwt;
-    let partner_dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let partner = jwt::SigningKey::es256("partner-1");
-    let partner_jwks = partner_dir.path().join("partner.json");
-    std::fs::write(&partner_jwks, jwt::jwks(&[&partner])).unwrap();
-    const PARTNER: &str = "https://partner.example.com";
+    let jwks = dir.path().join("partner.json");
+    std::fs::write(&jwks, jwt::jwks(&[&partner])).unwrap();
     let h = Harness::builder()
         .user_tokens()
         .policies(OPEN_BUT_ADMIN)
         .user_token_yaml(&format!(
             "  issuer_keys:\n    - issuer: {PARTNER}\n      jwks_file: {}\n",
-            partner_jwks.display()
+            jwks.display()
         ))
         .start()
         .await;
+    (h, partner, dir)
+}
+
+#[tokio::test]
+async fn keys_verify_tokens_of_the_issuer_that_published_them_only() {
+    use portcullis_test_support::jwt;
+    let (h, partner, _partner_dir) = with_partner_keys().await;
     let claims =
         |issuer: &str| jwt::claims(issuer, crate::harness::AUDIENCE, "kim", TRIAGE, jwt::now());
     let idp = h.idp.as_ref().unwrap();
@@ -951,21 +964,7 @@ async fn keys_verify_tokens_of_the_issuer_that_published_them_only() {
 #[tokio::test]
 async fn one_connection_keeps_each_issuers_tokens_to_its_own_keys() {
     use portcullis_test_support::jwt;
-    use std::time::Duration;
-    let partner_dir = tempfile::tempdir().unwrap();
-    let partner = jwt::SigningKey::es256("partner-1");
-    let partner_jwks = partner_dir.path().join("partner.json");
-    std::fs::write(&partner_jwks, jwt::jwks(&[&partner])).unwrap();
-    const PARTNER: &str = "https://partner.example.com";
-    let h = Harness::builder()
-        .user_tokens()
-        .policies(OPEN_BUT_ADMIN)
-        .user_token_yaml(&format!(
-            "  issuer_keys:\n    - issuer: {PARTNER}\n      jwks_file: {}\n",
-            partner_jwks.display()
-        ))
-        .start()
-        .await;
+    let (h, partner, _partner_dir) = with_partner_keys().await;
     let claims = |issuer: &str, subject: &str| {
         jwt::claims(
             issuer,
@@ -995,23 +994,8 @@ async fn one_connection_keeps_each_issuers_tokens_to_its_own_keys() {
         (&partner_kim, "200", Some("kim")),
         (&idp_lee, "200", Some("lee")),
     ];
-    let mut raw = String::new();
-    for (i, (token, _, _)) in sent.iter().enumerate() {
-        let close = if i + 1 == sent.len() {
-            "Connection: close\r\n"
-        } else {
-            ""
-        };
-        raw.push_str(&format!(
-            "GET /api/x/{i} HTTP/1.1\r\nHost: {HOST}\r\nx-portcullis-user-token: {token}\r\n{close}\r\n"
-        ));
-    }
-    let reply = h.raw(TRIAGE, raw.as_bytes(), Duration::from_secs(10)).await;
-    let statuses: Vec<&str> = reply
-        .split("HTTP/1.1 ")
-        .skip(1)
-        .map(|response| &response[..3])
-        .collect();
+    let tokens: Vec<&str> = sent.iter().map(|(token, _, _)| token.as_str()).collect();
+    let (statuses, reply) = h.pipelined_tokens(TRIAGE, "/api/x/", &tokens).await;
     let expected: Vec<&str> = sent.iter().map(|(_, status, _)| *status).collect();
     assert_eq!(statuses, expected, "{reply}");
     let records = h.audit(sent.len()).await;

@@ -341,26 +341,8 @@ async fn tokens_changing_on_one_connection_each_act_as_their_own_user() {
     let forged = format!("{}{swapped}{}", &alice[..at], &alice[at + 1..]);
     // One connection, requests pipelined: the proxy remembers each connection's last
     // token, so the repeats below are served from that memory.
-    let tokens = [&alice, &bob, &alice, &alice, &forged, &alice];
-    let mut raw = String::new();
-    for (i, token) in tokens.iter().enumerate() {
-        let close = if i + 1 == tokens.len() {
-            "Connection: close\r\n"
-        } else {
-            ""
-        };
-        raw.push_str(&format!(
-            "GET /x/{i} HTTP/1.1\r\nHost: {}\r\nx-portcullis-user-token: {token}\r\n{close}\r\n",
-            crate::harness::HOST
-        ));
-    }
-    let reply = h.raw(TRIAGE, raw.as_bytes(), Duration::from_secs(10)).await;
-    // Responses follow one another without a separator (a body has no newline at its end).
-    let statuses: Vec<&str> = reply
-        .split("HTTP/1.1 ")
-        .skip(1)
-        .map(|response| &response[..3])
-        .collect();
+    let tokens = [&alice, &bob, &alice, &alice, &forged, &alice].map(String::as_str);
+    let (statuses, reply) = h.pipelined_tokens(TRIAGE, "/x/", &tokens).await;
     assert_eq!(
         statuses,
         ["200", "200", "200", "200", "401", "200"],

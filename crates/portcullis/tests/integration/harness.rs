@@ -505,6 +505,38 @@ impl Harness {
         String::from_utf8_lossy(&out).into_owned()
     }
 
+    /// `GET {path}{i}` with each of `tokens` as its user token, pipelined on one HTTP/1.1
+    /// connection as `agent` (the last request closes it): the responses' statuses in
+    /// order, and the whole reply.
+    pub async fn pipelined_tokens(
+        &self,
+        agent: &str,
+        path: &str,
+        tokens: &[&str],
+    ) -> (Vec<String>, String) {
+        let mut raw = String::new();
+        for (i, token) in tokens.iter().enumerate() {
+            let close = if i + 1 == tokens.len() {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
+            raw.push_str(&format!(
+                "GET {path}{i} HTTP/1.1\r\nHost: {HOST}\r\nx-portcullis-user-token: {token}\r\n{close}\r\n"
+            ));
+        }
+        let reply = self
+            .raw(agent, raw.as_bytes(), Duration::from_secs(10))
+            .await;
+        // Responses follow one another without a separator (a body has no newline at its end).
+        let statuses = reply
+            .split("HTTP/1.1 ")
+            .skip(1)
+            .map(|response| response[..3].to_owned())
+            .collect();
+        (statuses, reply)
+    }
+
     pub async fn metrics(&self) -> String {
         let (status, body) = admin_get(self.admin, "/metrics").await;
         assert_eq!(status, 200);
