@@ -211,6 +211,45 @@ fn claims_payload_must_be_a_json_object() {
     );
 }
 
+#[test]
+fn a_name_given_twice_at_any_depth_refuses_the_object() {
+    let b64 = |raw: &str| URL_SAFE_NO_PAD.encode(raw);
+    for raw in [
+        r#"{"sub":"alice","sub":"admin"}"#,
+        r#"{"sub":"alice","s\u0075b":"admin"}"#,
+        r#"{"iss":"i","aud":"a","iss":"i"}"#,
+        r#"{"act":{"sub":"spiffe://a/x","sub":"spiffe://a/y"}}"#,
+        r#"{"act":{"act":{"sub":"a","sub":"b"}}}"#,
+        r#"{"aud":[{"x":1,"x":2}]}"#,
+        r#"{"a":{},"b":[],"a":null}"#,
+    ] {
+        assert_eq!(decode_object(&b64(raw)), None, "{raw}");
+    }
+    for raw in [
+        r#"{"sub":"alice","Sub":"admin","sub ":"x"}"#,
+        r#"{"act":{"sub":"a","act":{"sub":"b"}},"sub":"c"}"#,
+        r#"{"a":{"x":1},"b":{"x":1},"c":[{"x":1},{"x":2}]}"#,
+        r#"{}"#,
+    ] {
+        assert!(decode_object(&b64(raw)).is_some(), "{raw}");
+    }
+    // Through the checks: claims and header alike.
+    let mut claims = base().to_string();
+    claims.insert_str(1, r#""sub":"admin","#);
+    assert_eq!(
+        parse_claims(&b64(&claims), &rules()).unwrap_err(),
+        TokenRejection::Malformed("claims")
+    );
+    assert_eq!(
+        parse_header(
+            &b64(r#"{"alg":"ES256","typ":"JWT","alg":"ES256"}"#),
+            &[SigningAlgorithm::Es256]
+        )
+        .unwrap_err(),
+        TokenRejection::Malformed("header")
+    );
+}
+
 /// What `claimed_issuer` must agree with wherever the claims object parses: the map's
 /// `iss`, when a string.
 fn issuer_of_object(segment: &str) -> Option<Option<String>> {
@@ -234,7 +273,8 @@ fn claimed_issuer_reads_iss_as_the_claims_object_does() {
         ),
         // Escapes in the name and in the value are resolved.
         (r#"{"i\u0073s":"a\"b\\c\u00e9"}"#, Some("a\"b\\cé")),
-        // Repeated: the last one, as a map keeps it.
+        // Repeated: the last one (the claims object refuses a name given twice, so the
+        // claims check refuses such a token whichever key set it is verified with).
         (r#"{"iss":"first","iss":"last"}"#, Some("last")),
         (r#"{"iss":"first","iss":7}"#, None),
         (r#"{"iss":7,"iss":"last"}"#, Some("last")),
@@ -262,7 +302,8 @@ fn claimed_issuer_reads_iss_as_the_claims_object_does() {
 /// Random objects built from pieces that parse in interesting ways (repeated and escaped
 /// names, nested objects, numbers at the edges, strings with escapes), some of them
 /// damaged a byte at a time: wherever the claims object parses, `claimed_issuer` agrees
-/// with its `iss`; where it does not, the claims check refuses the token anyway.
+/// with its `iss`; where it does not (a repeated name among them), the claims check
+/// refuses the token anyway.
 #[test]
 fn claimed_issuer_agrees_with_the_claims_object_on_random_objects() {
     const NAMES: &[&str] = &[
@@ -323,7 +364,7 @@ fn claimed_issuer_agrees_with_the_claims_object_on_random_objects() {
     }
     // The generator reaches both outcomes often.
     assert!(
-        parsed > 5_000 && agreed_on_some > 1_000,
+        parsed > 5_000 && agreed_on_some > 500,
         "{parsed} {agreed_on_some}"
     );
 }

@@ -125,6 +125,11 @@ async fn invalid_tokens_are_401_and_never_reach_the_upstream() {
         edit(&mut claims);
         idp.token(&claims)
     };
+    let with_text = |edit: &dyn Fn(&str) -> String| {
+        let claims = edit(&good().to_string());
+        assert_ne!(claims, good().to_string(), "the edit applies");
+        idp.sign_text(&idp.header().to_string(), &claims)
+    };
     // A listener the attacker's jku points at: it must never be contacted.
     let jku = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let jku_url = format!("http://{}/jwks.json", jku.local_addr().unwrap());
@@ -231,6 +236,31 @@ async fn invalid_tokens_are_401_and_never_reach_the_upstream() {
                 c.as_object_mut().unwrap().remove("act");
             }),
             "actor_missing",
+        ),
+        // Signed by the trusted key, each naming a member twice: a parser that keeps the
+        // first would read another user, issuer or actor from the same bytes.
+        (
+            "sub given twice",
+            with_text(&|claims: &str| format!(r#"{{"sub":"admin",{}"#, &claims[1..])),
+            "malformed",
+        ),
+        (
+            "act.sub given twice",
+            with_text(&|claims: &str| {
+                claims.replace(
+                    &format!(r#""act":{{"sub":"{TRIAGE}""#),
+                    &format!(r#""act":{{"sub":"{ASSISTANT}","sub":"{TRIAGE}""#),
+                )
+            }),
+            "malformed",
+        ),
+        (
+            "kid given twice in the header",
+            idp.sign_text(
+                &format!(r#"{{"kid":"other",{}"#, &idp.header().to_string()[1..]),
+                &good().to_string(),
+            ),
+            "malformed",
         ),
         (
             "a 64 KiB token",
