@@ -438,7 +438,7 @@ impl<'de> serde::Deserialize<'de> for IsIssuer {
 /// last. A token is read by more than Portcullis (the upstream a route forwards it to, an
 /// identity provider exchanging it), and a parser that keeps the first member would read
 /// another `sub`, `iss` or `act` from the same signed bytes than the one Portcullis decided
-/// on: such a token is refused, as the JOSE header is.
+/// on. A token that names a member twice, in its claims or its JOSE header, is refused.
 pub(crate) fn decode_object(segment: &str) -> Option<Map<String, Value>> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
     let Value::Object(map) = serde_json::from_slice(&bytes).ok()? else {
@@ -497,8 +497,9 @@ impl<'de> serde::de::Visitor<'de> for NamesOnceVisitor {
     }
 
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NamesOnce, A::Error> {
-        // Ordered, not hashed: a token's object has a few names, and a hostile one (the
-        // header is read before any signature is checked) cannot make the search quadratic.
+        // A set rather than a scan of the names so far: the header is read before any
+        // signature is checked, and a hostile one with thousands of names must not make
+        // the check quadratic.
         let mut names = std::collections::BTreeSet::new();
         while let Some(name) = map.next_key::<String>()? {
             if !names.insert(name) {
