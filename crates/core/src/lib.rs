@@ -2,8 +2,10 @@
 //! they ask to do ([`Action`] on a [`Resource`]) and what was decided ([`Decision`]).
 //!
 //! No I/O, no TLS, no Cedar: code that only needs to name an identity or an action depends
-//! on this crate alone.
+//! on this crate alone. [`json`] holds the one JSON rule every reader of untrusted JSON
+//! (request bodies, user tokens) shares.
 
+pub mod json;
 mod spiffe;
 mod vocabulary;
 

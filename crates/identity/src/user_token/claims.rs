@@ -432,83 +432,16 @@ impl<'de> serde::Deserialize<'de> for IsIssuer {
 }
 
 /// base64url without padding (RFC 7515 §2), then a JSON object that names each member once,
-/// at every depth.
-///
-/// RFC 7515 §4 and RFC 7519 §4 let a parser either refuse a name given twice or keep the
-/// last. A token is read by more than Portcullis (the upstream a route forwards it to, an
-/// identity provider exchanging it), and a parser that keeps the first member would read
-/// another `sub`, `iss` or `act` from the same signed bytes than the one Portcullis decided
-/// on. A token that names a member twice, in its claims or its JOSE header, is refused.
+/// at every depth. RFC 7515 §4 and RFC 7519 §4 let a parser either refuse a name given twice
+/// or keep the last; a token is read by more than Portcullis ([`portcullis_core::json`]), so
+/// one that names a member twice, in its claims or its JOSE header, is refused.
 pub(crate) fn decode_object(segment: &str) -> Option<Map<String, Value>> {
     let bytes = URL_SAFE_NO_PAD.decode(segment).ok()?;
     let Value::Object(map) = serde_json::from_slice(&bytes).ok()? else {
         return None;
     };
     // A second reading, of the names only: the map above has already kept one of each.
-    let NamesOnce = serde_json::from_slice(&bytes).ok()?;
-    Some(map)
-}
-
-/// JSON in which no object names a member twice (names compared with escapes resolved).
-struct NamesOnce;
-
-impl<'de> serde::Deserialize<'de> for NamesOnce {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        deserializer.deserialize_any(NamesOnceVisitor)
-    }
-}
-
-struct NamesOnceVisitor;
-
-impl<'de> serde::de::Visitor<'de> for NamesOnceVisitor {
-    type Value = NamesOnce;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JSON whose objects name each member once")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<NamesOnce, E> {
-        Ok(NamesOnce)
-    }
-
-    fn visit_i64<E>(self, _: i64) -> Result<NamesOnce, E> {
-        Ok(NamesOnce)
-    }
-
-    fn visit_u64<E>(self, _: u64) -> Result<NamesOnce, E> {
-        Ok(NamesOnce)
-    }
-
-    fn visit_f64<E>(self, _: f64) -> Result<NamesOnce, E> {
-        Ok(NamesOnce)
-    }
-
-    fn visit_str<E>(self, _: &str) -> Result<NamesOnce, E> {
-        Ok(NamesOnce)
-    }
-
-    fn visit_unit<E>(self) -> Result<NamesOnce, E> {
-        Ok(NamesOnce)
-    }
-
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<NamesOnce, A::Error> {
-        while let Some(NamesOnce) = seq.next_element()? {}
-        Ok(NamesOnce)
-    }
-
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<NamesOnce, A::Error> {
-        // A set rather than a scan of the names so far: the header is read before any
-        // signature is checked, and a hostile one with thousands of names must not make
-        // the check quadratic.
-        let mut names = std::collections::BTreeSet::new();
-        while let Some(name) = map.next_key::<String>()? {
-            if !names.insert(name) {
-                return Err(serde::de::Error::custom("a member named twice"));
-            }
-            map.next_value::<NamesOnce>()?;
-        }
-        Ok(NamesOnce)
-    }
+    portcullis_core::json::has_unique_names(&bytes).then_some(map)
 }
 
 #[cfg(test)]

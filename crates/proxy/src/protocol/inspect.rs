@@ -13,8 +13,6 @@
 //! without keeping values, and the protocol modules read the few fields they need through
 //! [`RawValue`] slices of the buffer. A `[0,0,0,...]` body costs no memory beyond itself.
 
-use std::borrow::Cow;
-use std::collections::HashSet;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -130,88 +128,13 @@ impl Body for Replay {
     }
 }
 
-/// Checks that `bytes` is one JSON value with no duplicate object key at any depth, keeping
-/// nothing but the keys of the objects still open. RFC 8259 §4 leaves duplicate names'
-/// meaning to the implementation: one parser keeps the first, another the last, so a body
-/// `{"name":"search","name":"refund"}` could be authorized as one tool and run as the other.
-/// serde_json's own recursion limit (128) bounds nesting.
+/// Checks that `bytes` is one JSON value with no duplicate object key at any depth
+/// ([`portcullis_core::json`] says why).
 pub(crate) fn check_strict(bytes: &[u8]) -> Result<(), Refusal> {
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    de.deserialize_any(StrictVisitor)
-        .map_err(|_| Refusal::MalformedBody)?;
-    de.end().map_err(|_| Refusal::MalformedBody)
-}
-
-struct Strict;
-
-impl<'de> de::Deserialize<'de> for Strict {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(StrictVisitor)
-    }
-}
-
-struct StrictVisitor;
-
-impl<'de> Visitor<'de> for StrictVisitor {
-    type Value = Strict;
-
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("a JSON value")
-    }
-
-    fn visit_bool<E>(self, _: bool) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-    fn visit_unit<E>(self) -> Result<Strict, E> {
-        Ok(Strict)
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strict, A::Error> {
-        while seq.next_element::<Strict>()?.is_some() {}
-        Ok(Strict)
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strict, A::Error> {
-        let mut seen = HashSet::new();
-        while let Some(Key(key)) = map.next_key()? {
-            if !seen.insert(key) {
-                return Err(de::Error::custom("duplicate object key"));
-            }
-            map.next_value::<Strict>()?;
-        }
-        Ok(Strict)
-    }
-}
-
-/// An object key, borrowed from the body unless it holds escapes.
-struct Key<'de>(Cow<'de, str>);
-
-impl<'de> de::Deserialize<'de> for Key<'de> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct KeyVisitor;
-        impl<'de> Visitor<'de> for KeyVisitor {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object key")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(Cow::Owned(v.to_owned())))
-            }
-        }
-        d.deserialize_str(KeyVisitor)
+    if portcullis_core::json::has_unique_names(bytes) {
+        Ok(())
+    } else {
+        Err(Refusal::MalformedBody)
     }
 }
 
