@@ -710,22 +710,32 @@ impl PolicySnapshot {
         with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
     }
 
+    /// The resource as Cedar sees it: the entity entities.json declares for it (attributes and
+    /// tags a schema extension gives it, and its groups), or one with its groups only. A
+    /// route's `path`, `host` and `method` are the request's (the loader refuses them in the
+    /// file); a declared route keeps its other attributes.
     fn resource_entity(&self, resource: &Resource) -> Result<(Entity, HashSet<EntityUid>), String> {
         let uid = entity_uid(resource.entity_type(), resource.id())?;
+        let declared = self.entities.get(&uid);
         let parents = self.declared_ancestors(&uid);
         match resource {
             Resource::Route { path, host, method } => {
-                let attrs = HashMap::from([
-                    ("path".to_owned(), string(path)),
-                    ("host".to_owned(), string(host)),
-                    ("method".to_owned(), string(method)),
-                ]);
+                let mut attrs = match declared {
+                    Some(entity) => entity.clone().into_inner().1,
+                    None => HashMap::with_capacity(3),
+                };
+                attrs.insert("path".to_owned(), string(path));
+                attrs.insert("host".to_owned(), string(host));
+                attrs.insert("method".to_owned(), string(method));
                 with_ancestors(Entity::new(uid, attrs, parents.clone()), parents)
             }
             Resource::Model(_)
             | Resource::Tool(_)
             | Resource::McpResource(_)
-            | Resource::Prompt(_) => Ok((Entity::new_no_attrs(uid, parents.clone()), parents)),
+            | Resource::Prompt(_) => match declared {
+                Some(entity) => Ok((entity.clone(), parents)),
+                None => Ok((Entity::new_no_attrs(uid, parents.clone()), parents)),
+            },
         }
     }
 

@@ -355,7 +355,10 @@ fn read_dir(dir: &Path) -> Result<BTreeMap<String, String>, Vec<LoadError>> {
 /// Parses entities.json. Attributes of `Agent` and `User` entries are computed by the proxy
 /// for every request (from the certificate and the token), so the file only declares their
 /// memberships: the attributes the schema requires are filled in here before validation, and
-/// an `Agent` id must be a valid SPIFFE ID.
+/// an `Agent` id must be a valid SPIFFE ID. A `Route`'s `path`, `host` and `method` are the
+/// request's as well (filled in here the same way); other attributes a schema gives routes,
+/// and every attribute and tag of the other entities, are the file's and reach Cedar.
+/// Tags of the computed entities would not, so they are refused rather than ignored.
 fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String>> {
     let mut value: serde_json::Value =
         serde_json::from_str(src).map_err(|e| vec![format!("not valid JSON: {e}")])?;
@@ -369,6 +372,39 @@ fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String
             .unwrap_or_default()
             .to_owned();
         let id = entity["uid"]["id"].as_str().unwrap_or_default().to_owned();
+        if matches!(kind.as_str(), "Agent" | "User" | "Route")
+            && entity
+                .get("tags")
+                .is_some_and(|t| t.as_object().is_none_or(|t| !t.is_empty()))
+        {
+            errors.push(format!(
+                "entity {index} ({kind} {id:?}): a {kind} is built from the request, it cannot carry tags"
+            ));
+            continue;
+        }
+        if kind == "Route" {
+            if let Some(object) = entity.as_object_mut() {
+                let attrs = object
+                    .entry("attrs")
+                    .or_insert_with(|| serde_json::json!({}));
+                match attrs.as_object_mut() {
+                    Some(attrs) if ROUTE_ATTRS.iter().any(|name| attrs.contains_key(*name)) => {
+                        errors.push(format!(
+                            "entity {index} (Route {id:?}): path, host and method of a Route come from the request, declare only its other attributes and parents"
+                        ));
+                    }
+                    Some(attrs) => {
+                        // Placeholders for validation; each request's own values replace them.
+                        for name in ROUTE_ATTRS {
+                            attrs.insert(name.to_owned(), serde_json::json!(""));
+                        }
+                    }
+                    // Not an object: the schema's validation below says what is wrong.
+                    None => {}
+                }
+            }
+            continue;
+        }
         let computed = match kind.as_str() {
             "Agent" => match SpiffeId::parse(&id) {
                 Ok(spiffe) => agent_attrs_json(&spiffe),
@@ -407,6 +443,9 @@ fn entities_from_json(src: &str, schema: &Schema) -> Result<Entities, Vec<String
     }
     Entities::from_json_value(value, Some(schema)).map_err(|e| vec![render(&e)])
 }
+
+/// The attributes of a `Route` taken from each request.
+const ROUTE_ATTRS: [&str; 3] = ["path", "host", "method"];
 
 pub(crate) fn agent_attrs_json(id: &SpiffeId) -> serde_json::Value {
     let mut attrs = serde_json::json!({

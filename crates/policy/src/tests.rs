@@ -611,3 +611,132 @@ fn shape_bounds_count_what_nests_and_chains_outside_strings_and_comments() {
     );
     assert_eq!(first_over_bounds(&nested(3), wide), None);
 }
+
+/// A policy dir with the shipped schema, `edit` applied to it, and these policies and entities.
+fn policy_dir_with_schema(
+    edit: impl Fn(&str) -> String,
+    policies: &str,
+    entities: &str,
+) -> tempfile::TempDir {
+    let dir = policy_dir(policies, Some(entities));
+    let schema = std::fs::read_to_string(shipped().join(SCHEMA_FILE)).unwrap();
+    let edited = edit(&schema);
+    assert_ne!(edited, schema, "the schema edit did not apply");
+    std::fs::write(dir.path().join(SCHEMA_FILE), edited).unwrap();
+    dir
+}
+
+fn call_tool(engine: &PolicyEngine, agent: &str, tool: &str) -> Evaluation {
+    let agent = SpiffeId::parse(agent).unwrap();
+    let resource = Resource::Tool(tool.to_owned());
+    engine.evaluate(&AuthzInput {
+        agent: &agent,
+        user: None,
+        action: Action::CallTool,
+        resource: &resource,
+        request: RequestInfo {
+            method: "POST",
+            path: "/mcp",
+            host: "tools.internal",
+            client_address: "127.0.0.1",
+        },
+        protocol_context: vec![
+            ("mcp", serde_json::json!({ "method": "tools/call" })),
+            ("tool", serde_json::json!({ "name": tool, "arguments": {} })),
+        ],
+        now: 1_700_000_000,
+    })
+}
+
+#[test]
+fn attributes_and_tags_entities_json_gives_a_resource_reach_cedar() {
+    // A schema extension gives tools a risk and routes a sensitivity; forbids read them. Were
+    // the declared attributes dropped, `has` would be false and both forbids would not apply.
+    let dir = policy_dir_with_schema(
+        |schema| {
+            schema
+                .replace(
+                    "entity Tool in [ToolGroup];",
+                    "entity Tool in [ToolGroup] { risk?: String } tags String;",
+                )
+                .replace(
+                    "  method: String,\n};",
+                    "  method: String,\n  sensitive?: Bool,\n};",
+                )
+        },
+        r#"
+        @id("tools") permit (principal, action == Action::"call_tool", resource);
+        @id("routes") permit (principal, action == Action::"GET", resource);
+        @id("no-risky-tools") forbid (principal, action == Action::"call_tool", resource)
+        when { resource has risk && resource.risk == "high" };
+        @id("no-owned-tools") forbid (principal, action == Action::"call_tool", resource)
+        when { resource.hasTag("owner") && resource.getTag("owner") == "finance" };
+        @id("no-sensitive-routes") forbid (principal, action == Action::"GET", resource)
+        when { resource has sensitive && resource.sensitive };
+        "#,
+        r#"[
+          { "uid": { "type": "ToolGroup", "id": "dangerous" }, "parents": [] },
+          { "uid": { "type": "Tool", "id": "drop_db" }, "attrs": { "risk": "high" },
+            "parents": [{ "type": "ToolGroup", "id": "dangerous" }] },
+          { "uid": { "type": "Tool", "id": "ledger" }, "tags": { "owner": "finance" }, "parents": [] },
+          { "uid": { "type": "Tool", "id": "search" }, "attrs": { "risk": "low" }, "parents": [] },
+          { "uid": { "type": "Route", "id": "/payroll" }, "attrs": { "sensitive": true }, "parents": [] }
+        ]"#,
+    );
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    for (tool, decision, determining) in [
+        ("drop_db", Decision::Deny, "no-risky-tools"),
+        ("ledger", Decision::Deny, "no-owned-tools"),
+        ("search", Decision::Allow, "tools"),
+        ("undeclared", Decision::Allow, "tools"),
+    ] {
+        // Twice: the second answer comes from what the first built and remembered.
+        for _ in 0..2 {
+            let evaluation = call_tool(&engine, TRIAGE, tool);
+            assert_eq!(evaluation.decision, decision, "{tool}: {evaluation:?}");
+            assert_eq!(*evaluation.agent.determining, [determining], "{tool}");
+            assert!(evaluation.agent.errors.is_empty(), "{tool}: {evaluation:?}");
+        }
+    }
+    // The route's path, host and method are still the request's, beside the declared attribute.
+    for (path, decision) in [("/payroll", Decision::Deny), ("/orders", Decision::Allow)] {
+        let evaluation = decide(&engine, TRIAGE, "GET", path);
+        assert_eq!(evaluation.decision, decision, "{path}: {evaluation:?}");
+    }
+}
+
+#[test]
+fn entities_json_cannot_set_what_the_request_decides() {
+    let schema_edit = |schema: &str| {
+        schema.replace(
+            "  method: String,\n};",
+            "  method: String,\n  sensitive?: Bool,\n};",
+        )
+    };
+    let policies = r#"@id("routes") permit (principal, action == Action::"GET", resource);"#;
+    for (entities, expected) in [
+        (
+            r#"[{ "uid": { "type": "Route", "id": "/payroll" }, "attrs": { "path": "/elsewhere" }, "parents": [] }]"#,
+            "path, host and method of a Route come from the request",
+        ),
+        (
+            r#"[{ "uid": { "type": "Route", "id": "/payroll" }, "tags": { "owner": "x" }, "parents": [] }]"#,
+            "a Route is built from the request, it cannot carry tags",
+        ),
+        (
+            r#"[{ "uid": { "type": "User", "id": "alice" }, "tags": { "owner": "x" }, "parents": [] }]"#,
+            "a User is built from the request, it cannot carry tags",
+        ),
+    ] {
+        let dir = policy_dir_with_schema(schema_edit, policies, entities);
+        let error = only_error(&dir);
+        assert!(error.message.contains(expected), "{error:?}");
+    }
+    // Declaring only what the file may (a route's other attributes) loads.
+    let dir = policy_dir_with_schema(
+        schema_edit,
+        policies,
+        r#"[{ "uid": { "type": "Route", "id": "/payroll" }, "attrs": { "sensitive": true }, "parents": [] }]"#,
+    );
+    PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+}

@@ -12,7 +12,7 @@ use portcullis_test_support::upstream::SsePacing;
 use serde_json::{Value, json};
 use tokio::sync::Semaphore;
 
-use crate::harness::{Builder, HOST, Harness, REPORT, TRIAGE};
+use crate::harness::{Builder, HOST, Harness, REPORT, TRIAGE, repo_root};
 
 pub const POLICIES: &str = r#"
 @id("cheap-model-for-all") permit (principal, action == Action::"invoke_model", resource == Model::"cheap-model");
@@ -102,6 +102,61 @@ async fn a_denied_tool_is_a_json_rpc_error_and_the_server_sees_nothing() {
     assert_eq!(records[1]["resource"]["id"], "delete_everything");
     assert_eq!(records[1]["decision"], "deny");
     assert_eq!(records[1]["status"], 403);
+}
+
+#[tokio::test]
+async fn a_tool_is_decided_with_the_attributes_entities_json_declares_for_it() {
+    // A security team's schema gives tools a risk, entities.json sets it, a forbid reads it.
+    let source = tempfile::tempdir().unwrap();
+    let shipped = repo_root().join("policies");
+    let schema = std::fs::read_to_string(shipped.join("schema.cedarschema")).unwrap();
+    let extended = schema.replace(
+        "entity Tool in [ToolGroup];",
+        "entity Tool in [ToolGroup] { risk?: String };",
+    );
+    assert_ne!(extended, schema);
+    std::fs::write(source.path().join("schema.cedarschema"), extended).unwrap();
+    let mut entities: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(shipped.join("entities.json")).unwrap()).unwrap();
+    entities.push(json!({"uid": {"type": "Tool", "id": "drop_tables"}, "attrs": {"risk": "high"}, "parents": []}));
+    entities.push(json!({"uid": {"type": "Tool", "id": "search_tickets"}, "attrs": {"risk": "low"}, "parents": []}));
+    std::fs::write(
+        source.path().join("entities.json"),
+        serde_json::to_vec(&entities).unwrap(),
+    )
+    .unwrap();
+    let policies = r#"
+@id("support-tools") permit (principal in AgentGroup::"support-agents", action == Action::"call_tool", resource);
+@id("no-high-risk-tools") forbid (principal, action == Action::"call_tool", resource)
+when { resource has risk && resource.risk == "high" };
+"#;
+    let h = Harness::builder()
+        .policy_dir(source.path().to_path_buf())
+        .policies(policies)
+        .yaml(ROUTES)
+        .start()
+        .await;
+    let (status, reply) = post(&h, TRIAGE, "/mcp", &tool_call(1, "drop_tables", json!({}))).await;
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(reply["error"]["data"]["reason"], "policy_denied");
+    let (status, reply) = post(
+        &h,
+        TRIAGE,
+        "/mcp",
+        &tool_call(2, "search_tickets", json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 1, "only the low-risk call reaches the server");
+    let records = h.audit(2).await;
+    assert_eq!(records[1]["resource"]["id"], "drop_tables");
+    assert_eq!(records[1]["decision"], "deny");
+    assert_eq!(
+        records[1]["policies"]["agent"],
+        json!(["no-high-risk-tools"])
+    );
+    assert_eq!(records[2]["decision"], "allow");
 }
 
 #[tokio::test]
