@@ -7,6 +7,12 @@
 //! `{"name":"search","name":"refund"}` could be authorized as one tool and run as the other,
 //! and a token's claims could name one user to Portcullis and another downstream. Such JSON
 //! is refused wherever it is read.
+//!
+//! Some parsers also match names regardless of case: Go's `encoding/json` (the MCP servers and
+//! model gateways written in Go) fills a struct field from any member whose name equals it
+//! under Unicode case folding, the last one winning, so `{"method":"ping","Method":"tools/call"}`
+//! is a ping to a case-sensitive reader and a tool call to Go. What a caller sends is therefore
+//! checked with names folded ([`has_unique_folded_names`]).
 
 use std::borrow::Cow;
 use std::collections::HashSet;
@@ -20,55 +26,83 @@ use serde::de::{self, Deserializer, MapAccess, SeqAccess, Visitor};
 /// are kept in a set, so thousands of them cannot make the check quadratic.
 pub fn has_unique_names(bytes: &[u8]) -> bool {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    de.deserialize_any(UniqueVisitor).is_ok() && de.end().is_ok()
+    de.deserialize_any(UniqueVisitor::<false>).is_ok() && de.end().is_ok()
 }
 
-struct Unique;
+/// [`has_unique_names`] with names compared as a case-insensitive parser compares them: two
+/// names are the same when they are equal after case folding (`Method` and `method`, `ſ` and
+/// `s`, the Kelvin sign and `k`). Folding maps each character to its uppercase and that to
+/// its lowercase, which puts every character Go's `strings.EqualFold` equates in one class;
+/// it equates a few more (`ß` and `ss`), refusing what no reader could need.
+pub fn has_unique_folded_names(bytes: &[u8]) -> bool {
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    de.deserialize_any(UniqueVisitor::<true>).is_ok() && de.end().is_ok()
+}
 
-impl<'de> de::Deserialize<'de> for Unique {
+/// The name a case-insensitive parser matches: borrowed when folding leaves it as it is (ASCII
+/// without capitals, the common case).
+fn folded(name: Cow<'_, str>) -> Cow<'_, str> {
+    if name
+        .bytes()
+        .all(|b| b.is_ascii() && !b.is_ascii_uppercase())
+    {
+        return name;
+    }
+    Cow::Owned(
+        name.chars()
+            .flat_map(char::to_uppercase)
+            .flat_map(char::to_lowercase)
+            .collect(),
+    )
+}
+
+struct Unique<const FOLD: bool>;
+
+impl<'de, const FOLD: bool> de::Deserialize<'de> for Unique<FOLD> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(UniqueVisitor)
+        d.deserialize_any(UniqueVisitor::<FOLD>)
     }
 }
 
-struct UniqueVisitor;
+struct UniqueVisitor<const FOLD: bool>;
 
-impl<'de> Visitor<'de> for UniqueVisitor {
-    type Value = Unique;
+impl<'de, const FOLD: bool> Visitor<'de> for UniqueVisitor<FOLD> {
+    type Value = Unique<FOLD>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Unique, E> {
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
         Ok(Unique)
     }
-    fn visit_i64<E>(self, _: i64) -> Result<Unique, E> {
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
         Ok(Unique)
     }
-    fn visit_u64<E>(self, _: u64) -> Result<Unique, E> {
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
         Ok(Unique)
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Unique, E> {
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
         Ok(Unique)
     }
-    fn visit_str<E>(self, _: &str) -> Result<Unique, E> {
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
         Ok(Unique)
     }
-    fn visit_unit<E>(self) -> Result<Unique, E> {
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
         Ok(Unique)
     }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Unique, A::Error> {
-        while seq.next_element::<Unique>()?.is_some() {}
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<Unique<FOLD>>()?.is_some() {}
         Ok(Unique)
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Unique, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut seen = HashSet::new();
         while let Some(Key(key)) = map.next_key()? {
+            let key = if FOLD { folded(key) } else { key };
             if !seen.insert(key) {
                 return Err(de::Error::custom("duplicate object key"));
             }
-            map.next_value::<Unique>()?;
+            map.next_value::<Unique<FOLD>>()?;
         }
         Ok(Unique)
     }
@@ -98,7 +132,7 @@ impl<'de> de::Deserialize<'de> for Key<'de> {
 
 #[cfg(test)]
 mod tests {
-    use super::has_unique_names;
+    use super::{has_unique_folded_names, has_unique_names};
 
     #[test]
     fn a_name_given_twice_in_any_object_is_refused() {
@@ -122,5 +156,31 @@ mod tests {
         ] {
             assert!(has_unique_names(accepted.as_bytes()), "{accepted}");
         }
+    }
+
+    #[test]
+    fn names_equal_under_case_folding_are_refused_where_folding_is_asked_for() {
+        for refused in [
+            r#"{"method":"ping","Method":"tools/call"}"#,
+            r#"{"params":{"name":"search","NAME":"refund"}}"#,
+            r#"{"arguments":{"amount":5},"Arguments":{"amount":5000}}"#,
+            // U+017F LATIN SMALL LETTER LONG S folds to `s`, U+212A KELVIN SIGN to `k`.
+            "{\"params\":1,\"param\u{17f}\":2}",
+            "{\"max_tokens\":1,\"max_to\u{212a}ens\":2}",
+            r#"{"m\u0065thod":1,"M\u0045THOD":2}"#,
+            r#"[{"x":{"Y":1,"y":2}}]"#,
+        ] {
+            assert!(!has_unique_folded_names(refused.as_bytes()), "{refused}");
+            // Exact comparison (user tokens) still tells them apart.
+            assert!(has_unique_names(refused.as_bytes()), "{refused}");
+        }
+        for accepted in [
+            r#"{"a":1,"b":1,"a ":1,"a_":1}"#,
+            r#"{"Name":{"name":1}}"#,
+            r#"{"\u00e9":1,"e":2}"#,
+        ] {
+            assert!(has_unique_folded_names(accepted.as_bytes()), "{accepted}");
+        }
+        assert!(!has_unique_folded_names(br#"{"a":1,"a":2}"#));
     }
 }

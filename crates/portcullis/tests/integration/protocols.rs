@@ -244,6 +244,59 @@ async fn tools_list_shows_only_callable_tools_in_json_and_sse() {
 }
 
 #[tokio::test]
+async fn names_a_case_insensitive_server_would_read_as_one_are_refused() {
+    // Go's encoding/json fills `Method` into `method` (last one wins, case folded): these
+    // bodies would be decided as one message and run as another.
+    let h = builder().start().await;
+    let bodies = [
+        (
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call","params":{"name":"refund","arguments":{"amount":5000}}}"#.to_owned(),
+        ),
+        (
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"search_tickets","Name":"refund"}}"#.to_owned(),
+        ),
+        (
+            "/mcp",
+            r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"refund","arguments":{"amount":5,"AMOUNT":5000}}}"#.to_owned(),
+        ),
+        // U+017F folds to `s`: `paramſ` is `params` to Go.
+        (
+            "/mcp",
+            "{\"jsonrpc\":\"2.0\",\"id\":4,\"method\":\"tools/call\",\"params\":{\"name\":\"search_tickets\"},\"param\u{17f}\":{\"name\":\"refund\"}}".to_owned(),
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"model":"cheap-model","Model":"big-model","messages":[]}"#.to_owned(),
+        ),
+    ];
+    for (path, body) in &bodies {
+        let (status, reply) = post(&h, TRIAGE, path, body).await;
+        assert_eq!(status, 400, "{body}: {reply}");
+    }
+    assert!(h.upstream.requests().is_empty());
+    let records = h.audit(bodies.len()).await;
+    for record in &records[1..] {
+        assert_eq!(record["reason"], "malformed_body", "{record}");
+        assert_eq!(record["status"], 400, "{record}");
+    }
+    // The same members in one case are a call like any other.
+    let (status, reply) = post(
+        &h,
+        TRIAGE,
+        "/mcp",
+        &tool_call(
+            5,
+            "search_tickets",
+            json!({"query": "Printer", "Query2": 1}),
+        ),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+}
+
+#[tokio::test]
 async fn malformed_oversized_and_mistyped_bodies_are_refused_and_audited() {
     let h = builder().start().await;
     let (status, reply) = post(&h, TRIAGE, "/mcp", "{not json").await;

@@ -35,7 +35,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::annotations::{Hints, ToolAnnotations};
-use super::inspect::check_strict;
+use super::inspect::check_strict_exact;
 use crate::body::{BoxError, ResponseBody};
 
 /// A JSON response (or one SSE event) larger than this cannot be filtered and is refused.
@@ -137,7 +137,7 @@ impl ToolFilter {
             bytes
         } else {
             let json = bytes.strip_prefix(BOM).unwrap_or(&bytes);
-            check_strict(json).map_err(|_| Unreadable::NotJson)?;
+            check_strict_exact(json).map_err(|_| Unreadable::NotJson)?;
             let mut value: Value = serde_json::from_slice(json).map_err(|_| Unreadable::NotJson)?;
             if self.filter_value(&mut value)? || json.len() != bytes.len() {
                 Bytes::from(value.to_string())
@@ -239,7 +239,7 @@ impl ToolFilter {
             return Ok(event);
         }
         let data = data.join("\n");
-        check_strict(data.as_bytes()).map_err(|_| Unreadable::NotJson)?;
+        check_strict_exact(data.as_bytes()).map_err(|_| Unreadable::NotJson)?;
         let mut value: Value = serde_json::from_str(&data).map_err(|_| Unreadable::NotJson)?;
         if !self.filter_value(&mut value)? {
             return Ok(event);

@@ -128,9 +128,21 @@ impl Body for Replay {
     }
 }
 
-/// Checks that `bytes` is one JSON value with no duplicate object key at any depth
+/// Checks that a caller's `bytes` is one JSON value in which no object, at any depth, names
+/// a member twice, names compared as a case-insensitive parser would
 /// ([`portcullis_core::json`] says why).
 pub(crate) fn check_strict(bytes: &[u8]) -> Result<(), Refusal> {
+    if portcullis_core::json::has_unique_folded_names(bytes) {
+        Ok(())
+    } else {
+        Err(Refusal::MalformedBody)
+    }
+}
+
+/// [`check_strict`] with names compared exactly, for what the upstream answers (a
+/// `tools/list` result): a tool's input schema may well list properties that differ in case
+/// only, and the server is not the caller the filter guards against.
+pub(crate) fn check_strict_exact(bytes: &[u8]) -> Result<(), Refusal> {
     if portcullis_core::json::has_unique_names(bytes) {
         Ok(())
     } else {
