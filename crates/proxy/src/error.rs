@@ -11,8 +11,11 @@ pub enum Refusal {
     AbsoluteFormTarget,
     /// HTTP/1.1 request without `Host`, or an HTTP/2 request without `:authority`.
     MissingHost,
-    /// More than one `Host` header.
+    /// More than one `Host` header, or a `Host` and an `:authority` naming different hosts.
     DuplicateHost,
+    /// A `Host` or `:authority` with userinfo (`user@host`): the host a policy would decide on
+    /// (after the `@`) is not the one every application reads from the field.
+    InvalidHost,
     /// A path the application might normalise differently from the policy (dot segments,
     /// encoded slashes); see `classify::check_path`.
     AmbiguousPath,
@@ -89,6 +92,7 @@ impl Refusal {
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
+            | Refusal::InvalidHost
             | Refusal::AmbiguousPath
             | Refusal::MalformedBody
             | Refusal::InvalidMessage
@@ -123,6 +127,7 @@ impl Refusal {
             Refusal::AbsoluteFormTarget => "absolute_form_target",
             Refusal::MissingHost => "missing_host",
             Refusal::DuplicateHost => "duplicate_host",
+            Refusal::InvalidHost => "invalid_host",
             Refusal::AmbiguousPath => "ambiguous_path",
             Refusal::UnsupportedMethod => "unsupported_method",
             Refusal::InvalidUserToken(_) => "invalid_user_token",
@@ -161,6 +166,7 @@ impl Refusal {
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
+            | Refusal::InvalidHost
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
             | Refusal::StandingCredential
@@ -199,6 +205,7 @@ impl Refusal {
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
+            | Refusal::InvalidHost
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
             | Refusal::InvalidUserToken(_)
@@ -234,6 +241,7 @@ impl Refusal {
             Refusal::AbsoluteFormTarget
             | Refusal::MissingHost
             | Refusal::DuplicateHost
+            | Refusal::InvalidHost
             | Refusal::AmbiguousPath
             | Refusal::UnsupportedMethod
             | Refusal::InvalidUserToken(_)

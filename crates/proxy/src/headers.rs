@@ -102,7 +102,14 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
                     .filter_map(|value| value.to_str().ok())
                     .flat_map(|value| value.split(','))
                     .map(str::trim)
-                    .filter(|name| !name.is_empty() && headers.contains_key(*name))
+                    // `Host` is for every recipient (RFC 9110 §7.2): a sender may not list
+                    // it (§7.6.1), and dropping it would forward the request to the
+                    // upstream's own host rather than the one it was decided on.
+                    .filter(|name| {
+                        !name.is_empty()
+                            && !name.eq_ignore_ascii_case("host")
+                            && headers.contains_key(*name)
+                    })
                     .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok()),
             );
         } else if *name == header::UPGRADE || HOP_BY_HOP.contains(name) {

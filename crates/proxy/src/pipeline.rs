@@ -782,14 +782,29 @@ fn check_framing(request: &Request<Incoming>, last: &HostCache) -> Result<Arc<st
     if hosts.next().is_some() {
         return Err(Refusal::DuplicateHost);
     }
-    let host_header = || {
-        host_value
-            .and_then(|value| value.to_str().ok())
-            .and_then(|value| value.parse::<http::uri::Authority>().ok())
-            .map(|authority| authority.host().to_owned())
+    // `http` parses `user@host` and drops the userinfo; some applications read the field
+    // whole, or split it at the first `:`, and would see another host than the policy did.
+    // RFC 9110 §4.2.4 deprecated userinfo in http(s) URIs: it is refused.
+    let host_header = || match host_value.map(|value| value.to_str()) {
+        Some(Ok(value)) if value.contains('@') => Err(Refusal::InvalidHost),
+        Some(Ok(value)) => shared_host(
+            value
+                .parse::<http::uri::Authority>()
+                .ok()
+                .map(|authority| authority.host().to_owned()),
+        ),
+        _ => Err(Refusal::MissingHost),
     };
     match request.version() {
         // RFC 9113 §8.3.1: :authority, or Host when a client sent no :authority.
+        Version::HTTP_2 | Version::HTTP_3
+            if request
+                .uri()
+                .authority()
+                .is_some_and(|authority| authority.as_str().contains('@')) =>
+        {
+            Err(Refusal::InvalidHost)
+        }
         Version::HTTP_2 | Version::HTTP_3 => match (request.uri().host(), host_value) {
             (Some(authority), None) => {
                 last.get_or(NamedBy::Authority, authority.as_bytes(), || {
@@ -797,15 +812,13 @@ fn check_framing(request: &Request<Incoming>, last: &HostCache) -> Result<Arc<st
                 })
             }
             (Some(authority), Some(_)) => {
-                if host_header().as_deref() != Some(authority) {
+                if *host_header()? != *authority.to_ascii_lowercase() {
                     // Two different hosts in one request: refuse rather than pick one.
                     return Err(Refusal::DuplicateHost);
                 }
                 shared_host(Some(authority.to_owned()))
             }
-            (None, Some(value)) => last.get_or(NamedBy::HostField, value.as_bytes(), || {
-                shared_host(host_header())
-            }),
+            (None, Some(value)) => last.get_or(NamedBy::HostField, value.as_bytes(), host_header),
             (None, None) => Err(Refusal::MissingHost),
         },
         _ => {
@@ -815,9 +828,7 @@ fn check_framing(request: &Request<Incoming>, last: &HostCache) -> Result<Arc<st
             let Some(value) = host_value else {
                 return Err(Refusal::MissingHost);
             };
-            last.get_or(NamedBy::HostField, value.as_bytes(), || {
-                shared_host(host_header())
-            })
+            last.get_or(NamedBy::HostField, value.as_bytes(), host_header)
         }
     }
 }

@@ -199,6 +199,52 @@ async fn each_request_on_a_connection_is_decided_on_the_host_it_names() {
 }
 
 #[tokio::test]
+async fn a_host_with_userinfo_is_refused_and_connection_cannot_drop_host() {
+    let h = Harness::builder()
+        .policies(
+            r#"@id("orders") permit (principal, action, resource is Route)
+                 when { resource.host == "orders.prod.example.org" };"#,
+        )
+        .start()
+        .await;
+    // `http` reads the host after the `@`; an application splitting the field at `:` reads
+    // `admin.internal`. Over HTTP/1.1 in Host, over HTTP/2 in :authority.
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let caller = h.caller(&h.svid(TRIAGE), version);
+        let response = caller
+            .call(
+                h.addr,
+                request(
+                    "GET",
+                    &format!("admin.internal:1@{HOST}"),
+                    "/api/orders/1",
+                    Bytes::new(),
+                ),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "{version:?}");
+    }
+    assert!(h.upstream.requests().is_empty());
+    let records = h.audit(2).await;
+    for record in &records[1..] {
+        assert_eq!(record["reason"], "invalid_host", "{record}");
+    }
+    // A sender may not name Host in Connection (RFC 9110 §7.6.1); were it dropped as a
+    // connection option, the upstream would get another host than the one decided on.
+    let mut req = request("GET", HOST, "/api/orders/1", Bytes::new());
+    req.headers_mut()
+        .insert("connection", "host, x-drop-me".parse().unwrap());
+    req.headers_mut().insert("x-drop-me", "1".parse().unwrap());
+    let (status, _) = h.send(TRIAGE, HttpVersion::Http1, req).await;
+    assert_eq!(status, 200);
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].headers.get("host").unwrap(), HOST);
+    assert!(seen[0].headers.get("x-drop-me").is_none());
+}
+
+#[tokio::test]
 async fn sse_events_cross_one_by_one() {
     let gate = Arc::new(Semaphore::new(0));
     let h = Harness::builder()

@@ -411,6 +411,7 @@ pub(crate) fn error_body(refusal: Refusal, ids: &[Value], batch: bool, request_i
         Refusal::AbsoluteFormTarget
         | Refusal::MissingHost
         | Refusal::DuplicateHost
+        | Refusal::InvalidHost
         | Refusal::AmbiguousPath
         | Refusal::UnsupportedMethod
         | Refusal::HeadTooLarge => (-32600, "request refused"),

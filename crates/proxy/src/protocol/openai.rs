@@ -249,6 +249,7 @@ pub(crate) fn error_body(refusal: Refusal, model: Option<&str>, request_id: &str
         Refusal::AbsoluteFormTarget
         | Refusal::MissingHost
         | Refusal::DuplicateHost
+        | Refusal::InvalidHost
         | Refusal::AmbiguousPath
         | Refusal::UnsupportedMethod
         | Refusal::HeadTooLarge => (
