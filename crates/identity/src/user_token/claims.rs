@@ -152,10 +152,7 @@ pub(crate) fn parse_claims(
         return Err(TokenRejection::WrongAudience);
     }
 
-    let lifetime = expires_at
-        .checked_sub(issued_at)
-        .ok_or(TokenRejection::Malformed("exp before iat"))?;
-    if lifetime > rules.max_lifetime_secs {
+    if lifetime_exceeds(&claims, rules.max_lifetime_secs)? {
         return Err(TokenRejection::LifetimeTooLong);
     }
 
@@ -358,6 +355,32 @@ fn numeric_date(
             Ok(Some(rounded as u64))
         }
         _ => Err(TokenRejection::Malformed(name)),
+    }
+}
+
+/// Whether `exp - iat` (both present and numbers: checked before) is over `max` seconds,
+/// measured on the dates as given. The rounded dates would not do: they are rounded the ways
+/// that shorten validity, `iat` up and `exp` down, which lengthens the lifetime they measure
+/// by up to two seconds less than it is (`iat` 1000.01, `exp` 4601.99 would read 3600).
+fn lifetime_exceeds(claims: &Map<String, Value>, max: u64) -> Result<bool, TokenRejection> {
+    let (Some(Value::Number(exp)), Some(Value::Number(iat))) =
+        (claims.get("exp"), claims.get("iat"))
+    else {
+        return Err(TokenRejection::Malformed("exp"));
+    };
+    if let (Some(exp), Some(iat)) = (exp.as_u64(), iat.as_u64()) {
+        let lifetime = exp
+            .checked_sub(iat)
+            .ok_or(TokenRejection::Malformed("exp before iat"))?;
+        return Ok(lifetime > max);
+    }
+    match (exp.as_f64(), iat.as_f64()) {
+        (Some(exp), Some(iat)) if exp >= iat =>
+        {
+            #[allow(clippy::cast_precision_loss)]
+            Ok(exp - iat > max as f64)
+        }
+        _ => Err(TokenRejection::Malformed("exp before iat")),
     }
 }
 

@@ -149,6 +149,27 @@ fn lifetime_is_exp_minus_iat() {
         parse(json!({ "iat": 1000, "exp": 4601 })).unwrap_err(),
         TokenRejection::LifetimeTooLong
     );
+    // Measured on the dates as given, not on the rounded ones (which read 3600 here).
+    for (iat, exp) in [(1000.01, 4601.99), (1000.0, 4600.5), (1000.5, 4601.0)] {
+        assert_eq!(
+            parse(json!({ "iat": iat, "exp": exp })).unwrap_err(),
+            TokenRejection::LifetimeTooLong,
+            "iat {iat}, exp {exp}"
+        );
+    }
+    for (iat, exp) in [(1000.5, 4600.5), (1000.9, 4600.1)] {
+        assert!(
+            parse(json!({ "iat": iat, "exp": exp })).is_ok(),
+            "iat {iat}, exp {exp}"
+        );
+    }
+    assert!(parse(json!({ "iat": 1000.25, "exp": 4600 })).is_ok());
+    assert_eq!(
+        parse(json!({ "iat": 1000.5, "exp": 1000.25 }))
+            .unwrap_err()
+            .reason(),
+        "malformed"
+    );
 }
 
 #[test]
