@@ -832,22 +832,35 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
         raw.jwks_refresh_interval.as_deref(),
         errors,
     );
-    let max_stale = match duration(
+    let max_stale = duration(
         "user_token.jwks_max_stale",
         raw.jwks_max_stale.as_deref(),
         errors,
-    ) {
-        Some(stale)
-            if stale < refresh.unwrap_or(UserTokenSettings::DEFAULT_JWKS_REFRESH_INTERVAL) =>
-        {
-            errors.add(
-                "user_token.jwks_max_stale",
-                "must be at least jwks_refresh_interval",
-            );
-            None
-        }
-        other => other,
-    };
+    );
+    // A key set refreshed on time is `jwks_refresh_interval` plus one fetch old when the next
+    // refresh lands: a bound no longer than that would refuse every token for part of each
+    // period although no refresh failed. Checked on the values in force, defaults included.
+    let in_force_refresh = refresh.unwrap_or(UserTokenSettings::DEFAULT_JWKS_REFRESH_INTERVAL);
+    let in_force_stale = max_stale.unwrap_or(UserTokenSettings::DEFAULT_JWKS_MAX_STALE);
+    let fetch = UserTokenSettings::DEFAULT_JWKS_FETCH_TIMEOUT;
+    if in_force_stale <= in_force_refresh + fetch {
+        let (path, subject) = if raw.jwks_max_stale.is_some() {
+            ("user_token.jwks_max_stale", "must be")
+        } else {
+            (
+                "user_token.jwks_refresh_interval",
+                "too long for jwks_max_stale's default (1h), which must be",
+            )
+        };
+        errors.add(
+            path,
+            format!(
+                "{subject} longer than jwks_refresh_interval plus a fetch ({}s + {}s): a key set refreshed on time would read as stale",
+                in_force_refresh.as_secs(),
+                fetch.as_secs()
+            ),
+        );
+    }
     if raw
         .allowed_types
         .as_ref()

@@ -95,6 +95,46 @@ fn a_wrong_type_or_bad_yaml_reports_only_itself() {
 }
 
 #[test]
+fn the_key_set_staleness_bound_outlasts_a_refresh_on_time() {
+    let config = |extra: &str| {
+        format!(
+            "listen: 127.0.0.1:8443\nadmin_listen: 127.0.0.1:9901\nupstream: http://127.0.0.1:8080\nuser_token:\n  jwks_file: jwks.json\n  issuers: [https://idp.example.org]\n  audiences: [orders-api]\n  max_lifetime: 1h\n{extra}"
+        )
+    };
+    // The default bound (1h) against a longer interval: stale for half of every period.
+    assert_errors_at(
+        &config("  jwks_refresh_interval: 2h\n"),
+        &["user_token.jwks_refresh_interval"],
+    );
+    // Equal values: stale for the length of each fetch.
+    assert_errors_at(
+        &config("  jwks_refresh_interval: 10m\n  jwks_max_stale: 10m\n"),
+        &["user_token.jwks_max_stale"],
+    );
+    for fine in [
+        "",
+        "  jwks_refresh_interval: 50m\n",
+        "  jwks_refresh_interval: 2h\n  jwks_max_stale: 3h\n",
+    ] {
+        // Other errors (jwks.json is not there) do not matter here.
+        let errors = Config::from_yaml(
+            &config(fine),
+            Path::new("/nonexistent"),
+            Path::new("c.yaml"),
+        )
+        .unwrap_err()
+        .0;
+        assert!(
+            !errors.iter().any(|e| matches!(
+                e.path.as_str(),
+                "user_token.jwks_refresh_interval" | "user_token.jwks_max_stale"
+            )),
+            "{fine}: {errors:?}"
+        );
+    }
+}
+
+#[test]
 fn boundary_keys_are_checked_with_their_paths() {
     let yaml = r#"
 listen: 127.0.0.1:8443
