@@ -53,7 +53,8 @@ pub struct Permit {
 /// The result of a reload attempt.
 #[derive(Debug)]
 pub enum ReloadOutcome {
-    /// Files are byte-identical to the set in force.
+    /// Nothing to swap in: the files are byte-identical to the set in force, or they changed
+    /// while they were read (the next poll reads them again).
     Unchanged,
     /// A new set was validated and swapped in; its hash.
     Reloaded(String),
@@ -134,14 +135,35 @@ impl PolicyEngine {
 
     /// Re-reads the directory; swaps in the new set only if it loads and validates whole.
     pub fn reload(&self) -> ReloadOutcome {
+        self.reload_with(PolicySnapshot::load)
+    }
+
+    /// [`PolicyEngine::reload`] with the set read by `load`. The files are read one at a
+    /// time, so an update landing between two reads (a ConfigMap's `..data` swap, an editor
+    /// saving two files) would give a set that was never in the directory: a permit from
+    /// before the update with the memberships from after it, allowing what neither allows.
+    /// The directory is read again after `load`, and what was read counts only if the
+    /// directory still holds exactly that.
+    fn reload_with(
+        &self,
+        load: impl FnOnce(&Path) -> Result<PolicySnapshot, Vec<LoadError>>,
+    ) -> ReloadOutcome {
         // Most polls find nothing new: compare contents before parsing and validating.
-        if PolicySnapshot::fingerprint(&self.dir)
-            .is_ok_and(|hash| hash == *self.current.load().hash)
+        let before = PolicySnapshot::fingerprint(&self.dir);
+        if before
+            .as_ref()
+            .is_ok_and(|hash| *hash == *self.current.load().hash)
         {
             return ReloadOutcome::Unchanged;
         }
-        match PolicySnapshot::load(&self.dir) {
+        let loaded = load(&self.dir);
+        let after = PolicySnapshot::fingerprint(&self.dir);
+        match loaded {
+            Err(_) if after.is_ok() && after.as_ref().ok() != before.as_ref().ok() => {
+                ReloadOutcome::Unchanged
+            }
             Err(errors) => ReloadOutcome::Failed(errors),
+            Ok(snapshot) if after.as_ref().ok() != Some(&snapshot.hash) => ReloadOutcome::Unchanged,
             Ok(snapshot) if snapshot.hash == *self.current.load().hash => ReloadOutcome::Unchanged,
             Ok(snapshot) => {
                 let hash = snapshot.hash.clone();

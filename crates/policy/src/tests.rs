@@ -740,3 +740,49 @@ fn entities_json_cannot_set_what_the_request_decides() {
     );
     PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
 }
+
+#[test]
+fn a_set_read_while_the_directory_changed_is_not_swapped_in() {
+    // v1: legacy agents may read. v2: the permit is gone and triage joins `legacy`. A read
+    // torn between them (v1's policy, v2's memberships) lets triage read, which neither does.
+    let v1_policy = r#"@id("legacy-read") permit (principal in AgentGroup::"legacy", action == Action::"GET", resource);"#;
+    let v2_policy = r#"@id("nothing") forbid (principal, action, resource) when { false };"#;
+    let v2_entities = format!(
+        r#"[{{ "uid": {{ "type": "AgentGroup", "id": "legacy" }}, "parents": [] }},
+            {{ "uid": {{ "type": "Agent", "id": "{TRIAGE}" }}, "parents": [{{ "type": "AgentGroup", "id": "legacy" }}] }}]"#
+    );
+    let dir = policy_dir(v1_policy, Some("[]"));
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let v1_hash = engine.hash();
+    // Start the update: the entities of v2 land...
+    std::fs::write(dir.path().join(ENTITIES_FILE), &v2_entities).unwrap();
+    // ...and are read together with v1's policy, after which v2's policy lands.
+    let outcome = engine.reload_with(|path| {
+        let torn = PolicySnapshot::load(path);
+        std::fs::write(path.join("test.cedar"), v2_policy).unwrap();
+        torn
+    });
+    assert!(matches!(outcome, ReloadOutcome::Unchanged), "{outcome:?}");
+    assert_eq!(engine.hash(), v1_hash);
+    assert_eq!(
+        decide(&engine, TRIAGE, "GET", "/x").decision,
+        Decision::Deny
+    );
+    // The next poll reads the whole of v2.
+    assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
+    assert_ne!(engine.hash(), v1_hash);
+    assert_eq!(
+        decide(&engine, TRIAGE, "GET", "/x").decision,
+        Decision::Deny
+    );
+    // A read that fails because the files changed under it is not reported as a failure.
+    std::fs::write(dir.path().join("test.cedar"), v1_policy).unwrap();
+    let outcome = engine.reload_with(|path| {
+        std::fs::write(path.join("test.cedar"), v2_policy).unwrap();
+        Err(vec![LoadError {
+            file: "test.cedar".to_owned(),
+            message: "read half-written".to_owned(),
+        }])
+    });
+    assert!(matches!(outcome, ReloadOutcome::Unchanged), "{outcome:?}");
+}
