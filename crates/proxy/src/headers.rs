@@ -60,7 +60,7 @@ const FORWARDING: [&str; 5] = [
 ];
 
 /// The field name as applications that map `-` and `_` to one character read it.
-fn folded(name: &HeaderName) -> std::borrow::Cow<'_, str> {
+pub(crate) fn folded(name: &HeaderName) -> std::borrow::Cow<'_, str> {
     let name = name.as_str();
     if name.contains('_') {
         std::borrow::Cow::Owned(name.replace('_', "-"))
@@ -70,7 +70,7 @@ fn folded(name: &HeaderName) -> std::borrow::Cow<'_, str> {
 }
 
 /// Removes every field whose folded name satisfies `doomed`.
-fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
+pub(crate) fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&str) -> bool) {
     let names: Vec<HeaderName> = headers
         .keys()
         .filter(|name| doomed(&folded(name)))

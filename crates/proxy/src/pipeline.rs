@@ -477,12 +477,19 @@ async fn authorize_and_forward(
     };
     remove_caller_supplied(&mut parts.headers);
     // Long-lived credentials never reach the application (flagged above: every one present
-    // but the user-token header, which is handled next).
-    for header in standing {
-        parts.headers.remove(header);
+    // but the user-token header, which is handled next), under any spelling flagged.
+    if !standing.is_empty() {
+        crate::headers::remove_where(&mut parts.headers, |name| standing.contains(&name));
     }
     if let Some(tokens) = &shared.user_token {
         parts.headers.remove(&tokens.header);
+        // A token under another spelling (`x_user_jwt` for `x-user-jwt`) was not verified,
+        // and an application reading `_` as `-` would take it for the verified one.
+        if tokens.header.as_str().contains('-')
+            && parts.headers.keys().any(|name| name.as_str().contains('_'))
+        {
+            crate::headers::remove_where(&mut parts.headers, |name| name == tokens.header.as_str());
+        }
     }
     if let Some((name, value)) = forwarded_token {
         parts.headers.insert(name, value);
@@ -664,9 +671,16 @@ fn standing_credentials(
 ) -> Vec<&'static str> {
     // Compared with the names present rather than looked up: a lookup by `&str` parses and
     // hashes the name, and most requests carry a handful of fields.
+    // `x_api_key` too: applications that read `_` as `-` (CGI's `HTTP_X_API_KEY`, which
+    // Django and uvicorn's WSGI bridge build) take it for `x-api-key`.
     STANDING_CREDENTIAL_HEADERS
         .into_iter()
-        .filter(|name| headers.keys().any(|present| present.as_str() == *name))
+        .filter(|name| {
+            headers.keys().any(|present| {
+                present.as_str() == *name
+                    || (present.as_str().contains('_') && crate::headers::folded(present) == *name)
+            })
+        })
         .filter(|name| token_header.is_none_or(|t| t.as_str() != *name))
         .collect()
 }

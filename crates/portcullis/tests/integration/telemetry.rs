@@ -288,6 +288,54 @@ async fn a_failing_audit_sink_fails_requests_closed() {
 }
 
 #[tokio::test]
+async fn credentials_spelled_with_underscores_are_flagged_and_stripped_too() {
+    // CGI-style servers (Django, WSGI bridges) read `x_api_key` as HTTP_X_API_KEY, the same
+    // variable as `x-api-key`; likewise a user token under `x_user_jwt`.
+    let send = async |h: &Harness, name: &'static str, value: &str| {
+        let mut req = request("GET", HOST, "/api/orders/1", Bytes::new());
+        req.headers_mut().insert(name, value.parse().unwrap());
+        h.send(TRIAGE, HttpVersion::Http1, req).await.0
+    };
+    let h = Harness::builder()
+        .user_tokens()
+        .user_token_yaml("  header: x-user-jwt\n")
+        .start()
+        .await;
+    assert_eq!(send(&h, "x_api_key", "sk-live-0123456789").await, 200);
+    // Not verified, so the call is decided as autonomous, and the application must not get it.
+    let token = h.token(
+        "alice",
+        &["support"],
+        "spiffe://prod.example.org/ns/other/sa/thief",
+    );
+    assert_eq!(send(&h, "x_user_jwt", &token).await, 200);
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 2);
+    for request in &seen {
+        let names: Vec<&str> = request.headers.keys().map(|n| n.as_str()).collect();
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.replace('_', "-") == "x-api-key" || n.replace('_', "-") == "x-user-jwt"),
+            "{names:?}"
+        );
+        assert!(!request.headers.contains_key("x-portcullis-user"));
+    }
+    let audit = h.audit(2).await;
+    assert_eq!(
+        audit[1]["standing_credentials"],
+        serde_json::json!(["x-api-key"])
+    );
+    assert_eq!(audit[2]["user"], serde_json::Value::Null);
+    let strict = Harness::builder()
+        .yaml("reject_standing_credentials: true\n")
+        .start()
+        .await;
+    assert_eq!(send(&strict, "x_api_key", "sk-live-0123456789").await, 401);
+    assert!(strict.upstream.requests().is_empty());
+}
+
+#[tokio::test]
 async fn standing_credentials_are_flagged_stripped_and_optionally_refused() {
     let send = async |h: &Harness| {
         let mut req = request("GET", HOST, "/api/orders/1", Bytes::new());
