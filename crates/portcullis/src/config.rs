@@ -839,10 +839,15 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
     );
     // A key set refreshed on time is `jwks_refresh_interval` plus one fetch old when the next
     // refresh lands: a bound no longer than that would refuse every token for part of each
-    // period although no refresh failed. Checked on the values in force, defaults included.
+    // period although no refresh failed. Checked on the values in force, defaults included;
+    // a fetch is a URL's timeout, or a second for files (a read, and the timer's slack).
     let in_force_refresh = refresh.unwrap_or(UserTokenSettings::DEFAULT_JWKS_REFRESH_INTERVAL);
     let in_force_stale = max_stale.unwrap_or(UserTokenSettings::DEFAULT_JWKS_MAX_STALE);
-    let fetch = UserTokenSettings::DEFAULT_JWKS_FETCH_TIMEOUT;
+    let fetch = if raw.jwks_url.is_some() || raw.issuer_keys.iter().any(|k| k.jwks_url.is_some()) {
+        UserTokenSettings::DEFAULT_JWKS_FETCH_TIMEOUT
+    } else {
+        Duration::from_secs(1)
+    };
     if in_force_stale <= in_force_refresh + fetch {
         let (path, subject) = if raw.jwks_max_stale.is_some() {
             ("user_token.jwks_max_stale", "must be")

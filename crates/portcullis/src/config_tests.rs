@@ -111,9 +111,18 @@ fn the_key_set_staleness_bound_outlasts_a_refresh_on_time() {
         &config("  jwks_refresh_interval: 10m\n  jwks_max_stale: 10m\n"),
         &["user_token.jwks_max_stale"],
     );
+    // A URL fetch may take its timeout (10 s); a file read does not.
+    assert_errors_at(
+        &config("  jwks_refresh_interval: 3595s\n").replace(
+            "jwks_file: jwks.json",
+            "jwks_url: https://idp.example.org/jwks",
+        ),
+        &["user_token.jwks_refresh_interval"],
+    );
     for fine in [
         "",
-        "  jwks_refresh_interval: 50m\n",
+        "  jwks_refresh_interval: 3595s\n",
+        "  jwks_refresh_interval: 100ms\n  jwks_max_stale: 1500ms\n",
         "  jwks_refresh_interval: 2h\n  jwks_max_stale: 3h\n",
     ] {
         // Other errors (jwks.json is not there) do not matter here.
