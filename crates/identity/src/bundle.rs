@@ -33,15 +33,18 @@ pub enum BundleError {
     AllExpired { path: PathBuf },
 }
 
-/// One trust domain's roots, with the expiry of each kept for the expiry gauge.
-#[derive(Debug, Clone)]
+/// One trust domain's roots, with the expiry of each kept for the expiry gauge. The default,
+/// no roots, is what a reloaded bundle file that holds no usable root leaves: that trust
+/// domain's callers are refused.
+#[derive(Debug, Clone, Default)]
 pub struct Bundle {
     pub roots: Vec<CertificateDer<'static>>,
     /// `(subject, not_after unix seconds)` per root.
     pub expiries: Vec<(String, i64)>,
 }
 
-/// The accepted trust domains and their bundles. A trust domain not in here is refused.
+/// The accepted trust domains and their bundles. A trust domain not in here is refused, and so
+/// is one whose bundle has no roots.
 #[derive(Debug, Clone, Default)]
 pub struct TrustBundles {
     bundles: BTreeMap<TrustDomain, Bundle>,

@@ -9,9 +9,12 @@
 //! once it parses, its key matches and its leaf is a valid X509-SVID; until then the last good
 //! pair stays, and the next check tries again (a certificate written before its key is
 //! picked up as soon as the key lands). A changed bundle replaces that trust domain's roots;
-//! one that does not parse keeps the last good roots. Each outcome is counted once per
-//! distinct content, not once per check; a failure only once two consecutive checks saw it, so
-//! a file caught mid-write is not reported.
+//! one that cannot be read or does not parse keeps the last good roots. One that parses but
+//! holds no usable root (no certificate, a SPIFFE bundle without `x509-svid` keys, only
+//! expired roots) removed them all, and is applied as such: that trust domain's callers are
+//! refused until it has a root again. Each outcome is counted once per distinct content, not
+//! once per check; a failure only once two consecutive checks saw it, so a file caught
+//! mid-write is not reported.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -54,19 +57,7 @@ impl IdentityFiles {
     ) -> Result<IdentityFeed, crate::live::LiveIdentityError> {
         let live = LiveIdentity::build(initial.clone())?;
         let (sender, current) = watch::channel(Arc::new(live));
-        let watcher = Watcher {
-            serving_applied: self.serving_fingerprint(),
-            serving_failed: Failing::default(),
-            bundles_applied: self
-                .bundles
-                .iter()
-                .map(|(_, p)| fingerprint(&[p]))
-                .collect(),
-            bundles_failed: vec![Failing::default(); self.bundles.len()],
-            files: self,
-            current: initial,
-            sender,
-        };
+        let watcher = Watcher::new(self, initial, sender);
         Ok(IdentityFeed {
             current,
             producer: Some(Box::new(move |observer| {
@@ -130,7 +121,17 @@ impl Failing {
 #[derive(Default)]
 struct Changes {
     serving: Option<(ServerIdentity, Fingerprint)>,
-    bundles: Vec<(usize, Bundle, Fingerprint)>,
+    bundles: Vec<BundleChange>,
+}
+
+/// A changed bundle file that is to replace its trust domain's roots.
+struct BundleChange {
+    /// Index into `IdentityFiles::bundles`.
+    index: usize,
+    bundle: Bundle,
+    print: Fingerprint,
+    /// Why the file left no usable root, when it did (`bundle` then has none).
+    no_root: Option<BundleError>,
 }
 
 /// How long a burst of file events (a certificate, then its key; a symlink swap's several
@@ -193,6 +194,27 @@ fn absolute(path: &Path) -> PathBuf {
 }
 
 impl Watcher {
+    /// A watcher of `files`, whose current content `initial` was read from.
+    fn new(
+        files: IdentityFiles,
+        initial: IdentitySnapshot,
+        sender: watch::Sender<Arc<LiveIdentity>>,
+    ) -> Self {
+        Self {
+            serving_applied: files.serving_fingerprint(),
+            serving_failed: Failing::default(),
+            bundles_applied: files
+                .bundles
+                .iter()
+                .map(|(_, p)| fingerprint(&[p]))
+                .collect(),
+            bundles_failed: vec![Failing::default(); files.bundles.len()],
+            files,
+            current: initial,
+            sender,
+        }
+    }
+
     async fn run(mut self, interval: Duration, observer: Arc<dyn ReloadObserver>) {
         let wake = Arc::new(tokio::sync::Notify::new());
         // Dropped (and the directories unwatched) when this task ends.
@@ -234,9 +256,11 @@ impl Watcher {
         if let Some((identity, _)) = &changes.serving {
             candidate.identity = identity.clone();
         }
-        for (index, bundle, _) in &changes.bundles {
-            if let Some((domain, _)) = self.files.bundles.get(*index) {
-                candidate.bundles.insert(domain.clone(), bundle.clone());
+        for change in &changes.bundles {
+            if let Some((domain, _)) = self.files.bundles.get(change.index) {
+                candidate
+                    .bundles
+                    .insert(domain.clone(), change.bundle.clone());
             }
         }
         match LiveIdentity::build(candidate.clone()) {
@@ -252,15 +276,26 @@ impl Watcher {
                         "serving certificate reloaded"
                     );
                 }
-                for (index, _, print) in changes.bundles {
-                    self.bundles_applied[index] = print;
-                    self.bundles_failed[index] = Failing::default();
-                    observer.reloaded(ReloadKind::Bundle, true);
-                    if let Some((domain, _)) = self.files.bundles.get(index) {
-                        tracing::info!(trust_domain = %domain, "trust bundle reloaded");
+                for change in changes.bundles {
+                    self.bundles_applied[change.index] = change.print;
+                    self.bundles_failed[change.index] = Failing::default();
+                    // Counted as a failure: the file was not usable as a bundle, and what it
+                    // did (remove every root) is what an operator must see.
+                    observer.reloaded(ReloadKind::Bundle, change.no_root.is_none());
+                    let Some((domain, path)) = self.files.bundles.get(change.index) else {
+                        continue;
+                    };
+                    match change.no_root {
+                        None => tracing::info!(trust_domain = %domain, "trust bundle reloaded"),
+                        Some(error) => tracing::error!(
+                            trust_domain = %domain,
+                            path = %path.display(),
+                            %error,
+                            "trust bundle holds no usable root: new handshakes from this trust domain are refused until it has one"
+                        ),
                     }
                 }
-                if let Some(problem) = &live.chain_problem {
+                if let Err(problem) = live.chain_at(SystemTime::now()) {
                     tracing::error!(%problem, "serving certificate in force does not chain to its own trust bundle; not ready");
                 }
                 self.current = candidate;
@@ -271,8 +306,8 @@ impl Watcher {
                 if let Some((_, print)) = changes.serving {
                     self.fail_serving(print, &error.to_string(), observer);
                 }
-                for (index, _, print) in changes.bundles {
-                    self.fail_bundle(index, print, &error.to_string(), observer);
+                for change in changes.bundles {
+                    self.fail_bundle(change.index, change.print, &error.to_string(), observer);
                 }
             }
         }
@@ -296,10 +331,7 @@ impl Watcher {
         }
     }
 
-    fn changed_bundles(
-        &mut self,
-        observer: &dyn ReloadObserver,
-    ) -> Vec<(usize, Bundle, Fingerprint)> {
+    fn changed_bundles(&mut self, observer: &dyn ReloadObserver) -> Vec<BundleChange> {
         let mut changed = Vec::new();
         let paths: Vec<PathBuf> = self.files.bundles.iter().map(|(_, p)| p.clone()).collect();
         for (index, path) in paths.iter().enumerate() {
@@ -309,8 +341,30 @@ impl Watcher {
                 continue;
             }
             match read_bundle(path) {
-                Ok(bundle) => changed.push((index, bundle, print)),
-                Err(error) => self.fail_bundle(index, print, &error.to_string(), observer),
+                Ok(bundle) => changed.push(BundleChange {
+                    index,
+                    bundle,
+                    print,
+                    no_root: None,
+                }),
+                // DESIGN: a removed root stops new handshakes at once. A file that reads and
+                // parses but leaves no usable root has removed every root, so it applies (the
+                // trust domain fails closed); keeping the old roots would trust them for ever.
+                Err(error @ (BundleError::Empty { .. } | BundleError::AllExpired { .. })) => {
+                    changed.push(BundleChange {
+                        index,
+                        bundle: Bundle::default(),
+                        print,
+                        no_root: Some(error),
+                    });
+                }
+                // Unreadable, malformed, or caught mid-write: the last good roots stay.
+                Err(
+                    error @ (BundleError::Io { .. }
+                    | BundleError::Json { .. }
+                    | BundleError::Read { .. }
+                    | BundleError::Malformed { .. }),
+                ) => self.fail_bundle(index, print, &error.to_string(), observer),
             }
         }
         changed
@@ -337,7 +391,14 @@ impl Watcher {
     ) {
         if self.bundles_failed[index].report(print) {
             observer.reloaded(ReloadKind::Bundle, false);
-            tracing::warn!(%error, "new trust bundle rejected; keeping the last good one");
+            if let Some((domain, path)) = self.files.bundles.get(index) {
+                tracing::warn!(
+                    trust_domain = %domain,
+                    path = %path.display(),
+                    %error,
+                    "new trust bundle rejected; keeping the last good one"
+                );
+            }
         }
     }
 }
@@ -357,7 +418,148 @@ fn read_bundle(path: &Path) -> Result<Bundle, BundleError> {
 
 #[cfg(test)]
 mod tests {
-    use super::Failing;
+    use std::path::Path;
+    use std::sync::{Arc, Mutex};
+
+    use portcullis_core::TrustDomain;
+    use portcullis_test_support::pki::{Ca, LeafSpec};
+    use time::OffsetDateTime;
+    use tokio::sync::watch;
+
+    use super::{Failing, IdentityFiles, Watcher};
+    use crate::bundle::TrustBundles;
+    use crate::live::{IdentitySnapshot, LiveIdentity, ReloadKind, ReloadObserver};
+    use crate::server::ServerIdentity;
+
+    type TestResult<T = ()> = Result<T, Box<dyn std::error::Error>>;
+
+    #[derive(Debug, Default)]
+    struct Outcomes(Mutex<Vec<(ReloadKind, bool)>>);
+
+    impl ReloadObserver for Outcomes {
+        fn reloaded(&self, kind: ReloadKind, success: bool) {
+            self.0.lock().unwrap().push((kind, success));
+        }
+    }
+
+    impl Outcomes {
+        fn take(&self) -> Vec<(ReloadKind, bool)> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    /// A watcher of a serving SVID and the bundle of its trust domain, written in `dir`, and
+    /// the receiver of what it publishes.
+    fn watcher(dir: &Path, ca: &Ca) -> TestResult<(Watcher, watch::Receiver<Arc<LiveIdentity>>)> {
+        let svid = ca.leaf(&LeafSpec::server("spiffe://td.example/ns/edge/sa/sidecar"))?;
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+        std::fs::write(dir.join("server.pem"), &svid.cert_pem)?;
+        std::fs::write(dir.join("server-key.pem"), &svid.key_pem)?;
+        let files = IdentityFiles {
+            cert: dir.join("server.pem"),
+            key: dir.join("server-key.pem"),
+            bundles: vec![(TrustDomain::parse("td.example")?, dir.join("ca.pem"))],
+        };
+        let mut bundles = TrustBundles::new();
+        bundles.load(TrustDomain::parse("td.example")?, &dir.join("ca.pem"))?;
+        let initial = IdentitySnapshot {
+            identity: ServerIdentity::load(&files.cert, &files.key)?,
+            bundles,
+        };
+        let (sender, current) = watch::channel(Arc::new(LiveIdentity::build(initial.clone())?));
+        Ok((Watcher::new(files, initial, sender), current))
+    }
+
+    fn roots(watcher: &Watcher) -> usize {
+        watcher
+            .current
+            .bundles
+            .get("td.example")
+            .map_or(0, |bundle| bundle.roots.len())
+    }
+
+    #[test]
+    fn a_reloaded_bundle_without_a_usable_root_removes_every_root() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::new("td.example")?;
+        let (mut watcher, current) = watcher(dir.path(), &ca)?;
+        let outcomes = Outcomes::default();
+        let now = OffsetDateTime::now_utc();
+        let expired = Ca::with_validity(
+            "td.example",
+            now - time::Duration::days(10),
+            now - time::Duration::days(1),
+        )?;
+        let no_root = [
+            ("a PEM file without certificates", String::new()),
+            ("a SPIFFE bundle with no keys", r#"{"keys": []}"#.to_owned()),
+            (
+                "a SPIFFE bundle with JWT keys only",
+                r#"{"keys": [{"use": "jwt-svid", "kty": "EC"}]}"#.to_owned(),
+            ),
+            ("expired roots only", expired.cert_pem()),
+        ];
+        for (case, contents) in no_root {
+            std::fs::write(dir.path().join("ca.pem"), contents)?;
+            watcher.check(&outcomes);
+            assert_eq!(
+                roots(&watcher),
+                0,
+                "{case}: the old roots are still trusted"
+            );
+            assert_eq!(outcomes.take(), [(ReloadKind::Bundle, false)], "{case}");
+            let live = current.borrow().clone();
+            assert!(live.trust_domains.is_empty(), "{case}");
+            assert!(
+                live.readiness(std::time::SystemTime::now()).is_err(),
+                "{case}"
+            );
+            // Seen again: nothing new to count.
+            watcher.check(&outcomes);
+            assert_eq!(outcomes.take(), [], "{case}");
+
+            std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
+            watcher.check(&outcomes);
+            assert_eq!(roots(&watcher), 1, "{case}");
+            assert_eq!(outcomes.take(), [(ReloadKind::Bundle, true)], "{case}");
+            assert_eq!(
+                current.borrow().readiness(std::time::SystemTime::now()),
+                Ok(())
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_unreadable_or_unparsable_bundle_keeps_the_last_good_roots() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::new("td.example")?;
+        let (mut watcher, current) = watcher(dir.path(), &ca)?;
+        let outcomes = Outcomes::default();
+        let path = dir.path().join("ca.pem");
+        let broken: [(&str, &dyn Fn() -> std::io::Result<()>); 3] = [
+            ("malformed JSON", &|| std::fs::write(&path, "{\"keys\": [")),
+            ("a PEM block cut short", &|| {
+                std::fs::write(&path, &ca.cert_pem()[..40])
+            }),
+            ("a missing file", &|| std::fs::remove_file(&path)),
+        ];
+        for (case, break_it) in broken {
+            break_it()?;
+            // Once (as a file caught mid-write), then again: reported once, roots kept.
+            watcher.check(&outcomes);
+            watcher.check(&outcomes);
+            watcher.check(&outcomes);
+            assert_eq!(roots(&watcher), 1, "{case}");
+            assert_eq!(outcomes.take(), [(ReloadKind::Bundle, false)], "{case}");
+            assert_eq!(
+                current.borrow().readiness(std::time::SystemTime::now()),
+                Ok(()),
+                "{case}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn a_failure_is_reported_once_after_two_consecutive_sightings() {

@@ -11,6 +11,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -49,11 +51,25 @@ pub struct LiveIdentity {
     /// authenticates itself (RFC 8705 mTLS client authentication to a token service).
     pub client_key: Arc<rustls::sign::CertifiedKey>,
     pub serving: ServingLeaf,
-    /// Set when the serving chain does not verify against its own trust domain's bundle.
-    /// Serving goes on (the bundle may be mid-rotation) but the sidecar is not ready.
-    pub chain_problem: Option<ServingProblem>,
     pub certificates: Vec<CertificateExpiry>,
+    /// The trust domains whose callers can be accepted: those whose bundle holds a root.
     pub trust_domains: Vec<String>,
+    /// What [`Self::readiness`] judges the serving chain with, at the time it is asked.
+    chain: ServingChain,
+}
+
+/// The serving chain as presented and the bundles it must chain to, kept so that readiness
+/// re-runs [`serving::check_chain`] at each probe. A verdict taken when the identity was
+/// built would go stale: an intermediate (or root) that expires before the leaf breaks the
+/// chain later, with no file changed. Re-running the check rather than precomputing the
+/// verified path's validity window keeps one definition of "chains" (webpki's path building,
+/// alternative paths included); it costs a few signature checks per probe, and probes come
+/// seconds apart.
+#[derive(Debug)]
+struct ServingChain {
+    certs: Vec<CertificateDer<'static>>,
+    bundles: TrustBundles,
+    provider: Arc<CryptoProvider>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -68,19 +84,11 @@ pub enum LiveIdentityError {
 
 impl LiveIdentity {
     /// Checks the pair (an X509-SVID and its key) and builds the server config. A chain that
-    /// does not verify is recorded, not refused: refusing it would keep the old bundles, and
-    /// a removed root must stop being trusted at once.
+    /// does not verify is not refused, only reported by [`Self::readiness`]: refusing it would
+    /// keep the old bundles, and a removed root must stop being trusted at once.
     pub fn build(snapshot: IdentitySnapshot) -> Result<Self, LiveIdentityError> {
         let provider = crypto_provider();
         let serving = serving::check_pair(&snapshot.identity, &provider)?;
-        let chain_problem = serving::check_chain(
-            &snapshot.identity,
-            &serving,
-            &snapshot.bundles,
-            &provider,
-            SystemTime::now(),
-        )
-        .err();
         let mut certificates = Vec::new();
         if let Some((subject, not_after)) = snapshot
             .identity
@@ -97,7 +105,9 @@ impl LiveIdentity {
         }
         let mut trust_domains = Vec::new();
         for (domain, bundle) in snapshot.bundles.iter() {
-            trust_domains.push(domain.to_string());
+            if !bundle.roots.is_empty() {
+                trust_domains.push(domain.to_string());
+            }
             for (subject, not_after) in &bundle.expiries {
                 certificates.push(CertificateExpiry {
                     kind: format!("bundle:{domain}"),
@@ -115,25 +125,40 @@ impl LiveIdentity {
             )
             .map_err(|e| LiveIdentityError::Client(e.to_string()))?,
         );
+        let chain = ServingChain {
+            certs: snapshot.identity.cert_chain.clone(),
+            bundles: snapshot.bundles.clone(),
+            provider,
+        };
         let tls = server_config(snapshot.identity, &snapshot.bundles)?;
         Ok(Self {
             tls,
             client_key,
             serving,
-            chain_problem,
             certificates,
             trust_domains,
+            chain,
         })
     }
 
     /// Whether this identity can serve at `now`: the SVID is within its validity window and
-    /// chains to its own trust domain's bundle.
+    /// chains to its own trust domain's bundle at `now`.
     pub fn readiness(&self, now: SystemTime) -> Result<(), ServingProblem> {
         serving::check_validity(&self.serving, now)?;
-        match &self.chain_problem {
-            Some(problem) => Err(problem.clone()),
-            None => Ok(()),
-        }
+        self.chain_at(now)
+    }
+
+    /// Whether the serving chain verifies against its own trust domain's bundle at `now`
+    /// (every certificate of the path, root included, valid then). Serving goes on when it
+    /// does not (the bundle may be mid-rotation), but the sidecar is not ready.
+    pub fn chain_at(&self, now: SystemTime) -> Result<(), ServingProblem> {
+        serving::check_chain(
+            &self.chain.certs,
+            &self.serving,
+            &self.chain.bundles,
+            &self.chain.provider,
+            now,
+        )
     }
 }
 
@@ -191,5 +216,94 @@ impl IdentityFeed {
             current,
             producer: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::{Duration, SystemTime};
+
+    use portcullis_core::TrustDomain;
+    use portcullis_test_support::pki::{Ca, LeafSpec};
+    use time::OffsetDateTime;
+
+    use super::{IdentitySnapshot, LiveIdentity};
+    use crate::bundle::{TrustBundles, parse_bundle};
+    use crate::server::ServerIdentity;
+    use crate::serving::ServingProblem;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    const TRUST_DOMAIN: &str = "td.example";
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    /// A serving SVID valid for two days, issued by `issuer`, whose trust domain's bundle is
+    /// `root`.
+    fn serving(root: &Ca, issuer: &Ca) -> Result<LiveIdentity, Box<dyn std::error::Error>> {
+        let mut spec = LeafSpec::server("spiffe://td.example/ns/edge/sa/sidecar");
+        spec.not_after = OffsetDateTime::now_utc() + time::Duration::days(2);
+        let svid = issuer.leaf(&spec)?;
+        let mut bundles = TrustBundles::new();
+        bundles.insert(
+            TrustDomain::parse(TRUST_DOMAIN)?,
+            parse_bundle(
+                root.cert_pem().as_bytes(),
+                Path::new("ca.pem"),
+                SystemTime::now(),
+            )?,
+        );
+        Ok(LiveIdentity::build(IdentitySnapshot {
+            identity: ServerIdentity {
+                cert_chain: svid.cert_chain(),
+                key: svid.key_der(),
+            },
+            bundles,
+        })?)
+    }
+
+    #[test]
+    fn readiness_judges_the_chain_when_asked_not_when_built() -> TestResult {
+        let now = SystemTime::now();
+        let root = Ca::with_validity(
+            TRUST_DOMAIN,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            OffsetDateTime::now_utc() + time::Duration::days(10),
+        )?;
+        // Valid for one day, under a leaf valid for two.
+        let intermediate = root.intermediate("td.example intermediate", true)?;
+        let live = serving(&root, &intermediate)?;
+        assert_eq!(live.readiness(now), Ok(()));
+        let after_intermediate = live.readiness(now + DAY + DAY / 2);
+        assert!(
+            matches!(after_intermediate, Err(ServingProblem::NotChaining { .. })),
+            "{after_intermediate:?}"
+        );
+        // Past the leaf's own end, the leaf is what is reported.
+        let after_leaf = live.readiness(now + 3 * DAY);
+        assert!(
+            matches!(after_leaf, Err(ServingProblem::Expired { .. })),
+            "{after_leaf:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_root_that_expires_before_the_leaf_breaks_the_chain() -> TestResult {
+        let now = SystemTime::now();
+        // webpki does not look at a trust anchor's validity; readiness must.
+        let root = Ca::with_validity(
+            TRUST_DOMAIN,
+            OffsetDateTime::now_utc() - time::Duration::hours(1),
+            OffsetDateTime::now_utc() + time::Duration::days(1),
+        )?;
+        let live = serving(&root, &root)?;
+        assert_eq!(live.readiness(now), Ok(()));
+        let after_root = live.readiness(now + DAY + DAY / 2);
+        assert!(
+            matches!(after_root, Err(ServingProblem::NotChaining { .. })),
+            "{after_root:?}"
+        );
+        Ok(())
     }
 }

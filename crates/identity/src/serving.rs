@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use rustls::crypto::CryptoProvider;
-use rustls::pki_types::UnixTime;
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, Error, InconsistentKeys, RootCertStore};
@@ -99,9 +99,12 @@ pub fn check_validity(leaf: &ServingLeaf, now: SystemTime) -> Result<(), Serving
 /// The chain verifies against the roots of the leaf's own trust domain (what an agent of the
 /// same trust domain checks), including the serverAuth purpose agents' TLS stacks require.
 /// Validity is [`check_validity`]'s concern: the chain is checked at a time inside the
-/// leaf's window so that an expired leaf is reported once, as expired.
+/// leaf's window so that an expired leaf is reported once, as expired. At that time every
+/// intermediate must be valid (webpki checks them) and so must the root: webpki does not look
+/// at a trust anchor's validity, but an expired root is dropped when a bundle is loaded, and
+/// agents whose TLS stack checks it refuse the chain.
 pub fn check_chain(
-    identity: &ServerIdentity,
+    chain: &[CertificateDer<'static>],
     leaf: &ServingLeaf,
     bundles: &TrustBundles,
     provider: &CryptoProvider,
@@ -111,19 +114,31 @@ pub fn check_chain(
     let bundle = bundles
         .get(trust_domain)
         .ok_or_else(|| ServingProblem::NoOwnBundle(trust_domain.to_owned()))?;
-    let mut roots = RootCertStore::empty();
-    roots.add_parsable_certificates(bundle.roots.iter().cloned());
     let not_chaining = |reason: String| ServingProblem::NotChaining {
         trust_domain: trust_domain.to_owned(),
         reason,
     };
-    let (end_entity, intermediates) = identity
-        .cert_chain
+    let at = unix(now).clamp(leaf.not_before, leaf.not_after);
+    let mut roots = RootCertStore::empty();
+    // `expiries` runs beside `roots`, one entry per root.
+    roots.add_parsable_certificates(
+        bundle
+            .roots
+            .iter()
+            .zip(&bundle.expiries)
+            .filter(|(_, (_, not_after))| *not_after >= at)
+            .map(|(root, _)| root.clone()),
+    );
+    if roots.is_empty() {
+        return Err(not_chaining(
+            "the bundle holds no usable, unexpired root".to_owned(),
+        ));
+    }
+    let (end_entity, intermediates) = chain
         .split_first()
         .ok_or_else(|| not_chaining("no certificate".to_owned()))?;
     let parsed =
         ParsedCertificate::try_from(end_entity).map_err(|e| not_chaining(e.to_string()))?;
-    let at = unix(now).clamp(leaf.not_before, leaf.not_after);
     let at = UnixTime::since_unix_epoch(std::time::Duration::from_secs(
         u64::try_from(at).unwrap_or(0),
     ));
@@ -166,7 +181,7 @@ pub fn check_serving(
     if let Err(problem) = check_validity(&leaf, now) {
         problems.push(problem);
     }
-    if let Err(problem) = check_chain(identity, &leaf, bundles, &provider, now) {
+    if let Err(problem) = check_chain(&identity.cert_chain, &leaf, bundles, &provider, now) {
         problems.push(problem);
     }
     if problems.is_empty() {

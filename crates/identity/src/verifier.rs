@@ -50,14 +50,16 @@ impl SpiffeClientVerifier {
                 may_sign: Vec::with_capacity(bundle.roots.len()),
             };
             // Roots were parsed when the bundle was read; a root webpki cannot use is skipped
-            // here and the bundle fails below if none is left.
+            // here and the bundle fails below if none is left. A bundle with no root at all
+            // (a reload removed every one) is kept, without anchors: its trust domain's
+            // callers are refused, as removed roots must be.
             for root in &bundle.roots {
                 if let Ok(anchor) = webpki::anchor_from_trusted_cert(root) {
                     roots.anchors.push(anchor.to_owned());
                     roots.may_sign.push(svid::may_sign_certificates(root));
                 }
             }
-            if roots.anchors.is_empty() {
+            if roots.anchors.is_empty() && !bundle.roots.is_empty() {
                 return Err(VerifierBuilderError::NoRootAnchors);
             }
             by_trust_domain.insert(domain.as_str().to_owned(), roots);
@@ -77,6 +79,10 @@ impl SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), Error> {
+        // A trust domain with no root trusts no issuer; webpki is not asked to search nothing.
+        if roots.anchors.is_empty() {
+            return Err(CertificateError::UnknownIssuer.into());
+        }
         let leaf = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
         let path = leaf
             .verify_for_usage(
@@ -233,5 +239,55 @@ pub fn handshake_failure_reason(error: &Error) -> &'static str {
         Error::NoApplicationProtocol | Error::PeerIncompatible(_) => "incompatible",
         Error::AlertReceived(_) => "alert_received",
         _ => "protocol_error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::SystemTime;
+
+    use portcullis_core::TrustDomain;
+    use portcullis_test_support::pki::{Ca, Svid};
+    use rustls::pki_types::UnixTime;
+    use rustls::server::danger::ClientCertVerifier as _;
+
+    use super::{SpiffeClientVerifier, handshake_failure_reason};
+    use crate::bundle::{Bundle, TrustBundles, parse_bundle};
+    use crate::server::crypto_provider;
+
+    #[test]
+    fn a_trust_domain_without_roots_refuses_its_callers() -> Result<(), Box<dyn std::error::Error>>
+    {
+        let (a, b) = (Ca::new("a.example")?, Ca::new("b.example")?);
+        let mut bundles = TrustBundles::new();
+        bundles.insert(
+            TrustDomain::parse("a.example")?,
+            parse_bundle(
+                a.cert_pem().as_bytes(),
+                Path::new("a.pem"),
+                SystemTime::now(),
+            )?,
+        );
+        // What a reload that removed every root of b.example leaves.
+        bundles.insert(
+            TrustDomain::parse("b.example")?,
+            Bundle {
+                roots: Vec::new(),
+                expiries: Vec::new(),
+            },
+        );
+        let verifier = SpiffeClientVerifier::new(&bundles, crypto_provider())?;
+        let verify =
+            |svid: &Svid| verifier.verify_client_cert(&svid.cert_der, &svid.chain, UnixTime::now());
+        assert!(verify(&a.svid("spiffe://a.example/ns/x/sa/y")?).is_ok());
+        // Its own CA, or another trust domain's: nothing chains to no root.
+        for issuer in [&b, &a] {
+            match verify(&issuer.svid("spiffe://b.example/ns/x/sa/y")?) {
+                Err(error) => assert_eq!(handshake_failure_reason(&error), "unknown_ca"),
+                Ok(_) => panic!("a caller of a trust domain without roots was accepted"),
+            }
+        }
+        Ok(())
     }
 }

@@ -278,6 +278,185 @@ async fn a_serving_svid_that_expires_unreplaced_makes_readyz_503() {
     assert_eq!(admin_get(h.admin, "/healthz").await.0, 200);
 }
 
+/// A serving chain (PEM, leaf first), its key, and the root it chains to, minted with rcgen
+/// directly: the shared test CA's intermediates all last a day.
+struct ShortChain {
+    root_pem: String,
+    chain_pem: String,
+    key_pem: String,
+}
+
+impl ShortChain {
+    /// `SERVER_ID`'s serving SVID, valid for an hour, under an intermediate that ends
+    /// `intermediate_for` from now, under a root valid for a day.
+    fn mint(intermediate_for: time::Duration) -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, DistinguishedName, DnType,
+            ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+        };
+        let now = OffsetDateTime::now_utc();
+        let ca = |name: &str, not_after: OffsetDateTime| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name = DistinguishedName::new();
+            params.distinguished_name.push(DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.subject_alt_names = vec![SanType::URI(
+                format!("spiffe://{TRUST_DOMAIN}").try_into().unwrap(),
+            )];
+            params.not_before = now - time::Duration::hours(1);
+            params.not_after = not_after;
+            params
+        };
+        let root_key = KeyPair::generate().unwrap();
+        let root_params = ca("short-chain root", now + time::Duration::days(1));
+        let root = root_params.self_signed(&root_key).unwrap();
+        let intermediate_key = KeyPair::generate().unwrap();
+        let intermediate_params = ca("short-lived intermediate", now + intermediate_for);
+        let intermediate = intermediate_params
+            .signed_by(
+                &intermediate_key,
+                &Issuer::from_params(&root_params, &root_key),
+            )
+            .unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![
+            SanType::URI(SERVER_ID.try_into().unwrap()),
+            SanType::DnsName("localhost".try_into().unwrap()),
+            SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()),
+        ];
+        leaf.is_ca = IsCa::ExplicitNoCa;
+        leaf.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        leaf.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        leaf.not_before = now - time::Duration::hours(1);
+        leaf.not_after = now + time::Duration::hours(1);
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = leaf
+            .signed_by(
+                &leaf_key,
+                &Issuer::from_params(&intermediate_params, &intermediate_key),
+            )
+            .unwrap();
+        Self {
+            root_pem: root.pem(),
+            chain_pem: leaf.pem() + &intermediate.pem(),
+            key_pem: leaf_key.serialize_pem(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_serving_intermediate_that_expires_before_its_leaf_makes_readyz_503() {
+    let h = Harness::builder()
+        .tls_reload_interval("100ms")
+        .start()
+        .await;
+    let chain = ShortChain::mint(time::Duration::seconds(5));
+    // Its root beside the harness CA in the bundle, and the pair in force.
+    replace(
+        h.dir.path(),
+        "ca.pem",
+        &format!("{}{}", h.ca.cert_pem(), chain.root_pem),
+    );
+    replace(h.dir.path(), "server-key.pem", &chain.key_pem);
+    replace(h.dir.path(), "server.pem", &chain.chain_pem);
+    assert!(
+        within_10s(async || {
+            reloads(&h, "serving", "success").await == 1.0
+                && admin_get(h.admin, "/readyz").await.0 == 200
+        })
+        .await,
+        "the chain did not come into force ready"
+    );
+    // No file changes from here on: the intermediate's end alone must make the sidecar unready.
+    assert!(
+        within_10s(async || admin_get(h.admin, "/readyz").await.0 == 503).await,
+        "/readyz stayed ready after the serving chain's intermediate expired"
+    );
+    let (status, body) = admin_get(h.admin, "/readyz").await;
+    assert_eq!(status, 503);
+    assert_eq!(
+        &body[..],
+        b"not ready: serving certificate does not chain to its trust bundle\n"
+    );
+    assert_eq!(admin_get(h.admin, "/healthz").await.0, 200);
+}
+
+/// A bundle file that still parses but holds no usable root has removed every root: that trust
+/// domain's callers are refused from the next handshake and the reload counts as a failure,
+/// until a bundle with a root comes back. A file that does not parse keeps the last good roots.
+#[tokio::test]
+async fn a_bundle_left_without_roots_refuses_its_trust_domain_until_restored() {
+    const PARTNER: &str = "partner.example.net";
+    let partner = Arc::new(Ca::new(PARTNER).unwrap());
+    let h = Harness::builder()
+        .tls_reload_interval("100ms")
+        .trust(PARTNER, partner.clone())
+        .start()
+        .await;
+    let own = h.svid(TRIAGE);
+    let indexer = partner
+        .svid("spiffe://partner.example.net/ns/crawl/sa/indexer")
+        .unwrap();
+    let refused = async |svid: &Svid| h.try_call(Some(svid)).await.is_err_and(|e| e.is_tls());
+    // Any HTTP answer: the handshake let it through (policy decides the rest).
+    let admitted = async |svid: &Svid| h.try_call(Some(svid)).await.is_ok();
+    let failures = async || reloads(&h, "bundle", "failure").await;
+    assert!(admitted(&indexer).await);
+
+    // Not parsable (as a file caught mid-write would be): counted, the roots stay.
+    replace(h.dir.path(), "extra-0.pem", "{\"keys\": [");
+    assert!(within_10s(async || failures().await == 1.0).await);
+    assert!(
+        admitted(&indexer).await,
+        "an unparsable bundle dropped the roots"
+    );
+
+    // A SPIFFE bundle with no keys: the partner's callers are refused, ours are not.
+    replace(h.dir.path(), "extra-0.pem", &spiffe_bundle(&[]));
+    assert!(
+        within_10s(async || refused(&indexer).await).await,
+        "an empty bundle left the old roots trusted"
+    );
+    assert!(within_10s(async || failures().await == 2.0).await);
+    assert_eq!(h.try_call(Some(&own)).await.unwrap(), 200);
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+    replace(h.dir.path(), "extra-0.pem", &spiffe_bundle(&[&partner]));
+    assert!(within_10s(async || admitted(&indexer).await).await);
+
+    // Our own trust domain's bundle as a PEM file without certificates: our callers are
+    // refused, and the serving certificate no longer chains, so the sidecar is not ready.
+    replace(h.dir.path(), "ca.pem", "");
+    assert!(
+        within_10s(async || refused(&own).await).await,
+        "an empty bundle left the old roots trusted"
+    );
+    assert!(within_10s(async || failures().await == 3.0).await);
+    let (status, body) = admin_get(h.admin, "/readyz").await;
+    assert_eq!(
+        (status, &body[..]),
+        (
+            503,
+            &b"not ready: serving certificate does not chain to its trust bundle\n"[..]
+        )
+    );
+    assert!(
+        sample(
+            &h.metrics().await,
+            "portcullis_tls_handshake_failures_total{reason=\"unknown_ca\"}"
+        ) >= 1.0
+    );
+    replace(h.dir.path(), "ca.pem", &h.ca.cert_pem());
+    assert!(within_10s(async || h.try_call(Some(&own)).await.is_ok_and(|s| s == 200)).await);
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+    assert!(admitted(&indexer).await);
+    assert_eq!(reloads(&h, "bundle", "success").await, 2.0);
+    assert_eq!(failures().await, 3.0);
+}
+
 /// Each serving identity agents would refuse fails `validate` with its YAML path, exit 64.
 #[test]
 fn validate_refuses_each_bad_serving_identity() {
