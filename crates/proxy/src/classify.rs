@@ -50,7 +50,14 @@ impl RouteRule {
             PathMatch::Exact(exact) => (exact.as_str(), true),
             PathMatch::Prefix(prefix) => (prefix.as_str(), false),
         };
-        if exact && path.len() != pattern.len() {
+        // An exact route covers its path with one `/` added (`/mcp/` for `/mcp`): most
+        // routers (Express, Starlette's redirect) serve both as one endpoint, and a request
+        // to the other spelling must not leave the route's protocol, inspection, session
+        // binding and credentials behind.
+        if exact
+            && path.len() != pattern.len()
+            && !(path.len() == pattern.len() + 1 && path.ends_with('/') && !pattern.ends_with('/'))
+        {
             return false;
         }
         match path.get(..pattern.len()) {
@@ -308,6 +315,34 @@ mod tests {
         );
         // A multi-byte character where the prefix would end is no match, not a panic.
         assert!(!routes[0].matches("/Adé"));
+    }
+
+    #[test]
+    fn an_exact_route_covers_its_path_with_one_slash_added() {
+        let rule = |path: &str, case_insensitive| RouteRule {
+            matcher: PathMatch::Exact(path.to_owned()),
+            protocol: Protocol::Mcp,
+            forward_user_token: false,
+            body_limit: None,
+            case_insensitive,
+            credential: None,
+        };
+        let mcp = rule("/mcp", false);
+        for (path, matched) in [
+            ("/mcp", true),
+            ("/mcp/", true),
+            ("/mcp//", false),
+            ("/mcp/x", false),
+            ("/mcpx", false),
+            ("/mc/", false),
+            ("/MCP/", false),
+        ] {
+            assert_eq!(mcp.matches(path), matched, "{path}");
+        }
+        assert!(rule("/mcp", true).matches("/MCP/"));
+        // A route written with its slash is that path only.
+        assert!(!rule("/mcp/", false).matches("/mcp//"));
+        assert!(!rule("/mcp/", false).matches("/mcp"));
     }
 
     #[test]

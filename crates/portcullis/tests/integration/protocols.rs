@@ -160,6 +160,33 @@ when { resource has risk && resource.risk == "high" };
 }
 
 #[tokio::test]
+async fn the_mcp_route_with_a_trailing_slash_is_the_mcp_route() {
+    // Express and Starlette serve `/mcp/` as `/mcp`: it must be inspected and decided per tool.
+    let h = builder().start().await;
+    let (status, reply) = post(
+        &h,
+        TRIAGE,
+        "/mcp/",
+        &tool_call(1, "search_tickets", json!({})),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = post(
+        &h,
+        TRIAGE,
+        "/mcp/",
+        &tool_call(2, "delete_everything", json!({})),
+    )
+    .await;
+    assert_eq!(status, 403, "{reply}");
+    assert_eq!(reply["error"]["code"], -32001, "a JSON-RPC denial: {reply}");
+    assert_eq!(h.upstream.requests().len(), 1);
+    let records = h.audit(2).await;
+    assert_eq!(records[1]["action"], "call_tool");
+    assert_eq!(records[2]["resource"]["id"], "delete_everything");
+}
+
+#[tokio::test]
 async fn tool_arguments_decide_by_value_and_by_declared_type() {
     let h = builder().start().await;
     let call =
