@@ -178,15 +178,16 @@ impl AuditInput {
     }
 }
 
-#[cfg(test)]
 impl AuditRecord {
-    /// The record's `input`: the question `portcullis check` and `replay` read, whole. The
-    /// agent, method, path, action, resource and client address are the record's own (set
-    /// together with `input`, from the same call). The writer's test reference: the writer
-    /// itself writes these fields in place.
-    pub fn question(&self) -> Option<portcullis_policy::tools::Question> {
-        let input = self.input.as_ref()?;
-        Some(portcullis_policy::tools::Question {
+    /// The question `portcullis check` and `replay` read for `action` on `resource`, asked
+    /// with `input`: the agent, method, path and client address are the record's own.
+    pub fn question_about(
+        &self,
+        input: &AuditInput,
+        action: Option<&str>,
+        resource: Option<&AuditResource>,
+    ) -> portcullis_policy::tools::Question {
+        portcullis_policy::tools::Question {
             agent: self.agent.as_deref().unwrap_or_default().to_owned(),
             user: input
                 .user
@@ -194,16 +195,22 @@ impl AuditRecord {
                 .map(portcullis_policy::tools::UserSpec::from_claims),
             method: Some(self.method.to_string()),
             path: Some(self.path.to_string()),
-            action: self.action.map(str::to_owned),
-            resource: self
-                .resource
-                .as_ref()
-                .map(|r| portcullis_core::entity_text(r.kind, &r.id)),
+            action: action.map(str::to_owned),
+            resource: resource.map(|r| portcullis_core::entity_text(r.kind, &r.id)),
             host: Some(input.host.to_string()),
             context: input.context.as_deref().cloned(),
             now: Some(input.now),
             client_address: Some(self.client_address.to_string()),
-        })
+        }
+    }
+
+    /// The record's `input`: the question of its action and resource, whole (set together
+    /// with `input`, from the same call). The writer's test reference: the writer itself
+    /// writes these fields in place.
+    #[cfg(test)]
+    pub fn question(&self) -> Option<portcullis_policy::tools::Question> {
+        let input = self.input.as_ref()?;
+        Some(self.question_about(input, self.action, self.resource.as_ref()))
     }
 }
 
@@ -214,6 +221,10 @@ pub struct AuditCall {
     pub resource: AuditResource,
     pub decision: &'static str,
     pub policies: AuditPolicies,
+    /// The question this message asked, so `portcullis replay` decides the whole batch again
+    /// (the record's own `input` is one message's: the first refused, or the last).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<Box<portcullis_policy::tools::Question>>,
 }
 
 /// The approval side of a decision.

@@ -396,6 +396,7 @@ mod tests {
                     },
                     decision: static_text(rng),
                     policies: policies(rng),
+                    input: None,
                 })
                 .collect(),
             approval: maybe(rng, |rng| {

@@ -400,6 +400,11 @@ async fn authorize_and_forward(
             ))
         });
         if batch {
+            let asked = AuditInput::new(&input, user.as_ref(), &host);
+            let question =
+                audit
+                    .record
+                    .question_about(&asked, Some(call.action.name()), Some(&resource));
             audit.record.calls.push(AuditCall {
                 action: call.action.name(),
                 resource: resource.clone(),
@@ -408,6 +413,7 @@ async fn authorize_and_forward(
                     agent: evaluation.agent.determining.clone(),
                     user: evaluation.user.as_ref().map(|u| u.determining.clone()),
                 },
+                input: Some(Box::new(question)),
             });
         }
         if refused.is_none() {

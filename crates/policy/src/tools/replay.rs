@@ -53,21 +53,49 @@ pub fn replay<'a>(
             "shadow_deny" => "deny",
             other => other,
         };
-        let question = match serde_json::from_value::<Question>(record["input"].clone()) {
-            Ok(question) => question,
-            Err(e) => {
-                report
-                    .unreplayable
-                    .push(format!("{at}: no usable input: {e}"));
-                continue;
-            }
+        // A batch is decided whole: denied when any message is. Its record's own `input` is
+        // one message's, so each message's question is asked again.
+        let questions: Result<Vec<Question>, String> = match record["calls"].as_array() {
+            Some(calls) if !calls.is_empty() => calls
+                .iter()
+                .enumerate()
+                .map(|(index, call)| {
+                    serde_json::from_value::<Question>(call["input"].clone()).map_err(|e| {
+                        format!("no usable input for message {index} of the batch: {e}")
+                    })
+                })
+                .collect(),
+            _ => serde_json::from_value::<Question>(record["input"].clone())
+                .map(|question| vec![question])
+                .map_err(|e| format!("no usable input: {e}")),
         };
-        let answer = match check(engine, &question, false) {
-            Ok(answer) => answer,
+        let questions = match questions {
+            Ok(questions) => questions,
             Err(e) => {
                 report.unreplayable.push(format!("{at}: {e}"));
                 continue;
             }
+        };
+        let mut decided = None;
+        for question in &questions {
+            match check(engine, question, false) {
+                Ok(answer) => {
+                    // The batch's decision: its first message not allowed, else its last.
+                    let refused = answer.decision != "allow";
+                    decided = Some((question, answer));
+                    if refused {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    report.unreplayable.push(format!("{at}: {e}"));
+                    decided = None;
+                    break;
+                }
+            }
+        }
+        let Some((question, answer)) = decided else {
+            continue;
         };
         report.replayed += 1;
         if answer.decision != before {

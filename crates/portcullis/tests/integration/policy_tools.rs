@@ -465,6 +465,81 @@ async fn replay_reports_exactly_the_changed_decisions_and_suggest_round_trips() 
     assert_eq!(suggested.matches("@id(").count(), 1, "one policy per agent");
 }
 
+/// A JSON-RPC batch is decided whole; its record's `input` is one message's, so `replay` must
+/// ask every message again.
+#[tokio::test]
+async fn replay_decides_a_batch_as_the_proxy_did_whole() {
+    use crate::protocols::{POLICIES, post, tool_call};
+    let h = crate::protocols::builder().start().await;
+    // Both messages allowed: the record's own input is the last one's (the search).
+    let batch = format!(
+        "[{},{}]",
+        tool_call(1, "refund", json!({"amount": 5})),
+        tool_call(2, "search_tickets", json!({}))
+    );
+    assert_eq!(post(&h, TRIAGE, "/mcp", &batch).await.0, 200);
+    assert_eq!(
+        post(
+            &h,
+            TRIAGE,
+            "/mcp",
+            &tool_call(3, "search_tickets", json!({}))
+        )
+        .await
+        .0,
+        200
+    );
+    let records = h.audit(2).await;
+    assert_eq!(records[1]["input"]["resource"], r#"Tool::"search_tickets""#);
+    let calls = records[1]["calls"].as_array().unwrap();
+    assert_eq!(calls[0]["input"]["resource"], r#"Tool::"refund""#);
+    assert_eq!(
+        calls[0]["input"]["context"]["tool"]["name"], "refund",
+        "{}",
+        records[1]
+    );
+
+    // The candidate forbids refunds: the batch (and only it) would now be denied.
+    let candidate = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        repo_root().join("policies/schema.cedarschema"),
+        candidate.path().join("schema.cedarschema"),
+    )
+    .unwrap();
+    std::fs::copy(
+        repo_root().join("policies/entities.json"),
+        candidate.path().join("entities.json"),
+    )
+    .unwrap();
+    let forbid = r#"@id("no-refunds") forbid (principal, action == Action::"call_tool", resource == Tool::"refund");"#;
+    write(
+        candidate.path(),
+        "candidate.cedar",
+        &format!("{POLICIES}\n{forbid}\n"),
+    );
+    let (code, stdout, stderr) = portcullis(&[
+        "replay",
+        "--policies",
+        candidate.path().to_str().unwrap(),
+        "--output",
+        "json",
+        h.audit_path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let report: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(report["replayed"], 2, "{stdout}");
+    assert_eq!(report["unreplayable"], json!([]), "{stdout}");
+    let changed = report["changed"].as_array().unwrap();
+    assert_eq!(changed.len(), 1, "{stdout}");
+    assert_eq!(changed[0]["request_id"], records[1]["request_id"]);
+    assert_eq!(changed[0]["resource"], r#"Tool::"refund""#);
+    assert_eq!(
+        (changed[0]["before"].as_str(), changed[0]["after"].as_str()),
+        (Some("allow"), Some("deny"))
+    );
+    assert_eq!(changed[0]["determining"], json!(["no-refunds"]));
+}
+
 #[test]
 fn test_passes_on_the_shipped_tests_and_fails_with_a_diff() {
     for file in [

@@ -39,7 +39,7 @@ fn json_request(path: &str, body: impl Into<Bytes>) -> http::Request<http_body_u
     req
 }
 
-async fn post(h: &Harness, agent: &str, path: &str, body: &str) -> (u16, Value) {
+pub async fn post(h: &Harness, agent: &str, path: &str, body: &str) -> (u16, Value) {
     let (status, body) = h
         .send(
             agent,
@@ -51,7 +51,7 @@ async fn post(h: &Harness, agent: &str, path: &str, body: &str) -> (u16, Value) 
     (status, value)
 }
 
-fn tool_call(id: u64, name: &str, arguments: Value) -> String {
+pub fn tool_call(id: u64, name: &str, arguments: Value) -> String {
     json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {"name": name, "arguments": arguments}}).to_string()
 }
 
