@@ -934,3 +934,33 @@ async fn jwks_url_fetch_is_bounded_in_size_and_time() {
     assert!(error.to_string().contains("timed out"), "{error}");
     drop(silent);
 }
+
+#[tokio::test]
+async fn approval_grants_stop_verifying_once_their_key_set_is_stale() {
+    let fixture = file_verifier(jwks(&[es_key()]), |settings| {
+        settings.jwks_refresh_interval = Duration::from_millis(50);
+        settings.jwks_max_stale = Duration::from_millis(300);
+    })
+    .await;
+    let _refresh = fixture.verifier.spawn_refresh();
+    let grant = es_key().token(&with(
+        good_claims(),
+        json!({ "digest": "sha256:00", "jti": "grant-1" }),
+    ));
+    assert!(fixture.verifier.verify_grant_at(&grant, NOW).await.is_ok());
+    // The key set can no longer be read: once past jwks_max_stale, its keys sign nothing.
+    std::fs::remove_file(fixture._dir.path().join("jwks.json")).unwrap();
+    let mut last = Ok(());
+    for _ in 0..400 {
+        last = fixture
+            .verifier
+            .verify_grant_at(&grant, NOW)
+            .await
+            .map(drop);
+        if last.is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(last, Err(TokenRejection::JwksStale));
+}

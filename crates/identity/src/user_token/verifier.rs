@@ -294,6 +294,11 @@ impl UserTokenVerifier {
         if token.len() > inner.max_token_bytes {
             return Err(TokenRejection::TooLarge);
         }
+        // As for user tokens: a key the approver's issuer removed must stop signing grants
+        // once the removal can no longer be learned.
+        if inner.stale_for().is_some() {
+            return Err(TokenRejection::JwksStale);
+        }
         let (payload, _) = inner
             .verified_payload(token, inner.keys.load_full())
             .await?;
