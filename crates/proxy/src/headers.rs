@@ -126,13 +126,15 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes what the caller may not set (with `_` read as `-`), in one pass over the names:
 /// identity fields (everything under `x-portcullis-`, and the client-certificate headers of
-/// other proxies), method-override fields, and the caller's forwarding fields.
-pub fn remove_caller_supplied(headers: &mut HeaderMap) {
+/// other proxies), method-override fields, the caller's forwarding fields, and `also` (the
+/// user-token header, in every spelling).
+pub fn remove_caller_supplied(headers: &mut HeaderMap, also: Option<&str>) {
     remove_where(headers, |name| {
         name.starts_with("x-portcullis-")
             || FOREIGN_IDENTITY.contains(&name)
             || METHOD_OVERRIDE.contains(&name)
             || FORWARDING.contains(&name)
+            || also == Some(name)
     });
 }
 
@@ -221,7 +223,7 @@ mod tests {
             HeaderValue::from_static("By=spiffe://x"),
         );
         headers.insert("authorization", HeaderValue::from_static("Bearer t"));
-        remove_caller_supplied(&mut headers);
+        remove_caller_supplied(&mut headers, None);
         assert_eq!(headers.len(), 1, "{headers:?}");
     }
 
@@ -235,7 +237,7 @@ mod tests {
         );
         headers.insert("x_forwarded_client_cert", HeaderValue::from_static("By=x"));
         headers.insert("x_request_token", HeaderValue::from_static("kept"));
-        remove_caller_supplied(&mut headers);
+        remove_caller_supplied(&mut headers, None);
         assert_eq!(headers.len(), 1, "{headers:?}");
         assert!(headers.contains_key("x_request_token"));
     }
@@ -269,7 +271,7 @@ mod tests {
             );
         }
         headers.insert("accept", HeaderValue::from_static("*/*"));
-        remove_caller_supplied(&mut headers);
+        remove_caller_supplied(&mut headers, None);
         assert_eq!(headers.len(), 1, "{headers:?}");
         set_forwarding(&mut headers, &HeaderValue::from_static("10.0.0.7"));
         assert_eq!(headers["x-forwarded-for"], "10.0.0.7");

@@ -481,7 +481,13 @@ async fn authorize_and_forward(
             .map(|value| (tokens.header.clone(), value)),
         _ => None,
     };
-    remove_caller_supplied(&mut parts.headers);
+    // With the token header's other spellings (`x_user_jwt` for `x-user-jwt`): not verified,
+    // and an application reading `_` as `-` would take one for the verified token (captured
+    // above when the route forwards it).
+    remove_caller_supplied(
+        &mut parts.headers,
+        shared.user_token.as_ref().map(|t| t.header.as_str()),
+    );
     // Long-lived credentials never reach the application (flagged above: every one present
     // but the user-token header, which is handled next), under any spelling flagged.
     if !standing.is_empty() {
@@ -489,13 +495,6 @@ async fn authorize_and_forward(
     }
     if let Some(tokens) = &shared.user_token {
         parts.headers.remove(&tokens.header);
-        // A token under another spelling (`x_user_jwt` for `x-user-jwt`) was not verified,
-        // and an application reading `_` as `-` would take it for the verified one.
-        if tokens.header.as_str().contains('-')
-            && parts.headers.keys().any(|name| name.as_str().contains('_'))
-        {
-            crate::headers::remove_where(&mut parts.headers, |name| name == tokens.header.as_str());
-        }
     }
     if let Some((name, value)) = forwarded_token {
         parts.headers.insert(name, value);
@@ -675,19 +674,22 @@ fn standing_credentials(
     headers: &http::HeaderMap,
     token_header: Option<&http::HeaderName>,
 ) -> Vec<&'static str> {
-    // Compared with the names present rather than looked up: a lookup by `&str` parses and
-    // hashes the name, and most requests carry a handful of fields.
-    // `x_api_key` too: applications that read `_` as `-` (CGI's `HTTP_X_API_KEY`, which
-    // Django and uvicorn's WSGI bridge build) take it for `x-api-key`.
+    // Compared with the names present rather than looked up (a lookup by `&str` parses and
+    // hashes the name, and most requests carry a handful of fields), in one pass. `x_api_key`
+    // too: applications that read `_` as `-` (CGI's `HTTP_X_API_KEY`, which Django and
+    // uvicorn's WSGI bridge build) take it for `x-api-key`.
+    let mut present = [false; STANDING_CREDENTIAL_HEADERS.len()];
+    for key in headers.keys() {
+        let folded = crate::headers::folded(key);
+        for (seen, standing) in present.iter_mut().zip(STANDING_CREDENTIAL_HEADERS) {
+            *seen |= *folded == *standing;
+        }
+    }
     STANDING_CREDENTIAL_HEADERS
         .into_iter()
-        .filter(|name| {
-            headers.keys().any(|present| {
-                present.as_str() == *name
-                    || (present.as_str().contains('_') && crate::headers::folded(present) == *name)
-            })
-        })
-        .filter(|name| token_header.is_none_or(|t| t.as_str() != *name))
+        .zip(present)
+        .filter(|(name, seen)| *seen && token_header.is_none_or(|t| t.as_str() != *name))
+        .map(|(name, _)| name)
         .collect()
 }
 
