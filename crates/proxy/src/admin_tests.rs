@@ -3,7 +3,7 @@
 use super::*;
 use crate::audit::{AuditLog, AuditSink};
 use portcullis_core::TrustDomain;
-use portcullis_identity::bundle::Bundle;
+use portcullis_identity::bundle::parse_bundle;
 use portcullis_identity::{IdentitySnapshot, ServerIdentity, TrustBundles};
 use portcullis_test_support::pki::{Ca, LeafSpec};
 
@@ -16,10 +16,12 @@ fn identity() -> watch::Receiver<Arc<LiveIdentity>> {
     let mut bundles = TrustBundles::new();
     bundles.insert(
         TrustDomain::parse("prod.example.org").unwrap(),
-        Bundle {
-            roots: vec![ca.cert_der()],
-            expiries: Vec::new(),
-        },
+        parse_bundle(
+            ca.cert_pem().as_bytes(),
+            std::path::Path::new("ca.pem"),
+            std::time::SystemTime::now(),
+        )
+        .unwrap(),
     );
     let live = LiveIdentity::build(IdentitySnapshot {
         identity: ServerIdentity {
