@@ -162,6 +162,9 @@ pub enum Refusal {
     /// A volume with one of the names the sidecar uses already exists.
     #[error("the pod already has a volume named {0:?}, which the portcullis sidecar needs")]
     VolumeConflict(String),
+    /// A container of the pod's own mounts one of the sidecar's volumes.
+    #[error("a container of the pod mounts {0:?}, a volume only the portcullis sidecar may use")]
+    VolumeMounted(String),
     /// Bad trust domain annotation.
     #[error("{ANNOTATION_TRUST_DOMAIN} {0:?} is not a valid SPIFFE trust domain")]
     BadTrustDomain(String),
@@ -407,6 +410,24 @@ fn plan(
                 && OUR_VOLUMES.contains(&name)
             {
                 return Err(Refusal::VolumeConflict(name.to_owned()));
+            }
+        }
+    }
+    // Nor may the pod's own containers mount them: the API server checks that a mount names a
+    // volume only after the webhooks ran, so a mount of `portcullis-svid` without the volume
+    // would be admitted onto the sidecar's (writable) SVID and bundle directory, and the app
+    // could put its own CA in the bundle the proxy trusts.
+    for key in ["initContainers", "containers", "ephemeralContainers"] {
+        for container in containers(spec, key) {
+            for field in ["volumeMounts", "volumeDevices"] {
+                let mounts = container.get(field).and_then(Value::as_array);
+                for mount in mounts.into_iter().flatten() {
+                    if let Some(name) = mount.get("name").and_then(Value::as_str)
+                        && OUR_VOLUMES.contains(&name)
+                    {
+                        return Err(Refusal::VolumeMounted(name.to_owned()));
+                    }
+                }
             }
         }
     }

@@ -195,6 +195,44 @@ fn refusals_name_the_problem() {
         mutate(&clash, Scope::Namespace, &ns(), &s),
         Err(Refusal::VolumeConflict("portcullis-svid".into()))
     );
+
+    // A mount of the sidecar's volume by a container of the pod's own, declared or not, in
+    // any container list, and on a pod already injected as well.
+    for (key, field, volume) in [
+        ("containers", "volumeMounts", "portcullis-svid"),
+        ("initContainers", "volumeMounts", "portcullis-policies"),
+        ("containers", "volumeDevices", "portcullis-config"),
+        ("ephemeralContainers", "volumeMounts", "portcullis-svid"),
+    ] {
+        let mut mounting = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
+        let entry = json!({ "name": volume, "mountPath": "/x", "devicePath": "/dev/x" });
+        let container = json!({ "name": "other", "image": "busybox", field: [entry] });
+        match mounting["spec"][key].as_array_mut() {
+            Some(list) => list.push(container),
+            None => mounting["spec"][key] = json!([container]),
+        }
+        assert_eq!(
+            mutate(&mounting, Scope::Namespace, &ns(), &s),
+            Err(Refusal::VolumeMounted(volume.into())),
+            "{key} {field} {volume}"
+        );
+    }
+    let injected = patched(
+        &pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([]))),
+        Scope::Namespace,
+        &s,
+    );
+    let mut tampered = injected.clone();
+    tampered["spec"]["containers"][0]["volumeMounts"] =
+        json!([{ "name": "portcullis-svid", "mountPath": "/x" }]);
+    assert_eq!(
+        mutate(&tampered, Scope::Namespace, &ns(), &s),
+        Err(Refusal::VolumeMounted("portcullis-svid".into()))
+    );
+    assert!(matches!(
+        mutate(&injected, Scope::Namespace, &ns(), &s),
+        Ok(Mutation::Skip(_))
+    ));
 }
 
 #[test]

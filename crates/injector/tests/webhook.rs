@@ -529,6 +529,17 @@ async fn pod_missing_its_upstream_port_is_refused_not_admitted_unprotected() {
     assert_eq!(response["response"]["allowed"], false);
     let message = response["response"]["status"]["message"].as_str().unwrap();
     assert!(message.contains("9901"), "{message}");
+
+    // So is an app container mounting the sidecar's SVID volume (which the API server would
+    // only check after the webhook added it).
+    let mut mounting = fixture("deployment-pod.json");
+    mounting["request"]["object"]["spec"]["containers"][0]["volumeMounts"] =
+        json!([{ "name": "portcullis-svid", "mountPath": "/var/run/x" }]);
+    let response = hook.review(PATH_NAMESPACE, &mounting).await;
+    assert_eq!(response["response"]["allowed"], false, "{response}");
+    assert!(response["response"].get("patch").is_none());
+    let message = response["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("portcullis-svid"), "{message}");
     hook.stop().await;
 }
 
