@@ -136,6 +136,11 @@ pub(crate) async fn step(
         Credential::File(file) => {
             let (header, value) = file.current();
             headers.remove(header);
+            // The caller's own value under another spelling (`api_key` for `api-key`), which
+            // applications reading `_` as `-` would take beside or instead of the sidecar's.
+            if header.as_str().contains('-') {
+                crate::headers::remove_where(headers, |name| name == header.as_str());
+            }
             headers.insert(header.clone(), value);
             Ok(())
         }
@@ -147,10 +152,23 @@ pub(crate) async fn step(
                     .push("token exchange needs the user's token; none was presented".to_owned());
                 return Err(Refusal::InvalidUserToken("missing"));
             };
-            let scope = subject.scopes.narrow(&exchanger.spec.scope);
-            if scope.is_empty() && !exchanger.spec.scope.is_empty() {
+            // The route's scope narrowed by the determining permits' @scope; a route without
+            // one asks for what @scope names rather than for the token service's default
+            // (often its broadest), and for the default only when no permit names a scope.
+            use portcullis_policy::GrantedScopes;
+            let scope = match (&subject.scopes, exchanger.spec.scope.is_empty()) {
+                (GrantedScopes::AtMost(allowed), true) => {
+                    allowed.iter().map(String::as_str).collect()
+                }
+                (granted, _) => granted.narrow(&exchanger.spec.scope),
+            };
+            let narrowed_to_nothing = match &subject.scopes {
+                GrantedScopes::AtMost(_) => scope.is_empty(),
+                GrantedScopes::Unrestricted => false,
+            };
+            if narrowed_to_nothing || (scope.is_empty() && !exchanger.spec.scope.is_empty()) {
                 audit.record.errors.push(
-                    "no scope of the route is allowed by the determining policies' @scope"
+                    "no scope is allowed by both the route and the determining policies' @scope"
                         .to_owned(),
                 );
                 return Err(Refusal::PolicyDenied);

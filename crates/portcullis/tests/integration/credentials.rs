@@ -28,12 +28,16 @@ async fn the_upstream_gets_the_sidecars_key_never_the_callers_and_a_new_key_once
             .append("x-api-token", "held-by-the-agent".parse().unwrap());
         req.headers_mut()
             .append("x-api-token", "and-another".parse().unwrap());
+        // The same field to applications that read `_` as `-`.
+        req.headers_mut()
+            .append("x_api_token", "spelled-otherwise".parse().unwrap());
         h.send(TRIAGE, HttpVersion::Http1, req).await.0
     };
     assert_eq!(send(&h).await, 200);
     let seen = h.upstream.requests();
     let values: Vec<_> = seen[0].headers.get_all("x-api-token").iter().collect();
     assert_eq!(values, ["sidecar-key-1"]);
+    assert!(!seen[0].headers.contains_key("x_api_token"));
 
     replace(h.dir.path(), "upstream-key.txt", "sidecar-key-2\n");
     assert!(
@@ -120,6 +124,28 @@ async fn the_user_token_is_exchanged_over_mtls_for_a_narrowed_scope_once_per_lif
         !log.contains("exchanged-1"),
         "a credential in the audit log"
     );
+}
+
+#[tokio::test]
+async fn a_route_without_a_scope_asks_for_what_the_determining_permits_scope() {
+    // Without a route scope the token service would issue its default (often broadest) scope.
+    let ca = Ca::new(TRUST_DOMAIN).unwrap();
+    let service = TokenService::start(&ca, 600).await;
+    let h = Harness::builder()
+        .ca(ca)
+        .policies(POLICIES)
+        .user_tokens()
+        .yaml(&format!(
+            "routes:\n  - path_prefix: /api\n    credential:\n      token_exchange:\n        endpoint: {}\n        audience: orders-backend\n        ca_file: ca.pem\n",
+            service.endpoint()
+        ))
+        .start()
+        .await;
+    let token = h.token("alice", &["staff"], TRIAGE);
+    assert_eq!(call(&h, &token).await, 200);
+    let exchanges = service.exchanges();
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(exchanges[0].form["scope"], "orders:read");
 }
 
 #[tokio::test]
