@@ -33,15 +33,58 @@ pub enum BundleError {
     AllExpired { path: PathBuf },
 }
 
-/// One trust domain's roots, with the expiry of each kept for the expiry gauge. The default,
-/// no roots, is what a reloaded bundle file that holds no usable root leaves: that trust
-/// domain's callers are refused.
+/// One trust domain's roots, with the expiry of each kept for the expiry gauge and for
+/// dropping a root once it expires. The default, no roots, is what a reloaded bundle file that
+/// holds no usable root leaves: that trust domain's callers are refused.
 #[derive(Debug, Clone, Default)]
 pub struct Bundle {
     pub roots: Vec<CertificateDer<'static>>,
-    /// `(subject, not_after unix seconds)` per root.
+    /// `(subject, not_after unix seconds)` per root, in the order of `roots`.
     pub expiries: Vec<(String, i64)>,
 }
+
+impl Bundle {
+    /// This bundle without its roots expired at `now` (unix seconds), with the subjects of
+    /// those dropped; `None` when none has expired. webpki never reads a trust anchor's
+    /// validity, so a root that expires while loaded keeps anchoring chains until it is taken
+    /// out: the identity producers call this as time passes.
+    pub fn without_expired(&self, now: i64) -> Option<(Bundle, Vec<String>)> {
+        let expired = |index: usize| {
+            self.expiries
+                .get(index)
+                .is_some_and(|(_, not_after)| *not_after < now)
+        };
+        if !(0..self.roots.len()).any(expired) {
+            return None;
+        }
+        let mut kept = Bundle::default();
+        let mut dropped = Vec::new();
+        for (index, root) in self.roots.iter().enumerate() {
+            let expiry = self.expiries.get(index);
+            if expired(index) {
+                dropped.extend(expiry.map(|(subject, _)| subject.clone()));
+                continue;
+            }
+            kept.roots.push(root.clone());
+            kept.expiries.extend(expiry.cloned());
+        }
+        Some((kept, dropped))
+    }
+
+    /// The earliest `notAfter` (unix seconds) of its roots.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.expiries.iter().map(|(_, not_after)| *not_after).min()
+    }
+}
+
+/// `at` as unix seconds (0 before the epoch), the unit of [`Bundle::expiries`].
+pub fn unix_seconds(at: SystemTime) -> i64 {
+    at.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// The subjects of the roots dropped from each trust domain's bundle.
+pub type DroppedRoots = Vec<(TrustDomain, Vec<String>)>;
 
 /// The accepted trust domains and their bundles. A trust domain not in here is refused, and so
 /// is one whose bundle has no roots.
@@ -81,6 +124,26 @@ impl TrustBundles {
     pub fn is_empty(&self) -> bool {
         self.bundles.is_empty()
     }
+
+    /// These bundles without their roots expired at `now` (unix seconds), with the subjects
+    /// dropped per trust domain; `None` when no root has expired. A trust domain left without
+    /// roots stays, empty: its callers are refused (removing it could leave no bundle at all).
+    pub fn without_expired(&self, now: i64) -> Option<(Self, DroppedRoots)> {
+        let mut kept = self.clone();
+        let mut dropped = Vec::new();
+        for (domain, bundle) in &self.bundles {
+            if let Some((bundle, subjects)) = bundle.without_expired(now) {
+                kept.bundles.insert(domain.clone(), bundle);
+                dropped.push((domain.clone(), subjects));
+            }
+        }
+        (!dropped.is_empty()).then_some((kept, dropped))
+    }
+
+    /// The earliest `notAfter` (unix seconds) of any root.
+    pub fn next_expiry(&self) -> Option<i64> {
+        self.bundles.values().filter_map(Bundle::next_expiry).min()
+    }
 }
 
 /// Reads a bundle file (PEM or SPIFFE bundle JSON), dropping roots that are expired at `now`.
@@ -114,9 +177,7 @@ pub fn parse_bundle(bytes: &[u8], path: &Path, now: SystemTime) -> Result<Bundle
             path: path.to_owned(),
         });
     }
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = unix_seconds(now);
     let mut bundle = Bundle {
         roots: Vec::new(),
         expiries: Vec::new(),
@@ -151,8 +212,11 @@ pub fn subject_and_expiry(der: &[u8]) -> Option<(String, i64)> {
 }
 
 /// The X.509 roots of a SPIFFE bundle (SPIFFE Trust Domain and Bundle §4): a JWK set whose
-/// keys with `"use": "x509-svid"` each carry exactly one certificate in `x5c` (base64 DER, RFC
-/// 7517 §4.7). `jwt-svid` keys are for JWT-SVIDs and are ignored here.
+/// keys with `"use": "x509-svid"` carry the roots in `x5c` (base64 DER, RFC 7517 §4.7).
+/// `jwt-svid` keys are for JWT-SVIDs and are ignored here. X509-SVID §6.2: "If `x5c` is not
+/// set, or is empty, then the entry MUST be ignored", and "If the `x5c` parameter contains
+/// multiple values, then all but the first MUST be ignored". A first value that is not base64
+/// is an error: the document is damaged, and a reload keeps the last good roots.
 fn spiffe_bundle_roots(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
     use base64::Engine as _;
 
@@ -164,8 +228,9 @@ fn spiffe_bundle_roots(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, Str
     struct Key {
         #[serde(rename = "use")]
         usage: Option<String>,
+        /// `null` reads as not set.
         #[serde(default)]
-        x5c: Vec<String>,
+        x5c: Option<Vec<String>>,
     }
 
     let document: Document = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
@@ -174,10 +239,8 @@ fn spiffe_bundle_roots(bytes: &[u8]) -> Result<Vec<CertificateDer<'static>>, Str
         if key.usage.as_deref() != Some("x509-svid") {
             continue;
         }
-        let [cert] = key.x5c.as_slice() else {
-            return Err(format!(
-                "keys[{index}]: an x509-svid key must carry exactly one certificate in x5c"
-            ));
+        let Some(cert) = key.x5c.as_deref().and_then(<[String]>::first) else {
+            continue;
         };
         let der = base64::engine::general_purpose::STANDARD
             .decode(cert)
@@ -193,9 +256,10 @@ mod tests {
     use std::time::SystemTime;
 
     use base64::Engine as _;
+    use portcullis_core::TrustDomain;
     use portcullis_test_support::pki::Ca;
 
-    use super::{BundleError, parse_bundle};
+    use super::{BundleError, TrustBundles, parse_bundle, subject_and_expiry, unix_seconds};
 
     fn x5c(ca: &Ca) -> String {
         base64::engine::general_purpose::STANDARD.encode(ca.cert_der())
@@ -221,30 +285,111 @@ mod tests {
         Ok(())
     }
 
+    /// X509-SVID §6.2: an `x509-svid` entry without `x5c` (or with it empty) is ignored, and
+    /// of several `x5c` values only the first is the entry's root.
+    #[test]
+    fn x509_svid_entries_are_read_as_the_spec_says() -> Result<(), Box<dyn std::error::Error>> {
+        let (a, b, c) = (
+            Ca::new("td.example")?,
+            Ca::new("td.example")?,
+            Ca::new("td.example")?,
+        );
+        let document = serde_json::json!({
+            "keys": [
+                {"use": "x509-svid", "kty": "EC"},
+                {"use": "x509-svid", "kty": "EC", "x5c": []},
+                {"use": "x509-svid", "kty": "EC", "x5c": null},
+                // Ignored values are not even decoded.
+                {"use": "x509-svid", "kty": "EC", "x5c": [x5c(&a), x5c(&c), "%%%"]},
+                {"use": "x509-svid", "kty": "EC", "x5c": [x5c(&b)]},
+            ],
+        });
+        let bundle = parse_bundle(
+            document.to_string().as_bytes(),
+            Path::new("b.json"),
+            SystemTime::now(),
+        )?;
+        assert_eq!(bundle.roots, vec![a.cert_der(), b.cert_der()]);
+        Ok(())
+    }
+
+    /// Roots expired at a given time are dropped; a trust domain left without roots stays,
+    /// empty (refusing its callers), and nothing is rebuilt while no root has expired.
+    #[test]
+    fn expired_roots_are_dropped_and_an_emptied_domain_stays()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let now = time::OffsetDateTime::now_utc();
+        let short = |domain: &str| {
+            Ca::with_validity(
+                domain,
+                now - time::Duration::hours(1),
+                now + time::Duration::hours(1),
+            )
+        };
+        let (long, own_short, partner) = (
+            Ca::new("td.example")?,
+            short("td.example")?,
+            short("partner.example")?,
+        );
+        let mut bundles = TrustBundles::new();
+        let pem = format!("{}{}", long.cert_pem(), own_short.cert_pem());
+        let read = |pem: &str| parse_bundle(pem.as_bytes(), Path::new("b.pem"), SystemTime::now());
+        bundles.insert(TrustDomain::parse("td.example")?, read(&pem)?);
+        bundles.insert(
+            TrustDomain::parse("partner.example")?,
+            read(&partner.cert_pem())?,
+        );
+        let in_two_hours = unix_seconds(SystemTime::now()) + 2 * 3600;
+
+        assert!(bundles.without_expired(in_two_hours - 3 * 3600).is_none());
+        let (kept, dropped) = bundles
+            .without_expired(in_two_hours)
+            .ok_or("nothing dropped")?;
+        let roots = |domain: &str| {
+            kept.get(domain)
+                .map(|b| (b.roots.clone(), b.expiries.len()))
+        };
+        assert_eq!(roots("td.example"), Some((vec![long.cert_der()], 1)));
+        assert_eq!(roots("partner.example"), Some((vec![], 0)));
+        assert_eq!(dropped.len(), 2);
+        assert!(kept.without_expired(in_two_hours).is_none());
+        let expiry = |ca: &Ca| subject_and_expiry(&ca.cert_der()).map(|(_, at)| at);
+        assert_eq!(
+            bundles.next_expiry(),
+            expiry(&own_short).min(expiry(&partner))
+        );
+        Ok(())
+    }
+
     #[test]
     fn malformed_spiffe_bundles_are_refused() -> Result<(), Box<dyn std::error::Error>> {
-        let a = Ca::new("td.example")?;
         let cases = [
-            serde_json::json!({"keys": [{"use": "x509-svid", "x5c": [x5c(&a), x5c(&a)]}]}),
-            serde_json::json!({"keys": [{"use": "x509-svid", "x5c": ["%%%"]}]}),
-            serde_json::json!({"keys": "none"}),
+            // The entry's root itself is damaged: not ignored, refused.
+            serde_json::json!({"keys": [{"use": "x509-svid", "x5c": ["%%%"]}]}).to_string(),
+            serde_json::json!({"keys": "none"}).to_string(),
+            serde_json::json!({"keys": [{"use": "x509-svid", "x5c": "not a list"}]}).to_string(),
+            "{\"keys\": [".to_owned(),
         ];
         for case in cases {
+            let parsed = parse_bundle(case.as_bytes(), Path::new("b.json"), SystemTime::now());
+            assert!(matches!(parsed, Err(BundleError::Json { .. })), "{case}");
+        }
+        // No usable root: only JWT keys, or only x509-svid keys the spec says to ignore.
+        let no_root = [
+            serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC"}]}),
+            serde_json::json!({"keys": [
+                {"use": "x509-svid", "kty": "EC"},
+                {"use": "x509-svid", "kty": "EC", "x5c": []},
+            ]}),
+        ];
+        for case in no_root {
             let parsed = parse_bundle(
                 case.to_string().as_bytes(),
                 Path::new("b.json"),
                 SystemTime::now(),
             );
-            assert!(matches!(parsed, Err(BundleError::Json { .. })), "{case}");
+            assert!(matches!(parsed, Err(BundleError::Empty { .. })), "{case}");
         }
-        // Only JWT keys: no roots at all.
-        let jwt_only = serde_json::json!({"keys": [{"use": "jwt-svid", "kty": "EC"}]});
-        let parsed = parse_bundle(
-            jwt_only.to_string().as_bytes(),
-            Path::new("b.json"),
-            SystemTime::now(),
-        );
-        assert!(matches!(parsed, Err(BundleError::Empty { .. })));
         Ok(())
     }
 }

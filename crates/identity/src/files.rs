@@ -15,6 +15,12 @@
 //! refused until it has a root again. Each outcome is counted once per distinct content, not
 //! once per check; a failure only once two consecutive checks saw it, so a file caught
 //! mid-write is not reported.
+//!
+//! A root that expires while loaded is dropped at the first check after its `notAfter`, with
+//! no file change: webpki never reads a trust anchor's validity, so it would otherwise anchor
+//! callers' chains for as long as the file stays the same. That applies as a reload of the
+//! bundle (counted, logged), and a bundle left without roots fails closed as above. The roots
+//! kept while a changed file does not parse are dropped the same way.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -124,14 +130,19 @@ struct Changes {
     bundles: Vec<BundleChange>,
 }
 
-/// A changed bundle file that is to replace its trust domain's roots.
+/// A changed bundle file that is to replace its trust domain's roots, or roots in force that
+/// expired.
 struct BundleChange {
     /// Index into `IdentityFiles::bundles`.
     index: usize,
     bundle: Bundle,
-    print: Fingerprint,
+    /// The content `bundle` was read from; `None` when it is the bundle in force without its
+    /// expired roots (the file's content in force, and any failure of a newer one, stay).
+    print: Option<Fingerprint>,
     /// Why the file left no usable root, when it did (`bundle` then has none).
     no_root: Option<BundleError>,
+    /// Subjects of the roots in force dropped for having expired.
+    expired: Vec<String>,
 }
 
 /// How long a burst of file events (a certificate, then its key; a symlink swap's several
@@ -233,7 +244,7 @@ impl Watcher {
             let observer = observer.clone();
             // File reads and certificate parsing stay off the async workers.
             self = match tokio::task::spawn_blocking(move || {
-                self.check(observer.as_ref());
+                self.check(observer.as_ref(), SystemTime::now());
                 self
             })
             .await
@@ -244,10 +255,11 @@ impl Watcher {
         }
     }
 
-    fn check(&mut self, observer: &dyn ReloadObserver) {
+    /// One check of every file, and of the roots in force against `now`.
+    fn check(&mut self, observer: &dyn ReloadObserver, now: SystemTime) {
         let changes = Changes {
-            serving: self.changed_pair(observer),
-            bundles: self.changed_bundles(observer),
+            serving: self.changed_pair(observer, now),
+            bundles: self.changed_bundles(observer, now),
         };
         if changes.serving.is_none() && changes.bundles.is_empty() {
             return;
@@ -277,14 +289,24 @@ impl Watcher {
                     );
                 }
                 for change in changes.bundles {
-                    self.bundles_applied[change.index] = change.print;
-                    self.bundles_failed[change.index] = Failing::default();
+                    if let Some(print) = change.print {
+                        self.bundles_applied[change.index] = print;
+                        self.bundles_failed[change.index] = Failing::default();
+                    }
                     // Counted as a failure: the file was not usable as a bundle, and what it
                     // did (remove every root) is what an operator must see.
                     observer.reloaded(ReloadKind::Bundle, change.no_root.is_none());
                     let Some((domain, path)) = self.files.bundles.get(change.index) else {
                         continue;
                     };
+                    if !change.expired.is_empty() {
+                        tracing::warn!(
+                            trust_domain = %domain,
+                            path = %path.display(),
+                            subjects = ?change.expired,
+                            "trust bundle root expired: dropped, new handshakes no longer chain to it"
+                        );
+                    }
                     match change.no_root {
                         None => tracing::info!(trust_domain = %domain, "trust bundle reloaded"),
                         Some(error) => tracing::error!(
@@ -295,7 +317,7 @@ impl Watcher {
                         ),
                     }
                 }
-                if let Err(problem) = live.chain_at(SystemTime::now()) {
+                if let Err(problem) = live.chain_at(now) {
                     tracing::error!(%problem, "serving certificate in force does not chain to its own trust bundle; not ready");
                 }
                 self.current = candidate;
@@ -307,7 +329,8 @@ impl Watcher {
                     self.fail_serving(print, &error.to_string(), observer);
                 }
                 for change in changes.bundles {
-                    self.fail_bundle(change.index, change.print, &error.to_string(), observer);
+                    let print = change.print.unwrap_or(self.bundles_applied[change.index]);
+                    self.fail_bundle(change.index, print, &error.to_string(), observer);
                 }
             }
         }
@@ -316,13 +339,14 @@ impl Watcher {
     fn changed_pair(
         &mut self,
         observer: &dyn ReloadObserver,
+        now: SystemTime,
     ) -> Option<(ServerIdentity, Fingerprint)> {
         let print = self.files.serving_fingerprint();
         if print == self.serving_applied {
             self.serving_failed = Failing::default();
             return None;
         }
-        match load_pair(&self.files.cert, &self.files.key) {
+        match load_pair(&self.files.cert, &self.files.key, now) {
             Ok(identity) => Some((identity, print)),
             Err(error) => {
                 self.fail_serving(print, &error.to_string(), observer);
@@ -331,21 +355,27 @@ impl Watcher {
         }
     }
 
-    fn changed_bundles(&mut self, observer: &dyn ReloadObserver) -> Vec<BundleChange> {
+    fn changed_bundles(
+        &mut self,
+        observer: &dyn ReloadObserver,
+        now: SystemTime,
+    ) -> Vec<BundleChange> {
         let mut changed = Vec::new();
         let paths: Vec<PathBuf> = self.files.bundles.iter().map(|(_, p)| p.clone()).collect();
         for (index, path) in paths.iter().enumerate() {
             let print = fingerprint(&[path]);
             if print == self.bundles_applied[index] {
                 self.bundles_failed[index] = Failing::default();
+                changed.extend(self.expired_roots(index, now));
                 continue;
             }
-            match read_bundle(path) {
+            match bundle::read_bundle(path, now) {
                 Ok(bundle) => changed.push(BundleChange {
                     index,
                     bundle,
-                    print,
+                    print: Some(print),
                     no_root: None,
+                    expired: Vec::new(),
                 }),
                 // DESIGN: a removed root stops new handshakes at once. A file that reads and
                 // parses but leaves no usable root has removed every root, so it applies (the
@@ -354,20 +384,46 @@ impl Watcher {
                     changed.push(BundleChange {
                         index,
                         bundle: Bundle::default(),
-                        print,
+                        print: Some(print),
                         no_root: Some(error),
+                        expired: Vec::new(),
                     });
                 }
-                // Unreadable, malformed, or caught mid-write: the last good roots stay.
+                // Unreadable, malformed, or caught mid-write: the last good roots stay, but
+                // not past their own expiry.
                 Err(
                     error @ (BundleError::Io { .. }
                     | BundleError::Json { .. }
                     | BundleError::Read { .. }
                     | BundleError::Malformed { .. }),
-                ) => self.fail_bundle(index, print, &error.to_string(), observer),
+                ) => {
+                    self.fail_bundle(index, print, &error.to_string(), observer);
+                    changed.extend(self.expired_roots(index, now));
+                }
             }
         }
         changed
+    }
+
+    /// The bundle in force for `IdentityFiles::bundles[index]` without its roots expired at
+    /// `now`, when any has. The same as reading the applied file again (a read drops expired
+    /// roots), without reading it: the file may have changed since, or no longer parse. Left
+    /// without roots, the trust domain fails closed like a file that holds none.
+    fn expired_roots(&self, index: usize, now: SystemTime) -> Option<BundleChange> {
+        let (domain, path) = self.files.bundles.get(index)?;
+        let in_force = self.current.bundles.get(domain.as_str())?;
+        let (bundle, expired) = in_force.without_expired(bundle::unix_seconds(now))?;
+        let no_root = bundle
+            .roots
+            .is_empty()
+            .then(|| BundleError::AllExpired { path: path.clone() });
+        Some(BundleChange {
+            index,
+            bundle,
+            print: None,
+            no_root,
+            expired,
+        })
     }
 
     fn fail_serving(&mut self, print: Fingerprint, error: &str, observer: &dyn ReloadObserver) {
@@ -405,21 +461,18 @@ impl Watcher {
 
 /// A replacement pair must parse, match, be an X509-SVID and be valid now: otherwise the
 /// pair in force is no worse, and is kept.
-fn load_pair(cert: &Path, key: &Path) -> Result<ServerIdentity, PairError> {
+fn load_pair(cert: &Path, key: &Path, now: SystemTime) -> Result<ServerIdentity, PairError> {
     let identity = ServerIdentity::load(cert, key)?;
     let leaf = serving::check_pair(&identity, &crypto_provider())?;
-    serving::check_validity(&leaf, SystemTime::now())?;
+    serving::check_validity(&leaf, now)?;
     Ok(identity)
-}
-
-fn read_bundle(path: &Path) -> Result<Bundle, BundleError> {
-    bundle::read_bundle(path, SystemTime::now())
 }
 
 #[cfg(test)]
 mod tests {
     use std::path::Path;
     use std::sync::{Arc, Mutex};
+    use std::time::{Duration, SystemTime};
 
     use portcullis_core::TrustDomain;
     use portcullis_test_support::pki::{Ca, LeafSpec};
@@ -451,8 +504,17 @@ mod tests {
     /// A watcher of a serving SVID and the bundle of its trust domain, written in `dir`, and
     /// the receiver of what it publishes.
     fn watcher(dir: &Path, ca: &Ca) -> TestResult<(Watcher, watch::Receiver<Arc<LiveIdentity>>)> {
+        watcher_with_bundle(dir, ca, &ca.cert_pem())
+    }
+
+    /// As [`watcher`], with `bundle` as the trust domain's bundle file.
+    fn watcher_with_bundle(
+        dir: &Path,
+        ca: &Ca,
+        bundle: &str,
+    ) -> TestResult<(Watcher, watch::Receiver<Arc<LiveIdentity>>)> {
         let svid = ca.leaf(&LeafSpec::server("spiffe://td.example/ns/edge/sa/sidecar"))?;
-        std::fs::write(dir.join("ca.pem"), ca.cert_pem())?;
+        std::fs::write(dir.join("ca.pem"), bundle)?;
         std::fs::write(dir.join("server.pem"), &svid.cert_pem)?;
         std::fs::write(dir.join("server-key.pem"), &svid.key_pem)?;
         let files = IdentityFiles {
@@ -501,7 +563,7 @@ mod tests {
         ];
         for (case, contents) in no_root {
             std::fs::write(dir.path().join("ca.pem"), contents)?;
-            watcher.check(&outcomes);
+            watcher.check(&outcomes, SystemTime::now());
             assert_eq!(
                 roots(&watcher),
                 0,
@@ -515,11 +577,11 @@ mod tests {
                 "{case}"
             );
             // Seen again: nothing new to count.
-            watcher.check(&outcomes);
+            watcher.check(&outcomes, SystemTime::now());
             assert_eq!(outcomes.take(), [], "{case}");
 
             std::fs::write(dir.path().join("ca.pem"), ca.cert_pem())?;
-            watcher.check(&outcomes);
+            watcher.check(&outcomes, SystemTime::now());
             assert_eq!(roots(&watcher), 1, "{case}");
             assert_eq!(outcomes.take(), [(ReloadKind::Bundle, true)], "{case}");
             assert_eq!(
@@ -527,6 +589,110 @@ mod tests {
                 Ok(())
             );
         }
+        Ok(())
+    }
+
+    /// A root that ends while loaded (the file unchanged) is dropped at the next check, as a
+    /// counted reload; one check later nothing is left to do.
+    #[test]
+    fn a_root_that_expires_while_loaded_is_dropped_without_a_file_change() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::new("td.example")?;
+        let now = OffsetDateTime::now_utc();
+        let short = Ca::with_validity(
+            "td.example",
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+        )?;
+        let (mut watcher, current) = watcher_with_bundle(
+            dir.path(),
+            &ca,
+            &format!("{}{}", ca.cert_pem(), short.cert_pem()),
+        )?;
+        let outcomes = Outcomes::default();
+        watcher.check(&outcomes, SystemTime::now());
+        assert_eq!((roots(&watcher), outcomes.take()), (2, vec![]));
+
+        let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+        watcher.check(&outcomes, later);
+        assert_eq!(
+            watcher
+                .current
+                .bundles
+                .get("td.example")
+                .map(|b| b.roots.clone()),
+            Some(vec![ca.cert_der()]),
+            "the expired root is still trusted"
+        );
+        assert_eq!(outcomes.take(), [(ReloadKind::Bundle, true)]);
+        let live = current.borrow().clone();
+        assert_eq!(live.trust_domains, ["td.example"]);
+        assert_eq!(
+            live.certificates
+                .iter()
+                .filter(|c| c.kind == "bundle:td.example")
+                .count(),
+            1,
+            "the expiry gauge still shows the dropped root"
+        );
+        watcher.check(&outcomes, later);
+        assert_eq!(outcomes.take(), []);
+        Ok(())
+    }
+
+    /// The only root expiring leaves the trust domain without roots: it fails closed, as a
+    /// file holding none does, counted as a failure.
+    #[test]
+    fn a_bundle_whose_only_root_expires_refuses_its_trust_domain() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::new("td.example")?;
+        let (mut watcher, current) = watcher(dir.path(), &ca)?;
+        let outcomes = Outcomes::default();
+        let later = SystemTime::now() + Duration::from_secs(2 * 86_400);
+        watcher.check(&outcomes, later);
+        assert_eq!(roots(&watcher), 0);
+        assert_eq!(outcomes.take(), [(ReloadKind::Bundle, false)]);
+        assert!(current.borrow().trust_domains.is_empty());
+        watcher.check(&outcomes, later);
+        assert_eq!(outcomes.take(), []);
+        Ok(())
+    }
+
+    /// The roots kept while a changed file does not parse do not outlive their expiry either.
+    #[test]
+    fn roots_kept_over_an_unparsable_file_are_dropped_when_they_expire() -> TestResult {
+        let dir = tempfile::tempdir()?;
+        let ca = Ca::new("td.example")?;
+        let now = OffsetDateTime::now_utc();
+        let short = Ca::with_validity(
+            "td.example",
+            now - time::Duration::hours(1),
+            now + time::Duration::hours(1),
+        )?;
+        let both = format!("{}{}", ca.cert_pem(), short.cert_pem());
+        let (mut watcher, _current) = watcher_with_bundle(dir.path(), &ca, &both)?;
+        let outcomes = Outcomes::default();
+        std::fs::write(dir.path().join("ca.pem"), "{\"keys\": [")?;
+        watcher.check(&outcomes, SystemTime::now());
+        watcher.check(&outcomes, SystemTime::now());
+        assert_eq!(
+            (roots(&watcher), outcomes.take()),
+            (2, vec![(ReloadKind::Bundle, false)])
+        );
+
+        let later = SystemTime::now() + Duration::from_secs(2 * 3600);
+        watcher.check(&outcomes, later);
+        assert_eq!(roots(&watcher), 1, "the expired root outlived its end");
+        // The broken file's failure was reported already: only the drop is new.
+        assert_eq!(outcomes.take(), [(ReloadKind::Bundle, true)]);
+        watcher.check(&outcomes, later);
+        assert_eq!(outcomes.take(), []);
+
+        // Put back as it was: the content in force, nothing to reload, and the expired root
+        // does not come back with it.
+        std::fs::write(dir.path().join("ca.pem"), &both)?;
+        watcher.check(&outcomes, later);
+        assert_eq!((roots(&watcher), outcomes.take()), (1, vec![]));
         Ok(())
     }
 
@@ -547,9 +713,9 @@ mod tests {
         for (case, break_it) in broken {
             break_it()?;
             // Once (as a file caught mid-write), then again: reported once, roots kept.
-            watcher.check(&outcomes);
-            watcher.check(&outcomes);
-            watcher.check(&outcomes);
+            watcher.check(&outcomes, SystemTime::now());
+            watcher.check(&outcomes, SystemTime::now());
+            watcher.check(&outcomes, SystemTime::now());
             assert_eq!(roots(&watcher), 1, "{case}");
             assert_eq!(outcomes.take(), [(ReloadKind::Bundle, false)], "{case}");
             assert_eq!(

@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, oneshot, watch};
 use tokio::time::Instant;
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::LazyConfigAcceptor;
 
 use crate::Shared;
 use crate::body::Holding;
@@ -58,15 +58,14 @@ pub(crate) async fn serve(
             },
             _ = shutdown.changed() => break,
         };
-        // The identity in force now: a rotated pair or bundle applies from this handshake on,
-        // while connections accepted earlier keep the config they were accepted with.
-        let acceptor = TlsAcceptor::from(identity.borrow().tls.clone());
+        // Not the identity in force now: the handshake takes it when the ClientHello arrives.
+        let identity = identity.clone();
         let shared = shared.clone();
         let shutdown = shutdown.clone();
         let refusals = refusals.clone();
         tokio::spawn(async move {
             shared.metrics.connections_active.inc();
-            connection(tcp, peer, acceptor, shared.clone(), &refusals, shutdown).await;
+            connection(tcp, peer, &identity, shared.clone(), &refusals, shutdown).await;
             shared.metrics.connections_active.dec();
             drop(permit);
         });
@@ -83,7 +82,7 @@ pub(crate) async fn serve(
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    identity: &watch::Receiver<Arc<LiveIdentity>>,
     shared: Arc<Shared>,
     refusals: &RefusalLog,
     mut shutdown: watch::Receiver<bool>,
@@ -98,7 +97,16 @@ async fn connection(
         }
     };
     let limits = &shared.limits;
-    let handshake = tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp));
+    // The identity in force when the ClientHello arrives, not at the TCP accept: a client may
+    // sit up to `handshake_timeout` between the two, and a root removed meanwhile must not
+    // verify it ("a removed root stops new handshakes at once"); a rotated pair likewise
+    // serves from the next ClientHello. A connection past its handshake keeps its config.
+    // One deadline covers both halves of the handshake.
+    let handshake = tokio::time::timeout(limits.handshake_timeout, async {
+        let hello = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
+        let config = identity.borrow().tls.clone();
+        hello.into_stream(config).await
+    });
     let (handshake, claim) = portcullis_identity::claim::with_claim(handshake).await;
     let tls = match handshake {
         Ok(Ok(tls)) => tls,

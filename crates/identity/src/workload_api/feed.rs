@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::{Endpoint, Options, SourceEvent, StartupError, WorkloadApiSource, X509Context, spawn};
+use crate::bundle;
 use crate::live::{
     IdentityFeed, IdentitySnapshot, LiveIdentity, LiveIdentityError, ReloadKind, ReloadObserver,
 };
@@ -56,7 +57,15 @@ pub async fn feed(endpoint: Endpoint, first_update: Duration) -> Result<Identity
     })
 }
 
-/// Applies each accepted update after `in_force` until the source stops.
+/// How long the wait for a root's expiry may be at most before it is measured again against
+/// the wall clock: the timer runs on the monotonic clock, which stands still while the host
+/// is suspended.
+const EXPIRY_RECHECK: Duration = Duration::from_secs(60);
+
+/// Applies each accepted update after `in_force` until the source stops, and drops each root
+/// of the bundles in force when it expires. An update replaces every bundle, so between two
+/// updates nothing else would: webpki never reads a trust anchor's validity, and a root the
+/// agent stopped refreshing would anchor callers' chains for as long as no update came.
 async fn follow(
     source: WorkloadApiSource,
     mut in_force: Arc<X509Context>,
@@ -64,7 +73,27 @@ async fn follow(
     observer: Arc<dyn ReloadObserver>,
 ) {
     let mut updates = source.subscribe();
-    while updates.changed().await.is_ok() {
+    // What the live identity was built from: the last update applied, less the roots that
+    // expired since.
+    let mut applied = snapshot(&in_force);
+    // Set when dropping expired roots failed: tried again after a pause, not in a busy loop.
+    let mut retry_later = false;
+    loop {
+        let expiry = if retry_later {
+            Some(EXPIRY_RECHECK)
+        } else {
+            applied.bundles.next_expiry().map(until_expired)
+        };
+        let changed = tokio::select! {
+            changed = updates.changed() => changed,
+            () = tokio::time::sleep(expiry.unwrap_or_default()), if expiry.is_some() => {
+                retry_later = !drop_expired(&mut applied, &sender, observer.as_ref());
+                continue;
+            }
+        };
+        if changed.is_err() {
+            return;
+        }
         let Some(context) = updates.borrow_and_update().clone() else {
             continue;
         };
@@ -87,6 +116,8 @@ async fn follow(
                 );
                 sender.send_replace(Arc::new(live));
                 observer.reloaded(ReloadKind::WorkloadApi, true);
+                applied = snapshot(&context);
+                retry_later = false;
             }
             Err(error) => {
                 tracing::error!(
@@ -98,6 +129,72 @@ async fn follow(
             }
         }
         in_force = context;
+    }
+}
+
+/// How long until a root whose `notAfter` is `not_after` (unix seconds) has expired (a
+/// certificate is valid through its `notAfter` second), at most [`EXPIRY_RECHECK`].
+fn until_expired(not_after: i64) -> Duration {
+    let expired_at = u64::try_from(not_after.saturating_add(1)).unwrap_or(0);
+    (SystemTime::UNIX_EPOCH + Duration::from_secs(expired_at))
+        .duration_since(SystemTime::now())
+        .unwrap_or_default()
+        .min(EXPIRY_RECHECK)
+}
+
+/// Rebuilds the identity in force without the roots expired now, if any has; `false` when
+/// that failed (the identity in force stays, expired roots included). The SVID is the one in
+/// force, so it is not judged again: even an SVID that expired meanwhile must not keep an
+/// expired root trusted. Counted as an update carrying the same state would be now
+/// ([`super::update`]): a federated trust domain left without roots is no longer trusted and
+/// the reload succeeds; our own left without roots refuses our callers (fails closed) and
+/// counts as a failure.
+fn drop_expired(
+    applied: &mut IdentitySnapshot,
+    sender: &watch::Sender<Arc<LiveIdentity>>,
+    observer: &dyn ReloadObserver,
+) -> bool {
+    let now = bundle::unix_seconds(SystemTime::now());
+    let Some((bundles, dropped)) = applied.bundles.without_expired(now) else {
+        return true;
+    };
+    let candidate = IdentitySnapshot {
+        identity: applied.identity.clone(),
+        bundles,
+    };
+    match LiveIdentity::build(candidate.clone()) {
+        Ok(live) => {
+            let own = live.serving.id.trust_domain_name();
+            let mut own_emptied = false;
+            for (trust_domain, subjects) in &dropped {
+                let left = candidate
+                    .bundles
+                    .get(trust_domain.as_str())
+                    .map_or(0, |bundle| bundle.roots.len());
+                own_emptied |= left == 0 && trust_domain.as_str() == own;
+                tracing::warn!(
+                    %trust_domain,
+                    ?subjects,
+                    roots_left = left,
+                    "Workload API bundle root expired: dropped, new handshakes no longer chain to it"
+                );
+            }
+            if own_emptied {
+                tracing::error!(
+                    trust_domain = own,
+                    "every root of our own trust domain has expired: its callers are refused until an update brings a root"
+                );
+            }
+            sender.send_replace(Arc::new(live));
+            observer.reloaded(ReloadKind::WorkloadApi, !own_emptied);
+            *applied = candidate;
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "cannot drop expired Workload API roots; tried again in a minute or at the next update");
+            observer.reloaded(ReloadKind::WorkloadApi, false);
+            false
+        }
     }
 }
 

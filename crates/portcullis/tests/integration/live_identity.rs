@@ -457,6 +457,190 @@ async fn a_bundle_left_without_roots_refuses_its_trust_domain_until_restored() {
     assert_eq!(failures().await, 3.0);
 }
 
+/// webpki never reads a trust anchor's validity: a root that expires while loaded, its file
+/// unchanged, must still stop anchoring callers' chains. Here it is the partner's only root,
+/// so the partner's trust domain is left without roots (a reload counted as a failure, as for
+/// a file that holds none); our own callers and readiness are untouched.
+#[tokio::test]
+async fn a_root_that_expires_while_loaded_is_refused_without_a_file_change() {
+    const PARTNER: &str = "partner.example.net";
+    let now = OffsetDateTime::now_utc();
+    let partner = Arc::new(
+        Ca::with_validity(
+            PARTNER,
+            now - time::Duration::hours(1),
+            now + time::Duration::seconds(5),
+        )
+        .unwrap(),
+    );
+    let h = Harness::builder()
+        .tls_reload_interval("100ms")
+        .trust(PARTNER, partner.clone())
+        .start()
+        .await;
+    // Its SVID outlives its root: only the root's end can refuse it.
+    let indexer = partner
+        .svid("spiffe://partner.example.net/ns/crawl/sa/indexer")
+        .unwrap();
+    assert!(
+        h.try_call(Some(&indexer)).await.is_ok(),
+        "refused before its root expired"
+    );
+    assert!(
+        within_10s(async || h.try_call(Some(&indexer)).await.is_err_and(|e| e.is_tls())).await,
+        "a root that expired while loaded is still trusted"
+    );
+    assert!(within_10s(async || reloads(&h, "bundle", "failure").await == 1.0).await);
+    assert_eq!(h.try_call(Some(&h.svid(TRIAGE))).await.unwrap(), 200);
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+    assert_eq!(reloads(&h, "bundle", "success").await, 0.0);
+}
+
+/// The same through the Workload API: between two updates nothing replaces the bundles, so a
+/// federated root that expires is dropped by the source itself, counted as an update.
+#[tokio::test]
+async fn a_workload_api_root_that_expires_between_updates_is_refused() {
+    use portcullis_test_support::workload_api::{WorkloadApiServer, X509SvidResponse};
+    const PARTNER: &str = "partner.example.net";
+    let agent = WorkloadApiServer::start().await.unwrap();
+    let ca = Ca::new(TRUST_DOMAIN).unwrap();
+    let now = OffsetDateTime::now_utc();
+    let partner = Ca::with_validity(
+        PARTNER,
+        now - time::Duration::hours(1),
+        now + time::Duration::seconds(5),
+    )
+    .unwrap();
+    let mut spec = LeafSpec::server(SERVER_ID);
+    spec.not_after = now + time::Duration::hours(2);
+    let serving = ca.leaf(&spec).unwrap();
+    agent.push(
+        X509SvidResponse::new(SERVER_ID, &serving, &[ca.cert_der()])
+            .federate(PARTNER, &[partner.cert_der()]),
+    );
+    let h = Harness::builder()
+        .workload_api(agent.endpoint(), ca)
+        .start()
+        .await;
+    let indexer = partner
+        .svid("spiffe://partner.example.net/ns/crawl/sa/indexer")
+        .unwrap();
+    assert!(
+        h.try_call(Some(&indexer)).await.is_ok(),
+        "refused before its root expired"
+    );
+    assert!(
+        within_10s(async || h.try_call(Some(&indexer)).await.is_err_and(|e| e.is_tls())).await,
+        "a Workload API root that expired between updates is still trusted"
+    );
+    assert!(within_10s(async || reloads(&h, "workload_api", "success").await == 1.0).await);
+    assert_eq!(h.try_call(Some(&h.svid(TRIAGE))).await.unwrap(), 200);
+    assert_eq!(admin_get(h.admin, "/readyz").await.0, 200);
+}
+
+/// Failed handshakes, every reason together.
+async fn handshake_failures(h: &Harness) -> f64 {
+    h.metrics()
+        .await
+        .lines()
+        .filter(|line| line.starts_with("portcullis_tls_handshake_failures_total{"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The server config (and the roots its client verifier holds) is the one in force when the
+/// ClientHello arrives, not when the TCP connection was accepted: a caller that connected
+/// before its root was removed, and says hello after the removal applied, is refused.
+#[tokio::test]
+async fn a_root_removed_between_connect_and_client_hello_refuses_that_handshake() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    const BAD_SIGNATURE: &str = "portcullis_tls_handshake_failures_total{reason=\"bad_signature\"}";
+    let h = Harness::builder()
+        .tls_reload_interval("100ms")
+        .start()
+        .await;
+    let second = Ca::new(TRUST_DOMAIN).unwrap();
+    let agent = second.svid(TRIAGE).unwrap();
+    let caller = Caller::new(&[h.ca.cert_der()], Some(&agent), HttpVersion::Http1).unwrap();
+    replace(
+        h.dir.path(),
+        "ca.pem",
+        &format!("{}{}", h.ca.cert_pem(), second.cert_pem()),
+    );
+    assert!(
+        within_10s(async || {
+            caller
+                .call(h.addr, request("GET", HOST, "/api/orders/1", Bytes::new()))
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        })
+        .await
+    );
+    let open = async || sample(&h.metrics().await, "portcullis_connections_active");
+    // The calls above have closed their connections; then ours is accepted and waits.
+    assert!(within_10s(async || open().await == 0.0).await);
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert!(
+        within_10s(async || open().await == 1.0).await,
+        "the connection was not accepted"
+    );
+
+    // The second CA's root removed (the bundle keeps the first), and the removal applied.
+    replace(h.dir.path(), "ca.pem", &h.ca.cert_pem());
+    assert!(within_10s(async || reloads(&h, "bundle", "success").await == 2.0).await);
+    let refused_before = handshake_failures(&h).await;
+    let bad_signature_before = sample(&h.metrics().await, BAD_SIGNATURE);
+
+    let config = portcullis_test_support::pki::client_config(
+        &[h.ca.cert_der()],
+        Some(&agent),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let name = rustls::pki_types::ServerName::IpAddress(h.addr.ip().into());
+    // TLS 1.3: the client's handshake completes before the server judged its certificate;
+    // the verdict arrives as an alert on the first read.
+    let outcome = match tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await
+    {
+        Ok(mut tls) => {
+            let head =
+                format!("GET /api/orders/1 HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n");
+            let mut reply = Vec::new();
+            match tls.write_all(head.as_bytes()).await {
+                Ok(()) => tls
+                    .read_to_end(&mut reply)
+                    .await
+                    .map(|_| String::from_utf8_lossy(&reply).into_owned()),
+                Err(error) => Err(error),
+            }
+        }
+        Err(error) => Err(error),
+    };
+    let alert = outcome.as_ref().err().and_then(|error| {
+        error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .cloned()
+    });
+    assert!(
+        matches!(alert, Some(rustls::Error::AlertReceived(_))),
+        "a hello after the root's removal was verified against the roots of the accept: {outcome:?}"
+    );
+    // Counted as a refused certificate (both CAs have the same name, so webpki finds the
+    // first as the issuer and the signature does not verify).
+    assert!(
+        within_10s(async || handshake_failures(&h).await == refused_before + 1.0).await,
+        "{}",
+        h.metrics().await
+    );
+    assert_eq!(
+        sample(&h.metrics().await, BAD_SIGNATURE),
+        bad_signature_before + 1.0
+    );
+}
+
 /// Each serving identity agents would refuse fails `validate` with its YAML path, exit 64.
 #[test]
 fn validate_refuses_each_bad_serving_identity() {
