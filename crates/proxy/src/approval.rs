@@ -93,11 +93,12 @@ impl Approvals {
     pub(crate) async fn check(
         &self,
         input: &AuthzInput<'_>,
+        exactly: Exactly<'_>,
         policy_hash: &str,
         grant: Option<&str>,
         errors: &mut Vec<String>,
     ) -> Result<Approval, Refusal> {
-        let digest = digest(input, policy_hash);
+        let digest = digest(input, exactly, policy_hash);
         let lifetime = self
             .options
             .as_ref()
@@ -162,6 +163,7 @@ impl Approvals {
 pub(crate) async fn step(
     shared: &Shared,
     input: &AuthzInput<'_>,
+    exactly: Exactly<'_>,
     evaluation: &mut Evaluation,
     headers: &http::HeaderMap,
     audit: &mut AuditGuard,
@@ -207,6 +209,7 @@ pub(crate) async fn step(
         .approvals
         .check(
             input,
+            exactly,
             &evaluation.policy_hash,
             grant,
             &mut audit.record.errors,
@@ -276,10 +279,25 @@ pub(crate) fn challenge_response(
     response
 }
 
+/// What the upstream acts on beyond the Cedar input, for the digest: a grant is for exactly
+/// one call, so a request that differs from the approved one only in its query string, its
+/// body or the endpoint it is sent to must not carry it.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Exactly<'a> {
+    /// The request target's query string.
+    pub query: Option<&'a str>,
+    /// `sha256:<hex>` of what the body says: the canonical JSON of a model call's body, the
+    /// bytes of a generic route's body. `None` where the protocol fields carry it (an MCP
+    /// message's tool arguments: the JSON-RPC envelope, its `id` included, changes between a
+    /// call and its retry with the grant).
+    pub content: Option<&'a str>,
+}
+
 /// `sha256:<hex>` of the canonical JSON of what the call is: agent, user, action, resource,
-/// protocol fields, policy-set hash. Canonical: object keys sorted, no insignificant space,
-/// so the same call gives the same digest whatever order the caller wrote its JSON in.
-pub(crate) fn digest(input: &AuthzInput<'_>, policy_hash: &str) -> String {
+/// protocol fields, the request's method, path, query and host, what its body says
+/// ([`Exactly`]), policy-set hash. Canonical: object keys sorted, no insignificant space, so
+/// the same call gives the same digest whatever order the caller wrote its JSON in.
+pub(crate) fn digest(input: &AuthzInput<'_>, exactly: Exactly<'_>, policy_hash: &str) -> String {
     let mut protocol: Vec<_> = input.protocol_context.iter().collect();
     protocol.sort_by_key(|(key, _)| *key);
     let value = serde_json::json!({
@@ -291,6 +309,13 @@ pub(crate) fn digest(input: &AuthzInput<'_>, policy_hash: &str) -> String {
             .into_iter()
             .map(|(key, value)| ((*key).to_owned(), value.clone()))
             .collect::<serde_json::Map<_, _>>(),
+        "request": {
+            "method": input.request.method,
+            "path": input.request.path,
+            "query": exactly.query,
+            "host": input.request.host,
+        },
+        "content": exactly.content,
         "policy_hash": policy_hash,
     });
     let mut canonical = String::new();
@@ -299,6 +324,21 @@ pub(crate) fn digest(input: &AuthzInput<'_>, policy_hash: &str) -> String {
         "sha256:{}",
         hex::encode(Sha256::digest(canonical.as_bytes()))
     )
+}
+
+/// [`Exactly::content`] of a model call: its body's canonical JSON, so a retry whose SDK
+/// writes the same request with its keys in another order carries the same digest. The body
+/// was checked as one strict JSON value when it was classified.
+pub(crate) fn message_content(body: &[u8]) -> Option<String> {
+    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let mut canonical = String::new();
+    write_canonical(&value, &mut canonical);
+    Some(bytes_content(canonical.as_bytes()))
+}
+
+/// [`Exactly::content`] of a generic route's body: its bytes, whatever they encode.
+pub(crate) fn bytes_content(body: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(body)))
 }
 
 /// RFC 8785-style canonical form: keys sorted by their UTF-16 code units (equal to byte order

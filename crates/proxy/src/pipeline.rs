@@ -346,6 +346,16 @@ async fn authorize_and_forward(
     let mut permit = None;
     let mut refused = None;
     let mut scopes = portcullis_policy::GrantedScopes::Unrestricted;
+    // Out of `inspected` while its calls are decided: a generic route's body is read whole
+    // only when a call needs approval (see below), and put back after.
+    let mut body = std::mem::replace(
+        &mut inspected.body,
+        http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    // What the body says, for an approval digest: computed once, when first needed.
+    let mut content: Option<Option<String>> = None;
     for call in &inspected.calls {
         let resource = AuditResource {
             kind: call.resource.entity_type(),
@@ -365,9 +375,30 @@ async fn authorize_and_forward(
             .evaluate_prepared(&conn.known.prepared, &input);
         let approval = match evaluation.decision {
             Decision::ApprovalRequired => {
+                if content.is_none() {
+                    content = Some(match (&inspected.message, route_protocol) {
+                        (Some(message), _) => crate::approval::message_content(message),
+                        // An MCP message's tool arguments are protocol fields already.
+                        (None, Protocol::Mcp) => None,
+                        // A generic route's body streams to the upstream unread, unless a
+                        // call needs approval: then the grant must be for these bytes, so
+                        // they are read first, within the route's inspection bounds.
+                        (None, _) => {
+                            let (bytes, replay) =
+                                protocol::read_whole(&parts.headers, body, &bounds).await?;
+                            body = replay;
+                            Some(crate::approval::bytes_content(&bytes))
+                        }
+                    });
+                }
+                let exactly = crate::approval::Exactly {
+                    query: parts.uri.query(),
+                    content: content.as_ref().and_then(Option::as_deref),
+                };
                 crate::approval::step(
                     shared,
                     &input,
+                    exactly,
                     &mut evaluation,
                     &parts.headers,
                     audit,
@@ -457,6 +488,7 @@ async fn authorize_and_forward(
             }
         }
     }
+    inspected.body = body;
     if let Some(refusal) = refused {
         return Err(refusal);
     }

@@ -450,3 +450,79 @@ async fn tool_annotations_from_the_servers_listing_reach_policies() {
         "a listing without hints forgets the old ones: {reply}"
     );
 }
+
+/// `method target` with `body` (JSON) as TRIAGE, with `grant` when given.
+async fn send_with(
+    h: &Harness,
+    method: &str,
+    target: &str,
+    body: &str,
+    grant: Option<&str>,
+) -> (u16, Value) {
+    let mut req = request(method, HOST, target, Bytes::from(body.to_owned()));
+    req.headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
+    if let Some(grant) = grant {
+        req.headers_mut()
+            .insert("x-portcullis-approval", grant.parse().unwrap());
+    }
+    let (status, body) = h.send(TRIAGE, HttpVersion::Http1, req).await;
+    (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_grant_covers_the_query_and_the_body_the_upstream_acts_on() {
+    let h = Harness::builder()
+        .policies(
+            r#"
+@id("refunds-need-approval") @approval("required")
+permit (principal, action == Action::"POST", resource == Route::"/api/refunds");
+@id("models-need-approval") @approval("required")
+permit (principal, action == Action::"invoke_model", resource == Model::"big");
+"#,
+        )
+        .yaml("routes:\n  - path_prefix: /v1\n    protocol: openai\n")
+        .approvals()
+        .start()
+        .await;
+    // A generic route: the body streams unless approval is needed; then it is part of the call.
+    let (status, reply) = send_with(&h, "POST", "/api/refunds", r#"{"amount":1}"#, None).await;
+    assert_eq!(status, 428, "{reply}");
+    let digest = challenge_digest(&reply);
+    let grant = |jti: &str| sign(&h, &grant_claims(&digest, jti));
+    for (target, body) in [
+        ("/api/refunds", r#"{"amount":99999}"#),
+        ("/api/refunds?amount=99999", r#"{"amount":1}"#),
+    ] {
+        let (status, reply) = send_with(&h, "POST", target, body, Some(&grant(target))).await;
+        assert_eq!(status, 428, "{target} {body}: {reply}");
+        assert_ne!(challenge_digest(&reply), digest, "{target} {body}");
+    }
+    assert!(h.upstream.requests().is_empty());
+    let (status, reply) = send_with(
+        &h,
+        "POST",
+        "/api/refunds",
+        r#"{"amount":1}"#,
+        Some(&grant("exact")),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let seen = h.upstream.requests();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].body, Bytes::from_static(br#"{"amount":1}"#));
+
+    // A model call: the whole body (the prompt too) and the endpoint; not the keys' order.
+    let chat = |prompt: &str| {
+        json!({"model": "big", "messages": [{"role": "user", "content": prompt}]}).to_string()
+    };
+    let (_, reply) = send_with(&h, "POST", "/v1/chat/completions", &chat("summarize"), None).await;
+    let summarize = challenge_digest(&reply);
+    let reordered = r#"{"messages":[{"content":"summarize","role":"user"}],"model":"big"}"#;
+    let (_, reply) = send_with(&h, "POST", "/v1/chat/completions", reordered, None).await;
+    assert_eq!(challenge_digest(&reply), summarize);
+    let (_, reply) = send_with(&h, "POST", "/v1/chat/completions", &chat("wire $1M"), None).await;
+    assert_ne!(challenge_digest(&reply), summarize);
+    let (_, reply) = send_with(&h, "POST", "/v1/completions", &chat("summarize"), None).await;
+    assert_ne!(challenge_digest(&reply), summarize);
+}

@@ -62,6 +62,11 @@ pub(crate) struct Inspected {
     /// Which responses list tools (`tools/list` and `server/discover` results on a POST,
     /// any result on the GET stream): they are filtered on the way back.
     pub listing: Option<filter::Listed>,
+    /// What the body says when it is one message the protocol fields do not carry whole (a
+    /// model call's body, prompt included): its canonical form goes into an approval digest.
+    /// `None` for generic routes (their body is read only when a call needs approval) and
+    /// MCP (whose tool arguments are protocol fields).
+    pub message: Option<Bytes>,
 }
 
 /// What bounds the inspection of one body.
@@ -98,6 +103,7 @@ pub(crate) async fn inspect(
         }],
         body,
         listing: None,
+        message: None,
     };
     match classified.protocol {
         Protocol::Http => Ok(generic(classified, body)),
@@ -117,6 +123,7 @@ pub(crate) async fn inspect(
                 calls: vec![call],
                 body,
                 listing: None,
+                message: Some(bytes),
             })
         }
         Protocol::Mcp => {
@@ -133,6 +140,7 @@ pub(crate) async fn inspect(
                     calls: vec![mcp::session_call(method, &classified.resource)],
                     body,
                     listing: (method == "GET").then_some(filter::Listed::Any),
+                    message: None,
                 }),
                 "POST" => {
                     let (bytes, body) = read_json_body(headers, body, bounds).await?;
@@ -147,6 +155,7 @@ pub(crate) async fn inspect(
                         body,
                         listing: (!parsed.tools_list_ids.is_empty())
                             .then_some(filter::Listed::Ids(parsed.tools_list_ids)),
+                        message: None,
                     })
                 }
                 // The transport defines no other method on the MCP endpoint.
@@ -169,6 +178,16 @@ async fn read_json_body(
     if !is_json(headers) || !is_identity_encoded(headers) {
         return Err(Refusal::UnsupportedMediaType);
     }
+    read_whole(headers, body, bounds).await
+}
+
+/// The whole body, within `bounds` (its length, the shared budget, the deadline), and a body
+/// replaying it.
+pub(crate) async fn read_whole(
+    headers: &http::HeaderMap,
+    body: RequestBody,
+    bounds: &Bounds<'_>,
+) -> Result<(Bytes, RequestBody), Refusal> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
