@@ -187,6 +187,15 @@ pub enum Refusal {
         "{ANNOTATION_INJECT}: \"false\" is not allowed in this namespace (it needs {ANNOTATION_ALLOW_OPT_OUT}: \"true\")"
     )]
     OptOutNotAllowed,
+    /// The pod names another policy or config ConfigMap than the one its namespace sets.
+    #[error(
+        "{annotation}: {pod:?} is not allowed in this namespace, which sets {annotation}: {namespace:?} for its pods"
+    )]
+    NamespaceChoosesConfigMap {
+        annotation: &'static str,
+        pod: String,
+        namespace: String,
+    },
     /// The pod asks for shadow mode in a namespace that does not allow it.
     #[error(
         "{ANNOTATION_POLICY_MODE}: shadow is not allowed in this namespace (it needs {ANNOTATION_ALLOW_OPT_OUT}: \"true\")"
@@ -436,7 +445,22 @@ fn plan(
         None => settings.trust_domain.clone(),
         Some(s) => TrustDomain::parse(s).map_err(|_| Refusal::BadTrustDomain(s.to_owned()))?,
     };
-    let policy_configmap = match annotation(ANNOTATION_POLICY_CONFIGMAP) {
+    // Where the namespace names the policy or config ConfigMap, its pods get that one: a pod
+    // author who may create ConfigMaps (but not update the namespace's, which RBAC can hold
+    // by name) would otherwise point the sidecar at a permissive set or a config without
+    // user tokens or limits. Without a namespace choice the pod's stands, as before.
+    let chosen = |key: &'static str| -> Result<Option<&str>, Refusal> {
+        let ours = namespace.annotations.get(key).map(String::as_str);
+        match (annotation(key), ours) {
+            (Some(pod), Some(ours)) if pod != ours => Err(Refusal::NamespaceChoosesConfigMap {
+                annotation: key,
+                pod: pod.to_owned(),
+                namespace: ours.to_owned(),
+            }),
+            (pod, ours) => Ok(ours.or(pod)),
+        }
+    };
+    let policy_configmap = match chosen(ANNOTATION_POLICY_CONFIGMAP)? {
         None => settings.policy_configmap.clone(),
         Some(s) if is_dns_subdomain(s) => s.to_owned(),
         Some(s) => return Err(Refusal::BadPolicyConfigMap(s.to_owned())),
@@ -452,12 +476,7 @@ fn plan(
     {
         return Err(Refusal::ShadowNotAllowed);
     }
-    let configmap = match annotation(ANNOTATION_CONFIG).or_else(|| {
-        namespace
-            .annotations
-            .get(ANNOTATION_CONFIG)
-            .map(String::as_str)
-    }) {
+    let configmap = match chosen(ANNOTATION_CONFIG)? {
         None => None,
         Some(s) if is_dns_subdomain(s) => Some(s.to_owned()),
         Some(s) => return Err(Refusal::BadConfigMapName(s.to_owned())),

@@ -405,7 +405,8 @@ fn config_configmap_is_mounted_and_overridden() {
     assert_eq!(o["policy"]["dir"], "/etc/portcullis/policies");
     assert!(o.get("audit").is_none());
 
-    // The namespace can name it for every pod; the pod's own annotation wins.
+    // The namespace can name it for every pod, and then a pod cannot name another (a pod
+    // author who may create ConfigMaps would otherwise pick a config without its limits).
     let in_ns = NamespaceInfo {
         annotations: [(ANNOTATION_CONFIG.to_owned(), "team-config".to_owned())].into(),
         ..NamespaceInfo::default()
@@ -415,10 +416,58 @@ fn config_configmap_is_mounted_and_overridden() {
         panic!("expected a patch");
     };
     assert_eq!(i.config.unwrap().configmap, "team-config");
-    let Ok(Mutation::Patch(i)) = mutate(&p, Scope::Namespace, &in_ns, &s) else {
-        panic!("expected a patch");
+    assert_eq!(
+        mutate(&p, Scope::Namespace, &in_ns, &s),
+        Err(Refusal::NamespaceChoosesConfigMap {
+            annotation: ANNOTATION_CONFIG,
+            pod: "agent-config".into(),
+            namespace: "team-config".into(),
+        })
+    );
+    // Naming the namespace's own is no choice.
+    let same = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_CONFIG: "team-config" }),
+        app(json!([])),
+    );
+    assert!(matches!(
+        mutate(&same, Scope::Namespace, &in_ns, &s),
+        Ok(Mutation::Patch(_))
+    ));
+    // The policy ConfigMap likewise.
+    let locked = NamespaceInfo {
+        annotations: [(
+            ANNOTATION_POLICY_CONFIGMAP.to_owned(),
+            "security-policies".to_owned(),
+        )]
+        .into(),
+        ..NamespaceInfo::default()
     };
-    assert_eq!(i.config.unwrap().configmap, "agent-config");
+    let permissive = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_POLICY_CONFIGMAP: "permissive" }),
+        app(json!([])),
+    );
+    assert_eq!(
+        mutate(&permissive, Scope::Namespace, &locked, &s),
+        Err(Refusal::NamespaceChoosesConfigMap {
+            annotation: ANNOTATION_POLICY_CONFIGMAP,
+            pod: "permissive".into(),
+            namespace: "security-policies".into(),
+        })
+    );
+    let out = patched_in(&plain, Scope::Namespace, &locked, &s);
+    assert!(
+        out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["configMap"]["name"] == "security-policies"),
+        "{out}"
+    );
+    // Where the namespace names none, the pod's choice stands.
+    assert!(matches!(
+        mutate(&permissive, Scope::Namespace, &ns(), &s),
+        Ok(Mutation::Patch(_))
+    ));
 
     let bad = pod(
         json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_CONFIG: "Not_A_Name" }),

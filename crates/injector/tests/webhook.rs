@@ -240,7 +240,47 @@ fn cluster() -> StaticCluster {
             ..NamespaceInfo::default()
         },
     );
+    cluster.namespaces.insert(
+        "payments".into(),
+        NamespaceInfo {
+            annotations: [(
+                "portcullis.dev/policy-configmap".to_owned(),
+                "security-policies".to_owned(),
+            )]
+            .into(),
+            ..NamespaceInfo::default()
+        },
+    );
     cluster
+}
+
+#[tokio::test]
+async fn a_namespace_that_names_the_policy_configmap_holds_its_pods_to_it() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let mut review = fixture("deployment-pod.json");
+    review["request"]["namespace"] = json!("payments");
+    let annotations = &mut review["request"]["object"]["metadata"]["annotations"];
+    annotations["portcullis.dev/policy-configmap"] = json!("permissive");
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    assert_eq!(response["response"]["allowed"], false, "{response}");
+    let message = response["response"]["status"]["message"].as_str().unwrap();
+    assert!(message.contains("security-policies"), "{message}");
+    // Without a choice of its own, the pod mounts the namespace's.
+    review["request"]["object"]["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove("portcullis.dev/policy-configmap");
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    let pod = apply(&review, &response).expect("a patch");
+    assert!(
+        pod["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["configMap"]["name"] == "security-policies"),
+        "{pod}"
+    );
+    hook.stop().await;
 }
 
 /// The config the sidecar runs with: `--override` in its args (no ConfigMap named here).
