@@ -123,21 +123,24 @@ async fn paths_servers_resolve_differently_are_refused_or_decided_as_the_app_rea
         "/api/%00x",
         "/api/x%0d%0aSet-Cookie:%20a",
         "/api/%7f",
+        // Tomcat and Spring serve /admin/users for these; a policy on /admin/* sees neither.
+        "/admin;/users",
+        "/admin;x=1",
     ] {
         let (status, body) = h.get(TRIAGE, path).await;
         assert_eq!(status, 400, "{path}");
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(body["error"]["code"], "ambiguous_path", "{path}");
     }
-    // A path parameter and a different case both meet the guardrail on /admin*.
-    for path in ["/admin;x=1", "/ADMIN", "/Admin/users"] {
+    // A different case meets the guardrail on /admin*.
+    for path in ["/ADMIN", "/Admin/users"] {
         assert_eq!(h.get(TRIAGE, path).await.0, 403, "{path}");
     }
     assert!(h.upstream.requests().is_empty());
     assert_eq!(h.get(TRIAGE, "/API/Orders").await.0, 200);
     // The application gets the path as sent; the policy decided on the folded id.
     assert_eq!(h.upstream.requests()[0].uri, "/API/Orders");
-    let records = h.audit(10).await;
+    let records = h.audit(11).await;
     let last = records.last().unwrap();
     assert_eq!(last["resource"]["id"], "/api/orders");
 }
