@@ -322,7 +322,15 @@ fn already_injected(
         .map(|c| (container_key, c))
         .chain(plan.volumes.iter().map(|v| ("volumes", v)))
         .collect();
+    // The helper reads its config from this annotation (a downward-API file): a pod written
+    // with its own value would run spiffe-helper with it (federated roots in the own trust
+    // domain's bundle, rotation off), so it must be what this webhook renders.
+    let helper_config = pod
+        .pointer("/metadata/annotations")
+        .and_then(|a| a.get(ANNOTATION_RENDERED_HELPER_CONFIG))
+        .and_then(Value::as_str);
     let same = expected.len() == existing.len()
+        && helper_config == plan.helper_config.as_deref()
         && expected.iter().all(|(key, want)| {
             existing.iter().any(|(k, have)| {
                 k == key && have.get("name") == want.get("name") && covers(want, have)

@@ -326,6 +326,29 @@ fn spire_adds_the_helper_before_the_proxy() {
     );
     let rendered = overrides(&init[1]);
     assert_eq!(rendered["tls"]["key"], "/run/spiffe/svid_key.pem");
+
+    // The injected pod comes back as is (a reinvocation): admitted. Written with a helper
+    // config of its own (federated roots into the bundle, rotation off): refused.
+    assert!(matches!(
+        mutate(&out, Scope::Namespace, &ns(), &s),
+        Ok(Mutation::Skip(_))
+    ));
+    let mut own = out.clone();
+    own["metadata"]["annotations"][ANNOTATION_RENDERED_HELPER_CONFIG] = json!(format!(
+        "{helper_conf}\ninclude_federated_domains = true\ndaemon_mode = false\n"
+    ));
+    assert_eq!(
+        mutate(&own, Scope::Namespace, &ns(), &s),
+        Err(Refusal::ForeignSidecar)
+    );
+    own["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(ANNOTATION_RENDERED_HELPER_CONFIG);
+    assert_eq!(
+        mutate(&own, Scope::Namespace, &ns(), &s),
+        Err(Refusal::ForeignSidecar)
+    );
 }
 
 #[test]
