@@ -123,9 +123,24 @@ async fn follow(
                 tracing::error!(
                     %error,
                     spiffe_id = %context.spiffe_id,
-                    "Workload API update cannot serve; keeping the last good identity"
+                    "Workload API update cannot serve; keeping the last good SVID"
                 );
                 observer.reloaded(ReloadKind::WorkloadApi, false);
+                // Its bundles apply all the same, with the SVID in force: a trust domain the
+                // update unloads, or a root it removes, must stop being trusted whatever is
+                // wrong with the SVID that came with them.
+                let bundles_only = IdentitySnapshot {
+                    identity: applied.identity.clone(),
+                    bundles: context.bundles.clone(),
+                };
+                if let Ok(live) = LiveIdentity::build(bundles_only.clone()) {
+                    tracing::warn!(
+                        trust_domains = ?live.trust_domains,
+                        "bundles of the refused Workload API update applied"
+                    );
+                    sender.send_replace(Arc::new(live));
+                    applied = bundles_only;
+                }
             }
         }
         in_force = context;

@@ -147,6 +147,47 @@ async fn an_unusable_update_keeps_the_last_good_identity() {
 }
 
 #[tokio::test]
+async fn an_update_whose_svid_cannot_serve_still_unloads_what_it_unloads() {
+    let agent = WorkloadApiServer::start().await.unwrap();
+    let ca = Ca::new(TRUST_DOMAIN).unwrap();
+    let partner_ca = Ca::new(PARTNER).unwrap();
+    let first = serving(&ca, 2);
+    agent.push(
+        X509SvidResponse::new(SERVER_ID, &first, &[ca.cert_der()])
+            .federate(PARTNER, &[partner_ca.cert_der()]),
+    );
+    let root = ca.cert_der();
+    let h = Harness::builder()
+        .workload_api(agent.endpoint(), ca)
+        .start()
+        .await;
+    let partner = Caller::new(
+        &[root.clone()],
+        Some(
+            &partner_ca
+                .svid("spiffe://partner.example.net/crawler")
+                .unwrap(),
+        ),
+        HttpVersion::Http1,
+    )
+    .unwrap();
+    assert!(status(&partner, &h).await.is_ok());
+    // The next update drops the partner, and its SVID has expired: the SVID in force stays,
+    // the partner goes all the same.
+    let mut expired = LeafSpec::server(SERVER_ID);
+    expired.not_before = OffsetDateTime::now_utc() - time::Duration::hours(3);
+    expired.not_after = OffsetDateTime::now_utc() - time::Duration::hours(1);
+    let expired = h.ca.leaf(&expired).unwrap();
+    agent.push(X509SvidResponse::new(SERVER_ID, &expired, &[root]));
+    assert!(
+        within_10s(async || status(&partner, &h).await == Err(true)).await,
+        "a trust domain the refused update unloads is still trusted"
+    );
+    assert_eq!(h.served_leaf().await.unwrap(), first.cert_der.to_vec());
+    assert_eq!(h.try_call(Some(&h.svid(TRIAGE))).await.unwrap(), 200);
+}
+
+#[tokio::test]
 async fn startup_fails_with_the_reason_when_the_agent_sends_nothing() {
     let agent = WorkloadApiServer::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
