@@ -122,13 +122,15 @@ impl ConfigArgs {
 
 #[derive(Debug, Subcommand)]
 enum AuditCommand {
-    /// Check the hash chain; report the first break (file, line, expected and found hash).
+    /// Check the hash chain; report the first break (file, line, expected and found hash),
+    /// and torn lines (a crash mid-write) that the next process start continues from.
     Verify {
         /// Audit files, oldest first; rotated files continue the chain of the one before.
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// The checkpoint verifying key (SPKI PEM `PUBLIC KEY`): checks every checkpoint's
-        /// signature and reports how many records follow the last one (the unsigned tail).
+        /// signature and reports, per process run, how many lines follow its last one (the
+        /// unsigned tail).
         #[arg(long)]
         key: Option<PathBuf>,
     },
@@ -173,11 +175,48 @@ fn audit_verify(files: &[PathBuf], key: Option<PathBuf>) -> ExitCode {
                 "ok: {} records in an unbroken chain ({} process starts), {begins}",
                 summary.records, summary.starts
             );
+            for tear in &summary.tears {
+                println!("{tear}");
+            }
+            let started = |run: &portcullis_proxy::audit::RunSummary| match &run.started {
+                Some(time) => format!("started {time}"),
+                None => "started before the first line given".to_owned(),
+            };
+            if summary.stdout {
+                println!(
+                    "{} runs written to stdout, each chained within itself only (a run missing whole is for the log pipeline to detect):",
+                    summary.runs.len()
+                );
+                for (index, run) in summary.runs.iter().enumerate() {
+                    println!(
+                        "  run {} {}: {} records",
+                        index + 1,
+                        started(run),
+                        run.records
+                    );
+                }
+            }
             match key {
-                Some(_) => println!(
-                    "{} signed checkpoints verified; unsigned tail: {} lines after the last checkpoint",
-                    summary.checkpoints, summary.unsigned_tail
-                ),
+                Some(_) => {
+                    // The last run's tail is the summary's; an earlier run's is what it left
+                    // unsealed (it stopped without its final checkpoint), which no later
+                    // run's checkpoint covers.
+                    let earlier = summary.runs.len().saturating_sub(1);
+                    for (index, run) in summary.runs[..earlier].iter().enumerate() {
+                        if run.unsigned > 0 {
+                            println!(
+                                "run {} ({}): {} lines after its last checkpoint, unsigned (it stopped without its final checkpoint)",
+                                index + 1,
+                                started(run),
+                                run.unsigned
+                            );
+                        }
+                    }
+                    println!(
+                        "{} signed checkpoints verified; unsigned tail: {} lines after the last checkpoint of the last run",
+                        summary.checkpoints, summary.unsigned_tail
+                    );
+                }
                 None => println!(
                     "{} checkpoints not verified (no --key); unsigned tail: {} lines (all)",
                     summary.checkpoints, summary.unsigned_tail

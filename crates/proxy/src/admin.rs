@@ -27,7 +27,7 @@ use portcullis_identity::serving::ServingProblem;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::audit::AuditLog;
+use crate::audit::{AuditHealth, AuditLog};
 use crate::metrics::Metrics;
 
 #[derive(Debug)]
@@ -98,17 +98,14 @@ fn route(
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n"),
         "/readyz" => {
-            // A failed audit sink makes every request fail closed; take the pod out of
+            // A failed or stuck audit sink makes requests fail closed; take the pod out of
             // rotation rather than keep routing traffic into 503s.
             if state.draining.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
             } else if !state.ready.load(Ordering::Acquire) {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready: starting\n")
-            } else if !state.audit.is_healthy() {
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "not ready: audit sink failed\n",
-                )
+            } else if let Some(not_ready) = audit_not_ready(state.audit.health()) {
+                not_ready
             } else if let Some((stale, max)) = state
                 .user_tokens
                 .iter()
@@ -150,6 +147,25 @@ fn route(
             response
         }
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// A sink that failed, or one stuck in a write (a reader that stopped reading, a hung
+/// mount), refuses requests: take the pod out of rotation until it takes records again.
+fn audit_not_ready(health: AuditHealth) -> Option<Response<Full<Bytes>>> {
+    match health {
+        AuditHealth::Healthy => None,
+        AuditHealth::Failed => Some(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: audit sink failed\n",
+        )),
+        AuditHealth::Stuck { writing_for } => Some(text_owned(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "not ready: audit sink stuck: records are waiting and a write has not returned for {}s\n",
+                writing_for.as_secs()
+            ),
+        )),
     }
 }
 

@@ -23,7 +23,7 @@
 use std::fs::OpenOptions;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -363,6 +363,36 @@ struct Backlog {
     spare: Mutex<Vec<Vec<u8>>>,
     /// Finished records waiting for the task that submits them (see [`AuditLog::submit_soon`]).
     deferred: Mutex<Deferred>,
+    /// When the writer took the batch it is writing (nanoseconds since `epoch`, plus one), or
+    /// 0 while it waits for records: a write that never returns (a pipe nobody reads, a hung
+    /// mount) shows as a batch taken long ago ([`AuditLog::health`]). Stored by the writer
+    /// twice per batch; requests never touch it.
+    writing_since: AtomicU64,
+    epoch: Instant,
+}
+
+impl Backlog {
+    /// The writer took a batch at `now`.
+    fn writing(&self, now: Instant) {
+        let nanos = now.saturating_duration_since(self.epoch).as_nanos();
+        let nanos = u64::try_from(nanos).unwrap_or(u64::MAX - 1);
+        self.writing_since.store(nanos + 1, Ordering::Release);
+    }
+
+    /// The writer's batch is written; it waits for the next.
+    fn written(&self) {
+        self.writing_since.store(0, Ordering::Release);
+    }
+
+    /// How long the batch being written has been in hand, if one is.
+    fn writing_for(&self) -> Option<Duration> {
+        let since = self.writing_since.load(Ordering::Acquire).checked_sub(1)?;
+        Some(
+            self.epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(since)),
+        )
+    }
 }
 
 #[derive(Debug, Default)]
@@ -434,6 +464,26 @@ impl std::future::Future for YieldOnce {
     }
 }
 
+/// Whether the sink takes records, as `/readyz` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuditHealth {
+    Healthy,
+    /// A write failed: the queue is closed, every request is refused.
+    Failed,
+    /// Records are waiting and the writer has been in one write for longer than the
+    /// admission timeout (a reader that stopped reading, a hung mount): requests that meet a
+    /// full queue are refused after that long. Healthy again once the write completes.
+    Stuck {
+        /// Since the writer took the batch it is still writing.
+        writing_for: Duration,
+    },
+}
+
+/// How long a request waits for room in a full audit queue before it is refused (503). Also
+/// the bound after which a write that has not returned makes the sink not healthy: past it,
+/// requests that meet a full queue are refused, so the pod should leave rotation.
+const ADMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The audit queue is closed: the sink failed. Requests must fail closed.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("audit sink unavailable")]
@@ -496,7 +546,7 @@ impl AuditLog {
     /// Fails if the sink cannot be opened or written now: better not to start than to start
     /// unaudited.
     pub fn start(sink: &AuditSink, metrics: Metrics) -> io::Result<(Self, AuditWriter)> {
-        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH, None)
+        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH, None, ADMIT_TIMEOUT)
     }
 
     /// [`AuditLog::start`], writing signed checkpoints.
@@ -505,7 +555,7 @@ impl AuditLog {
         metrics: Metrics,
         checkpoints: Option<Checkpoints>,
     ) -> io::Result<(Self, AuditWriter)> {
-        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH, checkpoints)
+        Self::start_with_capacity(sink, metrics, QUEUE_DEPTH, checkpoints, ADMIT_TIMEOUT)
     }
 
     fn start_with_capacity(
@@ -513,6 +563,7 @@ impl AuditLog {
         metrics: Metrics,
         capacity: usize,
         checkpoints: Option<Checkpoints>,
+        admit_timeout: Duration,
     ) -> io::Result<(Self, AuditWriter)> {
         let (mut out, last) = Output::open(sink)?;
         let mut start = serde_json::json!({
@@ -540,6 +591,8 @@ impl AuditLog {
             drained: Notify::new(),
             spare: Mutex::new(Vec::new()),
             deferred: Mutex::new(Deferred::default()),
+            writing_since: AtomicU64::new(0),
+            epoch: Instant::now(),
         });
         if let Some(checkpoints) = &checkpoints {
             // The clock holds only a weak handle, so it never keeps the writer alive.
@@ -585,7 +638,7 @@ impl AuditLog {
                 tx,
                 backlog,
                 metrics,
-                admit_timeout: Duration::from_secs(10),
+                admit_timeout,
             })),
             AuditWriter { thread },
         ))
@@ -686,7 +739,26 @@ impl AuditLog {
     }
 
     pub fn is_healthy(&self) -> bool {
-        !self.0.tx.is_closed()
+        self.health() == AuditHealth::Healthy
+    }
+
+    /// Failed when the queue is closed; stuck when records are waiting and the writer has
+    /// been in one write for longer than the admission timeout. For `/readyz`, not the
+    /// request path: it reads the clock.
+    pub fn health(&self) -> AuditHealth {
+        if self.0.tx.is_closed() {
+            return AuditHealth::Failed;
+        }
+        let backlog = &self.0.backlog;
+        match backlog.writing_for() {
+            Some(writing_for)
+                if writing_for > self.0.admit_timeout
+                    && backlog.queued.load(Ordering::Acquire) > 0 =>
+            {
+                AuditHealth::Stuck { writing_for }
+            }
+            _ => AuditHealth::Healthy,
+        }
     }
 }
 
@@ -740,8 +812,10 @@ impl Writer {
             };
             batch.push(first);
             self.gather(&mut batch);
+            let now = Instant::now();
+            self.backlog.writing(now);
             if batch.len() < MAX_BATCH
-                && let Some(wait) = batch_wait(last_write, Instant::now())
+                && let Some(wait) = batch_wait(last_write, now)
             {
                 std::thread::sleep(wait);
                 self.gather(&mut batch);
@@ -766,6 +840,7 @@ impl Writer {
             self.give_back(&mut done);
             let written = self.out.write_lines(&lines);
             last_write = Some(Instant::now());
+            self.backlog.written();
             self.backlog.queued.fetch_sub(count, Ordering::AcqRel);
             self.backlog.drained.notify_waiters();
             if let Err(error) = written {
@@ -1113,7 +1188,16 @@ pub enum Problem {
     Signature,
     /// A file named on the command line does not exist.
     MissingFile,
+    /// The line is not UTF-8 (`valid_up_to` bytes are), and no process start links to it
+    /// as to a torn line.
+    NotUtf8 { valid_up_to: usize },
+    /// The line is not JSON, and no process start links to it as to a torn line.
+    NotJson { error: String },
 }
+
+/// What [`Problem::NotUtf8`] and [`Problem::NotJson`] add: when such a line is accepted.
+const TORN_HINT: &str =
+    "a line cut short by a crash is accepted only when the next line, a process start, links to it";
 
 impl std::fmt::Display for ChainBreak {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -1133,24 +1217,78 @@ impl std::fmt::Display for ChainBreak {
                 "{file}:{line}: checkpoint signature does not verify: records before it were changed, or the key is not this trail's"
             ),
             Problem::MissingFile => write!(f, "{file}: missing: the file does not exist"),
+            Problem::NotUtf8 { valid_up_to } => write!(
+                f,
+                "{file}:{line}: chain broken: not UTF-8 (invalid bytes after byte {valid_up_to}); {TORN_HINT}"
+            ),
+            Problem::NotJson { error } => write!(
+                f,
+                "{file}:{line}: chain broken: not JSON ({error}); {TORN_HINT}"
+            ),
         }
     }
 }
 
+/// A torn line: the last line a process wrote before it died mid-write (killed, disk full),
+/// cut short. The next process start links to it by hash, so the chain goes on through it;
+/// its own link to the line before it cannot be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tear {
+    pub file: PathBuf,
+    /// 1-based line number within `file`.
+    pub line: usize,
+}
+
+impl std::fmt::Display for Tear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}:{}: torn line: a process stopped mid-write (a crash or a full disk); the next process start links to it, so the chain continues",
+            self.file.display(),
+            self.line
+        )
+    }
+}
+
+/// One process run of a verified trail: its `start` line and the lines up to the next one.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RunSummary {
+    /// The `time` of its start line; `None` for a run whose start is not in the files given
+    /// (the trail starts mid-chain).
+    pub started: Option<String>,
+    /// Its start line says `"sink":"stdout"`: it began at `genesis`, chained to no run before.
+    pub stdout: bool,
+    pub records: usize,
+    /// Checkpoints seen (verified when a key was given).
+    pub checkpoints: usize,
+    /// Lines after its last verified checkpoint (all its lines when no key was given): a
+    /// checkpoint seals its own run only, because a process links its start to whatever it
+    /// finds in the file, so what an earlier run left unsealed no later signature covers.
+    pub unsigned: usize,
+}
+
 /// What a verified trail holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ChainSummary {
     pub records: usize,
     /// Process starts seen.
     pub starts: usize,
     /// Checkpoints seen (verified when a key was given).
     pub checkpoints: usize,
-    /// Lines after the last verified checkpoint (all lines when no key was given): the part
-    /// a truncation could remove without a trace.
+    /// With a key, the last run's lines after its last verified checkpoint; without one,
+    /// every line: the part a truncation could remove without a trace. Earlier runs' are in
+    /// `runs`.
     pub unsigned_tail: usize,
     /// The first file does not begin at `genesis` (its older files were pruned): its first
     /// line is taken on trust.
     pub mid_chain: bool,
+    /// The trail was written to stdout (or a pipe): every run begins at `genesis`, chained
+    /// within itself only.
+    pub stdout: bool,
+    /// Every run, oldest first.
+    pub runs: Vec<RunSummary>,
+    /// Torn lines the chain continues through.
+    pub tears: Vec<Tear>,
 }
 
 /// [`verify_trail`] without a checkpoint key.
@@ -1164,16 +1302,24 @@ pub fn verify_chain(files: &[PathBuf]) -> io::Result<Result<ChainSummary, ChainB
 /// very first line may begin the trail (`genesis`), or, when older files were pruned, be
 /// taken as it is (`mid_chain`). On a trail captured from stdout, where a start line cannot
 /// link to what came before, `genesis` starts are accepted after a first stdout start.
+///
+/// Files are read as bytes: a line that is not UTF-8 or not JSON is a torn line (reported
+/// in [`ChainSummary::tears`], and verification goes on) when the next line is a process
+/// start that links to it by hash, and a break at that line otherwise.
 pub fn verify_trail(
     files: &[PathBuf],
     key: Option<&VerifyingKey>,
 ) -> io::Result<Result<ChainSummary, ChainBreak>> {
-    let mut summary = ChainSummary::default();
-    let mut prev: Option<String> = None;
-    let mut stdout_trail = false;
+    let mut verifier = Verifier {
+        key,
+        summary: ChainSummary::default(),
+        prev: None,
+        torn: None,
+        lines: 0,
+    };
     for file in files {
-        let text = match std::fs::read_to_string(file) {
-            Ok(text) => text,
+        let bytes = match std::fs::read(file) {
+            Ok(bytes) => bytes,
             Err(error) if error.kind() == io::ErrorKind::NotFound => {
                 return Ok(Err(ChainBreak {
                     file: file.clone(),
@@ -1183,59 +1329,160 @@ pub fn verify_trail(
             }
             Err(error) => return Err(error),
         };
-        for (index, line) in text.lines().enumerate() {
-            let broken = |problem| {
-                Ok(Err(ChainBreak {
-                    file: file.clone(),
-                    line: index + 1,
-                    problem,
-                }))
-            };
-            let value: serde_json::Value = serde_json::from_str(line).unwrap_or_default();
-            let found = value["prev_hash"].as_str().unwrap_or("(none)").to_owned();
-            let kind = value["type"].as_str().unwrap_or("");
-            let stdout_start = kind == "start" && value["sink"] == "stdout";
-            match &prev {
-                None => {
-                    if kind == "start" && found == GENESIS {
-                        stdout_trail = stdout_start;
-                    } else {
-                        summary.mid_chain = true;
-                    }
-                }
-                Some(_) if kind == "start" && found == GENESIS => {
-                    if !(stdout_trail && stdout_start) {
-                        return broken(Problem::Genesis);
-                    }
-                }
-                Some(expected) if *expected != found => {
-                    return broken(Problem::Link {
-                        expected: expected.clone(),
-                        found,
-                    });
-                }
-                Some(_) => {}
+        if bytes.is_empty() {
+            continue;
+        }
+        let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        for (index, line) in body.split(|&b| b == b'\n').enumerate() {
+            if let Err(broken) = verifier.line(file, index + 1, line) {
+                return Ok(Err(broken));
             }
-            summary.unsigned_tail += 1;
-            match kind {
-                "start" => summary.starts += 1,
-                "checkpoint" => {
-                    summary.checkpoints += 1;
-                    if let Some(key) = key {
-                        let time = value["time"].as_str().unwrap_or("");
-                        let signature = value["signature"].as_str().unwrap_or("");
-                        if !key.verifies(&found, time, signature) {
-                            return broken(Problem::Signature);
-                        }
-                        summary.unsigned_tail = 0;
-                    }
-                }
-                _ => summary.records += 1,
-            }
-            prev = Some(line_hash(line.as_bytes()));
         }
     }
-    Ok(Ok(summary))
+    Ok(verifier.finish())
+}
+
+/// [`verify_trail`]'s state between lines.
+struct Verifier<'k> {
+    key: Option<&'k VerifyingKey>,
+    summary: ChainSummary,
+    /// The hash of the line before.
+    prev: Option<String>,
+    /// A line that is not UTF-8 or JSON, as the break it is unless the next line is a
+    /// process start that links to it.
+    torn: Option<ChainBreak>,
+    lines: usize,
+}
+
+impl Verifier<'_> {
+    fn line(
+        &mut self,
+        file: &std::path::Path,
+        number: usize,
+        line: &[u8],
+    ) -> Result<(), ChainBreak> {
+        let at = |problem| ChainBreak {
+            file: file.to_owned(),
+            line: number,
+            problem,
+        };
+        self.lines += 1;
+        let value = match parse_line(line) {
+            Ok(value) => value,
+            Err(problem) => {
+                // Two in a row: the first is not torn, whatever the second is.
+                if let Some(torn) = self.torn.take() {
+                    return Err(torn);
+                }
+                if self.prev.is_none() {
+                    self.summary.mid_chain = true;
+                }
+                self.torn = Some(at(problem));
+                self.run().unsigned += 1;
+                self.prev = Some(line_hash(line));
+                return Ok(());
+            }
+        };
+        let found = value["prev_hash"].as_str().unwrap_or("(none)").to_owned();
+        let kind = value["type"].as_str().unwrap_or("");
+        let stdout_start = kind == "start" && value["sink"] == "stdout";
+        if let Some(torn) = self.torn.take() {
+            if kind == "start" && self.prev.as_deref() == Some(found.as_str()) {
+                self.summary.tears.push(Tear {
+                    file: torn.file,
+                    line: torn.line,
+                });
+            } else {
+                return Err(torn);
+            }
+        }
+        match &self.prev {
+            None => {
+                if kind == "start" && found == GENESIS {
+                    self.summary.stdout = stdout_start;
+                } else {
+                    self.summary.mid_chain = true;
+                }
+            }
+            Some(_) if kind == "start" && found == GENESIS => {
+                if !(self.summary.stdout && stdout_start) {
+                    return Err(at(Problem::Genesis));
+                }
+            }
+            Some(expected) if *expected != found => {
+                return Err(at(Problem::Link {
+                    expected: expected.clone(),
+                    found,
+                }));
+            }
+            Some(_) => {}
+        }
+        if kind == "start" {
+            self.summary.starts += 1;
+            self.summary.runs.push(RunSummary {
+                started: Some(value["time"].as_str().unwrap_or("?").to_owned()),
+                stdout: stdout_start,
+                ..RunSummary::default()
+            });
+        }
+        let key = self.key;
+        let run = self.run();
+        run.unsigned += 1;
+        match kind {
+            "start" => {}
+            "checkpoint" => {
+                run.checkpoints += 1;
+                if let Some(key) = key {
+                    let time = value["time"].as_str().unwrap_or("");
+                    let signature = value["signature"].as_str().unwrap_or("");
+                    if !key.verifies(&found, time, signature) {
+                        return Err(at(Problem::Signature));
+                    }
+                    run.unsigned = 0;
+                }
+                self.summary.checkpoints += 1;
+            }
+            _ => {
+                run.records += 1;
+                self.summary.records += 1;
+            }
+        }
+        self.prev = Some(line_hash(line));
+        Ok(())
+    }
+
+    /// The run the current line belongs to: the last one started, or, before the first
+    /// start line of a trail that starts mid-chain, one whose start is not in view.
+    fn run(&mut self) -> &mut RunSummary {
+        if self.summary.runs.is_empty() {
+            self.summary.runs.push(RunSummary::default());
+        }
+        let last = self.summary.runs.len() - 1;
+        &mut self.summary.runs[last]
+    }
+
+    fn finish(mut self) -> Result<ChainSummary, ChainBreak> {
+        // A last line that is not JSON, with no start after it: torn perhaps, but nothing
+        // links to it yet.
+        if let Some(torn) = self.torn {
+            return Err(torn);
+        }
+        self.summary.unsigned_tail = match self.key {
+            Some(_) => self.summary.runs.last().map_or(0, |run| run.unsigned),
+            None => self.lines,
+        };
+        Ok(self.summary)
+    }
+}
+
+/// One line of a trail as JSON, or why it is not.
+fn parse_line(line: &[u8]) -> Result<serde_json::Value, Problem> {
+    let text = std::str::from_utf8(line).map_err(|error| Problem::NotUtf8 {
+        valid_up_to: error.valid_up_to(),
+    })?;
+    serde_json::from_str(text).map_err(|error| Problem::NotJson {
+        error: error.to_string(),
+    })
 }
 
 /// The hash chain: every line names the SHA-256 of the line before it.
@@ -1584,5 +1831,285 @@ mod tests {
         }
         let summary = verify_chain(&[path]).unwrap().unwrap();
         assert_eq!(summary.records, paths.len());
+    }
+
+    /// Submits a record per id, then shuts the writer down (a clean stop).
+    fn run_once(sink: &AuditSink, checkpoints: Option<Checkpoints>, ids: &[&str]) {
+        let (log, writer) = AuditLog::start_sealed(sink, Metrics::new(), checkpoints).unwrap();
+        for id in ids {
+            log.submit(&AuditRecord {
+                request_id: (*id).to_owned().into(),
+                ..AuditRecord::default()
+            });
+        }
+        drop(log);
+        writer.join();
+    }
+
+    /// The lines of `path` as bytes, without their newlines.
+    fn byte_lines(path: &std::path::Path) -> Vec<Vec<u8>> {
+        let bytes = std::fs::read(path).unwrap();
+        let body = bytes.strip_suffix(b"\n").unwrap_or(&bytes);
+        body.split(|&b| b == b'\n').map(<[u8]>::to_vec).collect()
+    }
+
+    fn write_lines(path: &std::path::Path, lines: &[Vec<u8>], newline_at_end: bool) {
+        let mut bytes = lines.join(&b'\n');
+        if newline_at_end {
+            bytes.push(b'\n');
+        }
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    /// A process that died mid-write left a torn last line; the next process keeps it as a
+    /// line and links its start to it. `verify` reports the tear and checks everything after
+    /// it, whether the tear split a UTF-8 character or not and whether the start went to the
+    /// next (rotated) file; a line that is not JSON or UTF-8 and that no start links to is a
+    /// break at its own line.
+    #[test]
+    fn a_torn_line_the_next_start_links_to_is_reported_and_verification_goes_on() {
+        let torn_utf8: &[u8] = b"{\"time\":\"2026-01-01T00:00:00.000Z\",\"request_id\":\"caf\xc3";
+        let torn_ascii: &[u8] = b"{\"time\":\"2026-01-01T00:00:00.000Z\",\"request_id\":\"ca";
+        for torn in [torn_utf8, torn_ascii] {
+            let (dir, path) = audit_dir();
+            run_once(&file_sink(&path), None, &["1", "2"]);
+            let mut file = OpenOptions::new().append(true).open(&path).unwrap();
+            file.write_all(torn).unwrap();
+            drop(file);
+            run_once(&file_sink(&path), None, &["3", "4", "5"]);
+
+            let lines = byte_lines(&path);
+            assert_eq!(lines[3], torn);
+            let summary = verify_chain(std::slice::from_ref(&path)).unwrap().unwrap();
+            assert_eq!(summary.records, 5);
+            assert_eq!(summary.starts, 2);
+            assert_eq!(
+                summary.tears,
+                [Tear {
+                    file: path.clone(),
+                    line: 4
+                }]
+            );
+
+            // The start in the next file: the tear is still one.
+            let (older, newer) = (dir.path().join("a.1"), dir.path().join("a"));
+            write_lines(&older, &lines[..4], false);
+            write_lines(&newer, &lines[4..], true);
+            let summary = verify_chain(&[older.clone(), newer]).unwrap().unwrap();
+            assert_eq!((summary.records, summary.tears.len()), (5, 1));
+            assert_eq!(summary.tears[0].file, older);
+
+            let not_json = |problem: &Problem| match problem {
+                Problem::NotUtf8 { .. } => torn == torn_utf8,
+                Problem::NotJson { .. } => torn == torn_ascii,
+                _ => false,
+            };
+            // The trail ends at the torn line (no process started since): nothing links to it.
+            let copy = dir.path().join("copy");
+            write_lines(&copy, &lines[..4], false);
+            let broken = verify_chain(std::slice::from_ref(&copy))
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(broken.line, 4);
+            assert!(not_json(&broken.problem), "{broken}");
+            // A record after it instead of a start.
+            let mut no_start = lines.clone();
+            no_start.remove(4);
+            write_lines(&copy, &no_start, true);
+            let broken = verify_chain(std::slice::from_ref(&copy))
+                .unwrap()
+                .unwrap_err();
+            assert_eq!(broken.line, 4);
+            assert!(not_json(&broken.problem), "{broken}");
+            assert!(
+                broken.to_string().contains("copy:4: chain broken"),
+                "{broken}"
+            );
+        }
+
+        // A line in the middle replaced by something that is not JSON.
+        let (dir, path) = audit_dir();
+        run_once(&file_sink(&path), None, &["1", "2", "3"]);
+        let mut lines = byte_lines(&path);
+        lines[2] = b"not json".to_vec();
+        let copy = dir.path().join("copy");
+        write_lines(&copy, &lines, true);
+        let broken = verify_chain(&[copy]).unwrap().unwrap_err();
+        assert_eq!(broken.line, 3);
+        assert!(
+            matches!(broken.problem, Problem::NotJson { .. }),
+            "{broken}"
+        );
+    }
+
+    fn test_keys() -> (Arc<SigningKey>, VerifyingKey) {
+        let (private, public) = SigningKey::generate().unwrap();
+        (
+            Arc::new(SigningKey::from_pem(private.as_bytes()).unwrap()),
+            VerifyingKey::from_pem(public.as_bytes()).unwrap(),
+        )
+    }
+
+    /// A checkpoint seals its own run: a process links its start to whatever it finds in
+    /// the file, so the lines a crashed run left after its last checkpoint are that run's
+    /// unsigned tail, not covered by the next run's checkpoints.
+    #[test]
+    fn each_run_keeps_its_own_unsigned_tail() {
+        let (dir, path) = audit_dir();
+        let (key, verifying) = test_keys();
+        let checkpoints = Checkpoints {
+            key,
+            interval: Duration::from_secs(3600),
+        };
+        // Run 1: two records, a checkpoint, three records, then killed before its final
+        // checkpoint (it is cut off: what a crash leaves).
+        let (log, writer) =
+            AuditLog::start_sealed(&file_sink(&path), Metrics::new(), Some(checkpoints.clone()))
+                .unwrap();
+        for id in ["1", "2"] {
+            log.submit(&AuditRecord {
+                request_id: id.into(),
+                ..AuditRecord::default()
+            });
+        }
+        log.0.tx.send(Entry::Checkpoint).unwrap();
+        for id in ["3", "4", "5"] {
+            log.submit(&AuditRecord {
+                request_id: id.into(),
+                ..AuditRecord::default()
+            });
+        }
+        drop(log);
+        writer.join();
+        let mut lines = byte_lines(&path);
+        assert!(lines.pop().unwrap().starts_with(br#"{"type":"checkpoint""#));
+        write_lines(&path, &lines, true);
+        // Run 2: two records, and a clean stop.
+        run_once(&file_sink(&path), Some(checkpoints), &["6", "7"]);
+
+        let summary = verify_trail(std::slice::from_ref(&path), Some(&verifying))
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.records, 7);
+        assert_eq!(summary.checkpoints, 2);
+        assert_eq!(summary.runs.len(), 2);
+        assert_eq!((summary.runs[0].records, summary.runs[0].unsigned), (5, 3));
+        assert_eq!((summary.runs[1].records, summary.runs[1].unsigned), (2, 0));
+        assert_eq!(summary.unsigned_tail, 0, "the last run's");
+        let start: serde_json::Value = serde_json::from_slice(&lines[0]).unwrap();
+        assert_eq!(summary.runs[0].started.as_deref(), start["time"].as_str());
+
+        // The last run crashed too: its start and records are the tail.
+        let mut lines = byte_lines(&path);
+        lines.pop();
+        let copy = dir.path().join("copy");
+        write_lines(&copy, &lines, true);
+        let summary = verify_trail(std::slice::from_ref(&copy), Some(&verifying))
+            .unwrap()
+            .unwrap();
+        assert_eq!(summary.unsigned_tail, 3);
+        assert_eq!(summary.runs[0].unsigned, 3);
+        // Without a key every line is unsigned.
+        let summary = verify_chain(&[copy]).unwrap().unwrap();
+        assert_eq!(summary.unsigned_tail, lines.len());
+    }
+
+    /// Every run of a stdout trail begins at genesis: each is verified on its own, and the
+    /// summary lists them with their start times.
+    #[test]
+    fn a_stdout_trail_is_verified_run_by_run() {
+        let (_dir, path) = audit_dir();
+        let mut lines = Lines::default();
+        for run in 0..3 {
+            let mut chain = Chain {
+                prev: GENESIS.to_owned(),
+            };
+            let start = serde_json::json!({
+                "type": "start",
+                "time": format!("2026-01-0{}T00:00:00.000Z", run + 1),
+                "version": "0",
+                "sink": "stdout",
+            });
+            chain.link(&start, &mut lines);
+            for id in 0..=run {
+                chain.link(&serde_json::json!({ "request_id": id }), &mut lines);
+            }
+        }
+        std::fs::write(&path, &lines.buf).unwrap();
+        let summary = verify_chain(std::slice::from_ref(&path)).unwrap().unwrap();
+        assert!(summary.stdout);
+        assert!(!summary.mid_chain);
+        assert_eq!((summary.starts, summary.records), (3, 6));
+        let runs: Vec<(Option<&str>, usize)> = summary
+            .runs
+            .iter()
+            .map(|run| (run.started.as_deref(), run.records))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (Some("2026-01-01T00:00:00.000Z"), 1),
+                (Some("2026-01-02T00:00:00.000Z"), 2),
+                (Some("2026-01-03T00:00:00.000Z"), 3),
+            ]
+        );
+    }
+
+    /// A writer blocked in `write` (a pipe whose reader stopped reading) keeps the queue
+    /// open, so the sink has not failed; with records waiting past the admission timeout it
+    /// is stuck (not healthy), and healthy again once writes complete.
+    #[test]
+    fn a_write_that_does_not_return_makes_the_sink_stuck_until_it_does() {
+        use std::io::Read as _;
+        let (_dir, path) = audit_dir();
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let (resume, resumed) = std::sync::mpsc::channel::<()>();
+        let reader_path = path.clone();
+        let reader = std::thread::spawn(move || {
+            let mut pipe = std::fs::File::open(reader_path).unwrap();
+            let mut first = [0u8; 64];
+            let _ = pipe.read(&mut first);
+            let _ = resumed.recv();
+            let mut rest = Vec::new();
+            let _ = pipe.read_to_end(&mut rest);
+        });
+        let (log, writer) = AuditLog::start_with_capacity(
+            &file_sink(&path),
+            Metrics::new(),
+            QUEUE_DEPTH,
+            None,
+            Duration::from_millis(20),
+        )
+        .unwrap();
+        assert_eq!(log.health(), AuditHealth::Healthy);
+        // Far more than a pipe's buffer holds (64 KiB).
+        let long = format!("/{}", "x".repeat(2000));
+        for id in 0..200 {
+            log.submit(&AuditRecord {
+                request_id: id.to_string().into(),
+                path: long.as_str().into(),
+                ..AuditRecord::default()
+            });
+        }
+        let wait_for = |healthy: bool| {
+            for _ in 0..3000 {
+                if log.is_healthy() == healthy {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            false
+        };
+        assert!(wait_for(false), "{:?}", log.health());
+        assert!(matches!(log.health(), AuditHealth::Stuck { .. }));
+        resume.send(()).unwrap();
+        assert!(wait_for(true), "{:?}", log.health());
+        drop(log);
+        writer.join();
+        reader.join().unwrap();
     }
 }

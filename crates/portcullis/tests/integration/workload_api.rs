@@ -162,7 +162,7 @@ async fn an_update_whose_svid_cannot_serve_still_unloads_what_it_unloads() {
         .start()
         .await;
     let partner = Caller::new(
-        &[root.clone()],
+        std::slice::from_ref(&root),
         Some(
             &partner_ca
                 .svid("spiffe://partner.example.net/crawler")
