@@ -45,21 +45,41 @@ pub(crate) struct AdminState {
     pub user_tokens: Vec<portcullis_identity::user_token::UserTokenVerifier>,
 }
 
+/// Admin connections open at once, at most (kubelet probes, a scraper, an operator's curl).
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 pub(crate) async fn serve(
     listener: TcpListener,
     state: Arc<AdminState>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // Probes and scrapers need a handful of connections; the listener is reachable from the
+    // pod network, so any pod could otherwise open them without end (each held up to the
+    // header timeout) and take the process's descriptors from the data plane.
+    let connections = Arc::new(tokio::sync::Semaphore::new(MAX_ADMIN_CONNECTIONS));
     loop {
+        let permit = tokio::select! {
+            permit = connections.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = shutdown.changed() => return,
+        };
         let (tcp, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
-                Err(_) => continue,
+                Err(error) => {
+                    // EMFILE and friends leave the connection queued: back off, not spin.
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             _ = shutdown.changed() => return,
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = service_fn(move |request| respond(state.clone(), peer, request));
             let mut builder =
                 hyper_util::server::conn::auto::Builder::new(TokioExecutor::new()).http1_only();

@@ -3,9 +3,11 @@
 //! (`GET /inventory` on the admin listener) and, with the same code, offline from audit files
 //! (`portcullis inventory --audit FILE...`).
 //!
-//! Memory is bounded: per agent at most [`MAX_RESOURCES`] distinct resources are listed (the
-//! rest are counted), and distinct users are counted through a set of at most
-//! [`MAX_USERS`] entries (beyond it the count is a lower bound, flagged as such).
+//! Memory is bounded: per agent at most [`MAX_RESOURCES`] distinct resources of at most
+//! [`MAX_RESOURCE_BYTES`] each are listed (the rest are counted: a resource id is the
+//! caller's text, a tool name or path of any length, and denied calls are observed too), and
+//! distinct users are counted through a set of at most [`MAX_USERS`] entries (beyond it the
+//! count is a lower bound, flagged as such).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;
@@ -13,6 +15,7 @@ use std::sync::Mutex;
 use serde::Serialize;
 
 pub const MAX_RESOURCES: usize = 100;
+pub const MAX_RESOURCE_BYTES: usize = 512;
 pub const MAX_USERS: usize = 10_000;
 
 /// One decided request, as the inventory needs it.
@@ -71,7 +74,7 @@ impl AgentEntry {
         if let Some(resource) = seen.resource
             && !self.resources.contains(resource)
         {
-            if self.resources.len() < MAX_RESOURCES {
+            if self.resources.len() < MAX_RESOURCES && resource.len() <= MAX_RESOURCE_BYTES {
                 self.resources.insert(resource.to_owned());
             } else {
                 self.resources_not_listed += 1;

@@ -489,6 +489,9 @@ async fn authorize_and_forward(
         }
     }
     inspected.body = body;
+    // The model call's bytes were kept for an approval digest only: the body replaying them
+    // holds the inspection budget's reservation, and this copy must not outlive it.
+    inspected.message = None;
     if let Some(refusal) = refused {
         return Err(refusal);
     }

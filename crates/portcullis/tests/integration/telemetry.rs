@@ -371,3 +371,48 @@ async fn standing_credentials_are_flagged_stripped_and_optionally_refused() {
     assert!(strict.upstream.requests().is_empty());
     assert_eq!(strict.get(TRIAGE, "/api/orders/1").await.0, 200);
 }
+
+#[tokio::test]
+async fn the_inventory_lists_no_resource_longer_than_its_bound() {
+    use crate::protocols::{post, tool_call};
+    let h = crate::protocols::builder().start().await;
+    // A tool name is the caller's text, and denied calls are observed too.
+    let long = "x".repeat(portcullis_proxy::inventory::MAX_RESOURCE_BYTES + 1);
+    for n in 0..3 {
+        let name = format!("{long}{n}");
+        assert_eq!(
+            post(
+                &h,
+                TRIAGE,
+                "/mcp",
+                &tool_call(n, &name, serde_json::json!({}))
+            )
+            .await
+            .0,
+            403
+        );
+    }
+    assert_eq!(
+        post(
+            &h,
+            TRIAGE,
+            "/mcp",
+            &tool_call(9, "search_tickets", serde_json::json!({}))
+        )
+        .await
+        .0,
+        200
+    );
+    h.audit(4).await;
+    let (status, body) = admin_get(h.admin, "/inventory").await;
+    assert_eq!(status, 200);
+    let inventory: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let agent = &inventory["agents"][0];
+    assert_eq!(
+        agent["resources"],
+        serde_json::json!([r#"Tool::"search_tickets""#]),
+        "{agent}"
+    );
+    assert_eq!(agent["resources_not_listed"], 3);
+    assert_eq!(agent["requests"], 4);
+}
