@@ -188,6 +188,7 @@ struct RawLimits {
     connect_timeout: Option<String>,
     drain_timeout: Option<String>,
     max_connections: Option<usize>,
+    max_connections_per_agent: Option<usize>,
     max_h2_streams: Option<u32>,
     max_inflight: Option<usize>,
     max_inflight_per_agent: Option<usize>,
@@ -1233,6 +1234,9 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         max_header_bytes: raw.max_header_bytes.unwrap_or(defaults.max_header_bytes),
         body_prefix_bytes: raw.body_prefix_bytes.unwrap_or(defaults.body_prefix_bytes),
         max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
+        max_connections_per_agent: raw
+            .max_connections_per_agent
+            .unwrap_or(defaults.max_connections_per_agent),
         max_h2_streams: raw.max_h2_streams.unwrap_or(defaults.max_h2_streams),
         max_inflight: raw.max_inflight.unwrap_or(defaults.max_inflight),
         max_inflight_per_agent: raw
@@ -1257,6 +1261,10 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         ("limits.max_header_bytes", limits.max_header_bytes),
         ("limits.body_prefix_bytes", limits.body_prefix_bytes),
         ("limits.max_connections", limits.max_connections),
+        (
+            "limits.max_connections_per_agent",
+            limits.max_connections_per_agent,
+        ),
         ("limits.max_h2_streams", limits.max_h2_streams as usize),
         ("limits.max_inflight", limits.max_inflight),
         (
@@ -1270,6 +1278,15 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         if value == 0 {
             errors.add(path, "must be greater than 0");
         }
+    }
+    if limits.max_connections_per_agent > limits.max_connections {
+        errors.add(
+            "limits.max_connections_per_agent",
+            format!(
+                "must not exceed limits.max_connections ({}): one agent could hold every place",
+                limits.max_connections
+            ),
+        );
     }
     if limits.max_inflight_per_agent > limits.max_inflight {
         errors.add(

@@ -24,6 +24,8 @@ pub(crate) struct Inflight {
     total: AtomicUsize,
     total_cap: usize,
     per_agent_cap: usize,
+    /// `limits.max_connections_per_agent`.
+    connections_cap: usize,
     /// The slot of each agent that has a connection open or a request in flight. An entry
     /// goes with the agent's last connection and request, so the map is bounded by the open
     /// connections, not by every identity ever seen.
@@ -36,7 +38,21 @@ pub(crate) struct Inflight {
 pub(crate) struct AgentSlot {
     agent: Arc<str>,
     inflight: AtomicUsize,
+    /// The agent's connections open (past their handshake).
+    connections: AtomicUsize,
     owner: Arc<Inflight>,
+}
+
+/// One of an agent's `limits.max_connections_per_agent` connections, given back when dropped.
+#[derive(Debug)]
+pub(crate) struct ConnectionPlace {
+    slot: Arc<AgentSlot>,
+}
+
+impl Drop for ConnectionPlace {
+    fn drop(&mut self) {
+        self.slot.connections.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// A place among the requests in flight, given back when dropped (when the response body
@@ -47,11 +63,12 @@ pub(crate) struct InflightPermit {
 }
 
 impl Inflight {
-    pub(crate) fn new(total: usize, per_agent: usize) -> Arc<Self> {
+    pub(crate) fn new(total: usize, per_agent: usize, connections_per_agent: usize) -> Arc<Self> {
         Arc::new(Self {
             total: AtomicUsize::new(0),
             total_cap: total,
             per_agent_cap: per_agent,
+            connections_cap: connections_per_agent,
             agents: Mutex::new(HashMap::new()),
         })
     }
@@ -68,6 +85,7 @@ impl Inflight {
         let slot = Arc::new(AgentSlot {
             agent: agent.clone(),
             inflight: AtomicUsize::new(0),
+            connections: AtomicUsize::new(0),
             owner: self.clone(),
         });
         agents.insert(agent.clone(), Arc::downgrade(&slot));
@@ -76,6 +94,13 @@ impl Inflight {
 }
 
 impl AgentSlot {
+    /// Takes a place for a connection of this agent; `None` when it has
+    /// `limits.max_connections_per_agent` open.
+    pub(crate) fn connect(self: &Arc<Self>) -> Option<ConnectionPlace> {
+        take_one(&self.connections, self.owner.connections_cap)
+            .then(|| ConnectionPlace { slot: self.clone() })
+    }
+
     /// Takes a place for a request of this agent. The agent's own cap is checked first, so
     /// an agent at its cap is told so (429) and does not consume a place of the total.
     pub(crate) fn admit(self: &Arc<Self>) -> Result<InflightPermit, Refusal> {
@@ -204,7 +229,7 @@ mod tests {
 
     #[test]
     fn an_agent_at_its_cap_leaves_room_for_others() {
-        let inflight = Inflight::new(3, 2);
+        let inflight = Inflight::new(3, 2, 10);
         let a = inflight.slot(&"spiffe://t/a".into());
         let a1 = a.admit();
         // The agent's second connection counts in the same slot.
@@ -231,7 +256,7 @@ mod tests {
 
     #[test]
     fn the_total_refusal_gives_the_agent_place_back() {
-        let inflight = Inflight::new(1, 5);
+        let inflight = Inflight::new(1, 5, 10);
         let _held = inflight.slot(&"spiffe://t/a".into()).admit();
         let b = inflight.slot(&"spiffe://t/b".into());
         for _ in 0..10 {
@@ -242,7 +267,7 @@ mod tests {
 
     #[test]
     fn a_request_outliving_its_connection_still_counts() {
-        let inflight = Inflight::new(10, 1);
+        let inflight = Inflight::new(10, 1, 10);
         let held = inflight.slot(&"spiffe://t/a".into()).admit();
         assert!(held.is_ok());
         // The connection is gone (its slot dropped); a new one of the same agent finds the
@@ -257,7 +282,7 @@ mod tests {
 
     #[test]
     fn caps_hold_under_concurrent_requests() {
-        let inflight = Inflight::new(6, 4);
+        let inflight = Inflight::new(6, 4, 10);
         let slots: Vec<_> = ["spiffe://t/a", "spiffe://t/b"]
             .iter()
             .map(|agent| inflight.slot(&Arc::from(*agent)))

@@ -65,6 +65,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Concurrent agent connections.
     pub max_connections: usize,
+    /// Concurrent connections of one agent (SPIFFE ID); a connection past it is closed after
+    /// its handshake, so one agent cannot take every place of `max_connections`.
+    pub max_connections_per_agent: usize,
     /// Concurrent HTTP/2 streams per connection.
     pub max_h2_streams: u32,
     /// Requests in flight (head received, response body not finished), all agents together.
@@ -94,6 +97,7 @@ impl Default for Limits {
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             max_connections: 10_000,
+            max_connections_per_agent: 1_000,
             max_h2_streams: 100,
             max_inflight: 2048,
             max_inflight_per_agent: 512,
@@ -315,6 +319,7 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         inflight: admission::Inflight::new(
             options.limits.max_inflight,
             options.limits.max_inflight_per_agent,
+            options.limits.max_connections_per_agent,
         ),
         inspect_budget: admission::InspectBudget::new(options.limits.inspect_memory_bytes),
         sessions: sessions::Sessions::default(),

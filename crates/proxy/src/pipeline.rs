@@ -82,6 +82,11 @@ pub(crate) struct ConnectionIdentity {
 }
 
 impl ConnectionIdentity {
+    /// This connection's place among its agent's (`limits.max_connections_per_agent`).
+    pub(crate) fn connection_place(&self) -> Option<crate::admission::ConnectionPlace> {
+        self.inflight.connect()
+    }
+
     pub(crate) fn new(agent: SpiffeId, peer: SocketAddr, shared: &Shared) -> Self {
         let client_address: Arc<str> = peer.ip().to_string().into();
         let agent_text: Arc<str> = agent.as_str().into();

@@ -147,6 +147,25 @@ async fn connection(
         return;
     };
     let conn = Arc::new(ConnectionIdentity::new(agent, peer, &shared));
+    // One agent may not take every place of `max_connections` (idle connections cost it
+    // nothing and hold a place each until their idle timeout).
+    let Some(_place) = conn.connection_place() else {
+        shared
+            .metrics
+            .tls_handshake_failures
+            .with_label_values(&["agent_connections"])
+            .inc();
+        if let Some(suppressed) = refusals.admit(peer.ip(), Instant::now()) {
+            tracing::warn!(
+                %peer,
+                agent = %conn.agent,
+                limit = limits.max_connections_per_agent,
+                suppressed,
+                "connection closed: the agent has limits.max_connections_per_agent open"
+            );
+        }
+        return;
+    };
     // ALPN tells HTTP/2 from the first byte; without it the first request does.
     let alpn = tls.get_ref().1.alpn_protocol();
     let http2 = alpn == Some(b"h2");

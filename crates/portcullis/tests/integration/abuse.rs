@@ -521,3 +521,45 @@ async fn limits_config_errors_name_their_path() {
     assert!(stderr.contains("limits.max_inflight_per_agent"), "{stderr}");
     assert!(stderr.contains("limits.max_batch"), "{stderr}");
 }
+
+#[tokio::test]
+async fn one_agent_cannot_hold_every_connection() {
+    let h = builder()
+        .yaml("limits:\n  max_connections_per_agent: 2\n")
+        .start()
+        .await;
+    let get = || request("GET", HOST, "/health", Bytes::new());
+    let triage = h.caller(&h.svid(TRIAGE), HttpVersion::Http1);
+    let mut first = triage.connect(h.addr).await.unwrap();
+    let mut second = triage.connect(h.addr).await.unwrap();
+    assert_eq!(first.send(get()).await.unwrap().status(), 200);
+    assert_eq!(second.send(get()).await.unwrap().status(), 200);
+    // A third connection of the same agent is closed after its handshake, without an answer.
+    let third = match triage.connect(h.addr).await {
+        Ok(mut third) => third.send(get()).await.map(|r| r.status().as_u16()),
+        Err(e) => Err(e),
+    };
+    assert!(third.is_err(), "{third:?}");
+    // Another agent is not affected; the agent's own connections go on.
+    let report = h.caller(&h.svid(REPORT), HttpVersion::Http1);
+    let mut other = report.connect(h.addr).await.unwrap();
+    assert_eq!(other.send(get()).await.unwrap().status(), 200);
+    assert_eq!(first.send(get()).await.unwrap().status(), 200);
+    let metrics = h.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "portcullis_tls_handshake_failures_total{reason=\"agent_connections\"}"
+        ),
+        1.0
+    );
+    // A place given back is a place to take.
+    drop(second);
+    assert!(
+        eventually(async || match triage.connect(h.addr).await {
+            Ok(mut again) => again.send(get()).await.is_ok_and(|r| r.status() == 200),
+            Err(_) => false,
+        })
+        .await
+    );
+}
