@@ -189,6 +189,7 @@ struct RawLimits {
     drain_timeout: Option<String>,
     max_connections: Option<usize>,
     max_connections_per_agent: Option<usize>,
+    max_pending_handshakes: Option<usize>,
     max_h2_streams: Option<u32>,
     max_inflight: Option<usize>,
     max_inflight_per_agent: Option<usize>,
@@ -1237,6 +1238,9 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         max_connections_per_agent: raw
             .max_connections_per_agent
             .unwrap_or(defaults.max_connections_per_agent),
+        max_pending_handshakes: raw
+            .max_pending_handshakes
+            .unwrap_or(defaults.max_pending_handshakes),
         max_h2_streams: raw.max_h2_streams.unwrap_or(defaults.max_h2_streams),
         max_inflight: raw.max_inflight.unwrap_or(defaults.max_inflight),
         max_inflight_per_agent: raw
@@ -1264,6 +1268,10 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         (
             "limits.max_connections_per_agent",
             limits.max_connections_per_agent,
+        ),
+        (
+            "limits.max_pending_handshakes",
+            limits.max_pending_handshakes,
         ),
         ("limits.max_h2_streams", limits.max_h2_streams as usize),
         ("limits.max_inflight", limits.max_inflight),

@@ -65,6 +65,9 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// Concurrent agent connections.
     pub max_connections: usize,
+    /// Connections in their TLS handshake at once (no identity shown yet); past it a new
+    /// connection is closed at once.
+    pub max_pending_handshakes: usize,
     /// Concurrent connections of one agent (SPIFFE ID); a connection past it is closed after
     /// its handshake, so one agent cannot take every place of `max_connections`.
     pub max_connections_per_agent: usize,
@@ -98,6 +101,7 @@ impl Default for Limits {
             connect_timeout: Duration::from_secs(5),
             max_connections: 10_000,
             max_connections_per_agent: 1_000,
+            max_pending_handshakes: 1_000,
             max_h2_streams: 100,
             max_inflight: 2048,
             max_inflight_per_agent: 512,

@@ -18,7 +18,7 @@ use portcullis_memory::clock::coarse_now;
 use portcullis_memory::socket::Socket;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::time::Instant;
 use tokio_rustls::LazyConfigAcceptor;
 
@@ -36,6 +36,11 @@ pub(crate) async fn serve(
 ) {
     let refusals = Arc::new(RefusalLog::default());
     let connections = Arc::new(Semaphore::new(shared.limits.max_connections));
+    // Connections still in their handshake have shown no identity: anyone who can reach the
+    // port can open them, each held up to `handshake_timeout`. Bounded apart from the rest, so
+    // a flood of them neither fills `max_connections` nor takes the descriptors the upstream
+    // connections need; past it a new one is closed at once (established ones go on).
+    let handshakes = Arc::new(Semaphore::new(shared.limits.max_pending_handshakes));
     loop {
         // Holding a permit before accepting applies back-pressure in the kernel's accept
         // queue instead of accepting connections we would have to drop.
@@ -58,6 +63,22 @@ pub(crate) async fn serve(
             },
             _ = shutdown.changed() => break,
         };
+        let Ok(pending) = handshakes.clone().try_acquire_owned() else {
+            shared
+                .metrics
+                .tls_handshake_failures
+                .with_label_values(&["pending_handshakes"])
+                .inc();
+            if let Some(suppressed) = refusals.admit(peer.ip(), Instant::now()) {
+                tracing::warn!(
+                    %peer,
+                    limit = shared.limits.max_pending_handshakes,
+                    suppressed,
+                    "connection closed: limits.max_pending_handshakes are in progress"
+                );
+            }
+            continue;
+        };
         // Not the identity in force now: the handshake takes it when the ClientHello arrives.
         let identity = identity.clone();
         let shared = shared.clone();
@@ -65,7 +86,16 @@ pub(crate) async fn serve(
         let refusals = refusals.clone();
         tokio::spawn(async move {
             shared.metrics.connections_active.inc();
-            connection(tcp, peer, &identity, shared.clone(), &refusals, shutdown).await;
+            connection(
+                tcp,
+                peer,
+                &identity,
+                shared.clone(),
+                &refusals,
+                shutdown,
+                pending,
+            )
+            .await;
             shared.metrics.connections_active.dec();
             drop(permit);
         });
@@ -86,6 +116,7 @@ async fn connection(
     shared: Arc<Shared>,
     refusals: &RefusalLog,
     mut shutdown: watch::Receiver<bool>,
+    pending: OwnedSemaphorePermit,
 ) {
     let _ = tcp.set_nodelay(true);
     let tcp = match Socket::new(tcp) {
@@ -129,6 +160,8 @@ async fn connection(
             return;
         }
     };
+    // Past its handshake, the connection counts among `max_connections` only.
+    drop(pending);
     acknowledge_handshake(tls.get_ref().0);
     // The verifier accepted the chain, so the leaf is present and carries a valid workload
     // ID; parsing it again here keeps rustls types out of the identity we hand on.

@@ -563,3 +563,41 @@ async fn one_agent_cannot_hold_every_connection() {
         .await
     );
 }
+
+#[tokio::test]
+async fn connections_that_never_start_their_handshake_are_bounded_apart() {
+    let h = builder()
+        .yaml("limits:\n  max_pending_handshakes: 2\n")
+        .start()
+        .await;
+    let get = || request("GET", HOST, "/health", Bytes::new());
+    let triage = h.caller(&h.svid(TRIAGE), HttpVersion::Http1);
+    let mut established = triage.connect(h.addr).await.unwrap();
+    // Two connections that never send a ClientHello hold both places...
+    let silent = [
+        tokio::net::TcpStream::connect(h.addr).await.unwrap(),
+        tokio::net::TcpStream::connect(h.addr).await.unwrap(),
+    ];
+    assert!(
+        eventually(async || { sample(&h.metrics().await, "portcullis_connections_active") >= 3.0 })
+            .await
+    );
+    // ...so a third is closed at once, and counted; established connections go on.
+    assert!(triage.connect(h.addr).await.is_err());
+    assert_eq!(established.send(get()).await.unwrap().status(), 200);
+    assert_eq!(
+        sample(
+            &h.metrics().await,
+            "portcullis_tls_handshake_failures_total{reason=\"pending_handshakes\"}"
+        ),
+        1.0
+    );
+    drop(silent);
+    assert!(
+        eventually(async || match triage.connect(h.addr).await {
+            Ok(mut again) => again.send(get()).await.is_ok_and(|r| r.status() == 200),
+            Err(_) => false,
+        })
+        .await
+    );
+}
