@@ -611,12 +611,23 @@ async fn authorize_and_forward(
         body.map_err(|e| -> crate::body::BoxError { Box::new(e) })
             .boxed_unsync()
     });
-    match filter.apply(response).await {
+    let filtered = filter
+        .apply(
+            response,
+            shared.inspect_budget.reservation(),
+            shared.limits.inspect_timeout,
+        )
+        .await;
+    match filtered {
         Ok(filtered) => Ok(filtered.map(Either::Right)),
         Err(error) => {
             tracing::warn!(request_id, %error, "tools/list response could not be filtered");
             audit.record.errors.push(error.to_string());
-            Err(Refusal::UpstreamProtocol)
+            Err(match error {
+                protocol::filter::Unreadable::Budget => Refusal::InspectionBudget,
+                protocol::filter::Unreadable::Deadline => Refusal::UpstreamTimeout,
+                _ => Refusal::UpstreamProtocol,
+            })
         }
     }
 }

@@ -324,6 +324,30 @@ async fn names_a_case_insensitive_server_would_read_as_one_are_refused() {
 }
 
 #[tokio::test]
+async fn a_tools_list_result_is_charged_to_the_inspection_budget() {
+    // The listing is read whole to be filtered: that memory counts like a request body's.
+    let h = Harness::builder()
+        .policies(POLICIES)
+        .yaml(&format!(
+            "{ROUTES}limits:\n  body_prefix_bytes: 64\n  inspect_memory_bytes: 100\n"
+        ))
+        .start()
+        .await;
+    let list = r#"{"jsonrpc":"2.0","id":3,"method":"tools/list"}"#;
+    let (status, reply) = post(&h, TRIAGE, "/mcp", list).await;
+    assert_eq!(status, 503, "{reply}");
+    let records = h.audit(1).await;
+    assert_eq!(
+        records[1]["reason"], "inspect_memory_limit",
+        "{}",
+        records[1]
+    );
+    // With room for it, the same listing is filtered and answered.
+    let roomy = builder().start().await;
+    assert_eq!(post(&roomy, TRIAGE, "/mcp", list).await.0, 200);
+}
+
+#[tokio::test]
 async fn malformed_oversized_and_mistyped_bodies_are_refused_and_audited() {
     let h = builder().start().await;
     let (status, reply) = post(&h, TRIAGE, "/mcp", "{not json").await;

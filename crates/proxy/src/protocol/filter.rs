@@ -27,6 +27,8 @@ use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::time::Duration;
+
 use bytes::{Bytes, BytesMut};
 use http::Response;
 use http::header::{self, HeaderValue};
@@ -36,6 +38,7 @@ use serde_json::Value;
 
 use super::annotations::{Hints, ToolAnnotations};
 use super::inspect::check_strict_exact;
+use crate::admission::Reservation;
 use crate::body::{BoxError, ResponseBody};
 
 /// A JSON response (or one SSE event) larger than this cannot be filtered and is refused.
@@ -85,6 +88,10 @@ pub(crate) enum Unreadable {
     BadTools,
     #[error("tools/list response body failed: {0}")]
     Body(String),
+    #[error("tools/list response would pass limits.inspect_memory_bytes")]
+    Budget,
+    #[error("tools/list response did not arrive whole within limits.inspect_timeout")]
+    Deadline,
 }
 
 impl ToolFilter {
@@ -102,9 +109,15 @@ impl ToolFilter {
 
     /// Rewrites `response` so that listing results list only allowed tools, whatever its
     /// status; an error when it cannot be read (see the module header).
+    ///
+    /// A JSON response is read whole before it is filtered: it is charged to the inspection
+    /// budget through `reservation` (held until the filtered body has been sent) and must
+    /// arrive within `deadline`, as request bodies read for inspection are.
     pub(crate) async fn apply(
         self,
         response: Response<ResponseBody>,
+        mut reservation: Reservation,
+        deadline: Duration,
     ) -> Result<Response<ResponseBody>, Unreadable> {
         let (mut parts, body) = response.into_parts();
         for encoding in parts.headers.get_all(header::CONTENT_ENCODING) {
@@ -131,7 +144,9 @@ impl ToolFilter {
             };
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
-        let bytes = collect_bounded(body).await?;
+        let bytes = tokio::time::timeout(deadline, collect_bounded(body, &mut reservation))
+            .await
+            .map_err(|_| Unreadable::Deadline)??;
         let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
             // Nothing to list (a 202, an empty error).
             bytes
@@ -148,9 +163,11 @@ impl ToolFilter {
         parts
             .headers
             .insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
-        let body = http_body_util::Full::new(bytes)
-            .map_err(|never| match never {})
-            .boxed_unsync();
+        let body = Reserved {
+            inner: http_body_util::Full::new(bytes),
+            _reservation: reservation,
+        }
+        .boxed_unsync();
         Ok(Response::from_parts(parts, body))
     }
 
@@ -265,18 +282,54 @@ impl ToolFilter {
 /// The whole body, or an error past [`RESPONSE_LIMIT`]. (Not `http_body_util::Limited`: its
 /// `Into<BoxError>` bound on an already boxed error is not provable inside this `Send`
 /// future.)
-async fn collect_bounded(mut body: ResponseBody) -> Result<Bytes, Unreadable> {
+async fn collect_bounded(
+    mut body: ResponseBody,
+    reservation: &mut Reservation,
+) -> Result<Bytes, Unreadable> {
     let mut out = BytesMut::new();
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| Unreadable::Body(e.to_string()))?;
         if let Some(data) = frame.data_ref() {
-            if out.len() + data.len() > RESPONSE_LIMIT {
+            let needed = out.len() + data.len();
+            if needed > RESPONSE_LIMIT {
                 return Err(Unreadable::TooLarge);
             }
+            reservation
+                .grow_to(needed)
+                .map_err(|_| Unreadable::Budget)?;
             out.extend_from_slice(data);
         }
     }
     Ok(out.freeze())
+}
+
+/// A filtered response's body, holding the inspection budget its buffer was charged to until
+/// it has been sent (or dropped).
+struct Reserved {
+    inner: http_body_util::Full<Bytes>,
+    _reservation: Reservation,
+}
+
+impl Body for Reserved {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        std::pin::Pin::new(&mut self.inner)
+            .poll_frame(cx)
+            .map_err(|never| match never {})
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// A response body that passes SSE events through one at a time, rewriting listing
