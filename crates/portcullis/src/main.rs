@@ -216,6 +216,14 @@ fn audit_verify(files: &[PathBuf], key: Option<PathBuf>) -> ExitCode {
                         "{} signed checkpoints verified; unsigned tail: {} lines after the last checkpoint of the last run",
                         summary.checkpoints, summary.unsigned_tail
                     );
+                    // Every line of such a trail could have been written by anyone with the
+                    // files: the key vouches for none of it.
+                    if summary.checkpoints == 0 && summary.records > 0 {
+                        eprintln!(
+                            "not vouched for: no checkpoint signed by this key anywhere in the trail (one made up from scratch has none; a trail younger than audit.checkpoint_interval has none yet)"
+                        );
+                        return ExitCode::from(1);
+                    }
                 }
                 None => println!(
                     "{} checkpoints not verified (no --key); unsigned tail: {} lines (all)",

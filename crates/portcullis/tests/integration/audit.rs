@@ -384,3 +384,27 @@ async fn a_stuck_audit_sink_makes_the_pod_not_ready_until_it_moves_again() {
     assert!(ready);
     assert_eq!(h.get(TRIAGE, "/api/orders/1").await.0, 200);
 }
+
+/// A trail with records and no checkpoint the key signed is vouched for by nothing: anyone
+/// with the files could have written every line of it.
+#[tokio::test]
+async fn with_a_key_a_trail_without_any_signed_checkpoint_is_not_vouched_for() {
+    let keys = tempfile::tempdir().unwrap();
+    let (_, public) = keygen(keys.path());
+    // The sidecar signs nothing here (no signing_key): its trail is one anybody could make.
+    let h = Harness::start().await;
+    assert_eq!(h.get(TRIAGE, "/api/orders/1").await.0, 200);
+    h.audit(1).await;
+    let file = h.audit_path();
+    let (code, out, err) = portcullis(&["audit", "verify", file.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = portcullis(&[
+        "audit",
+        "verify",
+        "--key",
+        public.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("not vouched for"), "{err}");
+}
