@@ -132,19 +132,41 @@ impl Approvals {
             ));
             return Ok(Approval::Challenged(challenge()));
         }
-        let keep_until = verified
-            .expires_at
-            .saturating_add(options.clock_skew.as_secs());
+        // Refused at once when already spent; spent only once the call is about to go out
+        // ([`Approvals::spend`]), so a call stopped later (a rate limit, an unavailable
+        // credential, a denied message of its batch) does not use the approval up.
         let now = u64::try_from(input.now).unwrap_or(0);
-        match self
-            .spent
-            .spend(&verified.issuer, &verified.jti, keep_until, now)
-        {
-            Spend::Fresh => Ok(Approval::Granted(verified)),
+        if self.spent.is_spent(&verified.issuer, &verified.jti, now) {
+            errors.push(format!(
+                "approval grant {:?} from {:?} was already used",
+                verified.jti, verified.approver
+            ));
+            return Err(Refusal::ApprovalReplayed);
+        }
+        Ok(Approval::Granted(verified))
+    }
+
+    /// Spends `grant` (its `jti`, until it expires): last before the approved call is
+    /// forwarded, once nothing else can stop it. A grant spent meanwhile (the same grant on
+    /// two concurrent calls) is a replay.
+    pub(crate) fn spend(
+        &self,
+        grant: &ApprovalGrant,
+        now: i64,
+        errors: &mut Vec<String>,
+    ) -> Result<(), Refusal> {
+        let skew = self
+            .options
+            .as_ref()
+            .map_or(0, |options| options.clock_skew.as_secs());
+        let keep_until = grant.expires_at.saturating_add(skew);
+        let now = u64::try_from(now).unwrap_or(0);
+        match self.spent.spend(&grant.issuer, &grant.jti, keep_until, now) {
+            Spend::Fresh => Ok(()),
             Spend::Replayed => {
                 errors.push(format!(
                     "approval grant {:?} from {:?} was already used",
-                    verified.jti, verified.approver
+                    grant.jti, grant.approver
                 ));
                 Err(Refusal::ApprovalReplayed)
             }
@@ -159,7 +181,8 @@ impl Approvals {
 /// Pipeline stage 4b, for a call whose decision is `approval_required`: with a grant for
 /// exactly this call the evaluation becomes `approved` (and carries its permit); without one
 /// `challenge` is set for the 428. The audit record gets the digest, and the approver when a
-/// grant was accepted.
+/// grant was accepted. The accepted grant is returned, to be spent last before forwarding
+/// ([`Approvals::spend`]).
 pub(crate) async fn step(
     shared: &Shared,
     input: &AuthzInput<'_>,
@@ -168,7 +191,7 @@ pub(crate) async fn step(
     headers: &http::HeaderMap,
     audit: &mut AuditGuard,
     challenge: &mut Option<Challenge>,
-) -> Result<(), Refusal> {
+) -> Result<Option<ApprovalGrant>, Refusal> {
     let count = |result: &str| {
         shared
             .metrics
@@ -220,12 +243,12 @@ pub(crate) async fn step(
             count("approved");
             evaluation.approve();
             audit.record.approval = Some(Box::new(AuditApproval {
-                digest: grant.digest,
-                approver: Some(grant.approver),
-                issuer: Some(grant.issuer),
-                jti: Some(grant.jti),
+                digest: grant.digest.clone(),
+                approver: Some(grant.approver.clone()),
+                issuer: Some(grant.issuer.clone()),
+                jti: Some(grant.jti.clone()),
             }));
-            Ok(())
+            Ok(Some(grant))
         }
         Ok(Approval::Challenged(issued)) => {
             if grant.is_some() {
@@ -238,7 +261,7 @@ pub(crate) async fn step(
                 jti: None,
             }));
             *challenge = Some(issued);
-            Ok(())
+            Ok(None)
         }
         Err(refusal) => {
             count(match refusal {
@@ -397,6 +420,16 @@ impl SpentGrants {
             capacity,
             entries: Mutex::new(HashMap::new()),
         }
+    }
+
+    fn is_spent(&self, issuer: &str, jti: &str, now: u64) -> bool {
+        // A poisoned lock: taken as spent (refused) rather than risk a replay.
+        let Ok(entries) = self.entries.lock() else {
+            return true;
+        };
+        entries
+            .get(&(issuer.to_owned(), jti.to_owned()))
+            .is_some_and(|until| *until > now)
     }
 
     fn spend(&self, issuer: &str, jti: &str, keep_until: u64, now: u64) -> Spend {

@@ -361,6 +361,8 @@ async fn authorize_and_forward(
     );
     // What the body says, for an approval digest: computed once, when first needed.
     let mut content: Option<Option<String>> = None;
+    // A grant accepted for a call of this request, spent last before forwarding.
+    let mut granted = None;
     for call in &inspected.calls {
         let resource = AuditResource {
             kind: call.resource.entity_type(),
@@ -410,6 +412,7 @@ async fn authorize_and_forward(
                     &mut answer.challenge,
                 )
                 .await
+                .map(|grant| granted = grant.or(granted.take()))
             }
             Decision::Allow | Decision::Deny | Decision::ShadowDeny | Decision::Approved => Ok(()),
         };
@@ -580,6 +583,20 @@ async fn authorize_and_forward(
         audit,
     )
     .await?;
+    if let Some(grant) = &granted
+        && let Err(refusal) = shared.approvals.spend(grant, now, &mut audit.record.errors)
+    {
+        let result = match refusal {
+            Refusal::ApprovalReplayed => "replayed",
+            _ => "invalid",
+        };
+        shared
+            .metrics
+            .approval_grants
+            .with_label_values(&[result])
+            .inc();
+        return Err(refusal);
+    }
     let response = match shared
         .forwarder
         .forward(Request::from_parts(parts, inspected.body), permit)

@@ -526,3 +526,26 @@ permit (principal, action == Action::"invoke_model", resource == Model::"big");
     let (_, reply) = send_with(&h, "POST", "/v1/completions", &chat("summarize"), None).await;
     assert_ne!(challenge_digest(&reply), summarize);
 }
+
+#[tokio::test]
+async fn a_grant_is_spent_only_by_a_call_that_goes_out() {
+    let h = builder().start().await;
+    let (status, reply) = call(&h, TRIAGE, &refund(40), None).await;
+    assert_eq!(status, 428, "{reply}");
+    let grant = sign(&h, &grant_claims(&challenge_digest(&reply), "grant-batch"));
+    // The approved refund in a batch with a denied message: nothing goes out, and the grant
+    // is not used up by it.
+    let denied = json!({"jsonrpc": "2.0", "id": 8, "method": "tools/call",
+                        "params": {"name": "delete_everything", "arguments": {}}});
+    let batch = format!("[{},{denied}]", refund(40));
+    let (status, reply) = call(&h, TRIAGE, &batch, Some(&grant)).await;
+    assert_eq!(status, 403, "{reply}");
+    assert!(h.upstream.requests().is_empty());
+    // The refund alone, with the same grant: through, once.
+    let (status, reply) = call(&h, TRIAGE, &refund(40), Some(&grant)).await;
+    assert_eq!(status, 200, "{reply}");
+    let (status, reply) = call(&h, TRIAGE, &refund(40), Some(&grant)).await;
+    assert_eq!(status, 401, "{reply}");
+    assert_eq!(reply["error"]["data"]["reason"], "approval_replayed");
+    assert_eq!(h.upstream.requests().len(), 1);
+}
