@@ -324,6 +324,34 @@ async fn names_a_case_insensitive_server_would_read_as_one_are_refused() {
 }
 
 #[tokio::test]
+async fn ids_a_server_could_not_echo_exactly_are_refused() {
+    // The filter finds a listing by the id it was asked with; a server reading numbers as
+    // doubles would answer 2^53 + 1 as 2^53, and the listing would go through unfiltered.
+    let h = builder().start().await;
+    for id in [
+        "9007199254740993",
+        "-9007199254740993",
+        "18446744073709551615",
+        "1.0",
+        "1e3",
+    ] {
+        let list = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#);
+        let (status, reply) = post(&h, TRIAGE, "/mcp", &list).await;
+        assert_eq!(status, 400, "{id}: {reply}");
+    }
+    assert!(h.upstream.requests().is_empty());
+    for id in [
+        "9007199254740991",
+        "-9007199254740991",
+        "\"big-9007199254740993\"",
+    ] {
+        let list = format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/list"}}"#);
+        let (status, reply) = post(&h, TRIAGE, "/mcp", &list).await;
+        assert_eq!(status, 200, "{id}: {reply}");
+    }
+}
+
+#[tokio::test]
 async fn a_tools_list_result_is_charged_to_the_inspection_budget() {
     // The listing is read whole to be filtered: that memory counts like a request body's.
     let h = Harness::builder()

@@ -153,7 +153,15 @@ fn classify_raw(
     classify_message(&message, endpoint, argument_values)
 }
 
-/// A JSON-RPC id: a string or an integer (never a structure, which could be any size).
+/// The largest integer every JSON reader keeps exactly (2^53 - 1: JavaScript's
+/// `Number.MAX_SAFE_INTEGER`).
+const MAX_SAFE_ID: u64 = (1 << 53) - 1;
+
+/// A JSON-RPC id: a string or an integer (never a structure, which could be any size), and
+/// an integer only as large as every reader keeps exactly. A server that reads numbers as
+/// doubles (the TypeScript SDK's `JSON.parse`) answers 9007199254740993 as ...992; the
+/// `tools/list` filter, which finds the listing by the id it was asked with, would then not
+/// know the answer for one and pass the whole listing through.
 fn request_id(raw: &RawValue) -> Result<Value, Refusal> {
     let text = raw.get();
     let scalar = text.starts_with('"')
@@ -164,7 +172,12 @@ fn request_id(raw: &RawValue) -> Result<Value, Refusal> {
     }
     match serde_json::from_str::<Value>(text) {
         Ok(id @ Value::String(_)) => Ok(id),
-        Ok(Value::Number(n)) if n.is_i64() || n.is_u64() => Ok(Value::Number(n)),
+        Ok(Value::Number(n))
+            if n.as_u64().is_some_and(|n| n <= MAX_SAFE_ID)
+                || n.as_i64().is_some_and(|n| n.unsigned_abs() <= MAX_SAFE_ID) =>
+        {
+            Ok(Value::Number(n))
+        }
         _ => Err(Refusal::InvalidMessage),
     }
 }
