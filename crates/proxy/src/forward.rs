@@ -7,6 +7,7 @@
 //! for the connection to become idle.
 
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
@@ -16,6 +17,7 @@ use http::header::{self, HeaderValue};
 use http::uri::{Authority, PathAndQuery};
 use http::{Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -111,9 +113,28 @@ impl Forwarder {
             .or_insert_with(|| self.host.clone());
         // One clock read for the deadline and the pool's expiry check. A timeout beyond
         // thirty years (the config takes any number of seconds) is tokio's "never".
+        // A body still going out when the response has ended leaves the connection mid-
+        // request: see `Pool::checkin`. Known for bodies only (most requests have none).
+        let sent = (!request.body().is_end_stream()).then(|| {
+            let sent = Arc::new(AtomicBool::new(false));
+            let flag = sent.clone();
+            let request_body = std::mem::replace(
+                request.body_mut(),
+                http_body_util::Empty::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            );
+            *request.body_mut() = SentFlag {
+                inner: request_body,
+                sent: flag,
+            }
+            .boxed_unsync();
+            sent
+        });
         let now = Instant::now();
         let deadline = tokio::time::Instant::from_std(now) + self.response_timeout.min(NEVER);
-        let response = match tokio::time::timeout_at(deadline, self.send(request, now)).await {
+        let response = match tokio::time::timeout_at(deadline, self.send(request, now, sent)).await
+        {
             Err(_) => {
                 return Err(ForwardError {
                     refusal: Refusal::UpstreamTimeout,
@@ -139,10 +160,11 @@ impl Forwarder {
         &self,
         mut request: Request<RequestBody>,
         now: Instant,
+        sent: Option<Arc<AtomicBool>>,
     ) -> Result<Response<UpstreamBody>, ForwardError> {
         while let Some(mut sender) = self.pool.checkout(now) {
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pool.lend(response, sender)),
+                Ok(response) => return Ok(self.pool.lend(response, sender, sent)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
                     None => return Err(ForwardError::protocol(error.error())),
@@ -151,7 +173,7 @@ impl Forwarder {
         }
         let mut sender = self.connect().await?;
         match sender.send_request(request).await {
-            Ok(response) => Ok(self.pool.lend(response, sender)),
+            Ok(response) => Ok(self.pool.lend(response, sender, sent)),
             Err(error) => Err(ForwardError::protocol(&error)),
         }
     }
@@ -238,9 +260,14 @@ impl Pool {
     }
 
     /// Back to the stack once it can take a request: at once when it can (the usual case), else
-    /// when it becomes ready, by a task of its own; a connection that closes is dropped.
-    fn checkin(self: &Arc<Self>, mut sender: SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    /// when it becomes ready, by a task of its own; a connection that closes is dropped. So is
+    /// one whose request body had not all gone out when the response ended (`sent` unset):
+    /// the upstream answered early and may not read the rest as that request's, and bytes it
+    /// reads as a request of their own would be one Portcullis never decided (with identity
+    /// headers the caller wrote), its response handed to whoever sends next (nginx does not
+    /// keep such a connection either).
+    fn checkin(self: &Arc<Self>, mut sender: SendRequest<RequestBody>, sent: Option<&AtomicBool>) {
+        if sender.is_closed() || sent.is_some_and(|sent| !sent.load(Ordering::Acquire)) {
             return;
         }
         if !sender.is_ready() {
@@ -275,13 +302,14 @@ impl Pool {
         self: &Arc<Self>,
         response: Response<Incoming>,
         sender: SendRequest<RequestBody>,
+        sent: Option<Arc<AtomicBool>>,
     ) -> Response<UpstreamBody> {
         response.map(|inner| {
             let giveback = if inner.is_end_stream() {
-                self.checkin(sender);
+                self.checkin(sender, sent.as_deref());
                 None
             } else {
-                Some((sender, self.clone()))
+                Some((sender, self.clone(), sent))
             };
             UpstreamBody { inner, giveback }
         })
@@ -294,14 +322,48 @@ impl Pool {
 #[derive(Debug)]
 pub(crate) struct UpstreamBody {
     inner: Incoming,
-    giveback: Option<(SendRequest<RequestBody>, Arc<Pool>)>,
+    giveback: Option<Giveback>,
 }
+
+/// What goes back to the pool when a response body ends: the connection, its pool, and
+/// whether its request body had all gone out (`None`: it had none).
+type Giveback = (SendRequest<RequestBody>, Arc<Pool>, Option<Arc<AtomicBool>>);
 
 impl UpstreamBody {
     fn give_back(&mut self) {
-        if let Some((sender, pool)) = self.giveback.take() {
-            pool.checkin(sender);
+        if let Some((sender, pool, sent)) = self.giveback.take() {
+            pool.checkin(sender, sent.as_deref());
         }
+    }
+}
+
+/// A request body that says when it has all been read (by the connection sending it).
+struct SentFlag {
+    inner: RequestBody,
+    sent: Arc<AtomicBool>,
+}
+
+impl Body for SentFlag {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if frame.is_none() || self.inner.is_end_stream() {
+            self.sent.store(true, Ordering::Release);
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -91,8 +91,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // removed after the pass rather than collected: nearly every upstream response carries
     // it, and collecting it took an allocation per response.
     let mut connection = false;
+    let mut transfer_encoded = false;
     let mut doomed: Vec<HeaderName> = Vec::new();
     for name in headers.keys() {
+        transfer_encoded |= *name == header::TRANSFER_ENCODING;
         if *name == header::CONNECTION {
             connection = true;
             doomed.extend(
@@ -121,6 +123,12 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     for name in doomed {
         headers.remove(name);
+    }
+    // A message framed by Transfer-Encoding was read by it: a Content-Length beside it is
+    // not its length, and an intermediary must remove it (RFC 9112 §6.3), or the next hop
+    // would cut the body at it (or wait for bytes that never come).
+    if transfer_encoded {
+        headers.remove(header::CONTENT_LENGTH);
     }
 }
 

@@ -393,6 +393,126 @@ async fn an_upstream_that_closes_idle_connections_costs_callers_nothing() {
     server.abort();
 }
 
+/// An upstream response framed by Transfer-Encoding that also carries a Content-Length: the
+/// body is read chunked, so the length must not be passed on (RFC 9112 §6.3), or the agent's
+/// side would cut the body at it.
+#[tokio::test]
+async fn a_chunked_response_with_a_content_length_reaches_the_agent_whole() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = stream
+                    .write_all(
+                        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 5\r\n\r\n\
+                          14\r\nthe whole body, 20 b\r\n0\r\n\r\n",
+                    )
+                    .await;
+            });
+        }
+    });
+    let h = Harness::builder().upstream(addr).start().await;
+    for version in [HttpVersion::Http1, HttpVersion::Http2] {
+        let (status, body) = h
+            .send(
+                TRIAGE,
+                version,
+                request("GET", HOST, "/api/orders/1", Bytes::new()),
+            )
+            .await;
+        assert_eq!(status, 200, "{version:?}");
+        assert_eq!(body, "the whole body, 20 b", "{version:?}");
+    }
+    server.abort();
+}
+
+/// An upstream that answered before reading the whole request body left its connection mid-
+/// request: the rest of that body could be read there as a request of its own (one Portcullis
+/// never decided), so the connection is not kept for another request once the body is out.
+#[tokio::test]
+async fn a_connection_answered_before_its_body_was_sent_is_not_kept() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            counter.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                loop {
+                    // Answers each head at once, whatever body follows, and keeps reading.
+                    let Ok(n) = stream.read(&mut buf).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                        let _ = stream
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                            .await;
+                    }
+                }
+            });
+        }
+    });
+    let h = Harness::builder()
+        .policies(r#"@id("all") permit (principal, action, resource);"#)
+        .upstream(addr)
+        .start()
+        .await;
+    let config = portcullis_test_support::pki::client_config(
+        &[h.ca.cert_der()],
+        Some(&h.svid(TRIAGE)),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(
+            rustls::pki_types::ServerName::IpAddress(h.addr.ip().into()),
+            tcp,
+        )
+        .await
+        .unwrap();
+    // Half the body; the whole response comes back; then the other half.
+    let head =
+        format!("POST /api/orders HTTP/1.1\r\nhost: {HOST}\r\ncontent-length: 10\r\n\r\nhello");
+    tls.write_all(head.as_bytes()).await.unwrap();
+    let mut reply = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !reply.ends_with(b"ok") {
+        let n = tls.read(&mut buf).await.unwrap();
+        assert!(n > 0, "{}", String::from_utf8_lossy(&reply));
+        reply.extend_from_slice(&buf[..n]);
+    }
+    assert!(reply.starts_with(b"HTTP/1.1 200"));
+    tls.write_all(b"world").await.unwrap();
+    tls.flush().await.unwrap();
+    // Later requests go on another connection: the first is never handed out again.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(h.get(TRIAGE, "/api/orders/1").await.0, 200);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    server.abort();
+}
+
 /// An upstream may answer before it has read the whole request body. The connection is still
 /// sending that body, so it is not idle: another caller's request goes on a new connection
 /// rather than waiting behind the first caller's upload (here, until its own timeout).
