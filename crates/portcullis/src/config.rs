@@ -1235,9 +1235,12 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
         max_header_bytes: raw.max_header_bytes.unwrap_or(defaults.max_header_bytes),
         body_prefix_bytes: raw.body_prefix_bytes.unwrap_or(defaults.body_prefix_bytes),
         max_connections: raw.max_connections.unwrap_or(defaults.max_connections),
-        max_connections_per_agent: raw
-            .max_connections_per_agent
-            .unwrap_or(defaults.max_connections_per_agent),
+        // Unset: the default, or all of max_connections when that is set lower.
+        max_connections_per_agent: raw.max_connections_per_agent.unwrap_or_else(|| {
+            defaults
+                .max_connections_per_agent
+                .min(raw.max_connections.unwrap_or(defaults.max_connections))
+        }),
         max_pending_handshakes: raw
             .max_pending_handshakes
             .unwrap_or(defaults.max_pending_handshakes),

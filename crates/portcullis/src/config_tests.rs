@@ -230,3 +230,29 @@ fn assert_errors_at(yaml: &str, paths: &[&str]) {
         assert!(found.contains(want), "missing {want} in {errors:#?}");
     }
 }
+
+#[test]
+fn the_per_agent_connection_cap_follows_a_lower_max_connections() {
+    let base =
+        "listen: 127.0.0.1:8443\nadmin_listen: 127.0.0.1:9901\nupstream: http://127.0.0.1:8080\n";
+    let errors = |limits: &str| -> Vec<String> {
+        match Config::from_yaml(
+            &format!("{base}{limits}"),
+            Path::new("/nonexistent"),
+            Path::new("c.yaml"),
+        ) {
+            Ok(_) => Vec::new(),
+            Err(errors) => errors.0.into_iter().map(|e| e.path).collect(),
+        }
+    };
+    // Unset, it takes all of a lower max_connections (a config written before the key).
+    assert!(
+        !errors("limits:\n  max_connections: 512\n")
+            .contains(&"limits.max_connections_per_agent".to_owned())
+    );
+    // Set above it, it is an error.
+    assert!(
+        errors("limits:\n  max_connections: 512\n  max_connections_per_agent: 600\n")
+            .contains(&"limits.max_connections_per_agent".to_owned())
+    );
+}
