@@ -612,9 +612,12 @@ impl Harness {
     }
 }
 
+/// The audit lines written so far: complete lines only (the writer may be mid-line as it is
+/// read; what follows the last newline is not a line yet).
 pub fn read_audit(path: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    complete
         .lines()
         .map(|line| serde_json::from_str(line).unwrap())
         .collect()
