@@ -576,8 +576,33 @@ fn socket_addr(path: &str, value: Option<&str>, errors: &mut Errors) -> Option<S
     }
 }
 
+/// The longest `max_lifetime` a user token may be allowed: tokens are short-lived (DESIGN),
+/// and one stolen lives as long as this.
+const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+/// The largest `clock_skew`: an expired token is accepted for this long.
+const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
+
+/// An error at `path` when `value` is longer than `max`.
+fn check_short(errors: &mut Errors, path: &str, value: Option<Duration>, max: Duration) {
+    if let Some(value) = value
+        && value > max
+    {
+        errors.add(
+            path,
+            format!(
+                "at most {}s ({}s here): a longer one keeps a stolen or expired token usable that long",
+                max.as_secs(),
+                value.as_secs()
+            ),
+        );
+    }
+}
+
 /// `http://host:port` of the application in the pod. Plain HTTP only: the hop is inside the
-/// pod's network namespace.
+/// pod's network namespace, so the host is a loopback address (the request carries the
+/// verified identities, and a credential or user token when a route adds one, in cleartext;
+/// an application reachable on another address could be called past the sidecar with
+/// identity headers of the caller's own making).
 fn upstream(value: Option<&str>, errors: &mut Errors) -> Option<Authority> {
     let value = required("upstream", value, errors)?;
     let uri: http::Uri = match value.parse() {
@@ -598,8 +623,25 @@ fn upstream(value: Option<&str>, errors: &mut Errors) -> Option<Authority> {
         errors.add("upstream", "must not have a path or query");
         return None;
     }
+    let loopback = |host: &str| {
+        host.eq_ignore_ascii_case("localhost")
+            || host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    };
     match uri.authority() {
         Some(authority) if authority.port_u16().is_some() && !authority.as_str().contains('@') => {
+            if !loopback(authority.host()) {
+                errors.add(
+                    "upstream",
+                    format!(
+                        "{value:?} is not a loopback address: the application must listen on localhost (127.0.0.1, ::1), where only the sidecar reaches it"
+                    ),
+                );
+                return None;
+            }
             Some(authority.clone())
         }
         _ => {
@@ -829,6 +871,13 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
         lifetime => duration("user_token.max_lifetime", lifetime, errors),
     };
     let clock_skew = duration("user_token.clock_skew", raw.clock_skew.as_deref(), errors);
+    check_short(
+        errors,
+        "user_token.max_lifetime",
+        max_lifetime,
+        MAX_TOKEN_LIFETIME,
+    );
+    check_short(errors, "user_token.clock_skew", clock_skew, MAX_CLOCK_SKEW);
     let refresh = duration(
         "user_token.jwks_refresh_interval",
         raw.jwks_refresh_interval.as_deref(),

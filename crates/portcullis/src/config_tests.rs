@@ -256,3 +256,52 @@ fn the_per_agent_connection_cap_follows_a_lower_max_connections() {
             .contains(&"limits.max_connections_per_agent".to_owned())
     );
 }
+
+#[test]
+fn the_upstream_is_on_loopback_and_tokens_are_short_lived() {
+    let config = |upstream: &str, user_token: &str| {
+        format!(
+            "listen: 127.0.0.1:8443\nadmin_listen: 127.0.0.1:9901\nupstream: {upstream}\nuser_token:\n  jwks_file: jwks.json\n  issuers: [https://idp.example.org]\n  audiences: [orders-api]\n{user_token}approval:\n  jwks_file: approvers.json\n  issuers: [https://approvals.example.org]\n  max_lifetime: 2h\n  clock_skew: 1h\n"
+        )
+    };
+    let paths = |yaml: &str| -> Vec<String> {
+        Config::from_yaml(yaml, Path::new("/nonexistent"), Path::new("c.yaml"))
+            .unwrap_err()
+            .0
+            .into_iter()
+            .map(|e| e.path)
+            .collect()
+    };
+    let found = paths(&config(
+        "http://10.0.3.7:8080",
+        "  max_lifetime: 8760h\n  clock_skew: 24h\n",
+    ));
+    for path in [
+        "upstream",
+        "user_token.max_lifetime",
+        "user_token.clock_skew",
+        "approval.max_lifetime",
+        "approval.clock_skew",
+    ] {
+        assert!(found.contains(&path.to_owned()), "{path}: {found:?}");
+    }
+    // Loopback in every spelling, and the bounds themselves, are fine.
+    for upstream in [
+        "http://127.0.0.1:8080",
+        "http://127.0.0.9:1",
+        "http://[::1]:8080",
+        "http://localhost:8080",
+    ] {
+        let found = paths(&config(upstream, "  max_lifetime: 24h\n  clock_skew: 5m\n"));
+        for path in [
+            "upstream",
+            "user_token.max_lifetime",
+            "user_token.clock_skew",
+        ] {
+            assert!(
+                !found.contains(&path.to_owned()),
+                "{upstream} {path}: {found:?}"
+            );
+        }
+    }
+}

@@ -276,6 +276,13 @@ pub async fn start(options: ProxyOptions) -> Result<Running, StartError> {
         options.audit_checkpoints.clone(),
     )
     .map_err(StartError::Audit)?;
+    if options.audit_checkpoints.is_none() {
+        // The hash chain shows accidental damage; without signed checkpoints anyone who can
+        // write where the records go can rewrite them and every hash after (docs/audit.md).
+        tracing::warn!(
+            "audit records are not sealed: audit.signing_key is unset, so no signed checkpoint vouches for the trail; set it in production"
+        );
+    }
 
     let identity = options.identity.current.clone();
     metrics.set_certificates(&identity.borrow().certificates);

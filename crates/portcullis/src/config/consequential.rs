@@ -62,6 +62,19 @@ pub(super) fn approval(
     let max_lifetime = duration("approval.max_lifetime", raw.max_lifetime.as_deref(), errors)
         .unwrap_or(DEFAULT_GRANT_LIFETIME);
     let clock_skew = duration("approval.clock_skew", raw.clock_skew.as_deref(), errors);
+    // A grant approves one call: an hour is far longer than a person's approval takes.
+    super::check_short(
+        errors,
+        "approval.max_lifetime",
+        Some(max_lifetime),
+        std::time::Duration::from_secs(3600),
+    );
+    super::check_short(
+        errors,
+        "approval.clock_skew",
+        clock_skew,
+        super::MAX_CLOCK_SKEW,
+    );
     if raw.max_tracked_grants == Some(0) {
         errors.add("approval.max_tracked_grants", "must be greater than 0");
     }
