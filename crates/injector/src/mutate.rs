@@ -174,6 +174,11 @@ pub enum Refusal {
     /// Bad policy mode.
     #[error("{ANNOTATION_POLICY_MODE} must be \"enforce\" or \"shadow\", not {0:?}")]
     BadPolicyMode(String),
+    /// The application's port is published on the node.
+    #[error(
+        "the application's port {0} has a hostPort: it would be reachable on the node past the portcullis sidecar"
+    )]
+    UpstreamOnHostPort(u16),
     /// The pod shares the node's network namespace.
     #[error(
         "pods with hostNetwork: true cannot get the portcullis sidecar: its ports would be opened on the node"
@@ -399,6 +404,23 @@ fn plan(
         None => return Err(Refusal::MissingUpstreamPort),
         Some(p) => resolve_port(p, &app_containers)?,
     };
+    // A hostPort opens the application's port on the node, where anything reaching the node
+    // calls it past the sidecar (with identity headers of its own making).
+    let exposed = app_containers.iter().any(|c| {
+        c.get("ports")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .any(|p| {
+                p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(upstream_port))
+                    && p.get("hostPort")
+                        .and_then(Value::as_u64)
+                        .is_some_and(|h| h > 0)
+            })
+    });
+    if exposed {
+        return Err(Refusal::UpstreamOnHostPort(upstream_port));
+    }
     for (port, purpose) in [
         (settings.listen_port, "mtls"),
         (settings.admin_port, "admin"),

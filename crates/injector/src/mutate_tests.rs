@@ -182,6 +182,15 @@ fn refusals_name_the_problem() {
         assert!(!expected.to_string().is_empty());
     }
 
+    let published = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "http" }),
+        app(json!([{ "name": "http", "containerPort": 3000, "hostPort": 3000 }])),
+    );
+    assert_eq!(
+        mutate(&published, Scope::Namespace, &ns(), &s),
+        Err(Refusal::UpstreamOnHostPort(3000))
+    );
+
     let mut host = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
     host["spec"]["hostNetwork"] = json!(true);
     assert_eq!(
