@@ -437,11 +437,13 @@ async fn a_chunked_response_with_a_content_length_reaches_the_agent_whole() {
     server.abort();
 }
 
-/// An upstream that answered before reading the whole request body left its connection mid-
-/// request: the rest of that body could be read there as a request of its own (one Portcullis
-/// never decided), so the connection is not kept for another request once the body is out.
-#[tokio::test]
-async fn a_connection_answered_before_its_body_was_sent_is_not_kept() {
+/// An upstream that answers each request head at once, whatever body follows, and keeps
+/// reading: its address, how many connections it accepted, and its task.
+async fn early_answering_upstream() -> (
+    std::net::SocketAddr,
+    Arc<std::sync::atomic::AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -471,6 +473,16 @@ async fn a_connection_answered_before_its_body_was_sent_is_not_kept() {
             });
         }
     });
+    (addr, accepted, server)
+}
+
+/// An upstream that answered before reading the whole request body left its connection mid-
+/// request: the rest of that body could be read there as a request of its own (one Portcullis
+/// never decided), so the connection is not kept for another request once the body is out.
+#[tokio::test]
+async fn a_connection_answered_before_its_body_was_sent_is_not_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (addr, accepted, server) = early_answering_upstream().await;
     let h = Harness::builder()
         .policies(r#"@id("all") permit (principal, action, resource);"#)
         .upstream(addr)
@@ -509,7 +521,7 @@ async fn a_connection_answered_before_its_body_was_sent_is_not_kept() {
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(h.get(TRIAGE, "/api/orders/1").await.0, 200);
     }
-    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::SeqCst), 2);
     server.abort();
 }
 
@@ -518,31 +530,7 @@ async fn a_connection_answered_before_its_body_was_sent_is_not_kept() {
 /// rather than waiting behind the first caller's upload (here, until its own timeout).
 #[tokio::test]
 async fn a_connection_still_sending_a_body_is_not_lent_to_another_request() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let server = tokio::spawn(async move {
-        loop {
-            let (mut stream, _) = listener.accept().await.unwrap();
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                loop {
-                    // Answers each head at once, whatever body follows, and keeps reading.
-                    let Ok(n) = stream.read(&mut buf).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                        let _ = stream
-                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                            .await;
-                    }
-                }
-            });
-        }
-    });
+    let (addr, _, server) = early_answering_upstream().await;
     let h = Harness::builder()
         .policies(r#"@id("all") permit (principal, action, resource);"#)
         .upstream(addr)
