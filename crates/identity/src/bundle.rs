@@ -77,12 +77,6 @@ impl Bundle {
     }
 }
 
-/// `at` as unix seconds (0 before the epoch), the unit of [`Bundle::expiries`].
-pub fn unix_seconds(at: SystemTime) -> i64 {
-    at.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
 /// The subjects of the roots dropped from each trust domain's bundle.
 pub type DroppedRoots = Vec<(TrustDomain, Vec<String>)>;
 
@@ -177,7 +171,7 @@ pub fn parse_bundle(bytes: &[u8], path: &Path, now: SystemTime) -> Result<Bundle
             path: path.to_owned(),
         });
     }
-    let now = unix_seconds(now);
+    let now = crate::serving::unix(now);
     let mut bundle = Bundle {
         roots: Vec::new(),
         expiries: Vec::new(),
@@ -259,7 +253,7 @@ mod tests {
     use portcullis_core::TrustDomain;
     use portcullis_test_support::pki::Ca;
 
-    use super::{BundleError, TrustBundles, parse_bundle, subject_and_expiry, unix_seconds};
+    use super::{BundleError, TrustBundles, parse_bundle, subject_and_expiry};
 
     fn x5c(ca: &Ca) -> String {
         base64::engine::general_purpose::STANDARD.encode(ca.cert_der())
@@ -339,7 +333,7 @@ mod tests {
             TrustDomain::parse("partner.example")?,
             read(&partner.cert_pem())?,
         );
-        let in_two_hours = unix_seconds(SystemTime::now()) + 2 * 3600;
+        let in_two_hours = crate::serving::unix(SystemTime::now()) + 2 * 3600;
 
         assert!(bundles.without_expired(in_two_hours - 3 * 3600).is_none());
         let (kept, dropped) = bundles

@@ -412,7 +412,7 @@ impl Watcher {
     fn expired_roots(&self, index: usize, now: SystemTime) -> Option<BundleChange> {
         let (domain, path) = self.files.bundles.get(index)?;
         let in_force = self.current.bundles.get(domain.as_str())?;
-        let (bundle, expired) = in_force.without_expired(bundle::unix_seconds(now))?;
+        let (bundle, expired) = in_force.without_expired(crate::serving::unix(now))?;
         let no_root = bundle
             .roots
             .is_empty()

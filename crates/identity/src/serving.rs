@@ -206,6 +206,8 @@ fn chain_reason(error: &Error) -> String {
     }
 }
 
+/// `time` as unix seconds (0 before the epoch), the unit of certificate validity and of
+/// [`crate::bundle::Bundle::expiries`].
 pub(crate) fn unix(time: SystemTime) -> i64 {
     time.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))

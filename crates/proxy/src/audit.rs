@@ -738,10 +738,6 @@ impl AuditLog {
         }
     }
 
-    pub fn is_healthy(&self) -> bool {
-        self.health() == AuditHealth::Healthy
-    }
-
     /// Failed when the queue is closed; stuck when records are waiting and the writer has
     /// been in one write for longer than the admission timeout. For `/readyz`, not the
     /// request path: it reads the clock.
@@ -2097,7 +2093,7 @@ mod tests {
         }
         let wait_for = |healthy: bool| {
             for _ in 0..3000 {
-                if log.is_healthy() == healthy {
+                if (log.health() == AuditHealth::Healthy) == healthy {
                     return true;
                 }
                 std::thread::sleep(Duration::from_millis(10));

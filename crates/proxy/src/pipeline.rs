@@ -527,10 +527,11 @@ async fn authorize_and_forward(
     // With the token header's other spellings (`x_user_jwt` for `x-user-jwt`): not verified,
     // and an application reading `_` as `-` would take one for the verified token (captured
     // above when the route forwards it).
-    remove_caller_supplied(
-        &mut parts.headers,
-        shared.user_token.as_ref().map(|t| t.header.as_str()),
-    );
+    let token_header = shared
+        .user_token
+        .as_ref()
+        .map(|t| crate::headers::folded(&t.header));
+    remove_caller_supplied(&mut parts.headers, token_header.as_deref());
     // Long-lived credentials never reach the application (flagged above: every one present
     // but the user-token header, which is handled next), under any spelling flagged.
     if !standing.is_empty() {

@@ -7,7 +7,6 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 
 use super::{Endpoint, Options, SourceEvent, StartupError, WorkloadApiSource, X509Context, spawn};
-use crate::bundle;
 use crate::live::{
     IdentityFeed, IdentitySnapshot, LiveIdentity, LiveIdentityError, ReloadKind, ReloadObserver,
 };
@@ -169,7 +168,7 @@ fn drop_expired(
     sender: &watch::Sender<Arc<LiveIdentity>>,
     observer: &dyn ReloadObserver,
 ) -> bool {
-    let now = bundle::unix_seconds(SystemTime::now());
+    let now = crate::serving::unix(SystemTime::now());
     let Some((bundles, dropped)) = applied.bundles.without_expired(now) else {
         return true;
     };

@@ -145,9 +145,7 @@ fn trust_bundles(
     set: &spiffe::X509BundleSet,
     now: SystemTime,
 ) -> Result<TrustBundles, UpdateError> {
-    let now = now
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+    let now = crate::serving::unix(now);
     let mut bundles = TrustBundles::new();
     for (name, bundle) in set.iter() {
         let domain =
