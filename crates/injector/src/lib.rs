@@ -28,9 +28,10 @@ pub use kube::{ApiServer, Cluster, NamespaceInfo, StaticCluster};
 pub use mutate::{
     ADMIN_PORT_NAME, ANNOTATION_ALLOW_OPT_OUT, ANNOTATION_CONFIG, ANNOTATION_INJECT,
     ANNOTATION_POLICY_CONFIGMAP, ANNOTATION_POLICY_MODE, ANNOTATION_RENDERED_HELPER_CONFIG,
-    ANNOTATION_TRUST_DOMAIN, ANNOTATION_UPSTREAM_PORT, CONFIG_DIR, CSI_DRIVER_SPIFFE,
-    CSI_DRIVER_SPIRE, ConfigSource, HELPER_NAME, Injection, LABEL_INJECTED, MTLS_PORT_NAME,
-    Mutation, Refusal, SIDECAR_NAME, Scope, SkipReason, mutate, render_overrides,
+    ANNOTATION_SECRET, ANNOTATION_TRUST_DOMAIN, ANNOTATION_UPSTREAM_PORT, CONFIG_DIR,
+    CSI_DRIVER_SPIFFE, CSI_DRIVER_SPIRE, ConfigSource, HELPER_NAME, Injection, LABEL_INJECTED,
+    MTLS_PORT_NAME, Mutation, Refusal, SECRET_DIR, SIDECAR_NAME, Scope, SkipReason, mutate,
+    render_overrides,
 };
 pub use review::{Admission, Answer, ConfigValidator, Verdict, review};
 pub use server::{PATH_NAMESPACE, PATH_POD, ServeError, Server, serve};

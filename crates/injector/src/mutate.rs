@@ -29,6 +29,9 @@ pub const ANNOTATION_TRUST_DOMAIN: &str = "portcullis.dev/trust-domain";
 pub const ANNOTATION_POLICY_MODE: &str = "portcullis.dev/policy-mode";
 /// ConfigMap (pod or namespace annotation) whose `config.yaml` is the sidecar's config.
 pub const ANNOTATION_CONFIG: &str = "portcullis.dev/config";
+/// Secret (pod or namespace annotation) mounted into the sidecar only, at [`SECRET_DIR`]:
+/// upstream API keys (`routes[].credential.file`), the audit `signing_key`.
+pub const ANNOTATION_SECRET: &str = "portcullis.dev/secret";
 /// Namespace label or annotation: `"true"` lets pods opt out or ask for shadow mode.
 pub const ANNOTATION_ALLOW_OPT_OUT: &str = "portcullis.dev/allow-opt-out";
 /// Set by the webhook in SPIRE mode: spiffe-helper's config file.
@@ -46,6 +49,7 @@ pub const MTLS_PORT_NAME: &str = "portcullis-mtls";
 pub const ADMIN_PORT_NAME: &str = "pc-admin";
 
 const VOLUME_CONFIG: &str = "portcullis-config";
+const VOLUME_SECRET: &str = "portcullis-secret";
 const VOLUME_HELPER_CONFIG: &str = "portcullis-helper-config";
 const VOLUME_POLICIES: &str = "portcullis-policies";
 const VOLUME_SVID: &str = "portcullis-svid";
@@ -54,6 +58,9 @@ const VOLUME_SPIRE_SOCKET: &str = "portcullis-spire-agent";
 /// Where the config ConfigMap is mounted: every key, so `jwks_file: jwks.json` in its
 /// `config.yaml` resolves to the ConfigMap's own `jwks.json`.
 pub const CONFIG_DIR: &str = "/etc/portcullis/config";
+/// Where the Secret named by [`ANNOTATION_SECRET`] is mounted (read-only, the sidecar only):
+/// a config names its keys as `/etc/portcullis/secret/<key>`.
+pub const SECRET_DIR: &str = "/etc/portcullis/secret";
 const HELPER_CONFIG_DIR: &str = "/etc/portcullis/spiffe-helper";
 const POLICY_DIR: &str = "/etc/portcullis/policies";
 const SVID_DIR: &str = "/run/spiffe";
@@ -101,6 +108,10 @@ pub struct ConfigSource {
     /// What the sidecar lays over it (`portcullis run --override`): listeners, upstream,
     /// the injected certificate paths, the policy mount and mode.
     pub overrides: String,
+    /// The Secret mounted at [`SECRET_DIR`], if the pod or its namespace names one. The
+    /// webhook cannot read it (no RBAC on Secrets): files the config names under
+    /// [`SECRET_DIR`] are checked by the sidecar at start, not at admission.
+    pub secret: Option<String>,
 }
 
 /// Why a pod is admitted unchanged.
@@ -192,7 +203,8 @@ pub enum Refusal {
         "{ANNOTATION_INJECT}: \"false\" is not allowed in this namespace (it needs {ANNOTATION_ALLOW_OPT_OUT}: \"true\")"
     )]
     OptOutNotAllowed,
-    /// The pod names another policy or config ConfigMap than the one its namespace sets.
+    /// The pod names another policy ConfigMap, config ConfigMap or Secret than the one its
+    /// namespace sets (the variant's name predates the Secret).
     #[error(
         "{annotation}: {pod:?} is not allowed in this namespace, which sets {annotation}: {namespace:?} for its pods"
     )]
@@ -214,6 +226,11 @@ pub enum Refusal {
     /// Bad config ConfigMap name.
     #[error("{ANNOTATION_CONFIG} {0:?} is not a valid ConfigMap name")]
     BadConfigMapName(String),
+    /// Bad Secret name.
+    #[error(
+        "{ANNOTATION_SECRET} {0:?} is not a valid Secret name (a DNS-1123 subdomain: lowercase letters, digits, '-' and '.', at most 253 characters)"
+    )]
+    BadSecretName(String),
     /// The named config ConfigMap does not exist.
     #[error("{ANNOTATION_CONFIG}: ConfigMap {0:?} not found in the pod's namespace")]
     ConfigMapMissing(String),
@@ -379,6 +396,7 @@ struct Plan {
 
 const OUR_VOLUMES: &[&str] = &[
     VOLUME_CONFIG,
+    VOLUME_SECRET,
     VOLUME_HELPER_CONFIG,
     VOLUME_POLICIES,
     VOLUME_SVID,
@@ -475,10 +493,11 @@ fn plan(
         None => settings.trust_domain.clone(),
         Some(s) => TrustDomain::parse(s).map_err(|_| Refusal::BadTrustDomain(s.to_owned()))?,
     };
-    // Where the namespace names the policy or config ConfigMap, its pods get that one: a pod
-    // author who may create ConfigMaps (but not update the namespace's, which RBAC can hold
-    // by name) would otherwise point the sidecar at a permissive set or a config without
-    // user tokens or limits. Without a namespace choice the pod's stands, as before.
+    // Where the namespace names the policy or config ConfigMap (or the Secret), its pods get
+    // that one: a pod author who may create ConfigMaps (but not update the namespace's, which
+    // RBAC can hold by name) would otherwise point the sidecar at a permissive set, a config
+    // without user tokens or limits, or credentials of their own choosing. Without a
+    // namespace choice the pod's stands, as before.
     let chosen = |key: &'static str| -> Result<Option<&str>, Refusal> {
         let ours = namespace.annotations.get(key).map(String::as_str);
         match (annotation(key), ours) {
@@ -511,6 +530,11 @@ fn plan(
         Some(s) if is_dns_subdomain(s) => Some(s.to_owned()),
         Some(s) => return Err(Refusal::BadConfigMapName(s.to_owned())),
     };
+    let secret = match chosen(ANNOTATION_SECRET)? {
+        None => None,
+        Some(s) if is_dns_subdomain(s) => Some(s.to_owned()),
+        Some(s) => return Err(Refusal::BadSecretName(s.to_owned())),
+    };
 
     let overrides = render_overrides(
         settings,
@@ -522,6 +546,7 @@ fn plan(
     let config = configmap.map(|configmap| ConfigSource {
         configmap,
         overrides: overrides.clone(),
+        secret: secret.clone(),
     });
     let mut containers = Vec::new();
     let helper_config = match &settings.svid {
@@ -536,10 +561,20 @@ fn plan(
         }
         SvidSource::CsiDriverSpiffe => None,
     };
-    containers.push(sidecar_container(settings, &overrides, config.is_some()));
+    containers.push(sidecar_container(
+        settings,
+        &overrides,
+        config.is_some(),
+        secret.is_some(),
+    ));
     Ok(Plan {
         containers,
-        volumes: volumes(settings, &policy_configmap, config.as_ref()),
+        volumes: volumes(
+            settings,
+            &policy_configmap,
+            config.as_ref(),
+            secret.as_deref(),
+        ),
         helper_config,
         config,
     })
@@ -691,7 +726,12 @@ fn security_context(settings: &InjectionSettings) -> Value {
     })
 }
 
-fn sidecar_container(settings: &InjectionSettings, overrides: &str, from_configmap: bool) -> Value {
+fn sidecar_container(
+    settings: &InjectionSettings,
+    overrides: &str,
+    from_configmap: bool,
+    secret: bool,
+) -> Value {
     let probe = |path: &str, period: u32, failures: u32| {
         json!({
             "httpGet": { "path": path, "port": ADMIN_PORT_NAME, "scheme": "HTTP" },
@@ -717,7 +757,7 @@ fn sidecar_container(settings: &InjectionSettings, overrides: &str, from_configm
         "resources": { "requests": settings.requests, "limits": settings.limits },
         "securityContext": security_context(settings),
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": sidecar_mounts(from_configmap),
+        "volumeMounts": sidecar_mounts(from_configmap, secret),
     });
     if settings.native_sidecar {
         c["restartPolicy"] = json!("Always");
@@ -736,10 +776,15 @@ fn sidecar_args(overrides: &str, from_configmap: bool) -> Value {
     json!(args)
 }
 
-fn sidecar_mounts(from_configmap: bool) -> Value {
+fn sidecar_mounts(from_configmap: bool, secret: bool) -> Value {
     let mut mounts = Vec::new();
     if from_configmap {
         mounts.push(json!({ "name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": true }));
+    }
+    // The portcullis container only: not the spiffe-helper, and no container of the pod's
+    // own may mount it (OUR_VOLUMES).
+    if secret {
+        mounts.push(json!({ "name": VOLUME_SECRET, "mountPath": SECRET_DIR, "readOnly": true }));
     }
     mounts.push(json!({ "name": VOLUME_POLICIES, "mountPath": POLICY_DIR, "readOnly": true }));
     mounts.push(json!({ "name": VOLUME_SVID, "mountPath": SVID_DIR, "readOnly": true }));
@@ -774,12 +819,27 @@ fn volumes(
     settings: &InjectionSettings,
     policy_configmap: &str,
     config: Option<&ConfigSource>,
+    secret: Option<&str>,
 ) -> Vec<Value> {
     let mut out = Vec::new();
     if let Some(config) = config {
         out.push(json!({
             "name": VOLUME_CONFIG,
             "configMap": { "name": config.configmap, "defaultMode": 0o444 },
+        }));
+    }
+    if let Some(secret) = secret {
+        // 0444, not 0440: the pod has no fsGroup (the webhook sets none, and setting one would
+        // re-own every volume of the pod and add a group to the application's containers), so
+        // the kubelet writes the files as root:root, and 0440 would leave them unreadable to
+        // the sidecar's UID/GID (`run_as_user`, 65532 by default). Who can read them is
+        // decided by who mounts the volume: the portcullis container alone (not the
+        // spiffe-helper; a container of the pod's own mounting it is refused).
+        // `optional: false`: a missing Secret holds the pod in ContainerCreating rather than
+        // starting a sidecar without its credentials.
+        out.push(json!({
+            "name": VOLUME_SECRET,
+            "secret": { "secretName": secret, "defaultMode": 0o444, "optional": false },
         }));
     }
     out.push(json!({

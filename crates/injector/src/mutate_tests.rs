@@ -567,3 +567,243 @@ fn a_portcullis_container_the_webhook_did_not_write_is_refused() {
         );
     }
 }
+
+/// The volume mounts of the container named `name`, as (volume, path, readOnly).
+fn mounts_of(pod: &Value, name: &str) -> Vec<(String, String, bool)> {
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|key| pod["spec"][key].as_array())
+        .flatten()
+        .filter(|c| c["name"] == name)
+        .flat_map(|c| c["volumeMounts"].as_array().cloned().unwrap_or_default())
+        .map(|m| {
+            (
+                m["name"].as_str().unwrap().to_owned(),
+                m["mountPath"].as_str().unwrap().to_owned(),
+                m["readOnly"].as_bool().unwrap_or(false),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_named_secret_is_mounted_read_only_into_the_sidecar_only() {
+    let spire = InjectionSettings {
+        svid: SvidSource::Spire {
+            helper_image: "helper:1".into(),
+            socket_file: "spire-agent.sock".into(),
+        },
+        ..InjectionSettings::default()
+    };
+    for s in [InjectionSettings::default(), spire] {
+        let p = pod(
+            json!({
+                ANNOTATION_UPSTREAM_PORT: "8080",
+                ANNOTATION_CONFIG: "agent-config",
+                ANNOTATION_SECRET: "agent-keys",
+            }),
+            app(json!([])),
+        );
+        let Ok(Mutation::Patch(injection)) = mutate(&p, Scope::Namespace, &ns(), &s) else {
+            panic!("expected a patch");
+        };
+        // The validator is told a Secret is mounted.
+        assert_eq!(
+            injection.config.unwrap().secret.as_deref(),
+            Some("agent-keys")
+        );
+        let out = patched(&p, Scope::Namespace, &s);
+        let volumes = out["spec"]["volumes"].as_array().unwrap();
+        let secret: Vec<&Value> = volumes
+            .iter()
+            .filter(|v| v["name"] == "portcullis-secret")
+            .collect();
+        assert_eq!(
+            secret,
+            [&json!({
+                "name": "portcullis-secret",
+                "secret": { "secretName": "agent-keys", "defaultMode": 0o444, "optional": false },
+            })]
+        );
+        let mount = ("portcullis-secret".to_owned(), SECRET_DIR.to_owned(), true);
+        assert!(mounts_of(&out, SIDECAR_NAME).contains(&mount), "{out}");
+        // Nowhere else: not the helper, not the application.
+        for other in [HELPER_NAME, "app"] {
+            assert!(
+                mounts_of(&out, other)
+                    .iter()
+                    .all(|(v, path, _)| v != "portcullis-secret" && path != SECRET_DIR),
+                "{other}: {out}"
+            );
+        }
+        // A reinvocation is recognised; the volume pointed at another Secret is not ours.
+        assert_eq!(
+            mutate(&out, Scope::Namespace, &ns(), &s),
+            Ok(Mutation::Skip(SkipReason::AlreadyInjected))
+        );
+        let mut swapped = out.clone();
+        for v in swapped["spec"]["volumes"].as_array_mut().unwrap() {
+            if v["name"] == "portcullis-secret" {
+                v["secret"]["secretName"] = json!("someone-elses");
+            }
+        }
+        assert_eq!(
+            mutate(&swapped, Scope::Namespace, &ns(), &s),
+            Err(Refusal::ForeignSidecar)
+        );
+    }
+
+    // Without a config ConfigMap the Secret is mounted all the same (the namespace may name it
+    // for pods that do not use it yet).
+    let s = InjectionSettings::default();
+    let bare = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_SECRET: "agent-keys" }),
+        app(json!([])),
+    );
+    let out = patched(&bare, Scope::Namespace, &s);
+    assert!(mounts_of(&out, SIDECAR_NAME).contains(&(
+        "portcullis-secret".to_owned(),
+        SECRET_DIR.to_owned(),
+        true
+    )));
+
+    // Without the annotation: no Secret anywhere, and `secret` is None for the validator.
+    let plain = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_CONFIG: "agent-config" }),
+        app(json!([])),
+    );
+    let Ok(Mutation::Patch(injection)) = mutate(&plain, Scope::Namespace, &ns(), &s) else {
+        panic!("expected a patch");
+    };
+    assert_eq!(injection.config.unwrap().secret, None);
+    let text = serde_json::to_string(&injection.patch).unwrap();
+    assert!(
+        !text.contains("portcullis-secret") && !text.contains(SECRET_DIR),
+        "{text}"
+    );
+}
+
+#[test]
+fn the_namespace_chooses_the_secret_and_the_name_must_be_valid() {
+    let s = InjectionSettings::default();
+    let in_ns = NamespaceInfo {
+        annotations: [(ANNOTATION_SECRET.to_owned(), "team-keys".to_owned())].into(),
+        ..NamespaceInfo::default()
+    };
+    // The namespace's Secret for a pod that names none.
+    let plain = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
+    let out = patched_in(&plain, Scope::Namespace, &in_ns, &s);
+    assert!(
+        out["spec"]["volumes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|v| v["secret"]["secretName"] == "team-keys"),
+        "{out}"
+    );
+    // A pod naming another: refused, naming the annotation and both Secrets.
+    let own = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_SECRET: "my-keys" }),
+        app(json!([])),
+    );
+    let refusal = mutate(&own, Scope::Namespace, &in_ns, &s).unwrap_err();
+    assert_eq!(
+        refusal,
+        Refusal::NamespaceChoosesConfigMap {
+            annotation: ANNOTATION_SECRET,
+            pod: "my-keys".into(),
+            namespace: "team-keys".into(),
+        }
+    );
+    let text = refusal.to_string();
+    assert!(
+        text.contains("portcullis.dev/secret") && text.contains("my-keys"),
+        "{text}"
+    );
+    // Naming the namespace's own is no choice; where the namespace names none, the pod's
+    // stands.
+    let same = pod(
+        json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_SECRET: "team-keys" }),
+        app(json!([])),
+    );
+    assert!(matches!(
+        mutate(&same, Scope::Namespace, &in_ns, &s),
+        Ok(Mutation::Patch(_))
+    ));
+    assert!(matches!(
+        mutate(&own, Scope::Namespace, &ns(), &s),
+        Ok(Mutation::Patch(_))
+    ));
+
+    // Not a DNS-1123 subdomain: refused, on the pod or on the namespace.
+    for bad in ["Agent_Keys", "", "-keys", "keys/../other", &"k".repeat(254)] {
+        let p = pod(
+            json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_SECRET: bad }),
+            app(json!([])),
+        );
+        assert_eq!(
+            mutate(&p, Scope::Namespace, &ns(), &s),
+            Err(Refusal::BadSecretName(bad.to_owned())),
+            "{bad:?}"
+        );
+        let bad_ns = NamespaceInfo {
+            annotations: [(ANNOTATION_SECRET.to_owned(), bad.to_owned())].into(),
+            ..NamespaceInfo::default()
+        };
+        assert_eq!(
+            mutate(&plain, Scope::Namespace, &bad_ns, &s),
+            Err(Refusal::BadSecretName(bad.to_owned())),
+            "{bad:?}"
+        );
+    }
+    assert!(
+        Refusal::BadSecretName("Agent_Keys".into())
+            .to_string()
+            .contains("portcullis.dev/secret \"Agent_Keys\" is not a valid Secret name")
+    );
+}
+
+#[test]
+fn the_pods_own_containers_may_not_have_the_secret_volume() {
+    let s = InjectionSettings::default();
+    let annotations = json!({ ANNOTATION_UPSTREAM_PORT: "8080", ANNOTATION_SECRET: "agent-keys" });
+    for key in ["containers", "initContainers", "ephemeralContainers"] {
+        for with_annotation in [true, false] {
+            let a = if with_annotation {
+                annotations.clone()
+            } else {
+                json!({ ANNOTATION_UPSTREAM_PORT: "8080" })
+            };
+            let mut mounting = pod(a, app(json!([])));
+            let container = json!({
+                "name": "reader", "image": "busybox",
+                "volumeMounts": [{ "name": "portcullis-secret", "mountPath": "/keys" }],
+            });
+            match mounting["spec"][key].as_array_mut() {
+                Some(list) => list.push(container),
+                None => mounting["spec"][key] = json!([container]),
+            }
+            assert_eq!(
+                mutate(&mounting, Scope::Namespace, &ns(), &s),
+                Err(Refusal::VolumeMounted("portcullis-secret".into())),
+                "{key} {with_annotation}"
+            );
+        }
+    }
+    // Nor declare a volume of that name.
+    let mut declaring = pod(annotations.clone(), app(json!([])));
+    declaring["spec"]["volumes"] =
+        json!([{ "name": "portcullis-secret", "secret": { "secretName": "other" } }]);
+    assert_eq!(
+        mutate(&declaring, Scope::Namespace, &ns(), &s),
+        Err(Refusal::VolumeConflict("portcullis-secret".into()))
+    );
+    // An injected pod whose app container mounts it afterwards (a copy written by hand).
+    let mut injected = patched(&pod(annotations, app(json!([]))), Scope::Namespace, &s);
+    injected["spec"]["containers"][0]["volumeMounts"] =
+        json!([{ "name": "portcullis-secret", "mountPath": "/keys", "readOnly": true }]);
+    assert_eq!(
+        mutate(&injected, Scope::Namespace, &ns(), &s),
+        Err(Refusal::VolumeMounted("portcullis-secret".into()))
+    );
+}

@@ -14,11 +14,12 @@ use crate::mutate::{
 };
 
 /// Checks a sidecar config as `portcullis run` would load it: the ConfigMap's keys (its
-/// `config.yaml` and the files it names) and the webhook's overrides in, every error as
-/// `path: message` out. The `portcullis` binary supplies the real config loader, so the
+/// `config.yaml` and the files it names) and what the injection decided (the webhook's
+/// overrides, whether a Secret is mounted at [`SECRET_DIR`](crate::SECRET_DIR)) in, every error
+/// as `path: message` out. The `portcullis` binary supplies the real config loader, so the
 /// webhook and the sidecar cannot disagree about what is valid.
 pub type ConfigValidator =
-    Arc<dyn Fn(&BTreeMap<String, String>, &str) -> Result<(), Vec<String>> + Send + Sync>;
+    Arc<dyn Fn(&BTreeMap<String, String>, &ConfigSource) -> Result<(), Vec<String>> + Send + Sync>;
 
 /// What a review needs besides the request: the settings, the cluster, the validator.
 #[derive(Clone)]
@@ -208,7 +209,7 @@ async fn check_config(
         }
     };
     let errors = if data.contains_key("config.yaml") {
-        match (admission.validate)(&data, &config.overrides) {
+        match (admission.validate)(&data, config) {
             Ok(()) => return Ok(()),
             Err(errors) => errors,
         }

@@ -13,8 +13,9 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use portcullis_injector::{
-    ANNOTATION_ALLOW_OPT_OUT, ApiSettings, InjectionSettings, NamespaceInfo, PATH_NAMESPACE,
-    PATH_POD, Server, StaticCluster, SvidSource, TlsFiles, WebhookConfig,
+    ANNOTATION_ALLOW_OPT_OUT, ANNOTATION_SECRET, ApiSettings, InjectionSettings, NamespaceInfo,
+    PATH_NAMESPACE, PATH_POD, SECRET_DIR, Server, StaticCluster, SvidSource, TlsFiles,
+    WebhookConfig,
 };
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
@@ -230,7 +231,8 @@ fn names(list: &Value) -> Vec<&str> {
 }
 
 /// The fixtures' namespaces: `agents` lets its pods opt out (and ask for shadow mode),
-/// `orders` does not.
+/// `orders` does not; `payments` names the policy ConfigMap and `billing` the Secret for its
+/// pods.
 fn cluster() -> StaticCluster {
     let mut cluster = StaticCluster::default();
     cluster.namespaces.insert(
@@ -248,6 +250,13 @@ fn cluster() -> StaticCluster {
                 "security-policies".to_owned(),
             )]
             .into(),
+            ..NamespaceInfo::default()
+        },
+    );
+    cluster.namespaces.insert(
+        "billing".into(),
+        NamespaceInfo {
+            annotations: [(ANNOTATION_SECRET.to_owned(), "billing-keys".to_owned())].into(),
             ..NamespaceInfo::default()
         },
     );
@@ -727,6 +736,139 @@ async fn a_rotated_serving_certificate_is_picked_up() {
         call_with_ca(hook.addr, &hook.ca, http::Method::GET, "/healthz", vec![])
             .await
             .is_err()
+    );
+    hook.stop().await;
+}
+
+/// The `volumeMounts` of every container of `pod` that mount `volume`, by container name.
+fn mounting(pod: &Value, volume: &str) -> Vec<(String, Value)> {
+    ["initContainers", "containers"]
+        .iter()
+        .filter_map(|key| pod["spec"][key].as_array())
+        .flatten()
+        .flat_map(|c| {
+            c["volumeMounts"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|m| m["name"] == volume)
+                .map(|m| (c["name"].as_str().unwrap().to_owned(), m))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_pod_naming_a_secret_gets_it_read_only_in_the_sidecar_only() {
+    let spire = InjectionSettings {
+        svid: SvidSource::Spire {
+            helper_image: "ghcr.io/spiffe/spiffe-helper:0.10.0".into(),
+            socket_file: "spire-agent.sock".into(),
+        },
+        ..InjectionSettings::default()
+    };
+    for settings in [InjectionSettings::default(), spire] {
+        let hook = Webhook::start(settings).await;
+        let mut review = fixture("deployment-pod.json");
+        review["request"]["object"]["metadata"]["annotations"][ANNOTATION_SECRET] =
+            json!("orders-upstream-keys");
+        let response = hook.review(PATH_NAMESPACE, &review).await;
+        let pod = apply(&review, &response).expect("a patch");
+
+        assert_eq!(
+            named(&pod["spec"]["volumes"], "portcullis-secret"),
+            &json!({
+                "name": "portcullis-secret",
+                "secret": {
+                    "secretName": "orders-upstream-keys",
+                    "defaultMode": 292,
+                    "optional": false,
+                },
+            })
+        );
+        assert_eq!(
+            mounting(&pod, "portcullis-secret"),
+            [(
+                "portcullis".to_owned(),
+                json!({ "name": "portcullis-secret", "mountPath": SECRET_DIR, "readOnly": true }),
+            )],
+            "the sidecar only, read-only"
+        );
+        assert_eq!(SECRET_DIR, "/etc/portcullis/secret");
+        assert_eq!(
+            pod["spec"]["containers"][0], review["request"]["object"]["spec"]["containers"][0],
+            "the application container is untouched"
+        );
+        assert!(
+            kube_validate(&pod, &["1.29", "1.37"]),
+            "patched pod is not a valid Pod"
+        );
+        // A reinvocation changes nothing.
+        let again = review_of(&review, &pod, "7e0c2a52-0000-4000-8000-000000000011");
+        let response = hook.review(PATH_NAMESPACE, &again).await;
+        assert!(apply(&again, &response).is_none(), "{response}");
+        hook.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn secret_refusals_a_namespace_choice_a_mount_by_the_app_and_a_bad_name() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let refused = |response: &Value| -> String {
+        assert_eq!(response["response"]["allowed"], false, "{response}");
+        assert!(response["response"].get("patch").is_none());
+        assert_eq!(response["response"]["status"]["code"], 400);
+        response["response"]["status"]["message"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+
+    // `billing` names the Secret for its pods: a pod naming another is refused...
+    let mut review = fixture("deployment-pod.json");
+    review["request"]["namespace"] = json!("billing");
+    review["request"]["object"]["metadata"]["annotations"][ANNOTATION_SECRET] =
+        json!("my-own-keys");
+    let message = refused(&hook.review(PATH_NAMESPACE, &review).await);
+    for part in ["portcullis.dev/secret", "my-own-keys", "billing-keys"] {
+        assert!(message.contains(part), "{part:?} missing from {message}");
+    }
+    // ...and one naming none mounts the namespace's.
+    review["request"]["object"]["metadata"]["annotations"]
+        .as_object_mut()
+        .unwrap()
+        .remove(ANNOTATION_SECRET);
+    let response = hook.review(PATH_NAMESPACE, &review).await;
+    let pod = apply(&review, &response).expect("a patch");
+    assert_eq!(
+        named(&pod["spec"]["volumes"], "portcullis-secret")["secret"]["secretName"],
+        "billing-keys"
+    );
+
+    // An application container mounting the sidecar's Secret volume (which the API server
+    // would only check after the webhook added it), with or without the annotation.
+    for annotated in [true, false] {
+        let mut review = fixture("deployment-pod.json");
+        if annotated {
+            review["request"]["object"]["metadata"]["annotations"][ANNOTATION_SECRET] =
+                json!("orders-upstream-keys");
+        }
+        review["request"]["object"]["spec"]["containers"][0]["volumeMounts"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({ "name": "portcullis-secret", "mountPath": "/keys", "readOnly": true }));
+        let message = refused(&hook.review(PATH_NAMESPACE, &review).await);
+        assert!(message.contains("\"portcullis-secret\""), "{message}");
+    }
+
+    // A name that is no DNS-1123 subdomain.
+    let mut review = fixture("deployment-pod.json");
+    review["request"]["object"]["metadata"]["annotations"][ANNOTATION_SECRET] =
+        json!("Upstream_Keys");
+    let message = refused(&hook.review(PATH_NAMESPACE, &review).await);
+    assert!(
+        message.contains("portcullis.dev/secret \"Upstream_Keys\" is not a valid Secret name"),
+        "{message}"
     );
     hook.stop().await;
 }

@@ -513,3 +513,193 @@ async fn an_api_server_that_refuses_the_token_refuses_the_pod_without_leaking_wh
         "{text}"
     );
 }
+
+/// A config whose upstream API keys and audit signing key are in the pod's Secret: two of
+/// them absolute, one relative to the config directory (`../secret/...`, the same file).
+const SECRET_CONFIG: &str = "\
+routes:
+  - path_prefix: /v1/chat/completions
+    protocol: openai
+    credential:
+      file: /etc/portcullis/secret/openai-api-key
+  - path: /mcp
+    protocol: mcp
+    credential:
+      file: ../secret/mcp-api-key
+      header: x-api-key
+audit:
+  sink: stdout
+  signing_key: /etc/portcullis/secret/audit-signing.pem
+";
+
+fn keyed_configmap(name: &str, config: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": name, "namespace": "orders" },
+        "data": { "config.yaml": config },
+    })
+}
+
+#[tokio::test]
+async fn files_in_the_secret_are_admitted_only_when_the_pod_names_a_secret() {
+    let hook = Webhook::start(TOKEN).await;
+    hook.api.namespace(
+        "orders",
+        json!({ "portcullis.dev/inject": "enabled" }),
+        json!({}),
+    );
+    hook.api
+        .configmap("orders", keyed_configmap("keyed", SECRET_CONFIG));
+
+    // No Secret named: the pod would have none of these files, and the refusal says why, at
+    // each YAML path.
+    let without = pod(
+        json!({ "portcullis.dev/upstream-port": "http", "portcullis.dev/config": "keyed" }),
+        app(),
+    );
+    let text = message(&hook.review(&without).await);
+    for path in [
+        "routes[0].credential.file: \"/etc/portcullis/secret/openai-api-key\"",
+        "routes[1].credential.file: \"../secret/mcp-api-key\"",
+        "audit.signing_key: \"/etc/portcullis/secret/audit-signing.pem\"",
+    ] {
+        assert!(
+            text.contains(&format!(
+                "{path} is under the Secret mount /etc/portcullis/secret, but the pod names no portcullis.dev/secret"
+            )),
+            "{path:?} missing from:\n{text}"
+        );
+    }
+    assert!(
+        !text.contains("file not found") && !text.contains("/tmp"),
+        "{text}"
+    );
+
+    // Named (here by the pod): admitted, the Secret mounted into the sidecar, and the webhook
+    // never asked the API server for it.
+    let mut with = without.clone();
+    with["metadata"]["annotations"]["portcullis.dev/secret"] = json!("orders-keys");
+    let response = hook.review(&with).await;
+    let patched = apply(&with, &response);
+    let volume = patched["spec"]["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "portcullis-secret")
+        .unwrap()
+        .clone();
+    assert_eq!(volume["secret"]["secretName"], "orders-keys");
+    let sidecar = patched["spec"]["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "portcullis")
+        .unwrap()
+        .clone();
+    assert!(sidecar["volumeMounts"].as_array().unwrap().contains(&json!({
+        "name": "portcullis-secret", "mountPath": "/etc/portcullis/secret", "readOnly": true,
+    })));
+    let requests = hook.api.requests.lock().unwrap().clone();
+    assert!(
+        requests.iter().all(|p| !p.contains("/secrets")),
+        "{requests:?}"
+    );
+
+    // Only the Secret's files are left to the sidecar: any other error still refuses the pod,
+    // and a file outside the Secret that is missing is still reported.
+    hook.api.configmap(
+        "orders",
+        keyed_configmap(
+            "keyed-broken",
+            &SECRET_CONFIG.replace("protocol: mcp", "protocol: grpc").replace(
+                "audit:\n",
+                "user_token:\n  jwks_file: ../secret-ish/jwks.json\n  issuers: [https://idp]\n  audiences: [a]\n  max_lifetime: 5m\naudit:\n",
+            ),
+        ),
+    );
+    let mut broken = with.clone();
+    broken["metadata"]["annotations"]["portcullis.dev/config"] = json!("keyed-broken");
+    let text = message(&hook.review(&broken).await);
+    assert!(
+        text.contains("routes[1].protocol: \"grpc\" is not one of"),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "user_token.jwks_file: file not found: /etc/portcullis/config/../secret-ish/jwks.json"
+        ),
+        "{text}"
+    );
+    assert!(
+        !text.contains("credential.file") && !text.contains("signing_key"),
+        "{text}"
+    );
+
+    // A value under the mount at a key that is not a file (a route's path) is no Secret file.
+    hook.api.configmap(
+        "orders",
+        keyed_configmap(
+            "odd-route",
+            "routes:\n  - path_prefix: /etc/portcullis/secret/\n    protocol: http\n",
+        ),
+    );
+    let mut odd = without.clone();
+    odd["metadata"]["annotations"]["portcullis.dev/config"] = json!("odd-route");
+    assert_eq!(hook.review(&odd).await["allowed"], true);
+
+    // In the pod: the sidecar loads the config with the Secret's files, as `portcullis run`
+    // and `portcullis validate` do (Config::load_with_override), and a key missing from the
+    // Secret is reported at start with its YAML path.
+    let args: Vec<String> = sidecar["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap().to_owned())
+        .collect();
+    let pod_fs = tempfile::tempdir().unwrap();
+    let config_dir = pod_fs.path().join("etc/portcullis/config");
+    let secret_dir = pod_fs.path().join("etc/portcullis/secret");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    std::fs::create_dir_all(&secret_dir).unwrap();
+    std::fs::write(
+        config_dir.join("config.yaml"),
+        SECRET_CONFIG.replace("/etc/portcullis/secret", &secret_dir.display().to_string()),
+    )
+    .unwrap();
+    let svid_dir = pod_fs.path().join("run/spiffe");
+    std::fs::create_dir_all(&svid_dir).unwrap();
+    let ca = portcullis_test_support::pki::Ca::new("cluster.local").unwrap();
+    let svid = ca
+        .leaf(&portcullis_test_support::pki::LeafSpec::server(
+            "spiffe://cluster.local/ns/orders/sa/orders-api",
+        ))
+        .unwrap();
+    std::fs::write(svid_dir.join("tls.crt"), &svid.cert_pem).unwrap();
+    std::fs::write(svid_dir.join("tls.key"), &svid.key_pem).unwrap();
+    std::fs::write(svid_dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    let (signing_key, _) = portcullis_proxy::audit::SigningKey::generate().unwrap();
+    std::fs::write(secret_dir.join("audit-signing.pem"), signing_key).unwrap();
+    std::fs::write(secret_dir.join("openai-api-key"), "sk-test\n").unwrap();
+    let overrides = args[4]
+        .replace("/run/spiffe", &svid_dir.display().to_string())
+        .replace(
+            "/etc/portcullis/policies",
+            &repo_root().join("policies").display().to_string(),
+        );
+    let errors = Config::load_with_override(Some(&config_dir.join("config.yaml")), &overrides)
+        .unwrap_err()
+        .to_string();
+    assert_eq!(
+        errors.trim(),
+        format!(
+            "routes[1].credential.file: file not found: {}",
+            config_dir.join("../secret/mcp-api-key").display()
+        ),
+        "{errors}"
+    );
+    std::fs::write(secret_dir.join("mcp-api-key"), "mcp-test\n").unwrap();
+    let config = Config::load_with_override(Some(&config_dir.join("config.yaml")), &overrides)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.routes.iter().all(|r| r.credential.is_some()));
+    assert!(config.audit_checkpoints.is_some());
+}
