@@ -195,6 +195,13 @@ pub enum Refusal {
         "pods with hostNetwork: true cannot get the portcullis sidecar: its ports would be opened on the node"
     )]
     HostNetwork,
+    /// The pod shares a process namespace (`shareProcessNamespace` among its containers,
+    /// `hostPID` with the node): a process running as the sidecar's UID there reads the
+    /// sidecar's files through `/proc/<pid>/root` (the SVID key, the Secret) and its memory.
+    #[error(
+        "pods with {0}: true cannot get the portcullis sidecar: a process sharing its process namespace could read its keys through /proc"
+    )]
+    ProcessNamespaceShared(&'static str),
     /// The object is not shaped like a pod.
     #[error("the object is not a pod: {0}")]
     NotAPod(&'static str),
@@ -416,6 +423,14 @@ fn plan(
 
     if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
         return Err(Refusal::HostNetwork);
+    }
+    // Containers that share a PID namespace see each other's /proc/<pid>/root and
+    // /proc/<pid>/mem; the same UID (65532 is distroless's "nonroot", common in application
+    // images) or CAP_SYS_PTRACE is all it takes to read the sidecar's private key and Secret.
+    for field in ["shareProcessNamespace", "hostPID"] {
+        if spec.get(field).and_then(Value::as_bool) == Some(true) {
+            return Err(Refusal::ProcessNamespaceShared(field));
+        }
     }
 
     let upstream_port = match annotation(ANNOTATION_UPSTREAM_PORT) {

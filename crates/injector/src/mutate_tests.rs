@@ -197,6 +197,19 @@ fn refusals_name_the_problem() {
         mutate(&host, Scope::Namespace, &ns(), &s),
         Err(Refusal::HostNetwork)
     );
+    for field in ["shareProcessNamespace", "hostPID"] {
+        let mut shared = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
+        shared["spec"][field] = json!(true);
+        assert_eq!(
+            mutate(&shared, Scope::Namespace, &ns(), &s),
+            Err(Refusal::ProcessNamespaceShared(field))
+        );
+        shared["spec"][field] = json!(false);
+        assert!(matches!(
+            mutate(&shared, Scope::Namespace, &ns(), &s),
+            Ok(Mutation::Patch(_))
+        ));
+    }
 
     let mut clash = pod(json!({ ANNOTATION_UPSTREAM_PORT: "8080" }), app(json!([])));
     clash["spec"]["volumes"] = json!([{ "name": "portcullis-svid", "emptyDir": {} }]);

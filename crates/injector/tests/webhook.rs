@@ -872,3 +872,23 @@ async fn secret_refusals_a_namespace_choice_a_mount_by_the_app_and_a_bad_name() 
     );
     hook.stop().await;
 }
+
+/// A pod whose containers share a process namespace (with each other, or with the node) is
+/// refused: a process there with the sidecar's UID reads its keys through /proc/<pid>/root.
+#[tokio::test]
+async fn pods_sharing_a_process_namespace_are_refused() {
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    for field in ["shareProcessNamespace", "hostPID"] {
+        let mut review = fixture("deployment-pod.json");
+        review["request"]["object"]["spec"][field] = json!(true);
+        let response = hook.review(PATH_NAMESPACE, &review).await;
+        assert_eq!(response["response"]["allowed"], false, "{response}");
+        assert!(response["response"].get("patch").is_none());
+        let message = response["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.contains(&format!("{field}: true")), "{message}");
+        review["request"]["object"]["spec"][field] = json!(false);
+        let response = hook.review(PATH_NAMESPACE, &review).await;
+        assert!(apply(&review, &response).is_some(), "{response}");
+    }
+    hook.stop().await;
+}
