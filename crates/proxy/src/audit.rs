@@ -1301,7 +1301,8 @@ pub fn verify_chain(files: &[PathBuf]) -> io::Result<Result<ChainSummary, ChainB
 ///
 /// Files are read as bytes: a line that is not UTF-8 or not JSON is a torn line (reported
 /// in [`ChainSummary::tears`], and verification goes on) when the next line is a process
-/// start that links to it by hash, and a break at that line otherwise.
+/// start that links to it by hash (on a stdout trail, any stdout start: it links to nothing),
+/// and a break at that line otherwise.
 pub fn verify_trail(
     files: &[PathBuf],
     key: Option<&VerifyingKey>,
@@ -1383,7 +1384,12 @@ impl Verifier<'_> {
         let kind = value["type"].as_str().unwrap_or("");
         let stdout_start = kind == "start" && value["sink"] == "stdout";
         if let Some(torn) = self.torn.take() {
-            if kind == "start" && self.prev.as_deref() == Some(found.as_str()) {
+            // A start links to the torn line before it; on a stdout trail a start cannot link
+            // to anything (it begins at genesis), so the torn end of the run before is taken
+            // as such there.
+            let links = self.prev.as_deref() == Some(found.as_str())
+                || (self.summary.stdout && stdout_start && found == GENESIS);
+            if kind == "start" && links {
                 self.summary.tears.push(Tear {
                     file: torn.file,
                     line: torn.line,
@@ -2034,6 +2040,7 @@ mod tests {
         std::fs::write(&path, &lines.buf).unwrap();
         let summary = verify_chain(std::slice::from_ref(&path)).unwrap().unwrap();
         assert!(summary.stdout);
+        assert!(summary.tears.is_empty());
         assert!(!summary.mid_chain);
         assert_eq!((summary.starts, summary.records), (3, 6));
         let runs: Vec<(Option<&str>, usize)> = summary
@@ -2049,6 +2056,55 @@ mod tests {
                 (Some("2026-01-03T00:00:00.000Z"), 3),
             ]
         );
+    }
+
+    /// A process writing to stdout that died mid-line left a torn line; the next run's start
+    /// begins at genesis (a stdout start links to nothing), so the tear is reported and the
+    /// runs verified. On a file trail a genesis start after a torn line stays a break.
+    #[test]
+    fn a_torn_line_before_a_stdout_start_is_a_tear() {
+        let (_dir, path) = audit_dir();
+        let run = |lines: &mut Lines, day: u32, sink: &str| {
+            let mut chain = Chain {
+                prev: GENESIS.to_owned(),
+            };
+            let start = serde_json::json!({
+                "type": "start",
+                "time": format!("2026-01-0{day}T00:00:00.000Z"),
+                "version": "0",
+                "sink": sink,
+            });
+            chain.link(&start, lines);
+            chain.link(&serde_json::json!({ "request_id": day }), lines);
+        };
+        let torn: &[u8] = b"{\"time\":\"2026-01-01T00:00:01.000Z\",\"request_id\":\"caf\xc3";
+        for sink in ["stdout", "/var/log/portcullis/audit.jsonl"] {
+            let mut lines = Lines::default();
+            run(&mut lines, 1, sink);
+            lines.buf.extend_from_slice(torn);
+            lines.buf.push(b'\n');
+            run(&mut lines, 2, sink);
+            std::fs::write(&path, &lines.buf).unwrap();
+            let verified = verify_chain(std::slice::from_ref(&path)).unwrap();
+            if sink == "stdout" {
+                let summary = verified.unwrap();
+                assert_eq!((summary.starts, summary.records), (2, 2));
+                assert_eq!(
+                    summary.tears,
+                    [Tear {
+                        file: path.clone(),
+                        line: 3
+                    }]
+                );
+            } else {
+                let broken = verified.unwrap_err();
+                assert_eq!(broken.line, 3, "{broken}");
+                assert!(
+                    matches!(broken.problem, Problem::NotUtf8 { .. }),
+                    "{broken}"
+                );
+            }
+        }
     }
 
     /// A writer blocked in `write` (a pipe whose reader stopped reading) keeps the queue
