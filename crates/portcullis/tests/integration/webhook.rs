@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -350,29 +350,10 @@ async fn a_pod_naming_a_config_configmap_runs_the_sidecar_with_that_config() {
     // Load it as `portcullis run` will in the pod: the ConfigMap's keys in the mounted
     // directory, the args' override on top, with the pod's mounts (SVID, policies) standing in
     // here as minted certificates and the shipped policies.
-    let pod_fs = tempfile::tempdir().unwrap();
-    let config_dir = pod_fs.path().join("etc/portcullis/config");
-    std::fs::create_dir_all(&config_dir).unwrap();
+    let (_pod_fs, config_dir, overrides) = pod_filesystem(&args[4]);
     for (key, value) in configmap["data"].as_object().unwrap() {
         std::fs::write(config_dir.join(key), value.as_str().unwrap()).unwrap();
     }
-    let svid_dir = pod_fs.path().join("run/spiffe");
-    std::fs::create_dir_all(&svid_dir).unwrap();
-    let ca = portcullis_test_support::pki::Ca::new("cluster.local").unwrap();
-    let svid = ca
-        .leaf(&portcullis_test_support::pki::LeafSpec::server(
-            "spiffe://cluster.local/ns/orders/sa/orders-api",
-        ))
-        .unwrap();
-    std::fs::write(svid_dir.join("tls.crt"), &svid.cert_pem).unwrap();
-    std::fs::write(svid_dir.join("tls.key"), &svid.key_pem).unwrap();
-    std::fs::write(svid_dir.join("ca.crt"), ca.cert_pem()).unwrap();
-    let overrides = args[4]
-        .replace("/run/spiffe", &svid_dir.display().to_string())
-        .replace(
-            "/etc/portcullis/policies",
-            &repo_root().join("policies").display().to_string(),
-        );
     let config = Config::load_with_override(
         Some(&config_dir.join(args[2].rsplit('/').next().unwrap())),
         &overrides,
@@ -656,36 +637,17 @@ async fn files_in_the_secret_are_admitted_only_when_the_pod_names_a_secret() {
         .iter()
         .map(|a| a.as_str().unwrap().to_owned())
         .collect();
-    let pod_fs = tempfile::tempdir().unwrap();
-    let config_dir = pod_fs.path().join("etc/portcullis/config");
-    let secret_dir = pod_fs.path().join("etc/portcullis/secret");
-    std::fs::create_dir_all(&config_dir).unwrap();
+    let (_pod_fs, config_dir, overrides) = pod_filesystem(&args[4]);
+    let secret_dir = config_dir.parent().unwrap().join("secret");
     std::fs::create_dir_all(&secret_dir).unwrap();
     std::fs::write(
         config_dir.join("config.yaml"),
         SECRET_CONFIG.replace("/etc/portcullis/secret", &secret_dir.display().to_string()),
     )
     .unwrap();
-    let svid_dir = pod_fs.path().join("run/spiffe");
-    std::fs::create_dir_all(&svid_dir).unwrap();
-    let ca = portcullis_test_support::pki::Ca::new("cluster.local").unwrap();
-    let svid = ca
-        .leaf(&portcullis_test_support::pki::LeafSpec::server(
-            "spiffe://cluster.local/ns/orders/sa/orders-api",
-        ))
-        .unwrap();
-    std::fs::write(svid_dir.join("tls.crt"), &svid.cert_pem).unwrap();
-    std::fs::write(svid_dir.join("tls.key"), &svid.key_pem).unwrap();
-    std::fs::write(svid_dir.join("ca.crt"), ca.cert_pem()).unwrap();
     let (signing_key, _) = portcullis_proxy::audit::SigningKey::generate().unwrap();
     std::fs::write(secret_dir.join("audit-signing.pem"), signing_key).unwrap();
     std::fs::write(secret_dir.join("openai-api-key"), "sk-test\n").unwrap();
-    let overrides = args[4]
-        .replace("/run/spiffe", &svid_dir.display().to_string())
-        .replace(
-            "/etc/portcullis/policies",
-            &repo_root().join("policies").display().to_string(),
-        );
     let errors = Config::load_with_override(Some(&config_dir.join("config.yaml")), &overrides)
         .unwrap_err()
         .to_string();
@@ -702,4 +664,32 @@ async fn files_in_the_secret_are_admitted_only_when_the_pod_names_a_secret() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(config.routes.iter().all(|r| r.credential.is_some()));
     assert!(config.audit_checkpoints.is_some());
+}
+
+/// The sidecar's file system in an injected pod, in a temporary directory: the config
+/// ConfigMap's mount (empty; returned), the SVID the CSI driver would write (minted for
+/// `orders-api` in `cluster.local`), and the sidecar's `--override` argument with its paths
+/// moved there (the policy mount: the shipped policies).
+fn pod_filesystem(override_arg: &str) -> (tempfile::TempDir, PathBuf, String) {
+    let pod_fs = tempfile::tempdir().unwrap();
+    let config_dir = pod_fs.path().join("etc/portcullis/config");
+    std::fs::create_dir_all(&config_dir).unwrap();
+    let svid_dir = pod_fs.path().join("run/spiffe");
+    std::fs::create_dir_all(&svid_dir).unwrap();
+    let ca = portcullis_test_support::pki::Ca::new("cluster.local").unwrap();
+    let svid = ca
+        .leaf(&portcullis_test_support::pki::LeafSpec::server(
+            "spiffe://cluster.local/ns/orders/sa/orders-api",
+        ))
+        .unwrap();
+    std::fs::write(svid_dir.join("tls.crt"), &svid.cert_pem).unwrap();
+    std::fs::write(svid_dir.join("tls.key"), &svid.key_pem).unwrap();
+    std::fs::write(svid_dir.join("ca.crt"), ca.cert_pem()).unwrap();
+    let overrides = override_arg
+        .replace("/run/spiffe", &svid_dir.display().to_string())
+        .replace(
+            "/etc/portcullis/policies",
+            &repo_root().join("policies").display().to_string(),
+        );
+    (pod_fs, config_dir, overrides)
 }
