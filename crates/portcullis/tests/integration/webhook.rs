@@ -350,7 +350,7 @@ async fn a_pod_naming_a_config_configmap_runs_the_sidecar_with_that_config() {
     // Load it as `portcullis run` will in the pod: the ConfigMap's keys in the mounted
     // directory, the args' override on top, with the pod's mounts (SVID, policies) standing in
     // here as minted certificates and the shipped policies.
-    let (_pod_fs, config_dir, overrides) = pod_filesystem(&args[4]);
+    let (_pod_fs, config_dir, overrides) = pod_filesystem(args[4]);
     for (key, value) in configmap["data"].as_object().unwrap() {
         std::fs::write(config_dir.join(key), value.as_str().unwrap()).unwrap();
     }
