@@ -183,6 +183,7 @@ struct RawLimits {
     header_read_timeout: Option<String>,
     request_timeout: Option<String>,
     body_timeout: Option<String>,
+    response_body_timeout: Option<String>,
     idle_timeout: Option<String>,
     handshake_timeout: Option<String>,
     connect_timeout: Option<String>,
@@ -1265,6 +1266,11 @@ fn limits(raw: RawLimits, errors: &mut Errors) -> Option<(Limits, Duration)> {
             "body_timeout",
             raw.body_timeout.as_deref(),
             defaults.body_timeout,
+        ),
+        response_body_timeout: d(
+            "response_body_timeout",
+            raw.response_body_timeout.as_deref(),
+            defaults.response_body_timeout,
         ),
         idle_timeout: d(
             "idle_timeout",

@@ -36,6 +36,7 @@ routes:
     weight: 3
 limits:
   idle_timeout: forever
+  response_body_timeout: 0s
   shredder: 1
 "#;
     assert_errors_at(
@@ -54,6 +55,7 @@ limits:
             "routes[1].protocol",
             "routes[1].weight",
             "limits.idle_timeout",
+            "limits.response_body_timeout",
         ],
     );
 }

@@ -85,6 +85,84 @@ where
     }
 }
 
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the upstream sent nothing of the response body for longer than limits.response_body_timeout"
+)]
+pub(crate) struct ResponseStalled;
+
+pin_project! {
+    /// Fails the response body when the upstream sends no frame for `timeout` while the
+    /// body is being waited for (a caller that reads slowly is not waited for: the body is
+    /// not polled then). The timer is armed only when a poll finds nothing ready, so a
+    /// response that arrives with its head, the usual small one, never takes one.
+    pub struct ResponseStallTimeout<B> {
+        #[pin]
+        inner: B,
+        sleep: Option<Pin<Box<Sleep>>>,
+        waiting: bool,
+        timeout: Duration,
+    }
+}
+
+impl<B> ResponseStallTimeout<B> {
+    pub(crate) fn new(inner: B, timeout: Duration) -> Self {
+        Self {
+            inner,
+            sleep: None,
+            waiting: false,
+            timeout,
+        }
+    }
+}
+
+impl<B> Body for ResponseStallTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.waiting = false;
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            Poll::Pending => {
+                let sleep = match this.sleep {
+                    Some(sleep) if *this.waiting => sleep,
+                    Some(sleep) => {
+                        sleep.as_mut().reset(Instant::now() + *this.timeout);
+                        sleep
+                    }
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep(*this.timeout))),
+                };
+                *this.waiting = true;
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(ResponseStalled)))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 pin_project! {
     /// A response body that owns its request's audit record: the record is completed and
     /// written when the body ends, fails, or is dropped unfinished. It also holds the
@@ -115,6 +193,7 @@ impl<B> Audited<B> {
 impl<B> Body for Audited<B>
 where
     B: Body<Data = Bytes>,
+    B::Error: std::fmt::Display,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -138,12 +217,12 @@ where
                     guard.record.completed = true;
                 }
             }
-            Poll::Ready(Some(Err(_))) => {
+            Poll::Ready(Some(Err(error))) => {
                 if let Some(mut guard) = this.guard.take() {
                     guard
                         .record
                         .errors
-                        .push("response body failed mid-stream".to_owned());
+                        .push(format!("response body failed mid-stream: {error}"));
                 }
             }
             Poll::Ready(Some(Ok(_))) if ended => {

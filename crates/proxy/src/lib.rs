@@ -57,6 +57,11 @@ pub struct Limits {
     pub request_timeout: Duration,
     /// Longest pause between request body frames before the request is aborted.
     pub body_timeout: Duration,
+    /// Longest pause between response body frames from the upstream, counted while the
+    /// caller is waiting for the next one; past it the response is cut off (and audited as
+    /// such), so a stalled upstream cannot hold the caller's connection and its place in
+    /// flight for ever.
+    pub response_body_timeout: Duration,
     /// A connection with no bytes either way for this long is closed.
     pub idle_timeout: Duration,
     /// Time to complete the TLS handshake.
@@ -96,6 +101,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(60),
             body_timeout: Duration::from_secs(30),
+            response_body_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(300),
             handshake_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),

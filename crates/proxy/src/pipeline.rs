@@ -45,7 +45,9 @@ use crate::audit::{
     ActorChain, AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource,
     AuditUser, SharedText,
 };
-use crate::body::{Audited, Forwarded, RequestBody, ResponseBody, StallTimeout};
+use crate::body::{
+    Audited, Forwarded, RequestBody, ResponseBody, ResponseStallTimeout, StallTimeout,
+};
 use crate::classify::{Protocol, check_path, classify};
 use crate::credential;
 use crate::error::Refusal;
@@ -206,6 +208,7 @@ pub(crate) async fn handle(
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             set_request_id(&mut parts.headers, &id);
+            let body = ResponseStallTimeout::new(body, shared.limits.response_body_timeout);
             let body = Audited::new(body, audit, permit);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }

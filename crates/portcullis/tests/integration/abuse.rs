@@ -601,3 +601,83 @@ async fn connections_that_never_start_their_handshake_are_bounded_apart() {
         .await
     );
 }
+
+/// An upstream that stops sending mid-response (its head and part of its body, then nothing,
+/// the connection held open) does not hold the caller for ever: past
+/// `limits.response_body_timeout` of silence the response is cut off (HTTP/1.1: the connection
+/// closed short of its content-length), the audit record says why and that it did not
+/// complete, and the agent's place in flight is free again.
+#[tokio::test]
+async fn an_upstream_that_stalls_mid_response_is_cut_off() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 4096];
+            let mut head = Vec::new();
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nfirst part")
+                .await;
+            // Nothing more, and the connection kept open.
+            held.push(stream);
+        }
+    });
+    let h = builder()
+        .upstream(upstream)
+        .yaml("limits:\n  response_body_timeout: 300ms\n  max_inflight_per_agent: 1\n")
+        .start()
+        .await;
+
+    for _ in 0..2 {
+        // The same agent twice, with an in-flight cap of one: the second call is only
+        // admitted (and cut off in turn) because the first gave its place back.
+        let svid = h.svid(TRIAGE);
+        let config = portcullis_test_support::pki::client_config(
+            &[h.ca.cert_der()],
+            Some(&svid),
+            &[b"http/1.1"],
+        )
+        .unwrap();
+        let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(config)
+            .connect(ServerName::IpAddress(h.addr.ip().into()), tcp)
+            .await
+            .unwrap();
+        tls.write_all(format!("GET /health HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = Vec::new();
+        // A bound for a test that would otherwise hang, not a measured duration: the proxy
+        // closing the connection is what ends the read.
+        let read = tokio::time::timeout(Duration::from_secs(60), tls.read_to_end(&mut out)).await;
+        assert!(read.is_ok(), "the connection was not closed");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
+        assert!(text.contains("content-length: 100\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\nfirst part"), "{text}");
+    }
+
+    let records = h.audit(2).await;
+    let cut: Vec<&Value> = records.iter().filter(|r| r["path"] == "/health").collect();
+    assert_eq!(cut.len(), 2, "{records:?}");
+    for record in cut {
+        assert_eq!(record["status"], 200, "{record}");
+        assert_eq!(record["completed"], false, "{record}");
+        assert_eq!(
+            record["errors"],
+            json!([
+                "response body failed mid-stream: the upstream sent nothing of the response body for longer than limits.response_body_timeout"
+            ]),
+            "{record}"
+        );
+    }
+    server.abort();
+}
