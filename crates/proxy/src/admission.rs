@@ -204,6 +204,17 @@ impl Reservation {
         Ok(())
     }
 
+    /// Gives back what is held beyond `total` bytes (a buffer that has been drained).
+    pub(crate) fn shrink_to(&mut self, total: usize) {
+        let held = self.held();
+        if total < held
+            && let Some(permit) = &mut self.held
+        {
+            // Dropped at once: its bytes go back to the budget.
+            drop(permit.split(held - total));
+        }
+    }
+
     pub(crate) fn held(&self) -> usize {
         self.held
             .as_ref()
@@ -323,5 +334,17 @@ mod tests {
         drop(one);
         assert!(two.grow_to(100).is_ok());
         assert_eq!(two.held(), 100);
+        // A drained buffer gives back what it no longer holds (an event stream's reservation
+        // between events); growing again takes it anew.
+        two.shrink_to(30);
+        assert_eq!(two.held(), 30);
+        let mut three = budget.reservation();
+        assert!(three.grow_to(70).is_ok());
+        assert_eq!(two.grow_to(31).err(), Some(Refusal::InspectionBudget));
+        two.shrink_to(0);
+        assert_eq!(two.held(), 0);
+        assert!(three.grow_to(100).is_ok());
+        two.shrink_to(50);
+        assert_eq!(two.held(), 0);
     }
 }

@@ -370,6 +370,29 @@ async fn a_tools_list_result_is_charged_to_the_inspection_budget() {
         "{}",
         records[1]
     );
+    // In an event stream, what is held until an event ends is charged: past the budget the
+    // stream is cut off there (HTTP/1.1: the connection closed; this upstream sends its
+    // progress event and the listing in one write, so nothing of it goes out).
+    let raw = format!(
+        "POST /mcp-sse HTTP/1.1\r\nhost: {HOST}\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\n\r\n{list}",
+        list.len()
+    );
+    let reply = h
+        .raw(TRIAGE, raw.as_bytes(), std::time::Duration::from_secs(30))
+        .await;
+    assert!(!reply.contains("search_tickets"), "{reply}");
+    assert!(!reply.ends_with("\r\n0\r\n\r\n"), "{reply}");
+    let records = h.audit(2).await;
+    let record = records.last().unwrap();
+    assert_eq!(record["path"], "/mcp-sse", "{record}");
+    assert_eq!(record["completed"], false, "{record}");
+    assert_eq!(
+        record["errors"],
+        json!([
+            "response body failed mid-stream: tools/list response would pass limits.inspect_memory_bytes"
+        ]),
+        "{record}"
+    );
     // With room for it, the same listing is filtered and answered.
     let roomy = builder().start().await;
     assert_eq!(post(&roomy, TRIAGE, "/mcp", list).await.0, 200);

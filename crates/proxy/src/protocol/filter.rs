@@ -112,7 +112,8 @@ impl ToolFilter {
     ///
     /// A JSON response is read whole before it is filtered: it is charged to the inspection
     /// budget through `reservation` (held until the filtered body has been sent) and must
-    /// arrive within `deadline`, as request bodies read for inspection are.
+    /// arrive within `deadline`, as request bodies read for inspection are. An event stream's
+    /// buffered event (until it ends and is sent) is charged to `reservation` too.
     pub(crate) async fn apply(
         self,
         response: Response<ResponseBody>,
@@ -141,6 +142,7 @@ impl ToolFilter {
                 started: false,
                 done: false,
                 filter: self,
+                reservation,
             };
             return Ok(Response::from_parts(parts, body.boxed_unsync()));
         }
@@ -344,6 +346,10 @@ struct SseFilter {
     started: bool,
     done: bool,
     filter: ToolFilter,
+    /// The inspection budget `buf` is charged to, as a JSON listing's is: an event is held
+    /// whole until it ends, so concurrent streams cannot buffer past
+    /// `limits.inspect_memory_bytes` between them.
+    reservation: Reservation,
 }
 
 /// Where the first complete event ends in `buf` (exclusive), reading lines as the WHATWG
@@ -397,6 +403,7 @@ impl Body for SseFilter {
                     Ok(end) => {
                         this.scanned = 0;
                         let event = this.buf.split_to(end).freeze();
+                        this.reservation.shrink_to(this.buf.len());
                         return Poll::Ready(Some(
                             this.filter
                                 .rewrite_event(event)
@@ -427,8 +434,12 @@ impl Body for SseFilter {
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
                     Ok(data) => {
-                        if this.buf.len() + data.len() > RESPONSE_LIMIT {
+                        let needed = this.buf.len() + data.len();
+                        if needed > RESPONSE_LIMIT {
                             return Poll::Ready(Some(Err(Box::new(Unreadable::TooLarge))));
+                        }
+                        if this.reservation.grow_to(needed).is_err() {
+                            return Poll::Ready(Some(Err(Box::new(Unreadable::Budget))));
                         }
                         this.buf.extend_from_slice(&data);
                     }
