@@ -141,6 +141,7 @@ impl ToolFilter {
                 scanned: 0,
                 started: false,
                 done: false,
+                trailers: None,
                 filter: self,
                 reservation,
             };
@@ -345,6 +346,8 @@ struct SseFilter {
     /// Whether the first bytes of the stream were seen (a leading BOM is dropped).
     started: bool,
     done: bool,
+    /// The upstream's trailers, sent after what is left in `buf` (the end of the body).
+    trailers: Option<Frame<Bytes>>,
     filter: ToolFilter,
     /// The inspection budget `buf` is charged to, as a JSON listing's is: an event is held
     /// whole until it ends, so concurrent streams cannot buffer past
@@ -417,7 +420,7 @@ impl Body for SseFilter {
             if this.done {
                 this.started = true;
                 if this.buf.is_empty() {
-                    return Poll::Ready(None);
+                    return Poll::Ready(this.trailers.take().map(Ok));
                 }
                 this.scanned = 0;
                 let rest = this.buf.split().freeze();
@@ -443,14 +446,18 @@ impl Body for SseFilter {
                         }
                         this.buf.extend_from_slice(&data);
                     }
-                    Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    // The body's end: the events still held go out before them.
+                    Err(trailers) => {
+                        this.done = true;
+                        this.trailers = Some(trailers);
+                    }
                 },
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.buf.is_empty()
+        self.done && self.buf.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -541,6 +548,64 @@ mod tests {
             "{text}"
         );
         assert!(text.starts_with("event: message\n"), "{text}");
+    }
+
+    /// Frames given in order, then the end.
+    struct Frames(std::collections::VecDeque<Frame<Bytes>>);
+
+    impl Body for Frames {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.0.pop_front().map(Ok))
+        }
+    }
+
+    /// Trailers end the body: the event still held (here, one the upstream did not end with
+    /// a blank line) goes out, filtered, before them, not after.
+    #[tokio::test]
+    async fn trailers_come_after_the_events_still_held() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", HeaderValue::from_static("1"));
+        let body = Frames(
+            [
+                Frame::data(Bytes::from_static(
+                    b"data: {\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"tools\":[{\"name\":\"ok\"},{\"name\":\"no\"}]}}\n",
+                )),
+                Frame::trailers(trailers),
+            ]
+            .into(),
+        );
+        let mut response = Response::new(body.boxed_unsync());
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/event-stream"),
+        );
+        let budget = crate::admission::InspectBudget::new(1 << 20);
+        let filtered = filter(Listed::Ids(vec![Value::from(1)]))
+            .apply(response, budget.reservation(), Duration::from_secs(30))
+            .await
+            .unwrap();
+        let mut body = filtered.into_body();
+        let mut frames = Vec::new();
+        while let Some(frame) = body.frame().await {
+            frames.push(frame.unwrap());
+        }
+        assert_eq!(frames.len(), 2, "{frames:?}");
+        let data = frames[0].data_ref().expect("the event first");
+        let text = std::str::from_utf8(data).unwrap();
+        assert!(
+            text.contains("\"ok\"") && !text.contains("\"no\""),
+            "{text}"
+        );
+        assert_eq!(frames[1].trailers_ref().unwrap()["x-checksum"], "1");
+        // Everything the filter held went back to the budget with the body.
+        drop(body);
+        assert!(budget.reservation().grow_to(1 << 20).is_ok());
     }
 
     #[test]
