@@ -639,18 +639,7 @@ async fn an_upstream_that_stalls_mid_response_is_cut_off() {
     for _ in 0..2 {
         // The same agent twice, with an in-flight cap of one: the second call is only
         // admitted (and cut off in turn) because the first gave its place back.
-        let svid = h.svid(TRIAGE);
-        let config = portcullis_test_support::pki::client_config(
-            &[h.ca.cert_der()],
-            Some(&svid),
-            &[b"http/1.1"],
-        )
-        .unwrap();
-        let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
-        let mut tls = tokio_rustls::TlsConnector::from(config)
-            .connect(ServerName::IpAddress(h.addr.ip().into()), tcp)
-            .await
-            .unwrap();
+        let mut tls = tls(&h, TRIAGE, b"http/1.1").await;
         tls.write_all(format!("GET /health HTTP/1.1\r\nhost: {HOST}\r\n\r\n").as_bytes())
             .await
             .unwrap();
