@@ -1,5 +1,5 @@
-//! Body wrappers: a request body that fails when the caller stalls, and a response body that
-//! writes the audit record when the response ends (or is abandoned).
+//! Body wrappers: a body that fails when its sender stalls, and a response body that writes
+//! the audit record when the response ends (or is abandoned).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -24,99 +24,52 @@ pub(crate) type Forwarded = http_body_util::Either<crate::forward::UpstreamBody,
 /// The body type of every request the proxy forwards.
 pub(crate) type RequestBody = http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>;
 
-#[derive(Debug, thiserror::Error)]
-#[error("request body stalled for longer than the body timeout")]
-pub(crate) struct BodyTimeout;
+/// Whose silence a [`StallTimeout`] ends: its error, which says so.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub(crate) enum Stall {
+    /// The caller's request body (`limits.body_timeout`): the error aborts the upstream
+    /// request.
+    #[error("request body stalled for longer than the body timeout")]
+    Request,
+    /// The upstream's response body (`limits.response_body_timeout`): the error cuts the
+    /// response off and is recorded in its audit record.
+    #[error(
+        "the upstream sent nothing of the response body for longer than limits.response_body_timeout"
+    )]
+    Response,
+}
 
 pin_project! {
-    /// Fails the body when no frame arrives for `timeout`: a slow-body caller cannot hold an
-    /// upstream request open indefinitely. The error aborts the upstream request.
+    /// Fails the body when no frame arrives for `timeout` while it is being waited for: a
+    /// slow-body caller cannot hold an upstream request open, nor a silent upstream a
+    /// caller's connection, indefinitely. Only time spent waiting counts: the body is not
+    /// polled while its reader is busy (an upstream applying backpressure, a caller reading
+    /// slowly), and that is not the sender's stall. The timer is armed only when a poll finds
+    /// nothing ready, so a body that arrives with its head, the usual small one, never takes
+    /// one.
     pub struct StallTimeout<B> {
-        #[pin]
-        inner: B,
-        #[pin]
-        sleep: Sleep,
-        timeout: Duration,
-    }
-}
-
-impl<B> StallTimeout<B> {
-    pub(crate) fn new(inner: B, timeout: Duration) -> Self {
-        Self {
-            inner,
-            sleep: tokio::time::sleep(timeout),
-            timeout,
-        }
-    }
-}
-
-impl<B> Body for StallTimeout<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = Instant::now() + *this.timeout;
-                this.sleep.as_mut().reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
-            }
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimeout)))),
-                Poll::Pending => Poll::Pending,
-            },
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-#[error(
-    "the upstream sent nothing of the response body for longer than limits.response_body_timeout"
-)]
-pub(crate) struct ResponseStalled;
-
-pin_project! {
-    /// Fails the response body when the upstream sends no frame for `timeout` while the
-    /// body is being waited for (a caller that reads slowly is not waited for: the body is
-    /// not polled then). The timer is armed only when a poll finds nothing ready, so a
-    /// response that arrives with its head, the usual small one, never takes one.
-    pub struct ResponseStallTimeout<B> {
         #[pin]
         inner: B,
         sleep: Option<Pin<Box<Sleep>>>,
         waiting: bool,
         timeout: Duration,
+        stall: Stall,
     }
 }
 
-impl<B> ResponseStallTimeout<B> {
-    pub(crate) fn new(inner: B, timeout: Duration) -> Self {
+impl<B> StallTimeout<B> {
+    pub(crate) fn new(inner: B, timeout: Duration, stall: Stall) -> Self {
         Self {
             inner,
             sleep: None,
             waiting: false,
             timeout,
+            stall,
         }
     }
 }
 
-impl<B> Body for ResponseStallTimeout<B>
+impl<B> Body for StallTimeout<B>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -147,7 +100,7 @@ where
                 };
                 *this.waiting = true;
                 match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(ResponseStalled)))),
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(*this.stall)))),
                     Poll::Pending => Poll::Pending,
                 }
             }

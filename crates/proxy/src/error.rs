@@ -56,7 +56,9 @@ pub enum Refusal {
     Overloaded,
     /// Buffering this body for inspection would pass `limits.inspect_memory_bytes`.
     InspectionBudget,
-    /// An inspected body did not arrive complete within `limits.inspect_timeout`.
+    /// A request body arrived too slowly: an inspected one not complete within
+    /// `limits.inspect_timeout`, or a forwarded one silent for longer than
+    /// `limits.body_timeout` before the upstream answered.
     BodyDeadline,
     /// A JSON-RPC batch of more than `limits.max_batch` messages.
     BatchTooLarge,

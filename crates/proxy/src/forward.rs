@@ -62,9 +62,19 @@ impl ForwardError {
         }
     }
 
+    /// A failed exchange: the upstream's fault, unless the request body it was sending
+    /// stalled (`limits.body_timeout`), which is the caller's: 408, as for an inspected body
+    /// that arrives too slowly.
     fn protocol(error: &hyper::Error) -> Self {
+        let caller_stalled =
+            std::iter::successors(std::error::Error::source(error), |e| e.source())
+                .any(|e| matches!(e.downcast_ref(), Some(crate::body::Stall::Request)));
         Self {
-            refusal: Refusal::UpstreamProtocol,
+            refusal: if caller_stalled {
+                Refusal::BodyDeadline
+            } else {
+                Refusal::UpstreamProtocol
+            },
             detail: error_chain(error),
         }
     }

@@ -45,9 +45,7 @@ use crate::audit::{
     ActorChain, AuditCall, AuditGuard, AuditInput, AuditPolicies, AuditRecord, AuditResource,
     AuditUser, SharedText,
 };
-use crate::body::{
-    Audited, Forwarded, RequestBody, ResponseBody, ResponseStallTimeout, StallTimeout,
-};
+use crate::body::{Audited, Forwarded, RequestBody, ResponseBody, Stall, StallTimeout};
 use crate::classify::{Protocol, check_path, classify};
 use crate::credential;
 use crate::error::Refusal;
@@ -208,7 +206,8 @@ pub(crate) async fn handle(
             let (mut parts, body) = response.into_parts();
             remove_hop_by_hop(&mut parts.headers);
             set_request_id(&mut parts.headers, &id);
-            let body = ResponseStallTimeout::new(body, shared.limits.response_body_timeout);
+            let body =
+                StallTimeout::new(body, shared.limits.response_body_timeout, Stall::Response);
             let body = Audited::new(body, audit, permit);
             Ok(Response::from_parts(parts, body.boxed_unsync()))
         }
@@ -303,7 +302,7 @@ async fn authorize_and_forward(
     // a type of no size, which boxes without an allocation.
     let waiting = !http_body::Body::is_end_stream(&body);
     let body: RequestBody = if waiting {
-        StallTimeout::new(body, shared.limits.body_timeout).boxed_unsync()
+        StallTimeout::new(body, shared.limits.body_timeout, Stall::Request).boxed_unsync()
     } else {
         http_body_util::Empty::new()
             .map_err(|never| match never {})

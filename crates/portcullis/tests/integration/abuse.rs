@@ -670,3 +670,91 @@ async fn an_upstream_that_stalls_mid_response_is_cut_off() {
     }
     server.abort();
 }
+
+/// A caller that sends part of a forwarded (uninspected) body and then nothing does not hold
+/// the upstream request open: past `limits.body_timeout` of silence the upstream request is
+/// aborted (its connection closed), the caller gets 408 `body_deadline` (its own stall, not
+/// the upstream's failure), the audit record says why, and the agent's place in flight is
+/// free again.
+#[tokio::test]
+async fn a_caller_that_stalls_its_body_is_answered_408_and_the_upstream_request_aborted() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = listener.local_addr().unwrap();
+    // Reads whatever comes and never answers: a request is only over for it when the proxy
+    // closes the connection, which it reports.
+    let (closed_tx, mut closed) = tokio::sync::mpsc::unbounded_channel();
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let closed_tx = closed_tx.clone();
+            tokio::spawn(async move {
+                let mut received = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => received.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = closed_tx.send(String::from_utf8_lossy(&received).into_owned());
+            });
+        }
+    });
+    let h = builder()
+        .upstream(upstream)
+        .yaml("limits:\n  body_timeout: 300ms\n  max_inflight_per_agent: 1\n")
+        .start()
+        .await;
+
+    let (sender, conn) = h2(&h, TRIAGE, None).await;
+    for _ in 0..2 {
+        // The same agent twice, with an in-flight cap of one: the second call is only
+        // admitted (and answered 408 in turn) because the first gave its place back.
+        let mut sender = sender.clone();
+        let mut req = h2_request(
+            "POST",
+            "/v1/chat/completions",
+            TestBody::Stalled(Some(Bytes::from("{\"model\""))),
+        );
+        req.headers_mut()
+            .insert("content-length", "1000".parse().unwrap());
+        sender.ready().await.unwrap();
+        // A bound for a test that would otherwise hang, not a measured duration.
+        let response = tokio::time::timeout(Duration::from_secs(60), sender.send_request(req))
+            .await
+            .expect("the proxy answered")
+            .unwrap();
+        assert_eq!(response.status(), 408);
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["code"], "body_deadline", "{body}");
+
+        let received = tokio::time::timeout(Duration::from_secs(60), closed.recv())
+            .await
+            .expect("the upstream request was aborted")
+            .unwrap();
+        assert!(
+            received.starts_with("POST /v1/chat/completions HTTP/1.1\r\n"),
+            "{received}"
+        );
+        assert!(received.ends_with("\r\n\r\n{\"model\""), "{received}");
+    }
+
+    let records = h.audit(2).await;
+    let stalled: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["path"] == "/v1/chat/completions")
+        .collect();
+    assert_eq!(stalled.len(), 2, "{records:?}");
+    for record in stalled {
+        assert_eq!(record["status"], 408, "{record}");
+        assert_eq!(record["reason"], "body_deadline", "{record}");
+        let errors = record["errors"].to_string();
+        assert!(
+            errors.contains("request body stalled for longer than the body timeout"),
+            "{record}"
+        );
+    }
+    conn.abort();
+    server.abort();
+}
