@@ -702,7 +702,8 @@ pub fn render_overrides(
             dir: POLICY_DIR,
             mode: mode.as_str(),
         },
-        // A ConfigMap chooses its own audit sink (a file on a mounted volume, say).
+        // A ConfigMap may name its own sink; in the pod only stdout can work (nothing the
+        // sidecar mounts is writable), and the webhook refuses a file sink at admission.
         audit: complete.then_some(SidecarAudit { sink: "stdout" }),
     };
     // Serialising plain strings and maps cannot fail; an empty override would make the

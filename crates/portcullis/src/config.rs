@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -295,16 +295,33 @@ impl Config {
 
     /// Parses and checks `text`; relative paths are resolved against `base`.
     pub fn from_yaml(text: &str, base: &Path, source: &Path) -> Result<Self, ConfigErrors> {
-        let mut errors = Errors::default();
-        // A file that does not parse has no values to check: reporting them all `required`
-        // too would bury the one true error under untrue ones.
-        let Some(raw) = parse(text, &mut errors) else {
-            return Err(ConfigErrors(errors.0));
+        let base = Base {
+            dir: base,
+            confinement: None,
         };
-        let config = check(raw, base, source, &mut errors);
-        match config {
-            Some(config) if errors.0.is_empty() => Ok(config),
-            _ => Err(ConfigErrors(errors.0)),
+        match checked(text, base, source) {
+            (Some(config), errors) if errors.0.is_empty() => Ok(config),
+            (_, errors) => Err(ConfigErrors(errors.0)),
+        }
+    }
+
+    /// Checks `text` away from where it will run (the injection webhook checking a pod's
+    /// config ConfigMap): as [`Config::from_yaml`], but every file or directory the config
+    /// names is first put to `confinement`, from its path alone, before any filesystem call.
+    /// Nothing outside `dir` is ever opened. The pieces whose files exist only where the
+    /// config runs are not built, so there is no [`Config`] to return: only the errors.
+    pub fn check_confined(
+        text: &str,
+        dir: &Path,
+        confinement: &Confinement<'_>,
+    ) -> Result<(), ConfigErrors> {
+        let base = Base {
+            dir,
+            confinement: Some(confinement),
+        };
+        match checked(text, base, dir) {
+            (_, errors) if errors.0.is_empty() => Ok(()),
+            (_, errors) => Err(ConfigErrors(errors.0)),
         }
     }
 
@@ -409,6 +426,135 @@ impl Errors {
     }
 }
 
+/// How the loader uses a path a config names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FileUse {
+    /// Reads the file, or the directory (`policy.dir`, `policy.shadow_dir`).
+    Read,
+    /// Writes the file (a file `audit.sink`).
+    Write,
+}
+
+/// A path a config names, put to a [`Confinement`].
+#[derive(Debug, Clone, Copy)]
+pub struct FileRef<'a> {
+    /// Its YAML path (`routes[0].credential.file`).
+    pub key: &'a str,
+    /// The value as written.
+    pub value: &'a str,
+    /// As it is where the config runs: resolved against [`Confinement::config_dir`] and
+    /// normalised lexically (`.` and `..` folded, no filesystem call).
+    pub resolved: &'a Path,
+    pub usage: FileUse,
+}
+
+/// What a [`Confinement`] answers for a path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access {
+    /// A file of the config directory: looked for in the loader's directory, which stands for
+    /// [`Confinement::config_dir`]. Only for paths under it.
+    Here,
+    /// Exists only where the config runs: not looked for, no error, and the piece that needs
+    /// it is not built.
+    Elsewhere,
+    /// Refused, without being looked for, with this message (at the value's YAML path).
+    Refused(String),
+}
+
+/// The file-access rule of a config checked away from where it runs
+/// ([`Config::check_confined`]). `portcullis run`, `validate` and the rest have none: a path
+/// is whatever the file system there has.
+pub struct Confinement<'a> {
+    /// The config directory where the config runs (`/etc/portcullis/config` in a pod).
+    pub config_dir: &'a Path,
+    /// Decides for each path, before any filesystem call.
+    pub rule: &'a dyn Fn(FileRef<'_>) -> Access,
+}
+
+impl fmt::Debug for Confinement<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Confinement")
+            .field("config_dir", &self.config_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `path` with `.` and `..` folded without touching the file system (`..` of the root is the
+/// root): `/etc/portcullis/config/../secret/k` is `/etc/portcullis/secret/k`.
+pub fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// The directory a config's relative paths resolve against, and its [`Confinement`] if any.
+#[derive(Clone, Copy)]
+struct Base<'a> {
+    dir: &'a Path,
+    confinement: Option<&'a Confinement<'a>>,
+}
+
+impl Base<'_> {
+    /// Where to look for `value` (at YAML path `key`), or `None`: refused (the error added)
+    /// or left to where the config runs (no error). Unconfined: `dir` joined with `value`.
+    fn resolve(
+        &self,
+        key: &str,
+        value: &str,
+        usage: FileUse,
+        errors: &mut Errors,
+    ) -> Option<PathBuf> {
+        let Some(confinement) = self.confinement else {
+            return Some(self.dir.join(value));
+        };
+        let resolved = normalize(&confinement.config_dir.join(value));
+        let access = (confinement.rule)(FileRef {
+            key,
+            value,
+            resolved: &resolved,
+            usage,
+        });
+        match access {
+            Access::Here => match resolved.strip_prefix(confinement.config_dir) {
+                Ok(relative) => Some(self.dir.join(relative)),
+                // A rule answering `Here` for a path elsewhere: never opened.
+                Err(_) => {
+                    errors.add(
+                        key,
+                        format!("{value:?} is not in {}", confinement.config_dir.display()),
+                    );
+                    None
+                }
+            },
+            Access::Elsewhere => None,
+            Access::Refused(message) => {
+                errors.add(key, message);
+                None
+            }
+        }
+    }
+}
+
+/// Parses `text` and checks it; the config when every piece was built.
+fn checked(text: &str, base: Base<'_>, source: &Path) -> (Option<Config>, Errors) {
+    let mut errors = Errors::default();
+    // A file that does not parse has no values to check: reporting them all `required`
+    // too would bury the one true error under untrue ones.
+    let Some(raw) = parse(text, &mut errors) else {
+        return (None, errors);
+    };
+    let config = check(raw, base, source, &mut errors);
+    (config, errors)
+}
+
 /// YAML → raw structs. Unknown keys are all collected (not just the first), each with its
 /// path; a value of the wrong shape stops parsing with its path.
 fn parse(text: &str, errors: &mut Errors) -> Option<RawConfig> {
@@ -475,7 +621,7 @@ fn yaml_path(ignored: &str) -> String {
     out
 }
 
-fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Option<Config> {
+fn check(raw: RawConfig, base: Base<'_>, source: &Path, errors: &mut Errors) -> Option<Config> {
     let listen = socket_addr("listen", raw.listen.as_deref(), errors);
     let admin_listen = socket_addr("admin_listen", raw.admin_listen.as_deref(), errors);
     if let (Some(a), Some(b)) = (listen, admin_listen)
@@ -503,12 +649,16 @@ fn check(raw: RawConfig, base: &Path, source: &Path, errors: &mut Errors) -> Opt
         .approval
         .and_then(|raw| consequential::approval(raw, base, errors));
     let identity = tls(raw.tls, base, errors);
-    let user_token = raw.user_token.and_then(|raw| user_token(raw, base, errors));
+    let before = errors.0.len();
+    let user_token = raw.user_token.map(|raw| user_token(raw, base, errors));
+    // Set, but not built and no error: its key set is a file only where the config runs.
+    let user_token_elsewhere = matches!(user_token, Some(None)) && errors.0.len() == before;
+    let user_token = user_token.flatten();
     let shadow_policy = shadow_policy(raw.policy.as_ref(), base, errors);
     let (policy, policy_reload_interval) = policy(raw.policy, base, errors);
     let routes = routes(raw.routes, base, errors);
     let audit_checkpoints = checkpoints(raw.audit.as_ref(), base, errors);
-    if user_token.is_none() {
+    if user_token.is_none() && !user_token_elsewhere {
         // An exchange's subject is the user's token: without tokens there is nothing to
         // exchange, and every call on the route would fail.
         for (index, route) in routes.iter().flatten().enumerate() {
@@ -655,9 +805,9 @@ fn upstream(value: Option<&str>, errors: &mut Errors) -> Option<Authority> {
     }
 }
 
-fn file(base: &Path, path: &str, value: Option<&str>, errors: &mut Errors) -> Option<PathBuf> {
+fn file(base: Base<'_>, path: &str, value: Option<&str>, errors: &mut Errors) -> Option<PathBuf> {
     let value = required(path, value, errors)?;
-    let resolved = base.join(value);
+    let resolved = base.resolve(path, value, FileUse::Read, errors)?;
     if resolved.is_file() {
         Some(resolved)
     } else {
@@ -669,7 +819,7 @@ fn file(base: &Path, path: &str, value: Option<&str>, errors: &mut Errors) -> Op
 /// `tls`: either the Workload API, or files: every file loads, and the serving identity is
 /// one agents will accept (a valid X509-SVID, its key, chaining to its own trust domain's
 /// bundle), each problem reported at the YAML path of the file it is about.
-fn tls(raw: Option<RawTls>, base: &Path, errors: &mut Errors) -> Option<IdentitySource> {
+fn tls(raw: Option<RawTls>, base: Base<'_>, errors: &mut Errors) -> Option<IdentitySource> {
     let Some(raw) = raw else {
         errors.add("tls", "required");
         return None;
@@ -707,7 +857,7 @@ fn tls_workload_api(endpoint: &str, raw: &RawTls, errors: &mut Errors) -> Option
     }
 }
 
-fn tls_files(raw: RawTls, base: &Path, errors: &mut Errors) -> Option<IdentityFeed> {
+fn tls_files(raw: RawTls, base: Base<'_>, errors: &mut Errors) -> Option<IdentityFeed> {
     if raw.workload_api_timeout.is_some() {
         errors.add(
             "tls.workload_api_timeout",
@@ -801,7 +951,7 @@ fn jwks_source(
     jwks_file: Option<&str>,
     jwks_url: Option<&str>,
     jwks_ca_file: Option<&str>,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> Option<JwksSource> {
     match (jwks_file, jwks_url) {
@@ -827,7 +977,7 @@ fn jwks_source(
     }
 }
 
-fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<UserTokenConfig> {
+fn user_token(raw: RawUserToken, base: Base<'_>, errors: &mut Errors) -> Option<UserTokenConfig> {
     let before = errors.0.len();
     let header_name = raw.header.as_deref().unwrap_or("x-portcullis-user-token");
     let header = match http::HeaderName::from_bytes(header_name.as_bytes()) {
@@ -1006,7 +1156,7 @@ fn user_token(raw: RawUserToken, base: &Path, errors: &mut Errors) -> Option<Use
 
 fn policy(
     raw: Option<RawPolicy>,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> (Option<PolicyEngine>, Duration) {
     let Some(raw) = raw else {
@@ -1030,7 +1180,8 @@ fn policy(
         errors,
     )
     .unwrap_or(Duration::from_secs(5));
-    let dir = required("policy.dir", raw.dir.as_deref(), errors).map(|dir| base.join(dir));
+    let dir = required("policy.dir", raw.dir.as_deref(), errors)
+        .and_then(|dir| base.resolve("policy.dir", dir, FileUse::Read, errors));
     let Some(dir) = dir else {
         return (None, interval);
     };
@@ -1070,10 +1221,11 @@ fn load_apart(dir: &Path, mode: Mode) -> Result<PolicyEngine, Vec<portcullis_pol
 /// `policy.shadow_dir`: loaded like `policy.dir`, every error reported at its own path.
 fn shadow_policy(
     raw: Option<&RawPolicy>,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> Option<Arc<PolicyEngine>> {
-    let dir = base.join(raw?.shadow_dir.as_deref()?);
+    let value = raw?.shadow_dir.as_deref()?;
+    let dir = base.resolve("policy.shadow_dir", value, FileUse::Read, errors)?;
     if !dir.is_dir() {
         errors.add(
             "policy.shadow_dir",
@@ -1093,7 +1245,7 @@ fn shadow_policy(
     }
 }
 
-fn routes(raw: Vec<RawRoute>, base: &Path, errors: &mut Errors) -> Option<Vec<RouteRule>> {
+fn routes(raw: Vec<RawRoute>, base: Base<'_>, errors: &mut Errors) -> Option<Vec<RouteRule>> {
     let mut routes = Vec::new();
     let before = errors.0.len();
     for (index, route) in raw.into_iter().enumerate() {
@@ -1177,7 +1329,7 @@ fn routes(raw: Vec<RawRoute>, base: &Path, errors: &mut Errors) -> Option<Vec<Ro
 /// `audit.signing_key` and `audit.checkpoint_interval`: `Some(None)` without a key.
 fn checkpoints(
     raw: Option<&RawAudit>,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> Option<Option<portcullis_proxy::audit::Checkpoints>> {
     let interval = match raw.and_then(|r| r.checkpoint_interval.as_deref()) {
@@ -1207,7 +1359,7 @@ fn checkpoints(
     }))
 }
 
-fn audit(raw: Option<RawAudit>, base: &Path, errors: &mut Errors) -> Option<AuditSink> {
+fn audit(raw: Option<RawAudit>, base: Base<'_>, errors: &mut Errors) -> Option<AuditSink> {
     let raw = raw.unwrap_or_default();
     let sink = raw.sink.unwrap_or_else(|| "stdout".to_owned());
     if sink == "stdout" {
@@ -1228,7 +1380,7 @@ fn audit(raw: Option<RawAudit>, base: &Path, errors: &mut Errors) -> Option<Audi
         errors.add("audit.max_files", "must be at least 1");
         return None;
     }
-    let path = base.join(&sink);
+    let path = base.resolve("audit.sink", &sink, FileUse::Write, errors)?;
     match path.parent() {
         Some(parent) if parent.as_os_str().is_empty() || parent.is_dir() => Some(AuditSink::File {
             path,

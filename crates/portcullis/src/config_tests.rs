@@ -307,3 +307,146 @@ fn the_upstream_is_on_loopback_and_tokens_are_short_lived() {
         }
     }
 }
+
+#[test]
+fn paths_fold_without_the_file_system() {
+    for (path, folded) in [
+        (
+            "/etc/portcullis/config/../secret/k",
+            "/etc/portcullis/secret/k",
+        ),
+        (
+            "/etc/portcullis/config/./a/../b",
+            "/etc/portcullis/config/b",
+        ),
+        (
+            "/etc/portcullis/config/../../../../../etc/passwd",
+            "/etc/passwd",
+        ),
+        ("/a//b/", "/a/b"),
+    ] {
+        assert_eq!(normalize(Path::new(path)), Path::new(folded), "{path}");
+    }
+}
+
+/// Every path a config names goes to the confinement's rule, resolved and folded as where the
+/// config runs, before anything is looked at: with a rule that refuses everything, each is
+/// refused at its own key and nothing else is reported about it.
+#[test]
+fn a_confined_check_asks_before_every_file_and_directory() {
+    let yaml = r#"
+listen: 127.0.0.1:8443
+admin_listen: 127.0.0.1:9901
+upstream: http://127.0.0.1:8080
+tls:
+  cert: /run/spiffe/tls.crt
+  key: ../../../../run/spiffe/tls.key
+  trust_bundles:
+    cluster.local: ca.crt
+user_token:
+  jwks_file: jwks.json
+  issuers: [https://idp]
+  audiences: [a]
+  max_lifetime: 5m
+  issuer_keys:
+    - {issuer: https://other, jwks_url: https://other/keys, jwks_ca_file: /etc/ca.pem}
+approval:
+  jwks_file: approvers.json
+  issuers: [https://approver]
+policy:
+  dir: /etc/portcullis/policies
+  shadow_dir: ./shadow/
+routes:
+  - path: /a
+    credential: {file: ../secret/key}
+  - path: /b
+    credential:
+      token_exchange: {endpoint: https://sts/token, audience: b, ca_file: sts.pem}
+audit:
+  sink: audit/../audit.jsonl
+  signing_key: /etc/portcullis/secret/signing.pem
+"#;
+    let asked = std::sync::Mutex::new(Vec::new());
+    let rule = |file: FileRef<'_>| {
+        asked.lock().unwrap().push((
+            file.key.to_owned(),
+            file.resolved.display().to_string(),
+            file.usage,
+        ));
+        Access::Refused(format!("{:?} refused", file.value))
+    };
+    let confinement = Confinement {
+        config_dir: Path::new("/etc/portcullis/config"),
+        rule: &rule,
+    };
+    // A directory that exists and holds files of those names: never looked at.
+    let dir = tempfile::tempdir().unwrap();
+    for name in ["ca.crt", "jwks.json", "approvers.json", "sts.pem"] {
+        std::fs::write(dir.path().join(name), "x").unwrap();
+    }
+    let errors = Config::check_confined(yaml, dir.path(), &confinement)
+        .unwrap_err()
+        .0;
+    let mut expected = vec![
+        ("tls.cert", "/run/spiffe/tls.crt", FileUse::Read),
+        ("tls.key", "/run/spiffe/tls.key", FileUse::Read),
+        (
+            "tls.trust_bundles.cluster.local",
+            "/etc/portcullis/config/ca.crt",
+            FileUse::Read,
+        ),
+        (
+            "user_token.jwks_file",
+            "/etc/portcullis/config/jwks.json",
+            FileUse::Read,
+        ),
+        (
+            "user_token.issuer_keys[0].jwks_ca_file",
+            "/etc/ca.pem",
+            FileUse::Read,
+        ),
+        (
+            "approval.jwks_file",
+            "/etc/portcullis/config/approvers.json",
+            FileUse::Read,
+        ),
+        ("policy.dir", "/etc/portcullis/policies", FileUse::Read),
+        (
+            "policy.shadow_dir",
+            "/etc/portcullis/config/shadow",
+            FileUse::Read,
+        ),
+        (
+            "routes[0].credential.file",
+            "/etc/portcullis/secret/key",
+            FileUse::Read,
+        ),
+        (
+            "routes[1].credential.token_exchange.ca_file",
+            "/etc/portcullis/config/sts.pem",
+            FileUse::Read,
+        ),
+        (
+            "audit.signing_key",
+            "/etc/portcullis/secret/signing.pem",
+            FileUse::Read,
+        ),
+        (
+            "audit.sink",
+            "/etc/portcullis/config/audit.jsonl",
+            FileUse::Write,
+        ),
+    ];
+    expected.sort();
+    let mut asked = asked.into_inner().unwrap();
+    asked.sort();
+    let asked: Vec<(&str, &str, FileUse)> = asked
+        .iter()
+        .map(|(k, p, u)| (k.as_str(), p.as_str(), *u))
+        .collect();
+    assert_eq!(asked, expected);
+    let mut refused: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+    refused.sort();
+    let keys: Vec<&str> = expected.iter().map(|(k, _, _)| *k).collect();
+    assert_eq!(refused, keys, "{errors:#?}");
+}

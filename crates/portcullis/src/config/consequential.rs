@@ -2,7 +2,6 @@
 //! credentials"): `approval`, `limits.rate`, `routes[].credential`. Raw → checked, every error with its YAML path,
 //! like the rest of [`super`].
 
-use std::path::Path;
 use std::time::Duration;
 
 use portcullis_identity::user_token::{JwksSource, UserTokenSettings, parse_algorithm};
@@ -10,7 +9,7 @@ use portcullis_proxy::credential::{CredentialSpec, TokenExchangeSpec};
 use portcullis_proxy::rate::{RatePer, RateRule};
 use serde::Deserialize;
 
-use super::{Errors, duration, file};
+use super::{Base, Errors, duration, file};
 
 #[derive(Debug, Default, Deserialize)]
 pub(super) struct RawApproval {
@@ -44,7 +43,7 @@ const DEFAULT_GRANT_LIFETIME: Duration = Duration::from_secs(300);
 
 pub(super) fn approval(
     raw: RawApproval,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> Option<ApprovalConfig> {
     let before = errors.0.len();
@@ -170,7 +169,7 @@ pub(super) struct RawTokenExchange {
 pub(super) fn credential(
     raw: RawCredential,
     path: &str,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> Option<CredentialSpec> {
     match (raw.file.as_deref(), raw.token_exchange) {
@@ -229,7 +228,7 @@ pub(super) fn credential(
 fn token_exchange(
     raw: RawTokenExchange,
     path: &str,
-    base: &Path,
+    base: Base<'_>,
     errors: &mut Errors,
 ) -> Option<TokenExchangeSpec> {
     let endpoint_path = format!("{path}.endpoint");

@@ -152,7 +152,8 @@ struct Webhook {
     addr: SocketAddr,
     ca: CertificateDer<'static>,
     api: MockApi,
-    _dir: tempfile::TempDir,
+    /// The webhook's own files (its API token and CA), kept while it runs.
+    dir: tempfile::TempDir,
 }
 
 const SERVICE_DNS: &str = "portcullis-injector.portcullis.svc";
@@ -190,12 +191,7 @@ impl Webhook {
         .unwrap();
         let addr = server.local_addr().unwrap();
         tokio::spawn(server.run(std::future::pending()));
-        Webhook {
-            addr,
-            ca,
-            api,
-            _dir: dir,
-        }
+        Webhook { addr, ca, api, dir }
     }
 
     async fn review(&self, pod: &Value) -> Value {
@@ -607,7 +603,7 @@ async fn files_in_the_secret_are_admitted_only_when_the_pod_names_a_secret() {
     );
     assert!(
         text.contains(
-            "user_token.jwks_file: file not found: /etc/portcullis/config/../secret-ish/jwks.json"
+            "user_token.jwks_file: \"../secret-ish/jwks.json\" is outside the sidecar's mounts (/etc/portcullis/config, /etc/portcullis/secret): the pod cannot have this file"
         ),
         "{text}"
     );
@@ -664,6 +660,49 @@ async fn files_in_the_secret_are_admitted_only_when_the_pod_names_a_secret() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(config.routes.iter().all(|r| r.credential.is_some()));
     assert!(config.audit_checkpoints.is_some());
+}
+
+/// A config naming a file outside the sidecar's mounts is refused without the webhook opening
+/// it: the same answer for a path the webhook's machine has (its own API token) as for one it
+/// does not.
+#[tokio::test]
+async fn a_file_outside_the_sidecars_mounts_is_refused_unopened() {
+    let hook = Webhook::start(TOKEN).await;
+    hook.api.namespace(
+        "orders",
+        json!({ "portcullis.dev/inject": "enabled" }),
+        json!({}),
+    );
+    let own_token = hook.dir.path().join("token").display().to_string();
+    for (name, path) in [
+        (
+            "sa-token",
+            "/var/run/secrets/kubernetes.io/serviceaccount/token".to_owned(),
+        ),
+        ("own-token", own_token),
+        ("traversal", "../../../../etc/passwd".to_owned()),
+    ] {
+        hook.api.configmap(
+            "orders",
+            keyed_configmap(
+                name,
+                &format!(
+                    "user_token:\n  jwks_file: {path:?}\n  issuers: [https://idp]\n  audiences: [a]\n  max_lifetime: 5m\n"
+                ),
+            ),
+        );
+        let refused = pod(
+            json!({ "portcullis.dev/upstream-port": "http", "portcullis.dev/config": name }),
+            app(),
+        );
+        let text = message(&hook.review(&refused).await);
+        assert!(
+            text.contains(&format!(
+                "user_token.jwks_file: {path:?} is outside the sidecar's mounts (/etc/portcullis/config): the pod cannot have this file"
+            )),
+            "{text}"
+        );
+    }
 }
 
 /// The sidecar's file system in an injected pod, in a temporary directory: the config
