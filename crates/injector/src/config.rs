@@ -65,6 +65,10 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// How often the files are checked for a rotated certificate.
     pub reload_interval: Duration,
+    /// CA certificates (PEM) that sign the API server's client certificate. When set, the
+    /// admission paths answer only callers that presented a certificate verified against
+    /// them; `None` lets anyone who reaches the port ask for reviews. Read once at start.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// Everything `mutate` needs to build the sidecar; defaults are the chart's defaults.
@@ -227,6 +231,7 @@ struct RawTls {
     cert: Option<PathBuf>,
     key: Option<PathBuf>,
     reload_interval: Option<String>,
+    client_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -451,10 +456,28 @@ fn validate_tls(raw: RawTls, errors: &mut Errors) -> Option<TlsFiles> {
             }
         },
     };
+    let client_ca = raw.client_ca.map(|p| {
+        let p = errors.resolve(&p);
+        check_pem(&p, "tls.client_ca", errors, |bytes| {
+            let certs = CertificateDer::pem_slice_iter(bytes)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| "invalid PEM")?;
+            if certs.is_empty() {
+                return Err("no certificate found");
+            }
+            let mut roots = rustls::RootCertStore::empty();
+            match roots.add_parsable_certificates(certs) {
+                (_, 0) => Ok(()),
+                _ => Err("unparsable certificate"),
+            }
+        });
+        p
+    });
     Some(TlsFiles {
         cert: cert?,
         key: key?,
         reload_interval: reload_interval?,
+        client_ca,
     })
 }
 

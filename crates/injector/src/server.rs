@@ -3,6 +3,12 @@
 //!
 //! The serving certificate is re-read on an interval so a cert-manager (or chart) rotation is
 //! picked up without a restart; a broken new pair is logged and the previous one kept.
+//!
+//! With `tls.client_ca` the admission paths answer only connections whose client certificate
+//! verified against that CA (the API server's, from its AdmissionConfiguration); others get a
+//! 403 before their body is read or the cluster is asked anything. A certificate that does not
+//! verify fails the handshake. The probe and metrics paths stay open: the kubelet's HTTPS
+//! probes present no certificate.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +27,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use rustls::crypto::CryptoProvider;
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -59,6 +65,14 @@ pub enum ServeError {
     /// The serving certificate or key could not be loaded.
     #[error("cannot load serving certificate: {0}")]
     Certificate(String),
+    /// The client CA bundle (`tls.client_ca`) could not be loaded.
+    #[error("cannot load client CA {path}: {message}")]
+    ClientCa {
+        /// The configured file.
+        path: PathBuf,
+        /// What is wrong with it.
+        message: String,
+    },
     /// rustls rejected the configuration.
     #[error("tls configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -103,6 +117,8 @@ impl std::fmt::Debug for Server {
 struct State {
     admission: Admission,
     metrics: Metrics,
+    /// `tls.client_ca` is set: admission requests need a verified client certificate.
+    require_client_cert: bool,
 }
 
 impl Server {
@@ -119,10 +135,32 @@ impl Server {
             config.tls.key.clone(),
             provider.clone(),
         )?);
-        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_no_client_auth()
-            .with_cert_resolver(reloader.clone());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()?;
+        let require_client_cert = config.tls.client_ca.is_some();
+        let builder = match &config.tls.client_ca {
+            Some(path) => {
+                let roots = load_client_ca(path)?;
+                // Anonymous clients may connect (the kubelet's probes); `handle` refuses them
+                // the admission paths. A presented certificate must verify.
+                let verifier = WebPkiClientVerifier::builder_with_provider(roots, provider)
+                    .allow_unauthenticated()
+                    .build()
+                    .map_err(|e| ServeError::ClientCa {
+                        path: path.clone(),
+                        message: e.to_string(),
+                    })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => {
+                tracing::warn!(
+                    "tls.client_ca is not set: admission requests are not authenticated, anyone \
+                     who can reach the webhook can ask it to read namespaces and ConfigMaps"
+                );
+                builder.with_no_client_auth()
+            }
+        };
+        let mut tls = builder.with_cert_resolver(reloader.clone());
         // The API server speaks HTTP/1.1 or HTTP/2; one protocol keeps this server small.
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let listener =
@@ -142,6 +180,7 @@ impl Server {
                     validate,
                 },
                 metrics: Metrics::default(),
+                require_client_cert,
             }),
             reloader,
             reload_interval: config.tls.reload_interval,
@@ -206,7 +245,10 @@ impl Server {
                         return;
                     }
                 };
-                let service = service_fn(move |req| handle(req, state.clone()));
+                // Some only when the client presented a certificate the verifier accepted
+                // (without tls.client_ca no certificate is ever asked for).
+                let authenticated = tls.get_ref().1.peer_certificates().is_some();
+                let service = service_fn(move |req| handle(req, state.clone(), authenticated));
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(HEADER_TIMEOUT)
@@ -239,6 +281,7 @@ fn is_transient(e: &std::io::Error) -> bool {
 async fn handle(
     req: Request<Incoming>,
     state: Arc<State>,
+    authenticated: bool,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let scope = match (req.method(), req.uri().path()) {
         (&Method::POST, PATH_NAMESPACE) => Scope::Namespace,
@@ -249,6 +292,22 @@ async fn handle(
         }
         _ => return Ok(text(StatusCode::NOT_FOUND, "not found\n".into())),
     };
+    if state.require_client_cert && !authenticated {
+        // Neither the body nor the cluster is looked at for an unknown caller.
+        state
+            .metrics
+            .unauthenticated
+            .fetch_add(1, Ordering::Relaxed);
+        // debug, not warn: anyone can send these, the counter shows them.
+        tracing::debug!(
+            path = req.uri().path(),
+            "admission request without a client certificate refused"
+        );
+        return Ok(text(
+            StatusCode::FORBIDDEN,
+            "client certificate required\n".into(),
+        ));
+    }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => b.to_bytes(),
         Err(e) => {
@@ -302,6 +361,8 @@ struct Metrics {
     skipped: AtomicU64,
     refused: AtomicU64,
     malformed: AtomicU64,
+    /// Admission requests refused (403) for want of a verified client certificate.
+    unauthenticated: AtomicU64,
 }
 
 impl Metrics {
@@ -331,6 +392,13 @@ impl Metrics {
                 counter.load(Ordering::Relaxed)
             ));
         }
+        out.push_str(&format!(
+            "# HELP portcullis_injector_unauthenticated_total Admission requests refused with 403: \
+             no verified client certificate (tls.client_ca set).\n\
+             # TYPE portcullis_injector_unauthenticated_total counter\n\
+             portcullis_injector_unauthenticated_total {}\n",
+            self.unauthenticated.load(Ordering::Relaxed)
+        ));
         out
     }
 }
@@ -395,6 +463,27 @@ impl ResolvesServerCert for CertReloader {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         Some(self.current.load().key.clone())
     }
+}
+
+/// The CA bundle client certificates must chain to; read once, at start.
+fn load_client_ca(path: &Path) -> Result<Arc<rustls::RootCertStore>, ServeError> {
+    let err = |message: String| ServeError::ClientCa {
+        path: path.to_path_buf(),
+        message,
+    };
+    let pem = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<_, _>>()
+        .map_err(|e| err(format!("bad certificate pem: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (_, invalid) = roots.add_parsable_certificates(certs);
+    if invalid > 0 {
+        return Err(err(format!("{invalid} unparsable certificate(s)")));
+    }
+    if roots.is_empty() {
+        return Err(err("no certificate found".to_owned()));
+    }
+    Ok(Arc::new(roots))
 }
 
 fn load_pair(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Loaded, ServeError> {

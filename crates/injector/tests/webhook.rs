@@ -7,17 +7,22 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
+use std::collections::BTreeMap;
+
+use portcullis_injector::kube::{ApiError, BoxFuture};
 use portcullis_injector::{
-    ANNOTATION_ALLOW_OPT_OUT, ANNOTATION_SECRET, ApiSettings, InjectionSettings, NamespaceInfo,
-    PATH_NAMESPACE, PATH_POD, SECRET_DIR, Server, StaticCluster, SvidSource, TlsFiles,
-    WebhookConfig,
+    ANNOTATION_ALLOW_OPT_OUT, ANNOTATION_SECRET, ApiSettings, Cluster, InjectionSettings,
+    NamespaceInfo, PATH_NAMESPACE, PATH_POD, SECRET_DIR, Server, StaticCluster, SvidSource,
+    TlsFiles, WebhookConfig,
 };
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -51,6 +56,71 @@ fn mint(dir: &Path) -> Pki {
     }
 }
 
+/// A CA for the webhook's callers (`tls.client_ca`) and one client certificate it signed, as
+/// the API server would present from its AdmissionConfiguration kubeconfig.
+struct ClientPki {
+    ca_pem: String,
+    cert: ClientCert,
+}
+
+/// A client certificate chain and its key, for [`call_as`].
+struct ClientCert {
+    chain: Vec<CertificateDer<'static>>,
+    key_pem: String,
+}
+
+fn mint_client(name: &str) -> ClientPki {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("{name}-ca"));
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+
+    let leaf_key = rcgen::KeyPair::generate().unwrap();
+    let mut leaf_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    leaf_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, name);
+    leaf_params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+    ClientPki {
+        ca_pem: ca_cert.pem(),
+        cert: ClientCert {
+            chain: vec![leaf.der().clone()],
+            key_pem: leaf_key.serialize_pem(),
+        },
+    }
+}
+
+/// Counts the reads the webhook makes, to show a refused caller got none.
+#[derive(Debug, Default)]
+struct CountingCluster {
+    inner: StaticCluster,
+    reads: AtomicUsize,
+}
+
+impl Cluster for CountingCluster {
+    fn namespace<'a>(
+        &'a self,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<NamespaceInfo>, ApiError>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.namespace(name)
+    }
+
+    fn configmap<'a>(
+        &'a self,
+        namespace: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<BTreeMap<String, String>>, ApiError>> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.configmap(namespace, name)
+    }
+}
+
 struct Webhook {
     addr: SocketAddr,
     ca: CertificateDer<'static>,
@@ -73,21 +143,37 @@ impl Webhook {
         reload: Duration,
         cluster: StaticCluster,
     ) -> Webhook {
+        Self::start_with(injection, reload, Arc::new(cluster), None).await
+    }
+
+    /// `client_ca`: PEM written next to the serving pair and named as `tls.client_ca`.
+    async fn start_with(
+        injection: InjectionSettings,
+        reload: Duration,
+        cluster: Arc<dyn Cluster>,
+        client_ca: Option<&str>,
+    ) -> Webhook {
         let dir = tempfile::tempdir().unwrap();
         let pki = mint(dir.path());
+        let client_ca = client_ca.map(|pem| {
+            let path = dir.path().join("client-ca.crt");
+            std::fs::write(&path, pem).unwrap();
+            path
+        });
         let config = WebhookConfig {
             listen: "127.0.0.1:0".parse().unwrap(),
             tls: TlsFiles {
                 cert: dir.path().join("tls.crt"),
                 key: dir.path().join("tls.key"),
                 reload_interval: reload,
+                client_ca,
             },
             injection,
             kubernetes: ApiSettings::default(),
         };
         // No config ConfigMap is named in these tests; crates/portcullis' webhook test runs
         // the real validator against a mock API server.
-        let server = Server::bind(config, Arc::new(cluster), Arc::new(|_, _| Ok(())))
+        let server = Server::bind(config, cluster, Arc::new(|_, _| Ok(())))
             .await
             .unwrap();
         let addr = server.local_addr().unwrap();
@@ -133,14 +219,32 @@ async fn call_with_ca(
     path: &str,
     body: Vec<u8>,
 ) -> Result<(u16, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
+    call_as(addr, ca, None, method, path, body).await
+}
+
+/// Like [`call_with_ca`], presenting `client` as the TLS client certificate when given.
+async fn call_as(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    client: Option<&ClientCert>,
+    method: http::Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>), Box<dyn std::error::Error + Send + Sync>> {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.clone())?;
-    let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
         rustls::crypto::aws_lc_rs::default_provider(),
     ))
     .with_safe_default_protocol_versions()?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    .with_root_certificates(roots);
+    let tls = match client {
+        Some(c) => builder.with_client_auth_cert(
+            c.chain.clone(),
+            PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
     let connector = tokio_rustls::TlsConnector::from(Arc::new(tls));
     let tcp = TcpStream::connect(addr).await?;
     let stream = connector
@@ -891,4 +995,190 @@ async fn pods_sharing_a_process_namespace_are_refused() {
         assert!(apply(&review, &response).is_some(), "{response}");
     }
     hook.stop().await;
+}
+
+/// With `tls.client_ca`, only a caller with a certificate from that CA (the API server) gets a
+/// review: anyone else in the cluster network could otherwise have the webhook read any
+/// namespace and ConfigMap and echo what the validator says about it.
+#[tokio::test]
+async fn with_a_client_ca_only_its_certificates_get_reviews() {
+    let api_server = mint_client("kube-apiserver");
+    let stranger = mint_client("stranger");
+    let cluster = Arc::new(CountingCluster {
+        inner: cluster(),
+        reads: AtomicUsize::new(0),
+    });
+    let hook = Webhook::start_with(
+        InjectionSettings::default(),
+        Duration::from_secs(60),
+        cluster.clone(),
+        Some(&api_server.ca_pem),
+    )
+    .await;
+    let review = fixture("deployment-pod.json");
+    let body = serde_json::to_vec(&review).unwrap();
+
+    // No certificate: 403 for both admission paths, nothing read from the cluster.
+    for path in [PATH_NAMESPACE, PATH_POD] {
+        let (status, text) = call_as(
+            hook.addr,
+            &hook.ca,
+            None,
+            http::Method::POST,
+            path,
+            body.clone(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 403, "{path}: {}", String::from_utf8_lossy(&text));
+        assert!(
+            String::from_utf8_lossy(&text).contains("client certificate"),
+            "{}",
+            String::from_utf8_lossy(&text)
+        );
+    }
+    assert_eq!(
+        cluster.reads.load(Ordering::SeqCst),
+        0,
+        "the cluster was read"
+    );
+
+    // A certificate from another CA fails the handshake.
+    let result = call_as(
+        hook.addr,
+        &hook.ca,
+        Some(&stranger.cert),
+        http::Method::POST,
+        PATH_NAMESPACE,
+        body.clone(),
+    )
+    .await;
+    assert!(result.is_err(), "{result:?}");
+    assert_eq!(
+        cluster.reads.load(Ordering::SeqCst),
+        0,
+        "the cluster was read"
+    );
+
+    // The probes and the metrics need no certificate.
+    for path in ["/healthz", "/readyz", "/metrics"] {
+        let (status, _) = call_as(hook.addr, &hook.ca, None, http::Method::GET, path, vec![])
+            .await
+            .unwrap();
+        assert_eq!(status, 200, "{path}");
+    }
+
+    // The API server's certificate gets the normal answer.
+    let (status, text) = call_as(
+        hook.addr,
+        &hook.ca,
+        Some(&api_server.cert),
+        http::Method::POST,
+        PATH_NAMESPACE,
+        body,
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&text));
+    let response: Value = serde_json::from_slice(&text).unwrap();
+    assert!(apply(&review, &response).is_some(), "{response}");
+    assert!(cluster.reads.load(Ordering::SeqCst) > 0);
+
+    let (_, metrics) = call_as(
+        hook.addr,
+        &hook.ca,
+        None,
+        http::Method::GET,
+        "/metrics",
+        vec![],
+    )
+    .await
+    .unwrap();
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert!(
+        metrics.contains("portcullis_injector_unauthenticated_total 2\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("portcullis_injector_admissions_total{result=\"injected\"} 1"),
+        "{metrics}"
+    );
+    hook.stop().await;
+}
+
+/// Without `tls.client_ca` nothing is asked of the caller (the behaviour before the option);
+/// a client that offers a certificate anyway is not asked for it and still served.
+#[tokio::test]
+async fn without_a_client_ca_callers_are_not_authenticated() {
+    let someone = mint_client("someone");
+    let hook = Webhook::start(InjectionSettings::default()).await;
+    let review = fixture("deployment-pod.json");
+    for client in [None, Some(&someone.cert)] {
+        let (status, text) = call_as(
+            hook.addr,
+            &hook.ca,
+            client,
+            http::Method::POST,
+            PATH_NAMESPACE,
+            serde_json::to_vec(&review).unwrap(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&text));
+    }
+    hook.stop().await;
+}
+
+/// `tls.client_ca` is checked at load like `tls.cert`: every error at its YAML path.
+#[test]
+fn a_missing_or_broken_client_ca_is_a_config_error_at_its_path() {
+    let dir = tempfile::tempdir().unwrap();
+    mint(dir.path());
+    let load = |client_ca: &str| {
+        let file = dir.path().join("webhook.yaml");
+        std::fs::write(
+            &file,
+            format!("tls:\n  cert: tls.crt\n  key: tls.key\n  client_ca: {client_ca}\n"),
+        )
+        .unwrap();
+        WebhookConfig::load(&file)
+    };
+    let only_error = |client_ca: &str| -> String {
+        let errors = load(client_ca).unwrap_err().errors;
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "tls.client_ca", "{errors:?}");
+        errors[0].message.clone()
+    };
+
+    let message = only_error("absent.crt");
+    assert!(message.contains("file not found"), "{message}");
+    assert!(message.contains("absent.crt"), "{message}");
+
+    std::fs::write(dir.path().join("not-pem.crt"), "just text\n").unwrap();
+    let message = only_error("not-pem.crt");
+    assert!(message.contains("no certificate found"), "{message}");
+
+    // A key is PEM, but no certificate.
+    std::fs::copy(dir.path().join("tls.key"), dir.path().join("key.pem")).unwrap();
+    let message = only_error("key.pem");
+    assert!(message.contains("no certificate found"), "{message}");
+
+    // A CERTIFICATE block that is no certificate.
+    std::fs::write(
+        dir.path().join("garbage.crt"),
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let message = only_error("garbage.crt");
+    assert!(message.contains("garbage.crt"), "{message}");
+
+    // One or more CA certificates load, resolved relative to the file.
+    let bundle = format!("{}{}", mint_client("a").ca_pem, mint_client("b").ca_pem);
+    std::fs::write(dir.path().join("clients.crt"), bundle).unwrap();
+    let config = load("clients.crt").unwrap();
+    assert_eq!(config.tls.client_ca, Some(dir.path().join("clients.crt")));
+    // And it is optional.
+    let file = dir.path().join("plain.yaml");
+    std::fs::write(&file, "tls:\n  cert: tls.crt\n  key: tls.key\n").unwrap();
+    assert_eq!(WebhookConfig::load(&file).unwrap().tls.client_ca, None);
 }

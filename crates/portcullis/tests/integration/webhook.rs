@@ -178,6 +178,7 @@ impl Webhook {
                 cert: dir.path().join("webhook.crt"),
                 key: dir.path().join("webhook.key"),
                 reload_interval: std::time::Duration::from_secs(60),
+                client_ca: None,
             },
             injection: InjectionSettings::default(),
             kubernetes: kubernetes.clone(),
