@@ -15,75 +15,98 @@ use serde::Serialize;
 
 use super::{AuditInput, AuditPolicies, AuditRecord, AuditUser, SharedText};
 
+/// A field's key as the writer copies it: `,"key":` and, for a string value, `,"key":"` with
+/// the value's opening quote. Made from a literal by [`key!`], so each is one copy of a
+/// length known where it is written.
+#[derive(Clone, Copy)]
+struct Key {
+    plain: &'static str,
+    quoted: &'static str,
+}
+
+/// The [`Key`] of a literal field name (one JSON needs no escapes in: the test against
+/// `serde_json` would show one that did).
+macro_rules! key {
+    ($name:literal) => {
+        Key {
+            plain: concat!(",\"", $name, "\":"),
+            quoted: concat!(",\"", $name, "\":\""),
+        }
+    };
+}
+
 /// Appends `record` as a JSON object (no newline).
 pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
     let mut o = Object::open(buf);
-    o.str("time", &record.time);
-    o.str("request_id", record.request_id.as_str());
-    o.opt_str("trace_id", record.trace_id.as_ref().map(SharedText::as_str));
-    o.str("client_address", &record.client_address);
-    o.opt_str("agent", record.agent.as_deref());
-    o.key("user");
+    o.str(key!("time"), &record.time);
+    o.str(key!("request_id"), record.request_id.as_str());
+    o.opt_str(
+        key!("trace_id"),
+        record.trace_id.as_ref().map(SharedText::as_str),
+    );
+    o.str(key!("client_address"), &record.client_address);
+    o.opt_str(key!("agent"), record.agent.as_deref());
+    o.key(key!("user"));
     match &record.user {
         None => o.buf.extend_from_slice(b"null"),
         Some(AuditUser(user)) => {
             let mut u = Object::open(o.buf);
-            u.str("sub", &user.subject);
-            u.str("iss", &user.issuer);
+            u.str(key!("sub"), &user.subject);
+            u.str(key!("iss"), &user.issuer);
             u.close();
         }
     }
-    o.strs("actor_chain", record.actor_chain.as_slice());
-    o.str("method", &record.method);
-    o.str("path", &record.path);
-    o.opt_str("action", record.action);
-    o.key("resource");
+    o.strs(key!("actor_chain"), record.actor_chain.as_slice());
+    o.str(key!("method"), &record.method);
+    o.str(key!("path"), &record.path);
+    o.opt_str(key!("action"), record.action);
+    o.key(key!("resource"));
     match &record.resource {
         None => o.buf.extend_from_slice(b"null"),
         Some(resource) => {
             let mut r = Object::open(o.buf);
-            r.str("type", resource.kind);
-            r.str("id", &resource.id);
+            r.str(key!("type"), resource.kind);
+            r.str(key!("id"), &resource.id);
             r.close();
         }
     }
-    o.opt_str("decision", record.decision);
-    o.opt_str("reason", record.reason);
-    o.key("policies");
+    o.opt_str(key!("decision"), record.decision);
+    o.opt_str(key!("reason"), record.reason);
+    o.key(key!("policies"));
     policies(o.buf, &record.policies);
-    o.strs("errors", &record.errors);
-    o.opt_str("policy_hash", record.policy_hash.as_deref());
-    o.str("mode", record.mode);
-    o.serde("status", &record.status);
-    o.serde("decision_us", &record.decision_us);
-    o.serde("duration_ms", &record.duration_ms);
-    o.serde("completed", &record.completed);
-    o.strs("standing_credentials", &record.standing_credentials);
+    o.strs(key!("errors"), &record.errors);
+    o.opt_str(key!("policy_hash"), record.policy_hash.as_deref());
+    o.str(key!("mode"), record.mode);
+    o.serde(key!("status"), &record.status);
+    o.serde(key!("decision_us"), &record.decision_us);
+    o.serde(key!("duration_ms"), &record.duration_ms);
+    o.serde(key!("completed"), &record.completed);
+    o.strs(key!("standing_credentials"), &record.standing_credentials);
     if let Some(input) = &record.input {
-        o.key("input");
+        o.key(key!("input"));
         question(o.buf, record, input);
     }
     if let Some(shadow) = &record.shadow {
-        o.serde("shadow", shadow);
+        o.serde(key!("shadow"), shadow);
     }
     if !record.calls.is_empty() {
-        o.serde("calls", &record.calls);
+        o.serde(key!("calls"), &record.calls);
     }
     if let Some(approval) = &record.approval {
-        o.serde("approval", approval);
+        o.serde(key!("approval"), approval);
     }
     if let Some(credential) = record.credential {
-        o.str("credential", credential);
+        o.str(key!("credential"), credential);
     }
     o.close();
 }
 
 fn policies(buf: &mut Vec<u8>, policies: &AuditPolicies) {
     let mut p = Object::open(buf);
-    p.strs("agent", &policies.agent);
+    p.strs(key!("agent"), &policies.agent);
     match &policies.user {
-        None => p.opt_str("user", None),
-        Some(user) => p.strs("user", user),
+        None => p.opt_str(key!("user"), None),
+        Some(user) => p.strs(key!("user"), user),
     }
     p.close();
 }
@@ -92,24 +115,24 @@ fn policies(buf: &mut Vec<u8>, policies: &AuditPolicies) {
 /// skipped).
 fn question(buf: &mut Vec<u8>, record: &AuditRecord, input: &AuditInput) {
     let mut o = Object::open(buf);
-    o.str("agent", record.agent.as_deref().unwrap_or_default());
+    o.str(key!("agent"), record.agent.as_deref().unwrap_or_default());
     if let Some(user) = &input.user {
-        o.key("user");
+        o.key(key!("user"));
         user_spec(o.buf, user);
     }
-    o.str("method", &record.method);
-    o.str("path", &record.path);
-    o.some_str("action", record.action);
+    o.str(key!("method"), &record.method);
+    o.str(key!("path"), &record.path);
+    o.some_str(key!("action"), record.action);
     if let Some(resource) = &record.resource {
-        o.key("resource");
+        o.key(key!("resource"));
         entity(o.buf, resource.kind, &resource.id);
     }
-    o.str("host", &input.host);
+    o.str(key!("host"), &input.host);
     if let Some(context) = &input.context {
-        o.serde("context", context);
+        o.serde(key!("context"), context);
     }
-    o.serde("now", &input.now);
-    o.str("client_address", &record.client_address);
+    o.serde(key!("now"), &input.now);
+    o.str(key!("client_address"), &record.client_address);
     o.close();
 }
 
@@ -137,68 +160,71 @@ fn entity(buf: &mut Vec<u8>, kind: &str, id: &str) {
 /// (a verified user has no `scope` string: its scopes are the set).
 fn user_spec(buf: &mut Vec<u8>, user: &UserClaims) {
     let mut o = Object::open(buf);
-    o.str("sub", &user.subject);
-    o.str("iss", &user.issuer);
+    o.str(key!("sub"), &user.subject);
+    o.str(key!("iss"), &user.issuer);
     if !user.scopes.is_empty() {
-        o.strs("scopes", &user.scopes);
+        o.strs(key!("scopes"), &user.scopes);
     }
-    o.some_str("email", user.email.as_deref());
+    o.some_str(key!("email"), user.email.as_deref());
     if !user.groups.is_empty() {
-        o.strs("groups", &user.groups);
+        o.strs(key!("groups"), &user.groups);
     }
     o.close();
 }
 
-/// A JSON object being written: `{` on open, `,` between fields, `}` on close.
+/// A JSON object being written. Every field is written with a leading `,`; closing turns the
+/// first field's into the `{` (an object without fields is `{}`), so no field asks whether
+/// it is the first.
 struct Object<'a> {
     buf: &'a mut Vec<u8>,
-    first: bool,
+    start: usize,
 }
 
 impl<'a> Object<'a> {
     fn open(buf: &'a mut Vec<u8>) -> Self {
-        buf.push(b'{');
-        Self { buf, first: true }
+        let start = buf.len();
+        Self { buf, start }
     }
 
-    /// `"key":`; keys are literals that need no escaping. Inlined, so each key's copy is
-    /// of a length known where it is written (moves, not a call to `memcpy`).
     #[inline(always)]
-    fn key(&mut self, key: &str) {
-        debug_assert!(!needs_escape(key.as_bytes()));
-        if !std::mem::take(&mut self.first) {
-            self.buf.push(b',');
+    fn key(&mut self, key: Key) {
+        self.buf.extend_from_slice(key.plain.as_bytes());
+    }
+
+    #[inline(always)]
+    fn str(&mut self, key: Key, value: &str) {
+        if needs_escape(value.as_bytes()) {
+            self.key(key);
+            let _ = serde_json::to_writer(&mut *self.buf, value);
+        } else {
+            // Key, opening quote, value, closing quote: two copies and a byte.
+            self.buf.extend_from_slice(key.quoted.as_bytes());
+            self.buf.extend_from_slice(value.as_bytes());
+            self.buf.push(b'"');
         }
-        self.buf.push(b'"');
-        self.buf.extend_from_slice(key.as_bytes());
-        self.buf.extend_from_slice(b"\":");
-    }
-
-    #[inline(always)]
-    fn str(&mut self, key: &str, value: &str) {
-        self.key(key);
-        string(self.buf, value);
     }
 
     /// `null` when absent (a field the record always has).
     #[inline(always)]
-    fn opt_str(&mut self, key: &str, value: Option<&str>) {
-        self.key(key);
+    fn opt_str(&mut self, key: Key, value: Option<&str>) {
         match value {
-            Some(value) => string(self.buf, value),
-            None => self.buf.extend_from_slice(b"null"),
+            Some(value) => self.str(key, value),
+            None => {
+                self.key(key);
+                self.buf.extend_from_slice(b"null");
+            }
         }
     }
 
     /// Left out when absent (`skip_serializing_if = "Option::is_none"`).
     #[inline(always)]
-    fn some_str(&mut self, key: &str, value: Option<&str>) {
+    fn some_str(&mut self, key: Key, value: Option<&str>) {
         if let Some(value) = value {
             self.str(key, value);
         }
     }
 
-    fn strs(&mut self, key: &str, values: &[impl AsRef<str>]) {
+    fn strs(&mut self, key: Key, values: &[impl AsRef<str>]) {
         self.key(key);
         self.buf.push(b'[');
         for (i, value) in values.iter().enumerate() {
@@ -211,7 +237,7 @@ impl<'a> Object<'a> {
     }
 
     /// Numbers, booleans and the rare nested values, as `serde_json` writes them.
-    fn serde(&mut self, key: &str, value: &impl Serialize) {
+    fn serde(&mut self, key: Key, value: &impl Serialize) {
         self.key(key);
         let start = self.buf.len();
         if serde_json::to_writer(&mut *self.buf, value).is_err() {
@@ -223,7 +249,12 @@ impl<'a> Object<'a> {
     }
 
     fn close(self) {
-        self.buf.push(b'}');
+        if self.buf.len() == self.start {
+            self.buf.extend_from_slice(b"{}");
+        } else {
+            self.buf[self.start] = b'{';
+            self.buf.push(b'}');
+        }
     }
 }
 
