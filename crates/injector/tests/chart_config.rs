@@ -11,6 +11,8 @@ use std::path::Path;
 use portcullis_injector::{SvidSource, WebhookConfig};
 
 const CHART_TLS_DIR: &str = "/etc/portcullis-webhook/tls";
+/// Where the chart mounts the API server's client CA (`webhook.clientCA`).
+const CHART_CLIENT_CA_DIR: &str = "/etc/portcullis-webhook/client-ca";
 
 #[test]
 fn every_rendered_chart_config_loads() {
@@ -27,6 +29,13 @@ fn every_rendered_chart_config_loads() {
         .unwrap();
     std::fs::write(tls.path().join("tls.crt"), cert.pem()).unwrap();
     std::fs::write(tls.path().join("tls.key"), key.serialize_pem()).unwrap();
+    // And a CA where the client CA's Secret would be (a case that sets webhook.clientCA).
+    let client_ca = tempfile::tempdir().unwrap();
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    std::fs::write(client_ca.path().join("ca.crt"), ca.pem()).unwrap();
 
     let mut checked = 0;
     for entry in std::fs::read_dir(Path::new(&dir)).unwrap() {
@@ -37,7 +46,9 @@ fn every_rendered_chart_config_loads() {
         }
         let text = std::fs::read_to_string(&file).unwrap();
         assert!(text.contains(CHART_TLS_DIR), "{}", file.display());
-        let text = text.replace(CHART_TLS_DIR, &tls.path().display().to_string());
+        let text = text
+            .replace(CHART_TLS_DIR, &tls.path().display().to_string())
+            .replace(CHART_CLIENT_CA_DIR, &client_ca.path().display().to_string());
         let config = WebhookConfig::from_yaml(&text, tls.path())
             .unwrap_or_else(|e| panic!("{}:\n{e}", file.display()));
         // Each case's expectations travel with it, written by the script.
@@ -52,6 +63,11 @@ fn every_rendered_chart_config_loads() {
                     "svid=csi-driver-spiffe" => {
                         assert_eq!(config.injection.svid, SvidSource::CsiDriverSpiffe)
                     }
+                    "client_ca=true" => assert_eq!(
+                        config.tls.client_ca.as_deref(),
+                        Some(client_ca.path().join("ca.crt").as_path())
+                    ),
+                    "client_ca=false" => assert_eq!(config.tls.client_ca, None),
                     other => panic!("unknown expectation {other:?} in {}", case.display()),
                 }
             }
