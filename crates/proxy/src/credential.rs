@@ -139,7 +139,9 @@ pub(crate) async fn step(
             // The caller's own value under another spelling (`api_key` for `api-key`), which
             // applications reading `_` as `-` would take beside or instead of the sidecar's.
             if header.as_str().contains('-') {
-                crate::headers::remove_where(headers, |name| name == header.as_str());
+                crate::headers::remove_where(headers, |name| {
+                    crate::headers::folds_to(name, header.as_str())
+                });
             }
             headers.insert(header.clone(), value);
             Ok(())

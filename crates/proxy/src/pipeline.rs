@@ -537,7 +537,11 @@ async fn authorize_and_forward(
     // Long-lived credentials never reach the application (flagged above: every one present
     // but the user-token header, which is handled next), under any spelling flagged.
     if !standing.is_empty() {
-        crate::headers::remove_where(&mut parts.headers, |name| standing.contains(&name));
+        crate::headers::remove_where(&mut parts.headers, |name| {
+            standing
+                .iter()
+                .any(|standing| crate::headers::folds_to(name, standing))
+        });
     }
     if let Some(tokens) = &shared.user_token {
         parts.headers.remove(&tokens.header);
@@ -751,9 +755,8 @@ fn standing_credentials(
     // uvicorn's WSGI bridge build) take it for `x-api-key`.
     let mut present = [false; STANDING_CREDENTIAL_HEADERS.len()];
     for key in headers.keys() {
-        let folded = crate::headers::folded(key);
         for (seen, standing) in present.iter_mut().zip(STANDING_CREDENTIAL_HEADERS) {
-            *seen |= *folded == *standing;
+            *seen |= crate::headers::folds_to(key.as_str(), standing);
         }
     }
     STANDING_CREDENTIAL_HEADERS
@@ -1075,17 +1078,30 @@ const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 /// Appends `bytes` as lowercase hex.
 pub(crate) fn push_hex(out: &mut String, bytes: &[u8]) {
-    for byte in bytes {
-        out.push(char::from(HEX_DIGITS[usize::from(byte >> 4)]));
-        out.push(char::from(HEX_DIGITS[usize::from(byte & 0x0f)]));
+    for &byte in bytes {
+        let [high, low] = HEX_PAIRS[usize::from(byte)];
+        out.push(char::from(high));
+        out.push(char::from(low));
     }
 }
 
+/// The two lowercase hex digits of every byte value: one load a byte where the digits one
+/// at a time took two lookups, shifts and masks (the request's ids are 40 random bytes).
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    let mut pairs = [[0; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        pairs[byte] = [HEX_DIGITS[byte >> 4], HEX_DIGITS[byte & 0x0f]];
+        byte += 1;
+    }
+    pairs
+};
+
 /// Writes `bytes` as lowercase hex into `out`, two digits a byte (as far as `out` reaches).
 fn write_hex(out: &mut [u8], bytes: &[u8]) {
-    for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = HEX_DIGITS[usize::from(byte >> 4)];
-        pair[1] = HEX_DIGITS[usize::from(byte & 0x0f)];
+    let (pairs, _) = out.as_chunks_mut::<2>();
+    for (pair, &byte) in pairs.iter_mut().zip(bytes) {
+        *pair = HEX_PAIRS[usize::from(byte)];
     }
 }
 
@@ -1214,6 +1230,20 @@ mod tests {
             let recorded = super::SharedText::shared(id.text_shared.clone());
             assert_eq!(recorded.as_str(), id.as_str());
         }
+    }
+
+    /// Every byte value, in both writers, as `format!` writes it.
+    #[test]
+    fn hex_is_lowercase_two_digits_a_byte() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        let mut pushed = String::new();
+        super::push_hex(&mut pushed, &bytes);
+        assert_eq!(pushed, expected);
+        let mut written = vec![b'.'; 513];
+        super::write_hex(&mut written, &bytes);
+        assert_eq!(&written[..512], expected.as_bytes());
+        assert_eq!(written[512], b'.', "nothing written past the digits");
     }
 
     /// A caller's well-formed traceparent is passed on as it came.
