@@ -14,6 +14,8 @@
 #                 upstream's credential (RFC 8693, served from the cache after the first call)
 #
 # For each: p50 and p99 at a fixed rate (oha -q, latency correction on), max rps (unlimited),
+# max rps under a CPU limit (CPU_LIMIT millicores as a CFS quota, as Kubernetes enforces a
+# sidecar's `limits.cpu`; see "a CPU limit" below for why both),
 # CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
 # idle RSS and RSS with 512 open mTLS connections; every ratio against nginx-mtls from this
 # same run. The paths take turns: every proxy is started first (each on its own port, all on
@@ -34,8 +36,8 @@
 #
 # Usage: benches/load/run.sh [--first-byte]   (env: DURATION=10s ROUNDS=5 RATE=2000
 #                                              CONNECTIONS=16 PROXY_CORE=0 LOAD_CORE=1
-#                                              HOLD=512 KEEP_WORK=1 keeps the fixtures and
-#                                              results)
+#                                              HOLD=512 CPU_LIMIT=500 (0: no limited run)
+#                                              KEEP_WORK=1 keeps the fixtures and results)
 # --first-byte runs only the first-byte table (no oha needed).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -48,6 +50,7 @@ CONNECTIONS="${CONNECTIONS:-16}"
 PROXY_CORE="${PROXY_CORE:-0}"
 LOAD_CORE="${LOAD_CORE:-1}"
 HOLD="${HOLD:-512}"
+CPU_LIMIT="${CPU_LIMIT:-500}"
 LOAD=true
 [ "${1:-}" = "--first-byte" ] && LOAD=false
 
@@ -191,6 +194,62 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 TICK="$(getconf CLK_TCK)"
 
+# --- a CPU limit ----------------------------------------------------------------------------
+# At a whole core the proxy is not what bounds max rps: oha and the upstream share LOAD_CORE
+# and fill it first (the proxies' own core ran ~80% busy in the unlimited runs, nginx-mtls's
+# and Portcullis's alike), so the unlimited column measures the load generator as much as the
+# proxy. A sidecar runs under a CPU limit, and there its throughput is the limit over its CPU
+# per request: each round also runs every proxy's unlimited load with its process alone in a
+# cgroup whose CFS quota is CPU_LIMIT millicores a period of 100 ms (the kubelet's
+# cpu.cfs_period_us), set for that run only. cgroup v1's cpu controller (this VM's) or v2's.
+CFS_PERIOD_US=100000
+cgroup_root=
+cgroup_version=
+cgroups=()
+if "$LOAD" && [ "$CPU_LIMIT" -gt 0 ]; then
+    if [ -w /sys/fs/cgroup/cpu ] && [ -f /sys/fs/cgroup/cpu/cpu.cfs_quota_us ]; then
+        cgroup_root=/sys/fs/cgroup/cpu cgroup_version=1
+    elif grep -qw cpu /sys/fs/cgroup/cgroup.controllers 2>/dev/null &&
+        echo +cpu 2>/dev/null > /sys/fs/cgroup/cgroup.subtree_control; then
+        cgroup_root=/sys/fs/cgroup cgroup_version=2
+    else
+        log "no writable cgroup cpu controller: the CPU-limited runs are left out"
+    fi
+fi
+# Puts a path's measured process in a cgroup of its own (made on first use) and sets or
+# lifts that cgroup's quota.
+cpu_limit() { # name, on | off
+    local dir="$cgroup_root/portcullis-bench.$$.$1"
+    if [ ! -d "$dir" ]; then
+        mkdir "$dir"
+        cgroups+=("$dir")
+        echo "${pid_of[$1]}" > "$dir/cgroup.procs"
+    fi
+    local quota=-1 max=max
+    if [ "$2" = on ]; then
+        quota=$(( CPU_LIMIT * CFS_PERIOD_US / 1000 ))
+        max="$quota"
+    fi
+    if [ "$cgroup_version" = 1 ]; then
+        echo "$CFS_PERIOD_US" > "$dir/cpu.cfs_period_us"
+        echo "$quota" > "$dir/cpu.cfs_quota_us"
+    else
+        echo "$max $CFS_PERIOD_US" > "$dir/cpu.max"
+    fi
+}
+# The cgroups go once their processes have (after cleanup stopped them).
+remove_cgroups() {
+    cleanup
+    local dir
+    for dir in "${cgroups[@]}"; do
+        for _ in $(seq 50); do
+            rmdir "$dir" 2>/dev/null && break
+            sleep 0.1
+        done
+    done
+}
+trap remove_cgroups EXIT
+
 oha_run() { # format (json, csv), out, url, extra oha args...
     local format="$1" out="$2" url="$3"
     shift 3
@@ -222,6 +281,11 @@ round() { # round, name
     [ "$pid" != - ] && before="$(cpu_ticks "$pid")"
     oha_run json "$work/$name.max.$r.json" "${url_of[$name]}" "${args[@]}"
     [ "$pid" != - ] && cpu="$(( $(cpu_ticks "$pid") - before ))"
+    if [ -n "$cgroup_root" ] && [ "$pid" != - ]; then
+        cpu_limit "$name" on
+        oha_run json "$work/$name.limited.$r.json" "${url_of[$name]}" "${args[@]}"
+        cpu_limit "$name" off
+    fi
     printf '%s\t%s\t%s\t%s\n' "$name" "$r" "$cpu" "$TICK" >> "$rounds"
 }
 # RSS with HOLD mTLS connections open, after the rounds.
@@ -338,11 +402,11 @@ taskset -c "$LOAD_CORE" "$PYTHON" benches/load/httpx_first.py "$work" \
 stop "$pid"
 
 # --- the tables -----------------------------------------------------------------------------
-python3 - "$work" "$rounds" "$memory" "$firstbyte" "$RATE" <<'EOF'
-import csv, json, statistics, sys
+python3 - "$work" "$rounds" "$memory" "$firstbyte" "$RATE" "$CPU_LIMIT" <<'EOF'
+import csv, json, os, statistics, sys
 def percentile(ordered, q):
     return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-work, rounds, memory, firstbyte, rate = sys.argv[1:6]
+work, rounds, memory, firstbyte, rate, cpu_limit = sys.argv[1:7]
 # A fixed-rate run's first WARMUP seconds are left out of its latencies: oha opens its 16
 # connections (mTLS handshakes on one thread) while the requests the rate schedules pile up,
 # so the first ~50-100 answer late by the set-up (up to ~50 ms, latency correction on); over
@@ -361,10 +425,16 @@ for line in open(rounds):
     latencies[name] += at
     mx = json.load(open(f"{work}/{name}.max.{r}.json"))
     total = sum(mx["statusCodeDistribution"].values())
+    # The run under the CPU limit, where there was one (its 200s count with the others).
+    limited_file = f"{work}/{name}.limited.{r}.json"
+    lim = json.load(open(limited_file)) if os.path.exists(limited_file) else None
+    lim_codes = lim["statusCodeDistribution"] if lim else {}
     runs[name].append(dict(
         p99=percentile(at, 0.99) if at else None, rps=mx["summary"]["requestsPerSec"],
-        requests=len(kept) + total,
-        ok=sum(row["status"] == "200" for row in kept) + mx["statusCodeDistribution"].get("200", 0),
+        limited=lim["summary"]["requestsPerSec"] if lim else None,
+        requests=len(kept) + total + sum(lim_codes.values()),
+        ok=sum(row["status"] == "200" for row in kept) + mx["statusCodeDistribution"].get("200", 0)
+        + lim_codes.get("200", 0),
         cpu=None if cpu == "-" or total == 0 else int(cpu) / int(tick) / total * 1e6))
 mem = {}
 for line in open(memory):
@@ -380,7 +450,8 @@ for name in order:
     requests = sum(run["requests"] for run in runs[name])
     pooled = sorted(latencies[name])
     rows.append(dict(name=name, p50=percentile(pooled, 0.5), p99=percentile(pooled, 0.99),
-                     rps=median(name, "rps"), cpu=median(name, "cpu"),
+                     rps=median(name, "rps"), limited=median(name, "limited"),
+                     cpu=median(name, "cpu"),
                      ok=sum(run["ok"] for run in runs[name]) / requests if requests else 0,
                      idle=mem.get(name, (None, None))[0], held=mem.get(name, (None, None))[1]))
 bad = [f"{r['name']} ({r['ok']:.1%})" for r in rows if r["ok"] < 0.99]
@@ -399,28 +470,32 @@ if base:
     count = len(runs[base["name"]])
     print(f"\n{count} rounds, each path's runs taking turns with the others': p50 and p99 over the"
           f" rounds' requests (the first {WARMUP} s of each run left out), max rps and CPU per"
-          " request the median of the rounds.")
-    print(f"\n| path | p50 @{rate} rps | p99 @{rate} rps | max rps | 200s | CPU per request | RSS idle | RSS, 512 mTLS conns |")
-    print("|---|---|---|---|---|---|---|---|")
+          " request the median of the rounds" + (f"; max rps @{cpu_limit}m under a CFS quota of"
+          f" {cpu_limit} millicores (limits.cpu: {cpu_limit}m)." if base["limited"] else "."))
+    print(f"\n| path | p50 @{rate} rps | p99 @{rate} rps | max rps | max rps @{cpu_limit}m | 200s | CPU per request | RSS idle | RSS, 512 mTLS conns |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['p50']:.3f} ms{ratio(r['p50'], base['p50'])} "
               f"| {r['p99']:.3f} ms{ratio(r['p99'], base['p99'])} "
-              f"| {r['rps']:.0f}{ratio(r['rps'], base['rps'])} | {r['ok']:.0%} "
+              f"| {r['rps']:.0f}{ratio(r['rps'], base['rps'])} "
+              f"| {num(r['limited'], '.0f')}{ratio(r['limited'], base['limited'])} | {r['ok']:.0%} "
               f"| {num(r['cpu'], '.1f')} µs{ratio(r['cpu'], base['cpu'])} "
               f"| {num(r['idle'], '.1f')} MiB | {num(r['held'], '.1f')} MiB |")
     # A path's CPU per request against nginx-mtls's in the same round: a spell that slows the
     # host for a round slows both, so these move less than the values do.
-    def paired(name):
-        ratios = [run["cpu"] / of["cpu"] for run, of in zip(runs[name], runs[base["name"]])
-                  if run["cpu"] is not None and of["cpu"]]
+    def paired(name, key="cpu"):
+        ratios = [run[key] / of[key] for run, of in zip(runs[name], runs[base["name"]])
+                  if run[key] is not None and of[key]]
         if not ratios:
             return "-"
         return f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
-    print(f"\n| path, lowest-highest of the {count} rounds | p99 @{rate} rps (ms) | max rps | CPU per request (µs) | CPU against nginx-mtls's in the same round, median (lowest-highest) |")
-    print("|---|---|---|---|---|")
+    print(f"\n| path, lowest-highest of the {count} rounds | p99 @{rate} rps (ms) | max rps | max rps @{cpu_limit}m | CPU per request (µs) | CPU against nginx-mtls's in the same round, median (lowest-highest) | max rps @{cpu_limit}m against nginx-mtls's in the same round |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {spread(r['name'], 'p99', '.3f')} | {spread(r['name'], 'rps', '.0f')} "
-              f"| {spread(r['name'], 'cpu', '.1f')} | {paired(r['name'])} |")
+              f"| {spread(r['name'], 'limited', '.0f')} "
+              f"| {spread(r['name'], 'cpu', '.1f')} | {paired(r['name'])} "
+              f"| {paired(r['name'], 'limited')} |")
 fb = {}
 for line in open(firstbyte):
     parts = line.split()
@@ -435,5 +510,7 @@ for measure, paths in fb.items():
     print(f"| {measure} | {cell('direct')} | {cell('nginx-mtls')} | {cell('portcullis')} | {r} |")
 EOF
 echo
-echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr); proxy on core $PROXY_CORE, upstream and oha on core $LOAD_CORE; $DURATION a path in $ROUNDS rounds, $CONNECTIONS connections"
+limited="no CPU-limited runs"
+[ -n "$cgroup_root" ] && limited="CPU-limited runs at ${CPU_LIMIT}m (cgroup v$cgroup_version CFS quota)"
+echo "machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)), $(uname -sr); proxy on core $PROXY_CORE, upstream and oha on core $LOAD_CORE; $DURATION a path in $ROUNDS rounds, $CONNECTIONS connections; $limited"
 echo "execution profile (crates/portcullis/pgo.profdata) against this tree's sources: $profile_state"
