@@ -16,8 +16,19 @@
 # against a few thousand with SHA-NI). The runtime thread's row, where the request is served,
 # has no such distortion.
 #
+# By source line: build Portcullis with line tables in a target directory of its own (the
+# code is the same; ~15 minutes on 2 cores), count with each instruction's address, then put
+# the counts on lines (benches/instructions/lines.py; --function NAME for one function's):
+#   source benches/common.sh; CARGO_PROFILE_DIST_DEBUG=line-tables-only \
+#       CARGO_TARGET_DIR=target/lines dist_build -p portcullis --bin portcullis
+#   PORTCULLIS=target/lines/dist/portcullis DUMP_INSTR=1 KEEP_WORK=1 benches/instructions/run.sh
+#   benches/instructions/lines.py <kept dir>/cg.portcullis-10.1-01 \
+#       target/lines/dist/portcullis 20000 [--function authorize_and_forward]
+#
 # Usage: benches/instructions/run.sh   (SKIP_BUILD=1 uses the existing target/dist build;
-#                                       REQUESTS=N requests measured a row, 20000 by default)
+#                                       REQUESTS=N requests measured a row, 20000 by default;
+#                                       PORTCULLIS=path counts that binary instead;
+#                                       DUMP_INSTR=1 keeps instruction addresses)
 # Needs valgrind (installed if missing), oha (cargo install oha --locked), curl.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -36,6 +47,9 @@ if [ -z "${SKIP_BUILD:-}" ]; then
     cargo build --release --locked -p portcullis-benches --bin portcullis-bench >&2
 fi
 TOOL="$root/target/release/portcullis-bench"
+PORTCULLIS="${PORTCULLIS:-$root/target/dist/portcullis}"
+dump_instr=()
+[ -n "${DUMP_INSTR:-}" ] && dump_instr=(--dump-instr=yes)
 log "execution profile: $(profile_staleness)"
 
 scratch
@@ -61,7 +75,8 @@ measure() { # name, command...
     shift
     # One CPU, as a sidecar gets: the runtime is tokio's current-thread one, on the main thread.
     taskset -c 0 valgrind --tool=callgrind --separate-threads=yes --demangle=no \
-        --callgrind-out-file="$work/cg.$name" "$@" 2>"$work/valgrind.$name.log" &
+        "${dump_instr[@]}" --callgrind-out-file="$work/cg.$name" "$@" \
+        2>"$work/valgrind.$name.log" &
     local pid="$!"
     pids+=("$pid")
     wait_port 19443
@@ -75,7 +90,7 @@ measure() { # name, command...
 
 measure floor "$root/target/dist/portcullis-floor" 127.0.0.1:19443 127.0.0.1:18080 "$work"
 for policies in 10 1000; do
-    measure "portcullis-$policies" "$root/target/dist/portcullis" run \
+    measure "portcullis-$policies" "$PORTCULLIS" run \
         --config "$work/portcullis-$policies.yaml"
 done
 
