@@ -196,7 +196,7 @@ TICK="$(getconf CLK_TCK)"
 
 # --- a CPU limit ----------------------------------------------------------------------------
 # At a whole core the proxy is not what bounds max rps: oha and the upstream share LOAD_CORE
-# and fill it first (the proxies' own core ran ~80% busy in the unlimited runs, nginx-mtls's
+# and fill it first (the proxies' own core ran 70-85% busy in the unlimited runs, nginx-mtls's
 # and Portcullis's alike), so the unlimited column measures the load generator as much as the
 # proxy. A sidecar runs under a CPU limit, and there its throughput is the limit over its CPU
 # per request: each round also runs every proxy's unlimited load with its process alone in a
