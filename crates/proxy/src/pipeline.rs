@@ -171,7 +171,8 @@ pub(crate) async fn handle(
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
         return Ok(refusal_response(Refusal::AuditUnavailable, &id));
     };
-    let record = AuditRecord {
+    // Made in its box (see `RecordBox`): built first and boxed after, it was copied in.
+    let record = Box::new(AuditRecord {
         request_id: SharedText::shared(id.text_shared.clone()),
         trace_id: Some(trace.trace_id()),
         client_address: conn.client_address.clone(),
@@ -180,7 +181,7 @@ pub(crate) async fn handle(
         path: request.uri().path().into(),
         mode: shared.policy.mode().name(),
         ..AuditRecord::default()
-    };
+    });
     let mut audit = AuditGuard::new(shared.audit.clone(), shared.inventory.clone(), record);
     let mut answer = RefusalForm::default();
 
