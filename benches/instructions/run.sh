@@ -24,6 +24,10 @@
 #   PORTCULLIS=target/lines/dist/portcullis DUMP_INSTR=1 KEEP_WORK=1 benches/instructions/run.sh
 #   benches/instructions/lines.py <kept dir>/cg.portcullis-10.1-01 \
 #       target/lines/dist/portcullis 20000 [--function authorize_and_forward]
+# By function and by call site, of the build measured (no line tables needed):
+#   DUMP_INSTR=1 KEEP_WORK=1 SKIP_BUILD=1 benches/instructions/run.sh
+#   benches/instructions/sites.py <kept dir>/cg.portcullis-10.1-01 target/dist/portcullis \
+#       20000 [--callee memcpy]   (each call site's calls a request, and a move's size)
 #
 # Usage: benches/instructions/run.sh   (SKIP_BUILD=1 uses the existing target/dist build;
 #                                       REQUESTS=N requests measured a row, 20000 by default;
