@@ -12,31 +12,13 @@ into it included), largest first. With --function: that function's instructions 
 calls it makes, by its own source line (the outermost frame), with the innermost frames and
 the callees that line's count came from.
 """
-import argparse
 import collections
 import re
 import subprocess
-import sys
 
-parser = argparse.ArgumentParser()
-parser.add_argument("dump")
-parser.add_argument("binary")
-parser.add_argument("requests", type=int)
-parser.add_argument("--function")
-parser.add_argument("--top", type=int, default=40)
-args = parser.parse_args()
+import callgrind
 
-# callgrind's name compression: "(id) name" the first time, "(id)" after.
-names = {}
-
-
-def name(token):
-    m = re.match(r"\((\d+)\)(?: (.*))?", token)
-    if not m:
-        return token
-    if m.group(2):
-        names[m.group(1)] = m.group(2)
-    return names[m.group(1)]
+args = callgrind.arguments("--function")
 
 
 def inside(fn):
@@ -46,44 +28,13 @@ def inside(fn):
 own = collections.Counter()  # address -> instructions there
 called = collections.Counter()  # address -> inclusive instructions of the calls made there
 callees = collections.defaultdict(collections.Counter)
-fn = callee = None
-pending_call = False
-address = 0
-saw_addresses = False
-with open(args.dump, errors="replace") as dump:
-    for line in dump:
-        line = line.rstrip("\n")
-        if line.startswith("fn="):
-            fn, callee = name(line[3:]), None
-            continue
-        if line.startswith("cfn="):
-            callee = name(line[4:])
-            continue
-        if line.startswith("calls="):
-            pending_call = True
-            continue
-        if not line or line[0] not in "0123456789+-*":
-            continue
-        fields = line.split()
-        position = fields[0]
-        if position.startswith("0x"):
-            address, saw_addresses = int(position, 16), True
-        elif position[0] in "+-":
-            step = position[1:]
-            step = int(step, 16) if step.startswith("0x") else int(step)
-            address += step if position[0] == "+" else -step
-        elif position != "*":
-            address = int(position)
-        cost = int(fields[-1]) if len(fields) > 1 else 0
-        if pending_call:
-            pending_call = False
-            if args.function and inside(fn):
-                called[address] += cost
-                callees[address][callee] += cost
-        elif inside(fn):
-            own[address] += cost
-if not saw_addresses:
-    sys.exit(f"{args.dump} has no instruction addresses: take it with --dump-instr=yes (DUMP_INSTR=1)")
+for fn, address, cost, calls, callee in callgrind.costs(args.dump):
+    if calls is not None:
+        if args.function and inside(fn):
+            called[address] += cost
+            callees[address][callee] += cost
+    elif inside(fn):
+        own[address] += cost
 
 addresses = sorted(set(own) | set(called))
 frames = collections.defaultdict(list)  # address -> [(file:line)], innermost first
@@ -108,18 +59,6 @@ def ours(location):
     return "/crates/" in location and "/registry/" not in location and "/rustc/" not in location
 
 
-demangled = {}
-
-
-def readable(symbol):
-    """A callee's name demangled (c++filt reads Rust's legacy mangling), hash and path cut."""
-    if symbol not in demangled:
-        text = subprocess.run(["c++filt"], input=symbol, capture_output=True, text=True).stdout
-        text = re.sub(r"::h[0-9a-f]{16}$", "", text.strip() or symbol)
-        demangled[symbol] = text if len(text) <= 70 else "..." + text[-67:]
-    return demangled[symbol]
-
-
 per = args.requests
 rows = collections.Counter()
 also = collections.defaultdict(collections.Counter)
@@ -130,7 +69,7 @@ for address in addresses:
         rows[key] += own[address] + called[address]
         also[key][f"inlined {short(stack[0])}"] += own[address]
         for target, cost in callees[address].items():
-            also[key][f"calls {readable(target or '?')}"] += cost
+            also[key][f"calls {callgrind.readable(target, 70)}"] += cost
     else:
         mine = [frame for frame in stack if ours(frame)]
         key = short(mine[0]) if mine else f"(not ours) {short(stack[-1]).split(':')[0]}"
