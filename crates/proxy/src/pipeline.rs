@@ -171,7 +171,7 @@ pub(crate) async fn handle(
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
         return Ok(refusal_response(Refusal::AuditUnavailable, &id));
     };
-    // Made in its box (see `RecordBox`): built first and boxed after, it was copied in.
+    // Boxed as it is made (see `RecordBox`); rustc still builds it on the stack: one copy.
     let record = Box::new(AuditRecord {
         request_id: SharedText::shared(id.text_shared.clone()),
         trace_id: Some(trace.trace_id()),
