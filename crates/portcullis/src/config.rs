@@ -1548,8 +1548,19 @@ pub fn parse_duration(value: &str) -> Result<Duration, String> {
     if duration.is_zero() {
         return Err("must be greater than zero".to_owned());
     }
+    // Every duration is added to the clock somewhere (a deadline, a timer): far enough
+    // beyond this the addition overflows, which would panic on the request path. A century
+    // is longer than anything here needs to wait.
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "{value:?} is longer than a century; the most is 876000h"
+        ));
+    }
     Ok(duration)
 }
+
+/// The longest duration the config takes: 100 years of 365 days (876000h).
+const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 86_400);
 
 fn duration(path: &str, value: Option<&str>, errors: &mut Errors) -> Option<Duration> {
     match parse_duration(value?) {

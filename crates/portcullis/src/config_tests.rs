@@ -12,6 +12,14 @@ fn durations_need_a_unit_and_are_positive() {
     assert!(parse_duration("0s").is_err());
     assert!(parse_duration("1d").is_err());
     assert!(parse_duration("-1s").is_err());
+    // Up to a century: beyond, a deadline added to the clock can overflow.
+    assert_eq!(
+        parse_duration("876000h"),
+        Ok(Duration::from_secs(876_000 * 3600))
+    );
+    assert!(parse_duration("876001h").is_err());
+    assert!(parse_duration("18446744073709551615s").is_err());
+    assert!(parse_duration("99999999999999999999h").is_err());
 }
 
 #[test]
@@ -37,6 +45,7 @@ routes:
 limits:
   idle_timeout: forever
   response_body_timeout: 0s
+  header_read_timeout: 18446744073709551615s
   shredder: 1
 "#;
     assert_errors_at(
@@ -54,6 +63,7 @@ limits:
             "routes[0]",
             "routes[1].protocol",
             "routes[1].weight",
+            "limits.header_read_timeout",
             "limits.idle_timeout",
             "limits.response_body_timeout",
         ],
