@@ -346,7 +346,14 @@ impl Watcher {
             self.serving_failed = Failing::default();
             return None;
         }
-        match load_pair(&self.files.cert, &self.files.key, now) {
+        let loaded = load_pair(&self.files.cert, &self.files.key, now);
+        // Replaced again while it was read (the key, then the certificate, say): what was
+        // read may be newer than `print`, and applied under it the same pair would be
+        // reloaded (and counted) again at the next check. That check reads it settled.
+        if self.files.serving_fingerprint() != print {
+            return None;
+        }
+        match loaded {
             Ok(identity) => Some((identity, print)),
             Err(error) => {
                 self.fail_serving(print, &error.to_string(), observer);
