@@ -80,8 +80,8 @@ impl ForwardError {
     }
 }
 
-/// What tokio's `timeout` takes for a deadline that cannot be represented: thirty years.
-const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+/// What tokio's timers take for a deadline that cannot be represented: thirty years.
+pub(crate) const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 impl Forwarder {
     pub(crate) fn new(
@@ -121,8 +121,9 @@ impl Forwarder {
             .headers_mut()
             .entry(header::HOST)
             .or_insert_with(|| self.host.clone());
-        // One clock read for the deadline and the pool's expiry check. A timeout beyond
-        // thirty years (the config takes any number of seconds) is tokio's "never".
+        // One clock read for the deadline and the pool's expiry check, from the coarse clock:
+        // a tick either way on a timeout of seconds and an idle expiry of 90 s. A timeout
+        // beyond thirty years (the config takes up to a century) is tokio's "never".
         // A body still going out when the response has ended leaves the connection mid-
         // request: see `Pool::checkin`. Known for bodies only (most requests have none).
         let sent = (!request.body().is_end_stream()).then(|| {
@@ -141,7 +142,7 @@ impl Forwarder {
             .boxed_unsync();
             sent
         });
-        let now = Instant::now();
+        let now = coarse_now();
         let deadline = tokio::time::Instant::from_std(now) + self.response_timeout.min(NEVER);
         let response = match tokio::time::timeout_at(deadline, self.send(request, now, sent)).await
         {
