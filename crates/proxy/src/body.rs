@@ -9,7 +9,6 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
-use portcullis_memory::clock::coarse_now;
 use tokio::time::{Instant, Sleep};
 
 use crate::admission::InflightPermit;
@@ -46,15 +45,12 @@ pin_project! {
     /// caller's connection, indefinitely. Only time spent waiting counts: the body is not
     /// polled while its reader is busy (an upstream applying backpressure, a caller reading
     /// slowly), and that is not the sender's stall. The timer is armed only when a poll finds
-    /// nothing ready, so a body that arrives with its head never takes one. Most forwarded
-    /// responses do take one (their body is not in hand when hyper first asks for it), so it
-    /// is held in place rather than boxed, an allocation a request, and its deadline is read
-    /// from the coarse clock ([`coarse_now`]): a tick either way on a timeout of seconds.
+    /// nothing ready, so a body that arrives with its head, the usual small one, never takes
+    /// one.
     pub struct StallTimeout<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Option<Sleep>,
+        sleep: Option<Pin<Box<Sleep>>>,
         waiting: bool,
         timeout: Duration,
         stall: Stall,
@@ -73,11 +69,6 @@ impl<B> StallTimeout<B> {
     }
 }
 
-/// `timeout` from now on the coarse clock; beyond thirty years, tokio's "never".
-fn stall_deadline(timeout: Duration) -> Instant {
-    Instant::from_std(coarse_now()) + timeout.min(crate::forward::NEVER)
-}
-
 impl<B> Body for StallTimeout<B>
 where
     B: Body<Data = Bytes>,
@@ -90,26 +81,27 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut this = self.project();
+        let this = self.project();
         match this.inner.poll_frame(cx) {
             Poll::Ready(frame) => {
                 *this.waiting = false;
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                if !*this.waiting {
-                    let deadline = stall_deadline(*this.timeout);
-                    match this.sleep.as_mut().as_pin_mut() {
-                        Some(sleep) => sleep.reset(deadline),
-                        None => this.sleep.set(Some(tokio::time::sleep_until(deadline))),
+                let sleep = match this.sleep {
+                    Some(sleep) if *this.waiting => sleep,
+                    Some(sleep) => {
+                        sleep.as_mut().reset(Instant::now() + *this.timeout);
+                        sleep
                     }
-                    *this.waiting = true;
-                }
-                match this.sleep.as_pin_mut().map(|sleep| sleep.poll(cx)) {
-                    Some(Poll::Pending) => Poll::Pending,
-                    // Elapsed; or no timer, which cannot be (armed above when not waiting):
-                    // the stall rather than a wait without a bound.
-                    Some(Poll::Ready(())) | None => Poll::Ready(Some(Err(Box::new(*this.stall)))),
+                    None => this
+                        .sleep
+                        .insert(Box::pin(tokio::time::sleep(*this.timeout))),
+                };
+                *this.waiting = true;
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(*this.stall)))),
+                    Poll::Pending => Poll::Pending,
                 }
             }
         }

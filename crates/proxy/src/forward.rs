@@ -80,8 +80,8 @@ impl ForwardError {
     }
 }
 
-/// What tokio's timers take for a deadline that cannot be represented: thirty years.
-pub(crate) const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
+/// What tokio's `timeout` takes for a deadline that cannot be represented: thirty years.
+const NEVER: Duration = Duration::from_secs(86_400 * 365 * 30);
 
 impl Forwarder {
     pub(crate) fn new(
