@@ -2,6 +2,7 @@
 DUMP_INSTR=1 KEEP_WORK=1), for lines.py and sites.py."""
 import argparse
 import re
+import signal
 import subprocess
 import sys
 
@@ -71,6 +72,8 @@ def readable(symbol, width):
 def arguments(option):
     """The scripts' arguments: the dump, the binary it counted, the requests it served, how many
     rows to print, and the script's own `option` (a name to narrow what is shown to)."""
+    # Piped into `head`, a script ends quietly when the reader stops reading.
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = argparse.ArgumentParser()
     parser.add_argument("dump")
     parser.add_argument("binary")

@@ -400,9 +400,9 @@ impl Backlog {
 #[derive(Debug, Default)]
 struct Deferred {
     records: Vec<Box<AuditRecord>>,
-    /// The list the last [`Submitter`] emptied, kept for the next turn's records rather than
-    /// made anew each turn (kept when records were held in it unboxed, a few KiB a list from
-    /// glibc's large bins; of boxes, it saves one small allocation a turn).
+    /// The list the last [`Submitter`] emptied, kept for the next turn's records: made anew,
+    /// it cost a grow and a `realloc` a turn (counted with `fec3865`, which dropped it, and
+    /// undone in `e79f85e`; about eight requests a turn in the instruction benchmark).
     emptied: Vec<Box<AuditRecord>>,
     /// A [`Submitter`] is on its way and will take every record here.
     scheduled: bool,
