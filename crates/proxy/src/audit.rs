@@ -929,9 +929,9 @@ pub struct AuditGuard {
 
 /// A guard's record, boxed: the guard moves with its request (into the response body, then
 /// into that body's box) and the record is ~500 bytes, which each move copied (five copies a
-/// request with the structs around it, ~630 instructions, against one allocation; one copy is
-/// left, where it is made). Read and written through `Deref`; empty only once the guard has
-/// been dropped and the record submitted.
+/// request with the structs around it, ~630 instructions, against one allocation; it is made
+/// in its box, see `pipeline::handle`). Read and written through `Deref`; empty only once the
+/// guard has been dropped and the record submitted.
 #[derive(Debug)]
 pub struct RecordBox(Option<Box<AuditRecord>>);
 

@@ -171,17 +171,21 @@ pub(crate) async fn handle(
         tracing::error!(%request_id, "refusing request: audit sink unavailable");
         return Ok(refusal_response(Refusal::AuditUnavailable, &id));
     };
-    // Boxed as it is made (see `RecordBox`); rustc still builds it on the stack: one copy.
-    let record = Box::new(AuditRecord {
-        request_id: SharedText::shared(id.text_shared.clone()),
-        trace_id: Some(trace.trace_id()),
-        client_address: conn.client_address.clone(),
-        agent: Some(conn.agent_text.clone()),
-        method: portcullis_core::method_name(request.method().as_str()),
-        path: request.uri().path().into(),
-        mode: shared.policy.mode().name(),
-        ..AuditRecord::default()
-    });
+    // Boxed as it is made (see `RecordBox`): the box is allocated first, so that the record
+    // can be built in it (`Box::new` would build it on the stack and copy it in).
+    let record = Box::write(
+        Box::new_uninit(),
+        AuditRecord {
+            request_id: SharedText::shared(id.text_shared.clone()),
+            trace_id: Some(trace.trace_id()),
+            client_address: conn.client_address.clone(),
+            agent: Some(conn.agent_text.clone()),
+            method: portcullis_core::method_name(request.method().as_str()),
+            path: request.uri().path().into(),
+            mode: shared.policy.mode().name(),
+            ..AuditRecord::default()
+        },
+    );
     let mut audit = AuditGuard::new(shared.audit.clone(), shared.inventory.clone(), record);
     let mut answer = RefusalForm::default();
 
