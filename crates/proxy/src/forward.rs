@@ -144,16 +144,7 @@ impl Forwarder {
         });
         let now = coarse_now();
         let deadline = tokio::time::Instant::from_std(now) + self.response_timeout.min(NEVER);
-        let response = match tokio::time::timeout_at(deadline, self.send(request, now, sent)).await
-        {
-            Err(_) => {
-                return Err(ForwardError {
-                    refusal: Refusal::UpstreamTimeout,
-                    detail: format!("no response within {:?}", self.response_timeout),
-                });
-            }
-            Ok(result) => result?,
-        };
+        let response = self.send(request, now, deadline, sent).await?;
         // No tunnels: the caller's Upgrade was stripped, so a 101 here is the upstream's error.
         if response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
             return Err(ForwardError {
@@ -164,17 +155,25 @@ impl Forwarder {
         Ok(response)
     }
 
-    /// On an idle connection if one takes the request, else on a new one. A request an idle
-    /// connection could not take (the upstream closed it as it was handed over) was never
-    /// sent, so it goes on the next connection; one that was sent is never sent twice.
+    /// On an idle connection if one takes the request, else on a new one, the response head
+    /// by `deadline`. A request an idle connection could not take (the upstream closed it as
+    /// it was handed over) was never sent, so it goes on the next connection; one that was
+    /// sent is never sent twice.
+    ///
+    /// The deadline is kept by each exchange rather than around this whole future: a
+    /// `timeout_at` around it moved all of its 856 bytes twice a request (into the `Timeout`,
+    /// and that into the caller's state), where the exchange on an idle connection is
+    /// hyper's small future.
     async fn send(
         &self,
         mut request: Request<RequestBody>,
         now: Instant,
+        deadline: tokio::time::Instant,
         sent: Option<Arc<AtomicBool>>,
     ) -> Result<Response<UpstreamBody>, ForwardError> {
         while let Some(mut sender) = self.pool.checkout(now) {
-            match sender.try_send_request(request).await {
+            let exchange = tokio::time::timeout_at(deadline, sender.try_send_request(request));
+            match exchange.await.map_err(|_| self.timed_out())? {
                 Ok(response) => return Ok(self.pool.lend(response, sender, sent)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
@@ -182,10 +181,22 @@ impl Forwarder {
                 },
             }
         }
-        let mut sender = self.connect().await?;
-        match sender.send_request(request).await {
-            Ok(response) => Ok(self.pool.lend(response, sender, sent)),
-            Err(error) => Err(ForwardError::protocol(&error)),
+        let exchange = async {
+            let mut sender = self.connect().await?;
+            match sender.send_request(request).await {
+                Ok(response) => Ok(self.pool.lend(response, sender, sent)),
+                Err(error) => Err(ForwardError::protocol(&error)),
+            }
+        };
+        tokio::time::timeout_at(deadline, exchange)
+            .await
+            .map_err(|_| self.timed_out())?
+    }
+
+    fn timed_out(&self) -> ForwardError {
+        ForwardError {
+            refusal: Refusal::UpstreamTimeout,
+            detail: format!("no response within {:?}", self.response_timeout),
         }
     }
 

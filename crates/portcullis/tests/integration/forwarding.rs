@@ -576,8 +576,19 @@ async fn upstream_down_is_502_and_timeout_is_504() {
         .yaml("limits:\n  request_timeout: 300ms\n")
         .start()
         .await;
+    // On a new connection, then on the one the first request left idle: the deadline holds
+    // for both ways a request goes upstream.
     let (status, _) = h.get(TRIAGE, "/slow").await;
     assert_eq!(status, 504);
+    let (status, body) = h.get(TRIAGE, "/api/orders/1").await;
+    assert_eq!(status, 200, "{body:?}");
+    let (status, _) = h.get(TRIAGE, "/slow").await;
+    assert_eq!(status, 504);
+    let audit = h.audit(3).await;
+    for record in [&audit[1], &audit[3]] {
+        assert_eq!(record["status"], 504);
+        assert_eq!(record["reason"], "upstream_timeout");
+    }
 }
 
 #[tokio::test]
