@@ -121,9 +121,6 @@ impl Forwarder {
             .headers_mut()
             .entry(header::HOST)
             .or_insert_with(|| self.host.clone());
-        // One clock read for the deadline and the pool's expiry check, from the coarse clock:
-        // a tick either way on a timeout of seconds and an idle expiry of 90 s. A timeout
-        // beyond thirty years (the config takes up to a century) is tokio's "never".
         // A body still going out when the response has ended leaves the connection mid-
         // request: see `Pool::checkin`. Known for bodies only (most requests have none).
         let sent = (!request.body().is_end_stream()).then(|| {
@@ -142,6 +139,9 @@ impl Forwarder {
             .boxed_unsync();
             sent
         });
+        // One clock read for the deadline and the pool's expiry check, from the coarse clock:
+        // a tick either way on a timeout of seconds and an idle expiry of 60 s. A timeout
+        // beyond thirty years (the config takes up to a century) is tokio's "never".
         let now = coarse_now();
         let deadline = tokio::time::Instant::from_std(now) + self.response_timeout.min(NEVER);
         let response = self.send(request, now, deadline, sent).await?;
