@@ -20,13 +20,23 @@
 //!
 //! What it does not do: look inside `when`/`unless` bodies (a condition on `principal` is
 //! evaluated by Cedar as before), or support templates (the loader refuses them).
+//!
+//! What it keeps of a policy between requests is its scope and its source text: Cedar's
+//! parsed form of a policy (the syntax tree, the annotations, and a copy of the source beside
+//! them) takes ~2.9 KB in ~15 allocations, sixteen times the ~175 bytes of a typical
+//! per-agent policy, and a sidecar serves few of the agents a set of thousands names. A
+//! policy is parsed again from its source (the text Cedar kept of it, parsed and validated
+//! with the whole set at load) the first time a sub-set that holds it is built, and kept
+//! parsed from then on: idle memory follows the policies the pod's callers use, not the
+//! size of the set.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::ops::Range;
+use std::sync::{Arc, OnceLock, RwLock};
 
 use cedar_policy::{
-    ActionConstraint, Entities, EntityTypeName, EntityUid, Policy, PolicySet, PrincipalConstraint,
-    ResourceConstraint,
+    ActionConstraint, Entities, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
+    PrincipalConstraint, ResourceConstraint,
 };
 
 /// Upper bound on the policies held by cached sub-sets, summed over all entries. A sub-set is
@@ -43,13 +53,26 @@ type Position = u32;
 #[derive(Debug)]
 pub(crate) struct PolicyIndex {
     /// Every policy, in the order of the full set.
-    policies: Vec<Policy>,
+    policies: Vec<Stored>,
+    /// Every policy's source text, one after the other (one allocation, not one a policy).
+    sources: String,
     scopes: Vec<Scope>,
     buckets: Buckets,
     cache: RwLock<SubsetCache>,
     /// The whole set as loaded: what the differential test compares the index against.
     #[cfg(test)]
     pub(crate) all: PolicySet,
+}
+
+/// A policy as the index holds it: its id, its source, and its parsed form once a request
+/// has needed it.
+#[derive(Debug)]
+struct Stored {
+    id: PolicyId,
+    /// Where its text is in [`PolicyIndex::sources`].
+    source: Range<usize>,
+    /// Boxed: a policy not parsed yet takes a pointer's room, not a `Policy`'s.
+    parsed: OnceLock<Box<Result<Policy, String>>>,
 }
 
 /// A policy's scope, as Cedar exposes it.
@@ -121,21 +144,43 @@ pub(crate) struct ScopeRequest<'a> {
 }
 
 impl PolicyIndex {
-    /// Indexes `set`, which must hold static policies only (the loader guarantees it).
-    /// Every policy, in the order of the full set (what `analyze` reasons about).
-    pub(crate) fn policies(&self) -> &[Policy] {
-        &self.policies
+    /// Every policy, in the order of the full set (what `analyze` reasons about). Those no
+    /// request has needed yet are parsed for the caller and not kept.
+    pub(crate) fn policies(&self) -> Result<Vec<Policy>, String> {
+        (0..self.policies.len())
+            .map(|position| match self.policies[position].parsed.get() {
+                Some(parsed) => parsed.as_ref().clone(),
+                None => self.parse(&self.policies[position]),
+            })
+            .collect()
     }
 
+    /// Indexes `set`, which must hold static policies only (the loader guarantees it).
     pub(crate) fn new(set: &PolicySet) -> Self {
-        let policies: Vec<Policy> = set.policies().cloned().collect();
-        let scopes: Vec<Scope> = policies.iter().map(Scope::of).collect();
+        // Sized once: grown a push at a time, the two would hold up to twice their room.
+        let count = set.policies().count();
+        let mut sources = String::new();
+        let mut policies = Vec::with_capacity(count);
+        let mut scopes = Vec::with_capacity(count);
+        for policy in set.policies() {
+            // A policy parsed from text displays as that text (Cedar keeps it).
+            let start = sources.len();
+            sources.push_str(&policy.to_string());
+            policies.push(Stored {
+                id: policy.id().clone(),
+                source: start..sources.len(),
+                parsed: OnceLock::new(),
+            });
+            scopes.push(Scope::of(policy));
+        }
+        sources.shrink_to_fit();
         let mut buckets = Buckets::default();
         for (position, scope) in (0..).zip(&scopes) {
             buckets.insert(position, scope);
         }
         Self {
             policies,
+            sources,
             scopes,
             buckets,
             cache: RwLock::new(SubsetCache::default()),
@@ -171,12 +216,33 @@ impl PolicyIndex {
     fn subset(&self, positions: &[Position]) -> Result<PolicySet, String> {
         let mut set = PolicySet::new();
         for &position in positions {
-            // Static policies with unique ids from a valid set always add. Were one refused,
-            // a missing forbid could open the door, so the query fails (and denies) instead.
-            set.add(self.policies[position as usize].clone())
+            // Static policies with unique ids from a valid set always parse again and add.
+            // Were one refused, a missing forbid could open the door, so the query fails (and
+            // denies) instead.
+            let policy = self.parsed(position)?;
+            set.add(policy.clone())
                 .map_err(|e| format!("policy index: {e}"))?;
         }
         Ok(set)
+    }
+
+    /// The policy at `position`, parsed from its source the first time it is asked for.
+    fn parsed(&self, position: Position) -> Result<&Policy, String> {
+        let stored = &self.policies[position as usize];
+        stored
+            .parsed
+            .get_or_init(|| Box::new(self.parse(stored)))
+            .as_ref()
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    fn parse(&self, stored: &Stored) -> Result<Policy, String> {
+        let source = self.sources.get(stored.source.clone()).unwrap_or_default();
+        Policy::parse(Some(stored.id.clone()), source).map_err(|e| {
+            let id: &str = stored.id.as_ref();
+            format!("policy index: policy {id:?} does not parse again: {e}")
+        })
     }
 
     fn cached(&self, positions: &[Position]) -> Option<Arc<PolicySet>> {
@@ -204,6 +270,15 @@ impl PolicyIndex {
         }
         cache.policies_held += positions.len();
         cache.sets.insert(positions.into_boxed_slice(), set.clone());
+    }
+
+    /// How many policies have been parsed since the set was loaded.
+    #[cfg(test)]
+    pub(crate) fn parsed_policies(&self) -> usize {
+        self.policies
+            .iter()
+            .filter(|stored| stored.parsed.get().is_some())
+            .count()
     }
 
     #[cfg(test)]

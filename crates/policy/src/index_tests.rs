@@ -477,6 +477,8 @@ fn selects_only_the_policies_whose_scope_matches() {
         uid,
         entities: &store,
     };
+    // Loaded, the set is kept as text: nothing is parsed until a request needs it.
+    assert_eq!(snapshot.index.parsed_policies(), 0);
     let selected = snapshot
         .index
         .select(ScopeRequest {
@@ -494,4 +496,18 @@ fn selects_only_the_policies_whose_scope_matches() {
             .collect()
     );
     assert_eq!(snapshot.index.cached_sets(), 1);
+    // Only the selected policies were parsed, each as written (annotations included).
+    assert_eq!(snapshot.index.parsed_policies(), 3);
+    let agent = selected
+        .policy(&cedar_policy::PolicyId::new("agent-7"))
+        .unwrap();
+    assert_eq!(agent.annotation("id"), Some("agent-7"));
+    assert_eq!(
+        agent.principal_constraint(),
+        cedar_policy::PrincipalConstraint::Eq(principal.clone())
+    );
+    // Every policy for `analyze`, the ones not parsed yet included, without keeping them.
+    let all = snapshot.index.policies().unwrap();
+    assert_eq!(all.len(), 202);
+    assert_eq!(snapshot.index.parsed_policies(), 3);
 }

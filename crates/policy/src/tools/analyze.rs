@@ -102,16 +102,16 @@ pub async fn analyze(
     let current = engine.current.load();
     let snapshot = &current.snapshot;
     let schema = &snapshot.schema;
-    let policies = snapshot.index.policies();
-    let set = policy_set(policies)?;
+    let policies = all_policies(snapshot)?;
+    let set = policy_set(&policies)?;
     let base_set = baseline
-        .map(|b| policy_set(b.current.load().snapshot.index.policies()))
+        .map(|b| policy_set(&all_policies(&b.current.load().snapshot)?))
         .transpose()?;
 
     let mut compiler = compiler()?;
     let envs: Vec<RequestEnv> = schema.request_envs().collect();
     let mut never_errors = Vec::new();
-    for policy in policies {
+    for policy in &policies {
         let id = policy.id().to_string();
         let mut counterexamples = Vec::new();
         for env in &envs {
@@ -211,6 +211,18 @@ fn sort(counterexamples: &mut [Counterexample]) {
             &b.resource,
         ))
     });
+}
+
+/// Every policy of `snapshot`, parsed (the index keeps most as text until a request needs
+/// them).
+fn all_policies(snapshot: &crate::PolicySnapshot) -> Result<Vec<Policy>, AnalyzeError> {
+    snapshot
+        .index
+        .policies()
+        .map_err(|reason| AnalyzeError::Failed {
+            what: "parsing the policies".into(),
+            reason,
+        })
 }
 
 fn policy_set(policies: &[Policy]) -> Result<PolicySet, AnalyzeError> {
