@@ -57,6 +57,8 @@ pub(crate) struct PolicyIndex {
     /// Every policy's source text, one after the other (one allocation, not one a policy).
     sources: String,
     scopes: Vec<Scope>,
+    /// The entities and entity types the scopes name, each once.
+    named: Named,
     buckets: Buckets,
     cache: RwLock<SubsetCache>,
     /// The whole set as loaded: what the differential test compares the index against.
@@ -75,12 +77,124 @@ struct Stored {
     parsed: OnceLock<Box<Result<Policy, String>>>,
 }
 
-/// A policy's scope, as Cedar exposes it.
+/// A policy's scope, as Cedar exposes it, with the entities and types it names held once in
+/// [`Named`] (a Cedar `EntityUid` takes 120 bytes, a scope of three constraints 488, and the
+/// per-agent policies of a large set name the same actions over and over).
 #[derive(Debug)]
 struct Scope {
-    principal: PrincipalConstraint,
-    action: ActionConstraint,
-    resource: ResourceConstraint,
+    principal: Constraint,
+    action: Actions,
+    resource: Constraint,
+}
+
+/// A principal or resource constraint (`PrincipalConstraint`, `ResourceConstraint`).
+#[derive(Debug, Clone, Copy)]
+enum Constraint {
+    Any,
+    Eq(NamedUid),
+    In(NamedUid),
+    Is(NamedType),
+    IsIn(NamedType, NamedUid),
+}
+
+/// An action constraint (`ActionConstraint`).
+#[derive(Debug)]
+enum Actions {
+    Any,
+    Eq(NamedUid),
+    In(Box<[NamedUid]>),
+}
+
+/// An entity's place in [`Named::uids`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NamedUid(u32);
+
+/// An entity type's place in [`Named::types`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NamedType(u32);
+
+/// The entities and entity types the scopes name, each once.
+#[derive(Debug, Default)]
+struct Named {
+    uids: Vec<EntityUid>,
+    types: Vec<EntityTypeName>,
+}
+
+impl Named {
+    fn uid(&self, uid: NamedUid) -> &EntityUid {
+        &self.uids[uid.0 as usize]
+    }
+
+    fn kind(&self, kind: NamedType) -> &EntityTypeName {
+        &self.types[kind.0 as usize]
+    }
+}
+
+/// Gives each entity and type a place in [`Named`] as the scopes are read; dropped once
+/// they are.
+#[derive(Default)]
+struct Naming {
+    named: Named,
+    uids: HashMap<EntityUid, NamedUid>,
+    types: HashMap<EntityTypeName, NamedType>,
+}
+
+impl Naming {
+    fn uid(&mut self, uid: EntityUid) -> NamedUid {
+        let uids = &mut self.named.uids;
+        *self.uids.entry(uid).or_insert_with_key(|uid| {
+            uids.push(uid.clone());
+            NamedUid(u32::try_from(uids.len() - 1).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn kind(&mut self, kind: EntityTypeName) -> NamedType {
+        let types = &mut self.named.types;
+        *self.types.entry(kind).or_insert_with_key(|kind| {
+            types.push(kind.clone());
+            NamedType(u32::try_from(types.len() - 1).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn principal(&mut self, constraint: PrincipalConstraint) -> Constraint {
+        match constraint {
+            PrincipalConstraint::Any => Constraint::Any,
+            PrincipalConstraint::Eq(uid) => Constraint::Eq(self.uid(uid)),
+            PrincipalConstraint::In(uid) => Constraint::In(self.uid(uid)),
+            PrincipalConstraint::Is(kind) => Constraint::Is(self.kind(kind)),
+            PrincipalConstraint::IsIn(kind, uid) => {
+                Constraint::IsIn(self.kind(kind), self.uid(uid))
+            }
+        }
+    }
+
+    fn resource(&mut self, constraint: ResourceConstraint) -> Constraint {
+        match constraint {
+            ResourceConstraint::Any => Constraint::Any,
+            ResourceConstraint::Eq(uid) => Constraint::Eq(self.uid(uid)),
+            ResourceConstraint::In(uid) => Constraint::In(self.uid(uid)),
+            ResourceConstraint::Is(kind) => Constraint::Is(self.kind(kind)),
+            ResourceConstraint::IsIn(kind, uid) => Constraint::IsIn(self.kind(kind), self.uid(uid)),
+        }
+    }
+
+    fn action(&mut self, constraint: ActionConstraint) -> Actions {
+        match constraint {
+            ActionConstraint::Any => Actions::Any,
+            ActionConstraint::Eq(uid) => Actions::Eq(self.uid(uid)),
+            ActionConstraint::In(groups) => {
+                Actions::In(groups.into_iter().map(|uid| self.uid(uid)).collect())
+            }
+        }
+    }
+
+    fn scope(&mut self, policy: &Policy) -> Scope {
+        Scope {
+            principal: self.principal(policy.principal_constraint()),
+            action: self.action(policy.action_constraint()),
+            resource: self.resource(policy.resource_constraint()),
+        }
+    }
 }
 
 /// Each policy sits in exactly one bucket (or two or more for `action in [A, B]`), chosen by
@@ -162,6 +276,7 @@ impl PolicyIndex {
         let mut sources = String::new();
         let mut policies = Vec::with_capacity(count);
         let mut scopes = Vec::with_capacity(count);
+        let mut naming = Naming::default();
         for policy in set.policies() {
             // A policy parsed from text displays as that text (Cedar keeps it).
             let start = sources.len();
@@ -171,17 +286,21 @@ impl PolicyIndex {
                 source: start..sources.len(),
                 parsed: OnceLock::new(),
             });
-            scopes.push(Scope::of(policy));
+            scopes.push(naming.scope(policy));
         }
         sources.shrink_to_fit();
+        let mut named = naming.named;
+        named.uids.shrink_to_fit();
+        named.types.shrink_to_fit();
         let mut buckets = Buckets::default();
         for (position, scope) in (0..).zip(&scopes) {
-            buckets.insert(position, scope);
+            buckets.insert(position, scope, &named);
         }
         Self {
             policies,
             sources,
             scopes,
+            named,
             buckets,
             cache: RwLock::new(SubsetCache::default()),
             #[cfg(test)]
@@ -205,7 +324,7 @@ impl PolicyIndex {
         let mut positions: Vec<Position> = self
             .buckets
             .candidates(request)
-            .filter(|&p| self.scopes[p as usize].matches(request))
+            .filter(|&p| self.scopes[p as usize].matches(request, &self.named))
             .collect();
         positions.sort_unstable();
         // `action in [A, B]` sits in two buckets, and a request may hit both.
@@ -292,85 +411,71 @@ impl PolicyIndex {
 }
 
 impl Scope {
-    fn of(policy: &Policy) -> Self {
-        Self {
-            principal: policy.principal_constraint(),
-            action: policy.action_constraint(),
-            resource: policy.resource_constraint(),
-        }
-    }
-
     /// Cedar's scope semantics, evaluated against the request's entities.
-    fn matches(&self, request: ScopeRequest<'_>) -> bool {
-        principal_matches(&self.principal, request.principal)
-            && action_matches(&self.action, request.action)
-            && resource_matches(&self.resource, request.resource)
+    fn matches(&self, request: ScopeRequest<'_>, named: &Named) -> bool {
+        self.principal.matches(request.principal, named)
+            && self.action.matches(request.action, named)
+            && self.resource.matches(request.resource, named)
     }
 }
 
-fn principal_matches(constraint: &PrincipalConstraint, target: Target<'_>) -> bool {
-    match constraint {
-        PrincipalConstraint::Any => true,
-        PrincipalConstraint::Eq(uid) => target.uid == uid,
-        PrincipalConstraint::In(group) => target.is_in(group),
-        PrincipalConstraint::Is(kind) => target.uid.type_name() == kind,
-        PrincipalConstraint::IsIn(kind, group) => {
-            target.uid.type_name() == kind && target.is_in(group)
+impl Constraint {
+    fn matches(self, target: Target<'_>, named: &Named) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Eq(uid) => target.uid == named.uid(uid),
+            Self::In(group) => target.is_in(named.uid(group)),
+            Self::Is(kind) => target.uid.type_name() == named.kind(kind),
+            Self::IsIn(kind, group) => {
+                target.uid.type_name() == named.kind(kind) && target.is_in(named.uid(group))
+            }
         }
     }
 }
 
-fn resource_matches(constraint: &ResourceConstraint, target: Target<'_>) -> bool {
-    match constraint {
-        ResourceConstraint::Any => true,
-        ResourceConstraint::Eq(uid) => target.uid == uid,
-        ResourceConstraint::In(group) => target.is_in(group),
-        ResourceConstraint::Is(kind) => target.uid.type_name() == kind,
-        ResourceConstraint::IsIn(kind, group) => {
-            target.uid.type_name() == kind && target.is_in(group)
+impl Actions {
+    fn matches(&self, target: Target<'_>, named: &Named) -> bool {
+        match self {
+            Self::Any => true,
+            Self::Eq(uid) => target.uid == named.uid(*uid),
+            Self::In(groups) => groups.iter().any(|&group| target.is_in(named.uid(group))),
         }
-    }
-}
-
-fn action_matches(constraint: &ActionConstraint, target: Target<'_>) -> bool {
-    match constraint {
-        ActionConstraint::Any => true,
-        ActionConstraint::Eq(uid) => target.uid == uid,
-        ActionConstraint::In(groups) => groups.iter().any(|group| target.is_in(group)),
     }
 }
 
 impl Buckets {
     /// Files `position` under its most selective constraint: a named principal or resource
     /// first (per-agent policies), then the action, then an entity type.
-    fn insert(&mut self, position: Position, scope: &Scope) {
-        let file = |map: &mut HashMap<EntityUid, Vec<Position>>, uid: &EntityUid| {
-            map.entry(uid.clone()).or_default().push(position);
+    fn insert(&mut self, position: Position, scope: &Scope, named: &Named) {
+        let file = |map: &mut HashMap<EntityUid, Vec<Position>>, uid: NamedUid| {
+            map.entry(named.uid(uid).clone())
+                .or_default()
+                .push(position);
         };
-        match (&scope.principal, &scope.resource, &scope.action) {
-            (PrincipalConstraint::Eq(uid), _, _) => file(&mut self.principal_eq, uid),
-            (PrincipalConstraint::In(uid) | PrincipalConstraint::IsIn(_, uid), _, _) => {
+        match (scope.principal, scope.resource, &scope.action) {
+            (Constraint::Eq(uid), _, _) => file(&mut self.principal_eq, uid),
+            (Constraint::In(uid) | Constraint::IsIn(_, uid), _, _) => {
                 file(&mut self.principal_in, uid);
             }
-            (_, ResourceConstraint::Eq(uid), _) => file(&mut self.resource_eq, uid),
-            (_, ResourceConstraint::In(uid) | ResourceConstraint::IsIn(_, uid), _) => {
+            (_, Constraint::Eq(uid), _) => file(&mut self.resource_eq, uid),
+            (_, Constraint::In(uid) | Constraint::IsIn(_, uid), _) => {
                 file(&mut self.resource_in, uid);
             }
-            (_, _, ActionConstraint::Eq(uid)) => file(&mut self.action_eq, uid),
-            (_, _, ActionConstraint::In(groups)) if !groups.is_empty() => {
-                for group in groups {
+            (_, _, Actions::Eq(uid)) => file(&mut self.action_eq, *uid),
+            (_, _, Actions::In(groups)) if !groups.is_empty() => {
+                for &group in groups {
                     file(&mut self.action_in, group);
                 }
             }
-            (PrincipalConstraint::Is(kind), _, _) => {
+            (Constraint::Is(kind), _, _) => {
                 self.principal_is
-                    .entry(kind.clone())
+                    .entry(named.kind(kind).clone())
                     .or_default()
                     .push(position);
             }
-            (_, ResourceConstraint::Is(kind), _) => {
+            (_, Constraint::Is(kind), _) => {
                 self.resource_is
-                    .entry(kind.clone())
+                    .entry(named.kind(kind).clone())
                     .or_default()
                     .push(position);
             }
