@@ -301,6 +301,11 @@ impl SharedText {
     pub fn as_str(&self) -> &str {
         std::str::from_utf8(&self.0).unwrap_or_default()
     }
+
+    /// The text's bytes, UTF-8 (checked when it was made).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
 }
 
 impl From<String> for SharedText {

@@ -39,11 +39,11 @@ macro_rules! key {
 pub(super) fn write_record(buf: &mut Vec<u8>, record: &AuditRecord) {
     let mut o = Object::open(buf);
     o.str(key!("time"), &record.time);
-    o.str(key!("request_id"), record.request_id.as_str());
-    o.opt_str(
-        key!("trace_id"),
-        record.trace_id.as_ref().map(SharedText::as_str),
-    );
+    o.shared(key!("request_id"), &record.request_id);
+    match &record.trace_id {
+        Some(trace_id) => o.shared(key!("trace_id"), trace_id),
+        None => o.opt_str(key!("trace_id"), None),
+    }
     o.str(key!("client_address"), &record.client_address);
     o.opt_str(key!("agent"), record.agent.as_deref());
     o.key(key!("user"));
@@ -140,11 +140,7 @@ fn question(buf: &mut Vec<u8>, record: &AuditRecord, input: &AuditInput) {
 /// the id is printable ASCII without quotes or backslashes, where the only escapes are
 /// the two quotes around the id; otherwise made as text first.
 fn entity(buf: &mut Vec<u8>, kind: &str, id: &str) {
-    let plain = |text: &str| {
-        text.bytes()
-            .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    };
-    if plain(kind) && plain(id) {
+    if printable(kind.as_bytes()) && printable(id.as_bytes()) {
         buf.reserve(kind.len() + id.len() + 8);
         buf.push(b'"');
         buf.extend_from_slice(kind.as_bytes());
@@ -200,6 +196,21 @@ impl<'a> Object<'a> {
             // Key, opening quote, value, closing quote: two copies and a byte.
             self.buf.extend_from_slice(key.quoted.as_bytes());
             self.buf.extend_from_slice(value.as_bytes());
+            self.buf.push(b'"');
+        }
+    }
+
+    /// A [`SharedText`], copied from its bytes (no UTF-8 check: it holds UTF-8 since it was
+    /// made; its ids are 32 hex digits).
+    #[inline(always)]
+    fn shared(&mut self, key: Key, value: &SharedText) {
+        let bytes = value.as_bytes();
+        if needs_escape(bytes) {
+            self.key(key);
+            let _ = serde_json::to_writer(&mut *self.buf, value.as_str());
+        } else {
+            self.buf.extend_from_slice(key.quoted.as_bytes());
+            self.buf.extend_from_slice(bytes);
             self.buf.push(b'"');
         }
     }
@@ -271,25 +282,48 @@ fn string(buf: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// Whether any byte is one JSON escapes: `"`, `\` or a control character below 0x20
+/// Whether any byte is one JSON escapes: `"`, `\\` or a control character below 0x20
 /// (`serde_json` leaves DEL and everything above 0x7f as it is).
-///
-/// Eight bytes at a time, the last eight overlapping the others when the length is not a
-/// multiple of eight: the record's strings are mostly 3 to 64 bytes long, too short for a
-/// vectorized pass to leave its byte-by-byte tail behind (`write_record`: 3,677 instructions a
-/// request with that pass, 3,376 with this one; benches/instructions/run.sh, 2026-12-07).
 fn needs_escape(bytes: &[u8]) -> bool {
+    any_byte(bytes, escapes)
+}
+
+/// Whether every byte is printable ASCII (0x20 to 0x7e) and none is one JSON escapes: text
+/// that Cedar's entity syntax and JSON both leave as it is.
+fn printable(bytes: &[u8]) -> bool {
+    !any_byte(bytes, |word| escapes(word) | at_least_del(word))
+}
+
+/// Whether `test` finds a byte in `bytes`, eight bytes at a time, the last eight overlapping
+/// the others when the length is not a multiple of eight, and fewer than eight padded with
+/// `a` (which no test looks for): the record's strings are mostly 3 to 64 bytes long, too
+/// short for a vectorized pass to leave its byte-by-byte tail behind (`write_record`: 3,677
+/// instructions a request with that pass, 3,376 with this one; benches/instructions/run.sh,
+/// 2026-12-07).
+#[inline(always)]
+fn any_byte(bytes: &[u8], test: impl Fn(u64) -> u64) -> bool {
     if bytes.len() < 8 {
-        return bytes.iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\');
+        let mut word = [b'a'; 8];
+        word[..bytes.len()].copy_from_slice(bytes);
+        return test(u64::from_le_bytes(word)) != 0;
     }
     let (words, _) = bytes.as_chunks::<8>();
     let mut found = words
         .iter()
-        .fold(0, |found, word| found | escapes(u64::from_le_bytes(*word)));
+        .fold(0, |found, word| found | test(u64::from_le_bytes(*word)));
     if let Some(last) = bytes.last_chunk::<8>() {
-        found |= escapes(u64::from_le_bytes(*last));
+        found |= test(u64::from_le_bytes(*last));
     }
     found != 0
+}
+
+/// Non-zero when a byte of `word` is DEL (0x7f) or above: the high bit set, or set by adding
+/// one (a carry into the next byte comes only from a byte that is above 0x7f itself).
+#[inline(always)]
+fn at_least_del(word: u64) -> u64 {
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
+    (word.wrapping_add(ONES) | word) & HIGH
 }
 
 /// Non-zero when a byte of `word` needs escaping (the "has less" and "has zero" tests of Bit
@@ -525,17 +559,40 @@ mod tests {
                 }
             }
         }
-        // Every byte value alone, at every place of a short string.
+        // Every byte value alone, at every place of strings shorter and longer than a word.
         for byte in 0..=255u8 {
             let escaped = byte < 0x20 || byte == b'"' || byte == b'\\';
-            for at in 0..12 {
-                let mut bytes = vec![b'a'; 12];
-                bytes[at] = byte;
-                assert_eq!(needs_escape(&bytes), escaped, "{byte:#x} at {at}");
+            for len in [1, 5, 8, 12] {
+                for at in 0..len {
+                    let mut bytes = vec![b'a'; len];
+                    bytes[at] = byte;
+                    assert_eq!(needs_escape(&bytes), escaped, "{byte:#x} at {at} of {len}");
+                }
             }
         }
         assert!(!needs_escape(
             "plain ascii, DEL \u{7f}, é 模型 🦀".as_bytes()
         ));
+        assert!(!needs_escape(b""));
+    }
+
+    /// `entity`'s test for text it writes in place: printable ASCII and no JSON escape.
+    #[test]
+    fn printable_is_exactly_visible_ascii_and_space_less_quote_and_backslash() {
+        for byte in 0..=255u8 {
+            let expected = (0x20..0x7f).contains(&byte) && byte != b'"' && byte != b'\\';
+            for filler in [b'a', b' ', b'~'] {
+                for len in [1, 3, 7, 8, 9, 16, 23] {
+                    for at in 0..len {
+                        let mut bytes = vec![filler; len];
+                        bytes[at] = byte;
+                        assert_eq!(printable(&bytes), expected, "{byte:#x} at {at} of {len}");
+                    }
+                }
+            }
+        }
+        assert!(printable(b""));
+        assert!(printable(b"spiffe://prod.example.org/ns/team0/sa/agent"));
+        assert!(!printable("/caf\u{e9}".as_bytes()));
     }
 }
