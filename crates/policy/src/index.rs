@@ -261,10 +261,11 @@ impl PolicyIndex {
     /// Every policy, in the order of the full set (what `analyze` reasons about). Those no
     /// request has needed yet are parsed for the caller and not kept.
     pub(crate) fn policies(&self) -> Result<Vec<Policy>, String> {
-        (0..self.policies.len())
-            .map(|position| match self.policies[position].parsed.get() {
+        self.policies
+            .iter()
+            .map(|stored| match stored.parsed.get() {
                 Some(parsed) => parsed.as_ref().clone(),
-                None => self.parse(&self.policies[position]),
+                None => self.parse(stored),
             })
             .collect()
     }
