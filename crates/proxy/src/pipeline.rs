@@ -263,7 +263,6 @@ async fn authorize_and_forward(
     audit: &mut AuditGuard,
     answer: &mut RefusalForm,
 ) -> Result<Response<Forwarded>, Refusal> {
-    let request_id = id.as_str();
     check_head_size(&request, shared.limits.max_header_bytes)?;
     rate::step(shared, RatePer::Agent, conn.agent.as_str(), audit)?;
     let host = check_framing(&request, &conn.last_host)?;
@@ -479,7 +478,7 @@ async fn authorize_and_forward(
             }
         }
         tracing::debug!(
-            request_id,
+            request_id = id.as_str(),
             agent = %conn.agent,
             action = call.action.name(),
             resource = %call.resource,
@@ -616,7 +615,11 @@ async fn authorize_and_forward(
     {
         Ok(response) => response,
         Err(error) => {
-            tracing::warn!(request_id, error = %error.detail, "upstream request failed");
+            tracing::warn!(
+                request_id = id.as_str(),
+                error = %error.detail,
+                "upstream request failed"
+            );
             audit.record.errors.push(error.detail);
             return Err(error.refusal);
         }
@@ -650,7 +653,11 @@ async fn authorize_and_forward(
     match filtered {
         Ok(filtered) => Ok(filtered.map(Either::Right)),
         Err(error) => {
-            tracing::warn!(request_id, %error, "tools/list response could not be filtered");
+            tracing::warn!(
+                request_id = id.as_str(),
+                %error,
+                "tools/list response could not be filtered"
+            );
             audit.record.errors.push(error.to_string());
             Err(match error {
                 protocol::filter::Unreadable::Budget => Refusal::InspectionBudget,
