@@ -282,7 +282,7 @@ fn string(buf: &mut Vec<u8>, value: &str) {
     }
 }
 
-/// Whether any byte is one JSON escapes: `"`, `\\` or a control character below 0x20
+/// Whether any byte is one JSON escapes: `"`, `\` or a control character below 0x20
 /// (`serde_json` leaves DEL and everything above 0x7f as it is).
 fn needs_escape(bytes: &[u8]) -> bool {
     any_byte(bytes, escapes)
