@@ -6,6 +6,11 @@
 #   nginx-mtls    oha → nginx (TLS 1.3, client certificate verified) → upstream: the baseline
 #   nginx-mtls-log  the same, writing nginx's default access log line per request (a
 #                 reference beside Portcullis's audit record; ratios stay against nginx-mtls)
+#   nginx-mtls-identity  the same, forwarding the identity fields Portcullis forwards
+#                 (X-Forwarded-For and -Proto, the agent's SPIFFE ID, a request id, a
+#                 traceparent) and answering with the request id: what the upstream is handed
+#                 then is Portcullis's, field for field (a reference beside Portcullis's
+#                 forwarding; ratios stay against nginx-mtls)
 #   floor         oha → the chosen stack alone (rustls mTLS, hyper server and client, tokio;
 #                 load/floor.rs) → upstream: what Portcullis costs beyond it is its own work
 #   portcullis    oha → Portcullis with 10 / 1,000 / 10,000 per-agent policies, with a
@@ -17,8 +22,9 @@
 # max rps under a CPU limit (CPU_LIMIT millicores as a CFS quota, as Kubernetes enforces a
 # sidecar's `limits.cpu`; see "a CPU limit" below for why both),
 # CPU per request (utime+stime of the proxy from /proc/<pid>/stat over the unlimited run),
-# idle RSS and RSS with 512 open mTLS connections; every ratio against nginx-mtls from this
-# same run. The paths take turns: every proxy is started first (each on its own port, all on
+# idle RSS and RSS with 512 open mTLS connections, and what the load core spent in each
+# unlimited run (how busy it was, its CPU per request and the upstream's); every ratio
+# against nginx-mtls from this same run. The paths take turns: every proxy is started first (each on its own port, all on
 # PROXY_CORE, the idle ones idle), then ROUNDS rounds in which every path has its fixed-rate
 # and its unlimited run of DURATION / ROUNDS, in an order that rotates round by round; p50 and
 # p99 are over the rounds' requests pooled, max rps and CPU per request the median of the
@@ -60,6 +66,10 @@ source benches/common.sh
 if ! command -v nginx >/dev/null; then
     log "installing nginx"
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null
+fi
+if ! command -v openssl >/dev/null; then
+    log "installing openssl (nginx-mtls-identity reads the agent's SPIFFE ID with it)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null
 fi
 if "$LOAD" && ! command -v oha >/dev/null; then
     log "installing oha (compiles for a few minutes)"
@@ -111,7 +121,7 @@ http {
 EOF
 }
 nginx_conf upstream "server { listen 127.0.0.1:18080; root $work/www; }"
-mtls_server() { # port, upstream port, extra directives
+mtls_server() { # port, upstream port, extra server directives, extra location directives
     cat <<EOF
 server {
         listen 127.0.0.1:$1 ssl http2;
@@ -127,6 +137,7 @@ server {
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_buffering off;
+            ${4:-}
         }
     }
 EOF
@@ -141,6 +152,21 @@ backend() { # upstream port
 nginx_conf mtls "$(mtls_server 18443 18080) $(mtls_server 18444 18081) $(backend 18080) \
     $(backend 18081)"
 nginx_conf mtls-log "$(mtls_server 18445 18080 "access_log $work/mtls-log/access.log;") \
+    $(backend 18080)"
+# 18446, an nginx of its own: the baseline handing the upstream what Portcullis hands it
+# besides the request (the five fields below, as Portcullis sets them: a caller's own
+# values replaced) and the caller the request id. nginx has no variable for a certificate's
+# URI SAN: the agent's SPIFFE ID is the fixtures' agent's, written in (less work than reading
+# it from the certificate); the trace id is the request id, the parent id fixed (nginx makes
+# one random id a request).
+agent_id="$(openssl x509 -in "$work/agent.pem" -noout -ext subjectAltName |
+    grep -o 'spiffe://[^,[:space:]]*')"
+nginx_conf mtls-identity "$(mtls_server 18446 18080 'add_header X-Request-Id $request_id always;' \
+    "proxy_set_header X-Forwarded-For \$remote_addr;
+            proxy_set_header X-Forwarded-Proto https;
+            proxy_set_header X-Portcullis-Agent $agent_id;
+            proxy_set_header X-Request-Id \$request_id;
+            proxy_set_header traceparent 00-\$request_id-b7ad6b7169203331-01;") \
     $(backend 18080)"
 
 started=
@@ -176,21 +202,29 @@ os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)' "$1"
 }
 uncache "$NGINX"
 start "$LOAD_CORE" "$NGINX" -p "$work/upstream" -c "$work/upstream/nginx.conf"
+upstream_master="$started"
 start "$LOAD_CORE" "$TOOL" sse-upstream 127.0.0.1:18081 5 10
 start "$PROXY_CORE" "$NGINX" -p "$work/mtls" -c "$work/mtls/nginx.conf"
 mtls_master="$started"
 start "$PROXY_CORE" "$NGINX" -p "$work/mtls-log" -c "$work/mtls-log/nginx.conf"
 mtls_log_master="$started"
+start "$PROXY_CORE" "$NGINX" -p "$work/mtls-identity" -c "$work/mtls-identity/nginx.conf"
+mtls_identity_master="$started"
 wait_port 18080
 wait_port 18081
 wait_port 18443
 wait_port 18445
+wait_port 18446
 sleep 0.2
 mtls_worker="$(pgrep -P "$mtls_master" | head -1)"
+upstream_worker="$(pgrep -P "$upstream_master" | head -1)"
 mtls_log_worker="$(pgrep -P "$mtls_log_master" | head -1)"
+mtls_identity_worker="$(pgrep -P "$mtls_identity_master" | head -1)"
 
 # --- measurements ---------------------------------------------------------------------------
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
+# A core's busy time (user, nice, system, irq, softirq; not idle, iowait or steal), in ticks.
+core_ticks() { awk -v cpu="cpu$1" '$1 == cpu { print $2 + $3 + $4 + $7 + $8 }' /proc/stat; }
 rss_kib() { awk '/^VmRSS/ { print $2 }' "/proc/$1/status"; }
 TICK="$(getconf CLK_TCK)"
 
@@ -271,7 +305,8 @@ path() { # name, url, pid or -, [token]
     token_of[$1]="${4:-}"
 }
 # One round of one path: its fixed-rate run (every request's latency, csv), then its unlimited
-# run with the CPU it took.
+# run with the CPU it took, and what the load core spent on it: the whole core's busy time
+# (oha, the upstream, their kernel work) and the upstream nginx's own.
 round() { # round, name
     local r="$1" name="$2" args=() cpu=- before=0
     local pid="${pid_of[$name]}"
@@ -279,14 +314,19 @@ round() { # round, name
     oha_run csv "$work/$name.rate.$r.csv" "${url_of[$name]}" -q "$RATE" --latency-correction \
         "${args[@]}"
     [ "$pid" != - ] && before="$(cpu_ticks "$pid")"
+    local load_before upstream_before
+    load_before="$(core_ticks "$LOAD_CORE")"
+    upstream_before="$(cpu_ticks "$upstream_worker")"
     oha_run json "$work/$name.max.$r.json" "${url_of[$name]}" "${args[@]}"
     [ "$pid" != - ] && cpu="$(( $(cpu_ticks "$pid") - before ))"
+    local load="$(( $(core_ticks "$LOAD_CORE") - load_before ))"
+    local upstream="$(( $(cpu_ticks "$upstream_worker") - upstream_before ))"
     if [ -n "$cgroup_root" ] && [ "$pid" != - ]; then
         cpu_limit "$name" on
         oha_run json "$work/$name.limited.$r.json" "${url_of[$name]}" "${args[@]}"
         cpu_limit "$name" off
     fi
-    printf '%s\t%s\t%s\t%s\n' "$name" "$r" "$cpu" "$TICK" >> "$rounds"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$r" "$cpu" "$TICK" "$load" "$upstream" >> "$rounds"
 }
 # RSS with HOLD mTLS connections open, after the rounds.
 held() { # name
@@ -353,6 +393,7 @@ if "$LOAD"; then
     path direct "http://127.0.0.1:18080/bench/1k" -
     path nginx-mtls "https://127.0.0.1:18443/bench/1k" "$mtls_worker"
     path nginx-mtls-log "https://127.0.0.1:18445/bench/1k" "$mtls_log_worker"
+    path nginx-mtls-identity "https://127.0.0.1:18446/bench/1k" "$mtls_identity_worker"
     uncache "$FLOOR"
     port_free 19450
     start "$PROXY_CORE" "$FLOOR" 127.0.0.1:19450 127.0.0.1:18080 "$work"
@@ -415,7 +456,7 @@ work, rounds, memory, firstbyte, rate, cpu_limit = sys.argv[1:7]
 WARMUP = 0.25
 runs, latencies, order = {}, {}, []
 for line in open(rounds):
-    name, r, cpu, tick = line.rstrip("\n").split("\t")
+    name, r, cpu, tick, load, upstream = line.rstrip("\n").split("\t")
     if name not in runs:
         runs[name], latencies[name] = [], []
         order.append(name)
@@ -435,7 +476,12 @@ for line in open(rounds):
         requests=len(kept) + total + sum(lim_codes.values()),
         ok=sum(row["status"] == "200" for row in kept) + mx["statusCodeDistribution"].get("200", 0)
         + lim_codes.get("200", 0),
-        cpu=None if cpu == "-" or total == 0 else int(cpu) / int(tick) / total * 1e6))
+        cpu=None if cpu == "-" or total == 0 else int(cpu) / int(tick) / total * 1e6,
+        # The load core over the unlimited run: how busy (of the run's wall time), and what
+        # it and the upstream alone spent a request.
+        load_busy=int(load) / int(tick) / mx["summary"]["total"] if mx["summary"]["total"] else None,
+        load_cpu=int(load) / int(tick) / total * 1e6 if total else None,
+        upstream_cpu=int(upstream) / int(tick) / total * 1e6 if total else None))
 mem = {}
 for line in open(memory):
     name, idle, held = line.rstrip("\n").split("\t")
@@ -496,6 +542,16 @@ if base:
               f"| {spread(r['name'], 'limited', '.0f')} "
               f"| {spread(r['name'], 'cpu', '.1f')} | {paired(r['name'])} "
               f"| {paired(r['name'], 'limited')} |")
+    # Unlimited, the load core (oha and the upstream) fills first: what it spends a request
+    # bounds max rps, and it differs by what each path hands the upstream and the client.
+    print("\n| path, unlimited runs (medians of the rounds) | load core busy | load core CPU per request | against nginx-mtls's in the same round | upstream nginx's CPU per request | against nginx-mtls's in the same round |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        name = r["name"]
+        busy, load_cpu, up_cpu = (median(name, k) for k in ("load_busy", "load_cpu", "upstream_cpu"))
+        print(f"| {name} | {num(busy and busy * 100, '.0f')}% | {num(load_cpu, '.1f')} µs "
+              f"| {paired(name, 'load_cpu')} | {num(up_cpu, '.1f')} µs "
+              f"| {paired(name, 'upstream_cpu')} |")
 fb = {}
 for line in open(firstbyte):
     parts = line.split()
