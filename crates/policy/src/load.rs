@@ -89,10 +89,12 @@ pub struct PolicySnapshot {
     /// set loads, but probably does not say what its authors meant.
     pub warnings: Vec<LoadError>,
     pub schema_source: SchemaSource,
-    /// Every policy id, in the order of the files (sorted by name) and of each file.
-    pub policy_ids: Vec<String>,
-    /// Policy id → the file it is in.
-    pub(crate) origin: HashMap<String, String>,
+    /// The `.cedar` files that hold policies, sorted by name.
+    pub(crate) policy_files: Box<[String]>,
+    /// For each policy, in the index's order, its file's place in `policy_files`: a `u32` a
+    /// policy, where a map of id to file name held ~140 bytes a policy and a list of the ids
+    /// another ~50, beside the index's own ids, for the policy tools alone.
+    pub(crate) file_of_policy: Box<[u32]>,
 }
 
 impl PolicySnapshot {
@@ -255,8 +257,21 @@ impl PolicySnapshot {
         let Some(entities) = entities else {
             return Err(errors);
         };
-        let mut policy_ids: Vec<String> = policies.policies().map(|p| p.id().to_string()).collect();
-        policy_ids.sort_by(|a, b| (&origin[a], a).cmp(&(&origin[b], b)));
+        let index = crate::index::PolicyIndex::new(&policies);
+        let mut policy_files: Vec<String> = origin.values().cloned().collect();
+        policy_files.sort_unstable();
+        policy_files.dedup();
+        // Every policy of the set was given its file as it was added.
+        let file_of_policy = index
+            .ids()
+            .map(|id| {
+                origin
+                    .get(id)
+                    .and_then(|file| policy_files.binary_search(file).ok())
+                    .and_then(|place| u32::try_from(place).ok())
+                    .unwrap_or(u32::MAX)
+            })
+            .collect();
         let mut files = files;
         if schema_source == SchemaSource::BuiltIn {
             // The hash names what decides: a binary with another built-in schema is another set.
@@ -268,7 +283,7 @@ impl PolicySnapshot {
         Ok(Self {
             schema,
             policy_count: policies.policies().count(),
-            index: crate::index::PolicyIndex::new(&policies),
+            index,
             entities,
             action_lineage,
             approval_required,
@@ -279,14 +294,39 @@ impl PolicySnapshot {
             validated_shapes: crate::engine::ValidatedShapes::default(),
             warnings,
             schema_source,
-            policy_ids,
-            origin,
+            policy_files: policy_files.into_boxed_slice(),
+            file_of_policy,
         })
+    }
+
+    /// Every policy id with the file (relative to the directory) that holds it, by file name
+    /// and then id.
+    pub fn policy_files(&self) -> Vec<(String, String)> {
+        let mut listed: Vec<(&str, &str)> = self
+            .index
+            .ids()
+            .zip(self.file_of_policy.iter())
+            .map(|(id, &file)| (self.file_name(file), id))
+            .collect();
+        listed.sort_unstable();
+        listed
+            .into_iter()
+            .map(|(file, id)| (id.to_owned(), file.to_owned()))
+            .collect()
     }
 
     /// The file (relative to the directory) that holds policy `id`.
     pub fn file_of(&self, id: &str) -> Option<&str> {
-        self.origin.get(id).map(String::as_str)
+        let place = self.index.ids().position(|policy| policy == id)?;
+        self.file_of_policy
+            .get(place)
+            .map(|&file| self.file_name(file))
+    }
+
+    fn file_name(&self, file: u32) -> &str {
+        self.policy_files
+            .get(file as usize)
+            .map_or("", String::as_str)
     }
 
     /// The hash [`PolicySnapshot::load`] would give `dir`, without parsing anything: a cheap

@@ -786,3 +786,44 @@ fn a_set_read_while_the_directory_changed_is_not_swapped_in() {
     });
     assert!(matches!(outcome, ReloadOutcome::Unchanged), "{outcome:?}");
 }
+
+#[test]
+fn every_policy_is_listed_with_its_file_by_file_then_id_and_follows_reloads() {
+    let dir = policy_dir(
+        r#"@id("zeta") permit (principal, action == Action::"read", resource);
+@id("alpha") permit (principal, action == Action::"read", resource);"#,
+        None,
+    );
+    std::fs::write(
+        dir.path().join("another.cedar"),
+        r#"@id("omega") forbid (principal, action == Action::"write", resource);"#,
+    )
+    .unwrap();
+    let engine = PolicyEngine::load(dir.path(), Mode::Enforce).unwrap();
+    let listed = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(id, file)| ((*id).to_owned(), (*file).to_owned()))
+            .collect()
+    };
+    assert_eq!(
+        engine.policy_files(),
+        listed(&[
+            ("omega", "another.cedar"),
+            ("alpha", "test.cedar"),
+            ("zeta", "test.cedar")
+        ])
+    );
+    assert_eq!(engine.policy_ids(), ["omega", "alpha", "zeta"]);
+    assert_eq!(engine.file_of("zeta").as_deref(), Some("test.cedar"));
+    assert_eq!(engine.file_of("omega").as_deref(), Some("another.cedar"));
+    assert_eq!(engine.file_of("missing"), None);
+
+    std::fs::remove_file(dir.path().join("another.cedar")).unwrap();
+    assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
+    assert_eq!(
+        engine.policy_files(),
+        listed(&[("alpha", "test.cedar"), ("zeta", "test.cedar")])
+    );
+    assert_eq!(engine.file_of("omega"), None);
+}

@@ -170,16 +170,16 @@ pub fn run_tests(engine: &PolicyEngine, cases: &[TestCase]) -> TestReport {
             answer: Some(answer),
         });
     }
-    let ids = engine.policy_ids();
-    let uncovered = ids
-        .iter()
-        .filter(|id| !covered.contains(*id))
-        .map(|id| (id.clone(), engine.file_of(id).unwrap_or_default()))
+    let listed = engine.policy_files();
+    let policies = listed.len();
+    let uncovered = listed
+        .into_iter()
+        .filter(|(id, _)| !covered.contains(id))
         .collect();
     TestReport {
         results,
         uncovered,
-        policies: ids.len(),
+        policies,
     }
 }
 
