@@ -31,12 +31,13 @@
 //! size of the set.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState};
 use std::ops::Range;
 use std::str::FromStr;
 use std::sync::{Arc, OnceLock, RwLock};
 
 use cedar_policy::{
-    ActionConstraint, Entities, EntityId, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
+    ActionConstraint, Entities, EntityTypeName, EntityUid, Policy, PolicyId, PolicySet,
     PrincipalConstraint, ResourceConstraint,
 };
 
@@ -117,13 +118,25 @@ struct NamedType(u32);
 /// The entities and entity types the scopes name, each once.
 #[derive(Debug, Default)]
 struct Named {
-    uids: Vec<EntityUid>,
+    uids: Vec<NamedEntity>,
     types: Vec<EntityTypeName>,
 }
 
+/// An entity a scope names, as its type's place and its id: a Cedar `EntityUid` takes 120
+/// bytes (its type's name and its place in the policy text inline), this 24, and a set of
+/// per-agent policies names an entity a policy.
+#[derive(Debug)]
+struct NamedEntity {
+    kind: NamedType,
+    id: Box<str>,
+}
+
 impl Named {
-    fn uid(&self, uid: NamedUid) -> &EntityUid {
-        &self.uids[uid.0 as usize]
+    /// Whether `uid` is the entity named `named`: the same type and the same id, which is
+    /// Cedar's equality of entity uids.
+    fn is(&self, named: NamedUid, uid: &EntityUid) -> bool {
+        let entity = &self.uids[named.0 as usize];
+        uid.id().unescaped() == &*entity.id && uid.type_name() == self.kind(entity.kind)
     }
 
     fn kind(&self, kind: NamedType) -> &EntityTypeName {
@@ -131,33 +144,48 @@ impl Named {
     }
 }
 
-/// Gives each entity and type a place in [`Named`] as the scopes are read; dropped once
-/// they are.
-#[derive(Default)]
+/// Gives each entity and type a place in [`Named`], and its key in the buckets, as the
+/// scopes are read; dropped once they are.
 struct Naming {
     named: Named,
+    keys: RandomState,
     uids: HashMap<EntityUid, NamedUid>,
     types: HashMap<EntityTypeName, NamedType>,
+    /// Each named entity's key, by its place.
+    uid_keys: Vec<Key>,
+    /// Each named type's key, by its place.
+    type_keys: Vec<Key>,
 }
 
 impl Naming {
-    /// Each entity is kept as a copy without its place in the policy text: Cedar's parser
-    /// gives every uid it reads its location, which holds the whole file's text (shared), so
-    /// one uid kept as parsed kept the file resident (1.77 MB at 10,000 policies) beside the
-    /// policies' own texts. Locations take no part in equality or hashing.
+    fn new(keys: RandomState) -> Self {
+        Self {
+            named: Named::default(),
+            keys,
+            uids: HashMap::new(),
+            types: HashMap::new(),
+            uid_keys: Vec::new(),
+            type_keys: Vec::new(),
+        }
+    }
+
+    /// Each entity is kept as its type and id, not as Cedar's uid: besides its size, a uid
+    /// as parsed holds its place in the policy text, and that holds the whole file's text
+    /// (1.77 MB at 10,000 policies) beside the policies' own texts.
     fn uid(&mut self, uid: EntityUid) -> NamedUid {
         if let Some(&named) = self.uids.get(&uid) {
             return named;
         }
         let kind = self.kind(uid.type_name().clone());
-        let bare = EntityUid::from_type_name_and_id(
-            self.named.kind(kind).clone(),
-            EntityId::new(uid.id().unescaped()),
-        );
         let uids = &mut self.named.uids;
-        uids.push(bare.clone());
+        uids.push(NamedEntity {
+            kind,
+            id: uid.id().unescaped().into(),
+        });
         let named = NamedUid(u32::try_from(uids.len() - 1).unwrap_or(u32::MAX));
-        self.uids.insert(bare, named);
+        // Locations take no part in equality or hashing: the key is the request's uid's.
+        self.uid_keys.push(self.keys.hash_one(&uid));
+        self.uids.insert(uid, named);
         named
     }
 
@@ -171,8 +199,17 @@ impl Naming {
         let types = &mut self.named.types;
         types.push(bare.clone());
         let named = NamedType(u32::try_from(types.len() - 1).unwrap_or(u32::MAX));
+        self.type_keys.push(self.keys.hash_one(&bare));
         self.types.insert(bare, named);
         named
+    }
+
+    fn uid_key(&self, uid: NamedUid) -> Key {
+        self.uid_keys[uid.0 as usize]
+    }
+
+    fn type_key(&self, kind: NamedType) -> Key {
+        self.type_keys[kind.0 as usize]
     }
 
     fn principal(&mut self, constraint: PrincipalConstraint) -> Constraint {
@@ -216,28 +253,103 @@ impl Naming {
     }
 }
 
+/// A bucket's key: the hash of the entity or entity type a constraint names, with the
+/// index's own random keys. A table keyed by Cedar's 120-byte uids took 2.4 MB for 10,000
+/// per-agent policies; keyed by hashes, 0.3 MB. Two entities of one hash would share a
+/// bucket, and the exact scope check drops the other's policies, as it drops every false
+/// candidate.
+type Key = u64;
+
 /// Each policy sits in exactly one bucket (or two or more for `action in [A, B]`), chosen by
 /// the most selective constraint of its scope. A request collects the buckets its principal,
 /// action and resource can hit; the exact scope check then drops false candidates. Every
 /// policy whose scope matches is in a bucket the request hits, because each bucket key is a
 /// necessary condition of the constraint it came from.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Buckets {
-    /// `principal == E`.
-    principal_eq: HashMap<EntityUid, Vec<Position>>,
-    /// `principal in E` and `principal is T in E`: hit by the principal and its ancestors.
-    principal_in: HashMap<EntityUid, Vec<Position>>,
-    resource_eq: HashMap<EntityUid, Vec<Position>>,
-    resource_in: HashMap<EntityUid, Vec<Position>>,
-    /// `action == A`.
-    action_eq: HashMap<EntityUid, Vec<Position>>,
-    /// `action in [A, ...]`: hit by the action and its groups.
-    action_in: HashMap<EntityUid, Vec<Position>>,
-    principal_is: HashMap<EntityTypeName, Vec<Position>>,
-    resource_is: HashMap<EntityTypeName, Vec<Position>>,
+    keys: RandomState,
+    by: [Bucket; By::COUNT],
     /// Scopes with nothing to key on (`permit (principal, action, resource)`): always
     /// candidates.
-    unconstrained: Vec<Position>,
+    unconstrained: Box<[Position]>,
+}
+
+/// What a bucket is keyed by.
+#[derive(Debug, Clone, Copy)]
+enum By {
+    /// `principal == E`.
+    PrincipalEq,
+    /// `principal in E` and `principal is T in E`: hit by the principal and its ancestors.
+    PrincipalIn,
+    ResourceEq,
+    ResourceIn,
+    /// `action == A`.
+    ActionEq,
+    /// `action in [A, ...]`: hit by the action and its groups.
+    ActionIn,
+    PrincipalIs,
+    ResourceIs,
+}
+
+impl By {
+    const COUNT: usize = 8;
+}
+
+/// The positions filed under each key of one kind, each key's one after the other.
+#[derive(Debug, Default)]
+struct Bucket {
+    /// Where each key's positions are in `positions`.
+    ranges: HashMap<Key, (u32, u32), BuildHasherDefault<KeyHasher>>,
+    positions: Box<[Position]>,
+}
+
+impl Bucket {
+    fn new(mut filed: Vec<(Key, Position)>) -> Self {
+        filed.sort_unstable();
+        let mut ranges = HashMap::default();
+        let mut positions = Vec::with_capacity(filed.len());
+        let place = |positions: &Vec<Position>| u32::try_from(positions.len()).unwrap_or(u32::MAX);
+        for same_key in filed.chunk_by(|a, b| a.0 == b.0) {
+            let start = place(&positions);
+            positions.extend(same_key.iter().map(|&(_, position)| position));
+            if let Some(&(key, _)) = same_key.first() {
+                ranges.insert(key, (start, place(&positions)));
+            }
+        }
+        ranges.shrink_to_fit();
+        Self {
+            ranges,
+            positions: positions.into_boxed_slice(),
+        }
+    }
+
+    fn get(&self, key: Key) -> &[Position] {
+        self.ranges
+            .get(&key)
+            .and_then(|&(start, end)| self.positions.get(start as usize..end as usize))
+            .unwrap_or_default()
+    }
+}
+
+/// The hasher of a bucket's table: its keys are hashes already.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used (keys are `u64`); this keeps any other use correct.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, key: u64) {
+        self.0 = key;
+    }
 }
 
 /// Sub-sets already built, keyed by the positions they hold.
@@ -256,9 +368,10 @@ pub(crate) struct Target<'a> {
 }
 
 impl<'a> Target<'a> {
-    /// Cedar's `uid in group`: equal, or a descendant in the request's entities.
-    fn is_in(self, group: &EntityUid) -> bool {
-        self.uid == group || self.entities.is_ancestor_of(group, self.uid)
+    /// Cedar's `uid in group`: equal, or a descendant in the request's entities (whose
+    /// ancestors are the transitive closure Cedar's own `in` reads).
+    fn is_in(self, group: NamedUid, named: &Named) -> bool {
+        self.lineage().any(|uid| named.is(group, uid))
     }
 
     /// The uid itself, then its ancestors: every `in` bucket key that can hold it.
@@ -303,7 +416,7 @@ impl PolicyIndex {
         let mut sources = String::new();
         let mut policies = Vec::with_capacity(count);
         let mut scopes = Vec::with_capacity(count);
-        let mut naming = Naming::default();
+        let mut naming = Naming::new(RandomState::new());
         for policy in set.policies() {
             // A policy parsed from text displays as that text (Cedar keeps it).
             let start = sources.len();
@@ -316,13 +429,10 @@ impl PolicyIndex {
             scopes.push(naming.scope(policy));
         }
         sources.shrink_to_fit();
+        let buckets = Buckets::new(&scopes, &naming);
         let mut named = naming.named;
         named.uids.shrink_to_fit();
         named.types.shrink_to_fit();
-        let mut buckets = Buckets::default();
-        for (position, scope) in (0..).zip(&scopes) {
-            buckets.insert(position, scope, &named);
-        }
         Self {
             policies,
             sources,
@@ -450,11 +560,11 @@ impl Constraint {
     fn matches(self, target: Target<'_>, named: &Named) -> bool {
         match self {
             Self::Any => true,
-            Self::Eq(uid) => target.uid == named.uid(uid),
-            Self::In(group) => target.is_in(named.uid(group)),
+            Self::Eq(uid) => named.is(uid, target.uid),
+            Self::In(group) => target.is_in(group, named),
             Self::Is(kind) => target.uid.type_name() == named.kind(kind),
             Self::IsIn(kind, group) => {
-                target.uid.type_name() == named.kind(kind) && target.is_in(named.uid(group))
+                target.uid.type_name() == named.kind(kind) && target.is_in(group, named)
             }
         }
     }
@@ -464,89 +574,82 @@ impl Actions {
     fn matches(&self, target: Target<'_>, named: &Named) -> bool {
         match self {
             Self::Any => true,
-            Self::Eq(uid) => target.uid == named.uid(*uid),
-            Self::In(groups) => groups.iter().any(|&group| target.is_in(named.uid(group))),
+            Self::Eq(uid) => named.is(*uid, target.uid),
+            Self::In(groups) => groups.iter().any(|&group| target.is_in(group, named)),
         }
     }
 }
 
 impl Buckets {
-    /// Files `position` under its most selective constraint: a named principal or resource
+    /// Files each policy under its most selective constraint: a named principal or resource
     /// first (per-agent policies), then the action, then an entity type.
-    fn insert(&mut self, position: Position, scope: &Scope, named: &Named) {
-        let file = |map: &mut HashMap<EntityUid, Vec<Position>>, uid: NamedUid| {
-            map.entry(named.uid(uid).clone())
-                .or_default()
-                .push(position);
-        };
-        match (scope.principal, scope.resource, &scope.action) {
-            (Constraint::Eq(uid), _, _) => file(&mut self.principal_eq, uid),
-            (Constraint::In(uid) | Constraint::IsIn(_, uid), _, _) => {
-                file(&mut self.principal_in, uid);
-            }
-            (_, Constraint::Eq(uid), _) => file(&mut self.resource_eq, uid),
-            (_, Constraint::In(uid) | Constraint::IsIn(_, uid), _) => {
-                file(&mut self.resource_in, uid);
-            }
-            (_, _, Actions::Eq(uid)) => file(&mut self.action_eq, *uid),
-            (_, _, Actions::In(groups)) if !groups.is_empty() => {
-                for &group in groups {
-                    file(&mut self.action_in, group);
+    fn new(scopes: &[Scope], naming: &Naming) -> Self {
+        let mut filed: [Vec<(Key, Position)>; By::COUNT] = Default::default();
+        let mut unconstrained = Vec::new();
+        for (position, scope) in (0..).zip(scopes) {
+            let mut file = |by: By, key: Key| filed[by as usize].push((key, position));
+            let uid = |uid: NamedUid| naming.uid_key(uid);
+            match (scope.principal, scope.resource, &scope.action) {
+                (Constraint::Eq(named), _, _) => file(By::PrincipalEq, uid(named)),
+                (Constraint::In(named) | Constraint::IsIn(_, named), _, _) => {
+                    file(By::PrincipalIn, uid(named));
                 }
+                (_, Constraint::Eq(named), _) => file(By::ResourceEq, uid(named)),
+                (_, Constraint::In(named) | Constraint::IsIn(_, named), _) => {
+                    file(By::ResourceIn, uid(named));
+                }
+                (_, _, Actions::Eq(named)) => file(By::ActionEq, uid(*named)),
+                (_, _, Actions::In(groups)) if !groups.is_empty() => {
+                    for &group in groups {
+                        file(By::ActionIn, uid(group));
+                    }
+                }
+                (Constraint::Is(kind), _, _) => file(By::PrincipalIs, naming.type_key(kind)),
+                (_, Constraint::Is(kind), _) => file(By::ResourceIs, naming.type_key(kind)),
+                // `action in []` never matches; it stays a candidate so the exact check, not
+                // the bucketing, is what decides that.
+                _ => unconstrained.push(position),
             }
-            (Constraint::Is(kind), _, _) => {
-                self.principal_is
-                    .entry(named.kind(kind).clone())
-                    .or_default()
-                    .push(position);
-            }
-            (_, Constraint::Is(kind), _) => {
-                self.resource_is
-                    .entry(named.kind(kind).clone())
-                    .or_default()
-                    .push(position);
-            }
-            // `action in []` never matches; it stays a candidate so the exact check, not the
-            // bucketing, is what decides that.
-            _ => self.unconstrained.push(position),
         }
+        Self {
+            keys: naming.keys.clone(),
+            by: filed.map(Bucket::new),
+            unconstrained: unconstrained.into_boxed_slice(),
+        }
+    }
+
+    fn bucket(&self, by: By) -> &Bucket {
+        &self.by[by as usize]
     }
 
     /// Every position the request can hit, possibly with repeats and false candidates.
     fn candidates<'s>(&'s self, request: ScopeRequest<'s>) -> impl Iterator<Item = Position> + 's {
-        let by_uid = |map: &'s HashMap<EntityUid, Vec<Position>>, uid: &EntityUid| {
-            map.get(uid).map_or(&[][..], Vec::as_slice)
-        };
-        let by_type = |map: &'s HashMap<EntityTypeName, Vec<Position>>, uid: &EntityUid| {
-            map.get(uid.type_name()).map_or(&[][..], Vec::as_slice)
-        };
+        let by_uid = move |by: By, uid: &EntityUid| self.bucket(by).get(self.keys.hash_one(uid));
+        let by_type =
+            |by: By, uid: &EntityUid| self.bucket(by).get(self.keys.hash_one(uid.type_name()));
         let principal = request.principal;
         let action = request.action;
         let resource = request.resource;
         [
             &self.unconstrained[..],
-            by_uid(&self.principal_eq, principal.uid),
-            by_uid(&self.resource_eq, resource.uid),
-            by_uid(&self.action_eq, action.uid),
-            by_type(&self.principal_is, principal.uid),
-            by_type(&self.resource_is, resource.uid),
+            by_uid(By::PrincipalEq, principal.uid),
+            by_uid(By::ResourceEq, resource.uid),
+            by_uid(By::ActionEq, action.uid),
+            by_type(By::PrincipalIs, principal.uid),
+            by_type(By::ResourceIs, resource.uid),
         ]
         .into_iter()
         .chain(
             principal
                 .lineage()
-                .map(move |uid| by_uid(&self.principal_in, uid)),
+                .map(move |uid| by_uid(By::PrincipalIn, uid)),
         )
         .chain(
             resource
                 .lineage()
-                .map(move |uid| by_uid(&self.resource_in, uid)),
+                .map(move |uid| by_uid(By::ResourceIn, uid)),
         )
-        .chain(
-            action
-                .lineage()
-                .map(move |uid| by_uid(&self.action_in, uid)),
-        )
+        .chain(action.lineage().map(move |uid| by_uid(By::ActionIn, uid)))
         .flatten()
         .copied()
     }

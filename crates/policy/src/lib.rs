@@ -114,25 +114,10 @@ impl PolicyEngine {
         self.current.load().snapshot.schema_source
     }
 
-    /// Every policy id of the set in force, by file name and then id.
-    pub fn policy_ids(&self) -> Vec<String> {
-        let snapshot = &self.current.load().snapshot;
-        snapshot
-            .policy_files()
-            .into_iter()
-            .map(|(id, _)| id)
-            .collect()
-    }
-
     /// Every policy id of the set in force with the file that holds it, by file name and
     /// then id.
     pub fn policy_files(&self) -> Vec<(String, String)> {
         self.current.load().snapshot.policy_files()
-    }
-
-    /// The file of the set in force that holds policy `id`.
-    pub fn file_of(&self, id: &str) -> Option<String> {
-        self.current.load().snapshot.file_of(id).map(str::to_owned)
     }
 
     /// For each question, the permits whose scope matches `input` (see

@@ -315,14 +315,6 @@ impl PolicySnapshot {
             .collect()
     }
 
-    /// The file (relative to the directory) that holds policy `id`.
-    pub fn file_of(&self, id: &str) -> Option<&str> {
-        let place = self.index.ids().position(|policy| policy == id)?;
-        self.file_of_policy
-            .get(place)
-            .map(|&file| self.file_name(file))
-    }
-
     fn file_name(&self, file: u32) -> &str {
         self.policy_files
             .get(file as usize)

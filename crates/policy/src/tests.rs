@@ -814,10 +814,6 @@ fn every_policy_is_listed_with_its_file_by_file_then_id_and_follows_reloads() {
             ("zeta", "test.cedar")
         ])
     );
-    assert_eq!(engine.policy_ids(), ["omega", "alpha", "zeta"]);
-    assert_eq!(engine.file_of("zeta").as_deref(), Some("test.cedar"));
-    assert_eq!(engine.file_of("omega").as_deref(), Some("another.cedar"));
-    assert_eq!(engine.file_of("missing"), None);
 
     std::fs::remove_file(dir.path().join("another.cedar")).unwrap();
     assert!(matches!(engine.reload(), ReloadOutcome::Reloaded(_)));
@@ -825,5 +821,4 @@ fn every_policy_is_listed_with_its_file_by_file_then_id_and_follows_reloads() {
         engine.policy_files(),
         listed(&[("alpha", "test.cedar"), ("zeta", "test.cedar")])
     );
-    assert_eq!(engine.file_of("omega"), None);
 }
