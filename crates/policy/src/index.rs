@@ -74,7 +74,7 @@ pub(crate) struct PolicyIndex {
 struct Stored {
     id: PolicyId,
     /// Where its text is in [`PolicyIndex::sources`].
-    source: Range<usize>,
+    source: Range<u32>,
     /// Boxed: a policy not parsed yet takes a pointer's room, not a `Policy`'s.
     parsed: OnceLock<Box<Result<Policy, String>>>,
 }
@@ -100,48 +100,70 @@ enum Constraint {
 }
 
 /// An action constraint (`ActionConstraint`).
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 enum Actions {
     Any,
     Eq(NamedUid),
-    In(Box<[NamedUid]>),
+    In(NamedList),
 }
 
 /// An entity's place in [`Named::uids`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 struct NamedUid(u32);
 
 /// An entity type's place in [`Named::types`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct NamedType(u32);
 
-/// The entities and entity types the scopes name, each once.
+/// A list of actions' place in [`Named::lists`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct NamedList(u32);
+
+/// The entities, entity types and action lists the scopes name, each once.
 #[derive(Debug, Default)]
 struct Named {
     uids: Vec<NamedEntity>,
+    /// The entities' ids, one after the other (one allocation, not one an entity).
+    ids: String,
     types: Vec<EntityTypeName>,
+    /// `action in [...]`'s lists: the per-agent policies of a large set repeat a few.
+    lists: Vec<Box<[NamedUid]>>,
 }
 
-/// An entity a scope names, as its type's place and its id: a Cedar `EntityUid` takes 120
-/// bytes (its type's name and its place in the policy text inline), this 24, and a set of
-/// per-agent policies names an entity a policy.
-#[derive(Debug)]
+/// An entity a scope names, as its type's place and where its id is in [`Named::ids`]: a
+/// Cedar `EntityUid` takes 120 bytes (its type's name and its place in the policy text
+/// inline) and its id an allocation of its own, this 12, and a set of per-agent policies
+/// names an entity a policy.
+#[derive(Debug, Clone, Copy)]
 struct NamedEntity {
     kind: NamedType,
-    id: Box<str>,
+    id: (u32, u32),
 }
 
 impl Named {
     /// Whether `uid` is the entity named `named`: the same type and the same id, which is
     /// Cedar's equality of entity uids.
     fn is(&self, named: NamedUid, uid: &EntityUid) -> bool {
-        let entity = &self.uids[named.0 as usize];
-        uid.id().unescaped() == &*entity.id && uid.type_name() == self.kind(entity.kind)
+        let entity = self.uids[named.0 as usize];
+        let (start, end) = entity.id;
+        self.ids.get(start as usize..end as usize) == Some(uid.id().unescaped())
+            && uid.type_name() == self.kind(entity.kind)
     }
 
     fn kind(&self, kind: NamedType) -> &EntityTypeName {
         &self.types[kind.0 as usize]
     }
+
+    fn list(&self, list: NamedList) -> &[NamedUid] {
+        &self.lists[list.0 as usize]
+    }
+}
+
+/// A length or an offset in the index's texts as the index keeps it. Texts of 4 GiB or more
+/// are not held (a set that size is refused long before by the loader's limits); were they,
+/// the offset saturates and what it points at reads as missing.
+fn place(offset: usize) -> u32 {
+    u32::try_from(offset).unwrap_or(u32::MAX)
 }
 
 /// Gives each entity and type a place in [`Named`], and its key in the buckets, as the
@@ -151,6 +173,7 @@ struct Naming {
     keys: RandomState,
     uids: HashMap<EntityUid, NamedUid>,
     types: HashMap<EntityTypeName, NamedType>,
+    lists: HashMap<Box<[NamedUid]>, NamedList>,
     /// Each named entity's key, by its place.
     uid_keys: Vec<Key>,
     /// Each named type's key, by its place.
@@ -164,6 +187,7 @@ impl Naming {
             keys,
             uids: HashMap::new(),
             types: HashMap::new(),
+            lists: HashMap::new(),
             uid_keys: Vec::new(),
             type_keys: Vec::new(),
         }
@@ -177,10 +201,13 @@ impl Naming {
             return named;
         }
         let kind = self.kind(uid.type_name().clone());
+        let ids = &mut self.named.ids;
+        let start = place(ids.len());
+        ids.push_str(uid.id().unescaped());
         let uids = &mut self.named.uids;
         uids.push(NamedEntity {
             kind,
-            id: uid.id().unescaped().into(),
+            id: (start, place(ids.len())),
         });
         let named = NamedUid(u32::try_from(uids.len() - 1).unwrap_or(u32::MAX));
         // Locations take no part in equality or hashing: the key is the request's uid's.
@@ -239,7 +266,15 @@ impl Naming {
             ActionConstraint::Any => Actions::Any,
             ActionConstraint::Eq(uid) => Actions::Eq(self.uid(uid)),
             ActionConstraint::In(groups) => {
-                Actions::In(groups.into_iter().map(|uid| self.uid(uid)).collect())
+                let list: Box<[NamedUid]> = groups.into_iter().map(|uid| self.uid(uid)).collect();
+                if let Some(&named) = self.lists.get(&list) {
+                    return Actions::In(named);
+                }
+                let lists = &mut self.named.lists;
+                lists.push(list.clone());
+                let named = NamedList(u32::try_from(lists.len() - 1).unwrap_or(u32::MAX));
+                self.lists.insert(list, named);
+                Actions::In(named)
             }
         }
     }
@@ -423,7 +458,7 @@ impl PolicyIndex {
             sources.push_str(&policy.to_string());
             policies.push(Stored {
                 id: policy.id().clone(),
-                source: start..sources.len(),
+                source: place(start)..place(sources.len()),
                 parsed: OnceLock::new(),
             });
             scopes.push(naming.scope(policy));
@@ -432,7 +467,9 @@ impl PolicyIndex {
         let buckets = Buckets::new(&scopes, &naming);
         let mut named = naming.named;
         named.uids.shrink_to_fit();
+        named.ids.shrink_to_fit();
         named.types.shrink_to_fit();
+        named.lists.shrink_to_fit();
         Self {
             policies,
             sources,
@@ -494,7 +531,13 @@ impl PolicyIndex {
     }
 
     fn parse(&self, stored: &Stored) -> Result<Policy, String> {
-        let source = self.sources.get(stored.source.clone()).unwrap_or_default();
+        // Were the texts over 4 GiB, a policy past them reads as empty and fails to parse:
+        // the query fails and denies.
+        let Range { start, end } = stored.source;
+        let source = self
+            .sources
+            .get(start as usize..end as usize)
+            .unwrap_or_default();
         Policy::parse(Some(stored.id.clone()), source).map_err(|e| {
             let id: &str = stored.id.as_ref();
             format!("policy index: policy {id:?} does not parse again: {e}")
@@ -571,11 +614,14 @@ impl Constraint {
 }
 
 impl Actions {
-    fn matches(&self, target: Target<'_>, named: &Named) -> bool {
+    fn matches(self, target: Target<'_>, named: &Named) -> bool {
         match self {
             Self::Any => true,
-            Self::Eq(uid) => named.is(*uid, target.uid),
-            Self::In(groups) => groups.iter().any(|&group| target.is_in(group, named)),
+            Self::Eq(uid) => named.is(uid, target.uid),
+            Self::In(groups) => named
+                .list(groups)
+                .iter()
+                .any(|&group| target.is_in(group, named)),
         }
     }
 }
@@ -589,7 +635,7 @@ impl Buckets {
         for (position, scope) in (0..).zip(scopes) {
             let mut file = |by: By, key: Key| filed[by as usize].push((key, position));
             let uid = |uid: NamedUid| naming.uid_key(uid);
-            match (scope.principal, scope.resource, &scope.action) {
+            match (scope.principal, scope.resource, scope.action) {
                 (Constraint::Eq(named), _, _) => file(By::PrincipalEq, uid(named)),
                 (Constraint::In(named) | Constraint::IsIn(_, named), _, _) => {
                     file(By::PrincipalIn, uid(named));
@@ -598,9 +644,9 @@ impl Buckets {
                 (_, Constraint::In(named) | Constraint::IsIn(_, named), _) => {
                     file(By::ResourceIn, uid(named));
                 }
-                (_, _, Actions::Eq(named)) => file(By::ActionEq, uid(*named)),
-                (_, _, Actions::In(groups)) if !groups.is_empty() => {
-                    for &group in groups {
+                (_, _, Actions::Eq(named)) => file(By::ActionEq, uid(named)),
+                (_, _, Actions::In(groups)) if !naming.named.list(groups).is_empty() => {
+                    for &group in naming.named.list(groups) {
                         file(By::ActionIn, uid(group));
                     }
                 }
