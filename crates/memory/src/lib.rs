@@ -76,7 +76,9 @@ struct MallocConf(*const std::ffi::c_char);
 unsafe impl Sync for MallocConf {}
 
 /// Hands the system back the pages both allocators hold free: jemalloc's unused pages in
-/// every arena (`arena.<all>.purge`, at once rather than over its decay time) and glibc's
+/// every arena (`arena.<all>.purge`, at once rather than over its decay time), after the
+/// calling thread's cache of freed blocks is handed back to their pages (`thread.tcache.flush`:
+/// a cached block keeps its page in use: 0.7-0.8 MiB after loading 10 or 10,000 policies), and glibc's
 /// free pages (`malloc_trim(0)`, for what C code allocated). Call it where a burst of
 /// allocation has just ended and nothing latency-sensitive runs (the proxy: before it reports
 /// ready, and after each policy reload); it walks and locks each arena in turn, a few
@@ -84,29 +86,39 @@ unsafe impl Sync for MallocConf {}
 pub fn release_freed() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
+        // A thread without a cache (`tcache:false` in `_RJEM_MALLOC_CONF`) has nothing to
+        // flush, and jemalloc says so with an error: only the purge's result is checked.
+        let _ = mallctl_run(c"thread.tcache.flush");
         // `MALLCTL_ARENAS_ALL` (4096) names every arena.
-        const PURGE_ALL_ARENAS: &std::ffi::CStr = c"arena.4096.purge";
-        #[allow(unsafe_code)]
-        // SAFETY: the name is a NUL-terminated string that outlives the call; this control
-        // neither reads nor writes a value, so every value pointer is null and the length 0.
-        // jemalloc locks each arena while it purges it; any thread may call it at any time.
-        let result = unsafe {
-            tikv_jemalloc_sys::mallctl(
-                PURGE_ALL_ARENAS.as_ptr(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                std::ptr::null_mut(),
-                0,
-            )
-        };
+        let result = mallctl_run(c"arena.4096.purge");
         // Only a misspelt name fails (the test below calls it).
-        debug_assert_eq!(result, 0, "jemalloc refused {PURGE_ALL_ARENAS:?}");
+        debug_assert_eq!(result, 0, "jemalloc refused arena.4096.purge");
         #[allow(unsafe_code)]
         // SAFETY: `malloc_trim` takes no pointers and touches only glibc's own free lists,
         // which it locks while it works; any thread may call it at any time.
         unsafe {
             libc::malloc_trim(0);
         }
+    }
+}
+
+/// Runs the jemalloc control `name`, one that neither reads nor writes a value; jemalloc's
+/// result (0, or an `errno` value).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn mallctl_run(name: &std::ffi::CStr) -> std::ffi::c_int {
+    #[allow(unsafe_code)]
+    // SAFETY: the name is a NUL-terminated string that outlives the call; the controls run
+    // here neither read nor write a value, so every value pointer is null and the length 0.
+    // `thread.tcache.flush` touches the calling thread's own cache; `arena.<i>.purge` locks
+    // each arena while it purges it; any thread may call either at any time.
+    unsafe {
+        tikv_jemalloc_sys::mallctl(
+            name.as_ptr(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            0,
+        )
     }
 }
 
@@ -146,6 +158,15 @@ mod tests {
 
     /// What a policy load leaves behind, 64 MiB of small allocations freed, goes back to the
     /// system when asked, not ten seconds of allocation later.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn jemalloc_knows_the_controls_release_freed_runs() {
+        // `release_freed` checks only the purge's result, and only in debug builds.
+        assert_eq!(super::mallctl_run(c"thread.tcache.flush"), 0);
+        assert_eq!(super::mallctl_run(c"arena.4096.purge"), 0);
+        assert_ne!(super::mallctl_run(c"thread.tcache.flush_all"), 0);
+    }
+
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     #[test]
     fn freed_memory_is_handed_back() {
